@@ -1,0 +1,1 @@
+"""darkroom\x27s bus: the runtime every function runs on."""

@@ -1,0 +1,1 @@
+"""darkroom's functions: each a module with ``SPEC`` and ``handle(event, ctx)``."""
