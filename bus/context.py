@@ -1,0 +1,100 @@
+"""The Context handed to every handler: connections, the store, the read model, executors.
+
+Built once per process by :func:`open_context` (an async context manager) and passed in;
+nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from bus import streams
+from bus.function import Spec
+from bus.metrics import Metrics
+from bus.nats_conn import check_jetstream, connect
+from bus.settings import Settings
+from bus.store import ObjectStore
+from bus.subjects import Names
+
+T = TypeVar("T")
+START_TIMEOUT_S = 6.0
+
+
+@dataclass
+class Context:
+    settings: Settings
+    names: Names
+    nc: NATS
+    js: JetStreamContext
+    store: ObjectStore
+    images: KeyValue  # read model: one document per image
+    api_keys: KeyValue
+    cpu: ThreadPoolExecutor
+    metrics: Metrics
+    log: logging.Logger
+
+    async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking CPU work off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+
+    async def publish_progress(self, job_id: str, payload: dict[str, Any]) -> None:
+        """Ephemeral progress for live views (plain NATS, not stored)."""
+        await self.nc.publish(self.names.progress(job_id), orjson.dumps(payload))
+
+
+@asynccontextmanager
+async def open_context(
+    settings: Settings, specs: list[Spec], client_name: str, metrics: Metrics | None = None
+) -> AsyncIterator[Context]:
+    """Connect to NATS and S3, check versions, declare streams and ``specs``' consumers.
+
+    Both servers must be reachable within 10 s; otherwise the error names the URL.
+    """
+    if settings.nats.url is None or settings.s3.endpoint is None:
+        raise ValueError("open_context needs resolved NATS and S3 endpoints")
+    servers = settings.nats.servers
+    nc = await connect(servers, name=client_name, timeout=START_TIMEOUT_S)
+    store: ObjectStore | None = None
+    cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
+    try:
+        js = nc.jetstream(timeout=10.0)
+        await check_jetstream(js, servers)
+        names = await streams.declare(js, settings, specs)
+        store = ObjectStore.connect(settings.s3)
+        await store.ensure_bucket(timeout=START_TIMEOUT_S)
+        ctx = Context(
+            settings=settings,
+            names=names,
+            nc=nc,
+            js=js,
+            store=store,
+            images=await js.key_value(names.images_kv),
+            api_keys=await js.key_value(names.keys_kv),
+            cpu=cpu,
+            metrics=metrics or Metrics(),
+            log=logging.getLogger(f"darkroom.{client_name}"),
+        )
+        yield ctx
+    finally:
+        if nc.is_connected:
+            try:
+                await asyncio.wait_for(nc.drain(), 10.0)
+            except Exception:
+                await nc.close()
+        else:
+            await nc.close()
+        if store is not None:
+            store.close()
+        cpu.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,395 @@
+"""Runs one function against its durable JetStream consumer.
+
+For each message: decode the envelope, call the handler, publish what it emits (ids
+derived from the input, so replays dedupe), wait for every PubAck, then ack. Retry becomes
+a nak with a delay; Reject, a malformed event, or the last failed delivery becomes a
+dead-letter record plus a ``failed.<stage>`` event, then a term. Long handlers get
+``in_progress()`` heartbeats. ``drain()`` stops asking for work and finishes what started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from nats.aio.msg import Msg
+
+from bus.context import Context
+from bus.envelope import EnvelopeError, Event, decode, derive_id, now_iso
+from bus.function import Emit, Function, Reject, Retry
+from bus.pull import PullConsumer
+from bus.streams import listen_subjects
+
+log = logging.getLogger("darkroom.runner")
+
+PUBLISH_TIMEOUT_S = 10.0
+MAX_DLQ_PAYLOAD = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Work:
+    msg: Msg
+    started: float
+    event: Event | None = None
+    result: Sequence[Emit] | BaseException | None = None
+    beats: int = field(default=0)
+
+
+class FunctionRunner:
+    """One function, one durable consumer, ``concurrency`` handler invocations at a time."""
+
+    def __init__(self, fn: Function, ctx: Context, concurrency: int | None = None) -> None:
+        self.fn = fn
+        self.spec = fn.spec
+        self.ctx = ctx
+        self.concurrency = (
+            concurrency
+            or ctx.settings.function(self.spec.name).concurrency
+            or self.spec.concurrency
+        )
+        self.stage = self.spec.name
+        self._names = ctx.names
+        self._durable = ctx.names.durable(self.stage)
+        self._consumer = PullConsumer(
+            ctx.nc,
+            ctx.names.stream,
+            self._durable,
+            capacity=self.concurrency * self.spec.batch,
+            on_message=self._accept,
+        )
+        self._pending_batch: list[Msg] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[int, _Work] = {}
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._advisory_sub: Any = None
+        self._labels = {"function": self.stage}
+        self.subjects = listen_subjects(ctx.names, self.spec, ctx.settings.function(self.stage))
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeats(), name=f"heartbeats:{self.stage}"
+        )
+        # Deliveries that timed out on the last attempt (worker crashed or hung) are only
+        # announced by an advisory; one listener per function turns them into dead letters.
+        self._advisory_sub = await self.ctx.nc.subscribe(
+            self._names.max_deliveries_advisory(self.stage),
+            queue=f"{self._durable}_advisories",
+            cb=self._on_max_deliveries,
+        )
+
+    def pause(self) -> None:
+        """Backpressure: stop asking for new work (in-flight work continues)."""
+        self._consumer.pause()
+
+    def resume(self) -> None:
+        self._consumer.resume()
+
+    @property
+    def in_flight(self) -> int:
+        return self._consumer.in_flight
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop fetching, finish in-flight work (acking it), then stop."""
+        self._consumer.pause()
+        self._flush_batch()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "%s: %d handler(s) cut short by the drain timeout", self.stage, len(pending)
+                )
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._consumer.pause()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+        if self._advisory_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._advisory_sub.unsubscribe()
+        await self._consumer.stop()
+
+    # --- intake ----------------------------------------------------------------------------
+    def _accept(self, msg: Msg) -> None:
+        if self.spec.batch == 1:
+            self._spawn([msg])
+            return
+        self._pending_batch.append(msg)
+        if len(self._pending_batch) >= self.spec.batch:
+            self._flush_batch()
+        elif not self._flush_scheduled:
+            # Whatever arrives in the same read joins the batch; then it goes.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        self._flush_scheduled = False
+        if self._pending_batch:
+            batch, self._pending_batch = self._pending_batch, []
+            self._spawn(batch)
+
+    def _spawn(self, msgs: list[Msg]) -> None:
+        task = asyncio.create_task(self._process(msgs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- processing ------------------------------------------------------------------------
+    async def _process(self, msgs: list[Msg]) -> None:
+        works = [_Work(msg, time.monotonic()) for msg in msgs]
+        try:
+            runnable: list[_Work] = []
+            for work in works:
+                try:
+                    work.event = self._decode(work.msg.data)
+                    runnable.append(work)
+                except EnvelopeError as exc:
+                    await self._dead_letter(work.msg, None, f"malformed event: {exc}", "malformed")
+            if runnable:
+                await self._invoke(runnable)
+                for work in runnable:
+                    await self._settle(work)
+        except asyncio.CancelledError:
+            # Drain timeout: leave the messages un-acked; they are redelivered elsewhere.
+            raise
+        except Exception:
+            log.exception("%s: unexpected error settling messages", self.stage)
+        finally:
+            for work in works:
+                self._active.pop(id(work.msg), None)
+            self._consumer.release(len(msgs))
+
+    def _decode(self, payload: bytes) -> Event:
+        if self.fn.decode_event is not None:
+            try:
+                event = self.fn.decode_event(payload)
+            except Exception as exc:
+                raise EnvelopeError(f"{self.fn.module}.decode_event failed: {exc!r}") from None
+            if event is not None:
+                return event
+        return decode(payload)
+
+    async def _invoke(self, works: list[_Work]) -> None:
+        for work in works:
+            self._active[id(work.msg)] = work
+        metrics = self.ctx.metrics
+        metrics.in_flight.labels(**self._labels).inc()
+        started = time.perf_counter()
+        try:
+            if self.spec.batch == 1:
+                work = works[0]
+                try:
+                    work.result = await self.fn.handle(work.event, self.ctx)
+                except Exception as exc:
+                    work.result = exc
+            else:
+                try:
+                    results = await self.fn.handle([w.event for w in works], self.ctx)
+                    if len(results) != len(works):
+                        raise RuntimeError(
+                            f"batch handler returned {len(results)} results for {len(works)} events"
+                        )
+                except Exception as exc:
+                    results = [exc] * len(works)
+                for work, result in zip(works, results, strict=True):
+                    work.result = result
+        finally:
+            metrics.in_flight.labels(**self._labels).dec()
+            metrics.handler_seconds.labels(**self._labels).observe(time.perf_counter() - started)
+
+    async def _settle(self, work: _Work) -> None:
+        msg, event, result = work.msg, work.event, work.result
+        assert event is not None
+        outcome = "ok"
+        if isinstance(result, Reject):
+            outcome = "rejected"
+            await self._dead_letter(msg, event, result.reason, "rejected")
+        elif isinstance(result, BaseException):
+            outcome = await self._retry_or_give_up(msg, event, result)
+        else:
+            emits: Sequence[Emit] = result or ()
+            try:
+                await self._publish(event, emits)
+            except Exception as exc:
+                outcome = await self._retry_or_give_up(msg, event, exc)
+            else:
+                await msg.ack()
+                log.debug("%s: done %s", self.stage, event.id)
+        self.ctx.metrics.handled.labels(function=self.stage, outcome=outcome).inc()
+
+    async def _retry_or_give_up(self, msg: Msg, event: Event, exc: BaseException) -> str:
+        delivered = msg.metadata.num_delivered or 1
+        reason = exc.reason if isinstance(exc, Retry) else f"{type(exc).__name__}: {exc}"
+        if delivered >= self.spec.max_deliver:
+            await self._dead_letter(
+                msg, event, f"gave up after {delivered} attempts: {reason}", "exhausted"
+            )
+            return "dead_lettered"
+        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
+        if delay is None:
+            delay = self.spec.retry_delay(delivered)
+        if isinstance(exc, Retry):
+            log.info("%s: retry %s in %.1fs (%s)", self.stage, event.id, delay, reason)
+        else:
+            log.warning(
+                "%s: attempt %d/%d for %s failed, retrying in %.1fs",
+                self.stage,
+                delivered,
+                self.spec.max_deliver,
+                event.id,
+                delay,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+        await msg.nak(delay=delay)
+        return "retry"
+
+    # --- publishing ------------------------------------------------------------------------
+    def build_event(self, parent: Event, emit: Emit, index: int) -> Event:
+        if emit.topic not in self.spec.emits:
+            raise RuntimeError(
+                f"function {self.stage!r} emitted {emit.topic!r}, not in its Spec.emits "
+                f"{self.spec.emits}"
+            )
+        image_id = emit.image_id or parent.image_id
+        job_id = emit.job_id or parent.job_id
+        return Event(
+            id=emit.event_id or derive_id(parent.id, self.stage, emit.topic, index),
+            type=emit.topic,
+            source=f"darkroom/{self.stage}",
+            time=now_iso(),
+            subject=image_id or job_id or "",
+            object=emit.object,
+            image_id=image_id,
+            job_id=job_id,
+            causation_id=parent.id,
+            data=emit.data,
+        )
+
+    async def _publish(self, parent: Event, emits: Sequence[Emit]) -> None:
+        if not emits:
+            return
+        js = self.ctx.js
+        futures = []
+        for index, emit in enumerate(emits):
+            event = self.build_event(parent, emit, index)
+            futures.append(
+                await js.publish_async(
+                    self._names.subject(emit.topic),
+                    event.encode(),
+                    headers={"Nats-Msg-Id": event.id},
+                )
+            )
+        await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
+
+    # --- dead letters ----------------------------------------------------------------------
+    async def _dead_letter(
+        self,
+        msg: Msg | None,
+        event: Event | None,
+        reason: str,
+        kind: str,
+        *,
+        stream_seq: int | None = None,
+        deliveries: int | None = None,
+        subject: str | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        """Record why an event failed, announce ``failed.<stage>``, and term the message."""
+        if msg is not None:
+            stream_seq = msg.metadata.sequence.stream
+            deliveries = msg.metadata.num_delivered
+            subject = msg.subject
+            payload = msg.data
+        log.warning(
+            "%s: dead-lettering stream seq %s (%s): %s", self.stage, stream_seq, kind, reason
+        )
+        record: dict[str, Any] = {
+            "stage": self.stage,
+            "kind": kind,
+            "reason": reason,
+            "stream_seq": stream_seq,
+            "deliveries": deliveries,
+            "subject": subject,
+            "time": now_iso(),
+            "event_id": event.id if event else None,
+            "image_id": event.image_id if event else None,
+            "job_id": event.job_id if event else None,
+        }
+        if event is None and payload is not None:
+            record["payload_b64"] = base64.b64encode(payload[:MAX_DLQ_PAYLOAD]).decode()
+            record["payload_truncated"] = len(payload) > MAX_DLQ_PAYLOAD
+        elif event is not None:
+            record["event"] = orjson.loads(event.encode())
+        js = self.ctx.js
+        await js.publish(
+            self._names.dead_letter(self.stage),
+            orjson.dumps(record),
+            headers={"Nats-Msg-Id": f"dlq-{self.stage}-{stream_seq}"},
+        )
+        failed = Event(
+            id=derive_id(event.id if event else f"seq-{stream_seq}", self.stage, "failed"),
+            type=f"failed.{self.stage}",
+            source=f"darkroom/{self.stage}",
+            time=now_iso(),
+            subject=(event.image_id or event.job_id or "") if event else "",
+            image_id=event.image_id if event else None,
+            job_id=event.job_id if event else None,
+            causation_id=event.id if event else None,
+            data={"stage": self.stage, "kind": kind, "reason": reason, "stream_seq": stream_seq},
+        )
+        await js.publish(
+            self._names.failed(self.stage), failed.encode(), headers={"Nats-Msg-Id": failed.id}
+        )
+        self.ctx.metrics.handled.labels(function=self.stage, outcome="dead_lettered").inc()
+        if msg is not None:
+            await msg.term()
+
+    async def _on_max_deliveries(self, advisory: Msg) -> None:
+        try:
+            info = orjson.loads(advisory.data)
+            seq = int(info["stream_seq"])
+            stored = await self.ctx.js.get_msg(self._names.stream, seq)
+        except Exception as exc:
+            log.warning("%s: cannot read max-deliveries advisory: %s", self.stage, exc)
+            return
+        try:
+            event: Event | None = decode(stored.data or b"")
+        except EnvelopeError:
+            event = None
+        await self._dead_letter(
+            None,
+            event,
+            f"no attempt finished within ack_wait ({self.spec.ack_wait:.0f} s) in "
+            f"{info.get('deliveries')} deliveries: the worker crashed or hung",
+            "timeout",
+            stream_seq=seq,
+            deliveries=info.get("deliveries"),
+            subject=stored.subject,
+            payload=stored.data,
+        )
+
+    # --- heartbeats ------------------------------------------------------------------------
+    async def _heartbeats(self) -> None:
+        interval = max(0.5, self.spec.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for work in list(self._active.values()):
+                if now - work.started >= interval * (work.beats + 1):
+                    work.beats += 1
+                    with contextlib.suppress(Exception):
+                        await work.msg.in_progress()
