@@ -1,0 +1,292 @@
+"""Builds the gateway application: routes, auth, problem+json errors, static frontend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from bus.context import Context
+from bus.gateway import images, keys_api, system, uploads
+from bus.gateway.openapi import build_openapi
+from bus.gateway.problems import Handler, json_response, problem_middleware, problem_response
+from bus.gateway.routes import Route
+from bus.gateway.state import CTX, INDEX, KEYS, STATIC_DIR
+from bus.keys import KeyCache
+from bus.readmodel import ImageIndex
+
+PUBLIC = None
+_SCOPE = web.AppKey("route_scopes", dict)
+
+
+def route_table() -> list[Route]:
+    return [
+        Route("GET", "/healthz", system.healthz, PUBLIC, "Liveness: the process is up", "system"),
+        Route(
+            "GET",
+            "/readyz",
+            system.readyz,
+            PUBLIC,
+            "Readiness: NATS and S3 reachable",
+            "system",
+            responses={"503": "a dependency is unavailable"},
+        ),
+        Route("GET", "/metrics", system.metrics, "read", "Prometheus metrics", "system"),
+        Route("GET", "/api/openapi.json", openapi, "read", "This document", "system"),
+        Route(
+            "GET",
+            "/api/status",
+            system.status,
+            "read",
+            "Consumer lag per function, stream and dead-letter counts",
+            "system",
+        ),
+        Route(
+            "GET",
+            "/api/dead-letters",
+            system.dead_letters,
+            "read",
+            "Newest dead-letter records first",
+            "system",
+            query=(
+                ("stage", "string", "only this function"),
+                ("limit", "integer", "1-200, default 50"),
+            ),
+        ),
+        Route(
+            "POST",
+            "/api/uploads",
+            uploads.upload,
+            "upload",
+            "Upload one or more images (multipart/form-data, field 'file')",
+            "images",
+            body={
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "file": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                }
+                            },
+                        }
+                    }
+                },
+            },
+            responses={
+                "201": "all files accepted",
+                "207": "some files accepted (see results)",
+                "413": "a file is over the size limit",
+                "415": "not a supported image",
+                "422": "no file accepted",
+            },
+        ),
+        Route(
+            "GET",
+            "/api/images",
+            images.list_images,
+            "read",
+            "Images, newest first",
+            "images",
+            query=(
+                ("status", "string", "uploaded, ingested, ready or failed"),
+                ("tag", "string", "only images with this tag"),
+                ("q", "string", "text in the name, caption or tags"),
+                ("limit", "integer", "1-500, default 50"),
+                ("cursor", "string", "next_cursor from the previous page"),
+            ),
+        ),
+        Route(
+            "GET",
+            "/api/images/{image_id}",
+            images.get_image,
+            "read",
+            "One image: status, stages, caption, tags",
+            "images",
+            responses={"404": "no such image"},
+        ),
+        Route(
+            "GET",
+            "/api/images/{image_id}/original",
+            images.get_original,
+            "read",
+            "The uploaded bytes",
+            "images",
+            responses={"404": "no such image"},
+        ),
+        Route(
+            "GET",
+            "/api/images/{image_id}/thumbnail",
+            images.get_thumbnail,
+            "read",
+            "A 256 px WebP thumbnail",
+            "images",
+            responses={"404": "not ingested yet"},
+        ),
+        Route(
+            "GET",
+            "/api/keys",
+            keys_api.list_api_keys,
+            "admin",
+            "API keys (never their secrets)",
+            "keys",
+        ),
+        Route(
+            "POST",
+            "/api/keys",
+            keys_api.create_api_key,
+            "admin",
+            "Create a key; the response holds the secret once",
+            "keys",
+            body={
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["name", "scopes"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "scopes": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "string",
+                                        "enum": ["read", "upload", "generate", "admin"],
+                                    },
+                                },
+                            },
+                        }
+                    }
+                },
+            },
+        ),
+        Route(
+            "DELETE",
+            "/api/keys/{key_id}",
+            keys_api.revoke_api_key,
+            "admin",
+            "Revoke a key",
+            "keys",
+            responses={"204": "revoked", "404": "no such key"},
+        ),
+    ]
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(build_openapi(route_table()))
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else ""
+    scopes: dict[tuple[str, str], str | None] = request.app[_SCOPE]
+    key = (request.method, canonical)
+    if key not in scopes:  # static files and unknown paths
+        return await handler(request)
+    needed = scopes[key]
+    if needed is None:
+        return await handler(request)
+    token = _bearer(request)
+    if token is None:
+        response = problem_response(
+            401, "Unauthorized", "send an API key as 'Authorization: Bearer <key>'"
+        )
+        response.headers["WWW-Authenticate"] = 'Bearer realm="darkroom"'
+        return response
+    record = request.app[KEYS].authenticate(token)
+    if record is None:
+        response = problem_response(401, "Unauthorized", "this API key is unknown or revoked")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="darkroom", error="invalid_token"'
+        return response
+    if not record.allows(needed):
+        return problem_response(
+            403,
+            "Forbidden",
+            f"this API key lacks the '{needed}' scope (it has: {', '.join(record.scopes)})",
+        )
+    return await handler(request)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "static"
+    ctx = request.app[CTX]
+    ctx.metrics.http_requests.labels(request.method, route, str(response.status)).inc()
+    return response
+
+
+def default_static_dir() -> Path:
+    """The built frontend if there is one, else the simple page shipped in frontend/."""
+    frontend = Path(__file__).resolve().parents[2] / "frontend"
+    build = frontend / "build"
+    if (build / "index.html").is_file():
+        return build
+    return frontend / "simple"
+
+
+def _static_file(root: Path, rel: str) -> Path | None:
+    """The file to serve for ``rel`` under ``root`` (index.html for client-side routes)."""
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        return None
+    if target.is_dir():
+        target = target / "index.html"
+    if target.is_file():
+        return target
+    fallback = root / "index.html"  # single-page app: the client routes it
+    return fallback if fallback.is_file() else None
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    rel = request.match_info.get("path", "")
+    if rel.startswith("api/"):
+        return problem_response(404, "Not Found", f"no API route {request.path}")
+    root: Path = request.app[STATIC_DIR]
+    target = await asyncio.to_thread(_static_file, root, rel)
+    if target is None:
+        return problem_response(404, "Not Found", f"no frontend file for {request.path}")
+    return web.FileResponse(target)
+
+
+def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
+    app = web.Application(middlewares=[metrics_middleware, problem_middleware, auth_middleware])
+    app[CTX] = ctx
+    app[STATIC_DIR] = static_dir or ctx.settings.gateway.static_dir or default_static_dir()
+    scopes: dict[tuple[str, str], str | None] = {}
+    for route in route_table():
+        app.router.add_route(route.method, route.path, route.handler)
+        scopes[(route.method, route.path)] = route.scope
+        if route.method == "GET":
+            scopes[("HEAD", route.path)] = route.scope
+    app[_SCOPE] = scopes
+    app.router.add_get("/{path:.*}", static)
+    app.cleanup_ctx.append(_read_side)
+    return app
+
+
+async def _read_side(app: web.Application) -> AsyncIterator[None]:
+    ctx = app[CTX]
+    index = ImageIndex(ctx.nc, ctx.images)
+    keys = KeyCache(ctx.nc, ctx.api_keys)
+    await index.start()
+    await keys.start()
+    app[INDEX] = index
+    app[KEYS] = keys
+    yield
+    await keys.stop()
+    await index.stop()

@@ -1,0 +1,16 @@
+"""Typed application keys: what the gateway's handlers share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from bus.context import Context
+from bus.keys import KeyCache
+from bus.readmodel import ImageIndex
+
+CTX = web.AppKey("ctx", Context)
+INDEX = web.AppKey("index", ImageIndex)
+KEYS = web.AppKey("keys", KeyCache)
+STATIC_DIR = web.AppKey("static_dir", Path)
