@@ -1,0 +1,228 @@
+"""The ``darkroom`` command.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or settings, 3 a server child kept
+dying, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bus.settings import ConfigError, Settings, load_settings, parse_s3_url
+
+log = logging.getLogger("darkroom")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML settings file (default: $DARKROOM_CONFIG or ./darkroom.toml)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where embedded servers keep data (default: ~/.local/share/darkroom)",
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _endpoints(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nats", metavar="URL", help="external NATS, e.g. nats://n1:4222,nats://n2:4222"
+    )
+    parser.add_argument(
+        "--s3", metavar="URL", help="external S3, e.g. http://KEY:SECRET@minio:9000/bucket"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="darkroom",
+        description="Event-driven functions for image uploads: ingest, caption, generate, notify.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up",
+        help="run everything on this machine",
+        description="Start nats-server and SeaweedFS (unless --nats/--s3 name external ones), "
+        "every function, and the gateway with its UI. Ctrl-C drains and stops.",
+    )
+    _common(up)
+    _endpoints(up)
+    up.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="gateway port (default 8080; 0 picks a free one)")
+    up.add_argument(
+        "--profile",
+        choices=["auto", "demo"],
+        help="auto: real models when available, else tiny demo ones; demo: always tiny ones",
+    )
+
+    gateway = sub.add_parser(
+        "gateway", help="run only the HTTP gateway (stateless; scale behind a load balancer)",
+        description="Serve the API and UI against external NATS and S3 (or this machine's "
+        "running `darkroom up`). Runs no functions and never mints keys.",
+    )
+    _common(gateway)
+    _endpoints(gateway)
+    gateway.add_argument("--host", help="listen address (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="listen port (default 8080)")
+
+    worker = sub.add_parser(
+        "worker",
+        help="run one function (scale out by starting more)",
+        description="Consume one function's durable consumer. Any number of workers, on any "
+        "machines, share its work. SIGTERM drains: stop fetching, finish, ack, exit.",
+    )
+    _common(worker)
+    _endpoints(worker)
+    worker.add_argument(
+        "function",
+        help="function name (see `darkroom functions`), or a module path such as mypkg.myfunction",
+    )
+    worker.add_argument(
+        "--concurrency", type=int, metavar="N", help="handler invocations in flight"
+    )
+
+    keys = sub.add_parser(
+        "keys", help="manage API keys", description="Create, list and revoke scoped API keys."
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_sub.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument(
+        "--scopes", required=True, help="comma-separated: read, upload, generate, admin"
+    )
+    keys_sub.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    for p in (create, keys_sub.choices["list"], revoke):
+        _common(p)
+        _endpoints(p)
+
+    functions = sub.add_parser("functions", help="list registered functions and their specs")
+    _common(functions)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "data_dir": getattr(args, "data_dir", None),
+        "log_level": getattr(args, "log_level", None),
+        "profile": getattr(args, "profile", None),
+        "gateway": {"host": getattr(args, "host", None), "port": getattr(args, "port", None)},
+    }
+    if getattr(args, "nats", None):
+        overrides["nats"] = {"url": args.nats}
+    if getattr(args, "s3", None):
+        overrides["s3"] = parse_s3_url(args.s3)
+    return load_settings(args.config, overrides)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiohttp.access", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from bus import keys
+    from bus.context import open_context
+    from bus.stack import resolve_endpoints
+
+    async with open_context(resolve_endpoints(settings), [], "cli") as ctx:
+        if args.keys_command == "create":
+            token, record = await keys.create_key(
+                ctx.api_keys, args.name, keys.parse_scopes(args.scopes)
+            )
+            print(token)
+            print(
+                f"created key {record.id} ({', '.join(record.scopes)}); "
+                "this is the only time it is shown",
+                file=sys.stderr,
+            )
+        elif args.keys_command == "list":
+            records = await keys.list_keys(ctx.api_keys)
+            print(f"{'ID':<14}{'NAME':<24}{'SCOPES':<28}CREATED")
+            for r in records:
+                print(f"{r.id:<14}{r.name[:23]:<24}{','.join(r.scopes):<28}{r.created}")
+        elif args.keys_command == "revoke":
+            if not await keys.revoke_key(ctx.api_keys, args.key_id):
+                print(f"darkroom: no API key with id {args.key_id!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}")
+    return 0
+
+
+def _functions() -> int:
+    from bus.function import discover
+
+    for name, fn in sorted(discover().items()):
+        s = fn.spec
+        print(
+            f"{name}: listens {', '.join(s.listens)} -> emits {', '.join(s.emits) or '(nothing)'}; "
+            f"batch {s.batch}, concurrency {s.concurrency}, ack_wait {s.ack_wait:g}s, "
+            f"max_deliver {s.max_deliver}, gpu {'yes' if s.needs_gpu else 'no'}  [{fn.module}]"
+        )
+    return 0
+
+
+def _run(coro_factory: Callable[[], Awaitable[int]]) -> int:
+    async def main() -> int:
+        return await coro_factory()
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from bus.embedded import ChildError
+    from bus.keys import KeyError_
+    from bus.nats_conn import NatsUnavailableError
+    from bus.stack import StartupError, run_gateway, run_up, run_worker
+    from bus.store import StoreUnavailableError
+
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"darkroom: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        if args.command == "up":
+            return _run(lambda: run_up(settings))
+        if args.command == "gateway":
+            return _run(lambda: run_gateway(settings))
+        if args.command == "worker":
+            return _run(lambda: run_worker(settings, args.function, args.concurrency))
+        if args.command == "keys":
+            return _run(lambda: _keys(args, settings))
+        if args.command == "functions":
+            return _functions()
+    except (StartupError, KeyError_, LookupError) as exc:
+        print(f"darkroom: {exc}", file=sys.stderr)
+        return 2
+    except (NatsUnavailableError, StoreUnavailableError, ChildError) as exc:
+        print(f"darkroom: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
