@@ -1,0 +1,103 @@
+"""Shared fixtures: a real nats-server and a real SeaweedFS S3 server for the session,
+and a fresh namespace and bucket for every test so tests never see each other's data."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from bus.context import Context, open_context
+from bus.embedded import NatsServer, S3Credentials, SeaweedFS
+from bus.function import Function
+from bus.runner import FunctionRunner
+from bus.settings import Settings
+
+
+@pytest.fixture(scope="session")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
+    """nats-server with JetStream on a free port (``--port -1``, read back from its log)."""
+    server = NatsServer(tmp_path_factory.mktemp("nats"), port=0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SeaweedFS]:
+    """SeaweedFS ``weed mini`` with SigV4 credentials, every port free."""
+    data = tmp_path_factory.mktemp("s3")
+    creds = S3Credentials.load_or_create(data / "s3.json")
+    server = SeaweedFS(data, creds, port=0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, s3_server: SeaweedFS, tmp_path: Path) -> Settings:
+    """Settings pointing at the session servers, with a namespace and bucket of its own."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        namespace=unique("t"),
+        nats={"url": nats_server.url},
+        s3={
+            "endpoint": s3_server.url,
+            "access_key": s3_server.credentials.access_key,
+            "secret_key": SecretStr(s3_server.credentials.secret_key),
+            "bucket": unique("b"),
+        },
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as environment variables, for darkroom subprocesses."""
+    assert settings.s3.secret_key is not None
+    return {
+        **os.environ,
+        "DARKROOM_NAMESPACE": settings.namespace,
+        "DARKROOM_NATS__URL": settings.nats.url or "",
+        "DARKROOM_S3__ENDPOINT": settings.s3.endpoint or "",
+        "DARKROOM_S3__ACCESS_KEY": settings.s3.access_key or "",
+        "DARKROOM_S3__SECRET_KEY": settings.s3.secret_key.get_secret_value(),
+        "DARKROOM_S3__BUCKET": settings.s3.bucket,
+        "DARKROOM_DATA_DIR": str(settings.data_dir),
+    }
+
+
+@pytest.fixture
+def subprocess_env(settings: Settings) -> dict[str, str]:
+    return settings_env(settings)
+
+
+@pytest.fixture
+async def ctx(settings: Settings) -> AsyncIterator[Context]:
+    async with open_context(settings, [], "test") as context:
+        yield context
+
+
+@pytest.fixture
+async def run_function(ctx: Context) -> AsyncIterator[object]:
+    """Factory: start a FunctionRunner for a Function in this test's context; stopped after."""
+    runners: list[FunctionRunner] = []
+
+    async def start(fn: Function, concurrency: int | None = None) -> FunctionRunner:
+        from bus.streams import declare_consumer
+
+        await declare_consumer(ctx.js, ctx.names, fn.spec, ctx.settings.function(fn.spec.name))
+        runner = FunctionRunner(fn, ctx, concurrency)
+        await runner.start()
+        runners.append(runner)
+        return runner
+
+    yield start
+    for runner in runners:
+        await runner.drain(timeout=5)

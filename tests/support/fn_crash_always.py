@@ -1,0 +1,15 @@
+"""A test function whose process dies on every delivery (a poison message)."""
+
+from __future__ import annotations
+
+import os
+
+from bus.context import Context
+from bus.envelope import Event
+from bus.function import Emit, Spec
+
+SPEC = Spec(name="crashalways", listens=("poison",), ack_wait=2.0, max_deliver=2, concurrency=1)
+
+
+async def handle(event: Event, ctx: Context) -> list[Emit]:
+    os._exit(17)

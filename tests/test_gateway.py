@@ -1,0 +1,232 @@
+"""The gateway over HTTP on the real bus and store: auth, uploads through the whole chain,
+reads, keys, status, dead letters and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from bus.context import Context
+from bus.function import load
+from bus.gateway.app import build_app, route_table
+from bus.keys import create_key
+from tests.support.images import jpeg, png
+
+pytestmark = [pytest.mark.nats, pytest.mark.s3]
+
+CHAIN = ("ingest", "caption", "notify")
+
+
+@pytest.fixture
+async def admin(ctx: Context) -> str:
+    token, _ = await create_key(ctx.api_keys, "admin", ("admin",))
+    return token
+
+
+@pytest.fixture
+async def client(ctx: Context, aiohttp_client: Any, run_function: Any) -> TestClient[Any, Any]:
+    for name in CHAIN:
+        await run_function(load(name))
+    return await aiohttp_client(build_app(ctx))
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def form(*files: tuple[str, bytes]) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    for name, body in files:
+        data.add_field("file", body, filename=name, content_type="application/octet-stream")
+    return data
+
+
+async def wait_status(
+    client: TestClient[Any, Any], token: str, image_id: str, *statuses: str
+) -> dict[str, Any]:
+    for _ in range(200):
+        response = await client.get(f"/api/images/{image_id}", headers=auth(token))
+        if response.status == 200:
+            doc: dict[str, Any] = await response.json()
+            if doc["status"] in statuses:
+                return doc
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"image {image_id} never reached {statuses}")
+
+
+async def test_health_checks_are_public_everything_else_needs_a_key(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["checks"] == {"nats": "ok", "s3": "ok"}
+    for path in ("/api/images", "/metrics", "/api/status", "/api/openapi.json"):
+        response = await client.get(path)
+        assert response.status == 401, path
+        assert response.content_type == "application/problem+json"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    bad = await client.get("/api/images", headers=auth("drk_aaaaaaaaaaaa_" + "x" * 40))
+    assert bad.status == 401 and "unknown or revoked" in (await bad.json())["detail"]
+    assert (await client.get("/api/images", headers=auth(admin))).status == 200
+
+
+async def test_scopes_are_enforced_and_revocation_is_immediate(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    response = await client.post(
+        "/api/keys", json={"name": "viewer", "scopes": ["read"]}, headers=auth(admin)
+    )
+    assert response.status == 201
+    created = await response.json()
+    viewer = created["key"]
+    assert (await client.get("/api/images", headers=auth(viewer))).status == 200
+    denied = await client.post("/api/uploads", data=form(("a.jpg", jpeg())), headers=auth(viewer))
+    assert denied.status == 403 and "lacks the 'upload' scope" in (await denied.json())["detail"]
+    assert (await client.get("/api/keys", headers=auth(viewer))).status == 403
+    listed = await (await client.get("/api/keys", headers=auth(admin))).json()
+    assert created["id"] in [k["id"] for k in listed["items"]]
+    assert all("digest" not in k and "key" not in k for k in listed["items"])
+    assert (await client.delete(f"/api/keys/{created['id']}", headers=auth(admin))).status == 204
+    for _ in range(50):
+        if (await client.get("/api/images", headers=auth(viewer))).status == 401:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("a revoked key still works")
+    bad = await client.post(
+        "/api/keys", json={"name": "x", "scopes": ["root"]}, headers=auth(admin)
+    )
+    assert bad.status == 400 and "scopes must be" in (await bad.json())["detail"]
+
+
+async def test_upload_travels_the_whole_chain(client: TestClient[Any, Any], admin: str) -> None:
+    original = jpeg(640, 480, (200, 20, 20))
+    response = await client.post(
+        "/api/uploads", data=form(("../../etc/red photo.jpg", original)), headers=auth(admin)
+    )
+    assert response.status == 201
+    [result] = (await response.json())["results"]
+    assert result["stored_name"] == "red_photo.jpg" and result["content_type"] == "image/jpeg"
+    doc = await wait_status(client, admin, result["id"], "ready")
+    assert doc["ingest"]["width"] == 640 and doc["ingest"]["format"] == "JPEG"
+    assert doc["tags"] == ["color:red"]
+    assert list(doc["stages"]) == ["uploaded", "ingested", "captioned"]
+    got = await client.get(f"/api/images/{result['id']}/original", headers=auth(admin))
+    assert got.status == 200 and await got.read() == original
+    thumb = await client.get(f"/api/images/{result['id']}/thumbnail", headers=auth(admin))
+    assert thumb.status == 200 and thumb.content_type == "image/webp"
+    assert (await thumb.read())[8:12] == b"WEBP"
+
+
+async def test_mixed_uploads_report_per_file_and_store_only_the_good(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    files = [("ok.png", png()), ("notes.jpg", b"just some text, not a picture"), ("empty.jpg", b"")]
+    response = await client.post("/api/uploads", data=form(*files), headers=auth(admin))
+    assert response.status == 207
+    results = (await response.json())["results"]
+    assert [r["status"] for r in results] == [201, 415, 422]
+    assert "sniffed from its bytes" in results[1]["error"] and "empty" in results[2]["error"]
+    keys = await ctx.store.list_keys("uploads/")
+    assert keys == [f"uploads/{results[0]['id']}/ok.png"]
+
+
+async def test_all_rejected_is_a_problem_and_oversize_is_refused_while_streaming(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    response = await client.post(
+        "/api/uploads", data=form(("a.gif", b"GIF8 nope")), headers=auth(admin)
+    )
+    assert response.status == 415 and response.content_type == "application/problem+json"
+    limit = ctx.settings.gateway.max_upload_mb * 1024 * 1024
+    big = b"\xff\xd8\xff\xe0" + b"\0" * (limit + 1)
+    response = await client.post("/api/uploads", data=form(("big.jpg", big)), headers=auth(admin))
+    assert response.status == 413
+    assert "larger than the limit" in (await response.json())["detail"]
+    assert await ctx.store.list_keys("uploads/") == []
+    no_files = await client.post("/api/uploads", data={"x": "1"}, headers=auth(admin))
+    assert no_files.status == 415
+
+
+async def test_a_corrupt_image_fails_visibly_with_its_reason(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    truncated = jpeg(800, 600)[:300]
+    response = await client.post(
+        "/api/uploads", data=form(("broken.jpg", truncated)), headers=auth(admin)
+    )
+    [result] = (await response.json())["results"]
+    doc = await wait_status(client, admin, result["id"], "failed")
+    assert doc["failure"]["stage"] == "ingest" and doc["failure"]["kind"] == "rejected"
+    assert "corrupt or truncated" in doc["failure"]["reason"]
+    dead = await (await client.get("/api/dead-letters?stage=ingest", headers=auth(admin))).json()
+    assert [d["image_id"] for d in dead["items"]] == [result["id"]]
+    failed = await (await client.get("/api/images?status=failed", headers=auth(admin))).json()
+    assert [d["id"] for d in failed["items"]] == [result["id"]]
+
+
+async def test_listing_filters_and_pages(client: TestClient[Any, Any], admin: str) -> None:
+    ids = []
+    for color in ((0, 200, 0), (0, 0, 220), (0, 210, 0)):
+        response = await client.post(
+            "/api/uploads", data=form(("c.jpg", jpeg(color=color))), headers=auth(admin)
+        )
+        ids.append((await response.json())["results"][0]["id"])
+    for image_id in ids:
+        await wait_status(client, admin, image_id, "ready")
+    greens = await (await client.get("/api/images?tag=color:green", headers=auth(admin))).json()
+    assert sorted(d["id"] for d in greens["items"]) == sorted([ids[0], ids[2]])
+    page1 = await (await client.get("/api/images?limit=2", headers=auth(admin))).json()
+    assert [d["id"] for d in page1["items"]] == [ids[2], ids[1]]
+    page2 = await (
+        await client.get(f"/api/images?limit=2&cursor={page1['next_cursor']}", headers=auth(admin))
+    ).json()
+    assert [d["id"] for d in page2["items"]] == [ids[0]] and page2["next_cursor"] is None
+    bad = await client.get("/api/images?limit=0", headers=auth(admin))
+    assert bad.status == 400 and "limit must be 1-500" in (await bad.json())["detail"]
+    missing = await client.get("/api/images/nope", headers=auth(admin))
+    assert missing.status == 404 and missing.content_type == "application/problem+json"
+
+
+async def test_status_and_metrics_report_every_function(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    status = await (await client.get("/api/status", headers=auth(admin))).json()
+    deployed = {f["function"]: f for f in status["functions"]}
+    for name in CHAIN:
+        assert deployed[name]["deployed"] is True and deployed[name]["pending"] == 0
+    metrics = await (await client.get("/metrics", headers=auth(admin))).text()
+    assert 'darkroom_consumer_pending{function="ingest"} 0.0' in metrics
+
+
+async def test_openapi_documents_every_route_and_only_those(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    doc = await (await client.get("/api/openapi.json", headers=auth(admin))).json()
+    assert doc["openapi"].startswith("3.1")
+    documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == {(r.method, r.path) for r in route_table()}
+    app = client.app
+    assert isinstance(app, web.Application)
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None
+        and route.method != "HEAD"
+        and not route.resource.canonical.startswith("/{path")
+    }
+    assert served == documented
+
+
+async def test_the_simple_page_is_served_without_a_key(client: TestClient[Any, Any]) -> None:
+    page = await client.get("/")
+    assert page.status == 200 and "darkroom" in await page.text()
+    deep = await client.get("/gallery/anything")
+    assert deep.status == 200
+    api_typo = await client.get("/api/nothing-here")
+    assert api_typo.status == 404 and api_typo.content_type == "application/problem+json"

@@ -1,0 +1,43 @@
+"""`darkroom keys` against a real bus: create, list, revoke; keys are stored hashed."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus.context import Context
+from bus.keys import list_keys
+from tests.support import procs
+
+pytestmark = [pytest.mark.nats, pytest.mark.s3]
+
+
+async def test_create_list_revoke(ctx: Context, subprocess_env: dict[str, str]) -> None:
+    created = await procs.start(
+        ["keys", "create", "--name", "ci bot", "--scopes", "read,upload"], subprocess_env
+    )
+    assert await created.wait() == 0
+    token = created.lines[0]
+    assert token.startswith("drk_") and "only time it is shown" in created.output
+    [record] = await list_keys(ctx.api_keys)
+    assert record.name == "ci bot" and record.scopes == ("read", "upload")
+    assert token.split("_", 2)[2] not in record.encode().decode(), "the secret must not be stored"
+
+    listed = await procs.start(["keys", "list"], subprocess_env)
+    assert await listed.wait() == 0
+    assert (
+        record.id in listed.output and "read,upload" in listed.output and token not in listed.output
+    )
+
+    revoked = await procs.start(["keys", "revoke", record.id], subprocess_env)
+    assert await revoked.wait() == 0
+    assert await list_keys(ctx.api_keys) == []
+    again = await procs.start(["keys", "revoke", record.id], subprocess_env)
+    assert await again.wait() == 1 and "no API key with id" in again.output
+
+
+async def test_bad_scopes_are_refused(ctx: Context, subprocess_env: dict[str, str]) -> None:
+    bad = await procs.start(
+        ["keys", "create", "--name", "x", "--scopes", "read,root"], subprocess_env
+    )
+    assert await bad.wait() == 2
+    assert "scopes must be a non-empty list of read, upload, generate, admin" in bad.output

@@ -1,0 +1,144 @@
+"""Pure units: the envelope, names, filenames, sniffing, the read-model fold, version checks."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bus import subjects
+from bus.envelope import EnvelopeError, Event, ObjectRef, decode, derive_id, now_iso
+from bus.function import Spec
+from bus.intake import safe_name
+from bus.media import sniff
+from bus.nats_conn import NatsUnavailableError, check_jetstream
+from bus.readmodel import apply_event
+from bus.streams import duplicate_window
+from tests.support.images import jpeg, png
+
+
+def test_events_round_trip() -> None:
+    event = Event(
+        id="e1",
+        type="uploaded",
+        source="darkroom/gateway",
+        time=now_iso(),
+        subject="img",
+        object=ObjectRef("b", "uploads/img/a.jpg", 10, "etag", "image/jpeg"),
+        image_id="img",
+        data={"name": "a.jpg"},
+    )
+    assert decode(event.encode()) == event
+
+
+@given(st.binary(max_size=200))
+def test_decode_never_crashes_on_garbage(payload: bytes) -> None:
+    with contextlib.suppress(EnvelopeError):
+        decode(payload)
+
+
+def test_derived_ids_are_stable_and_distinct() -> None:
+    assert derive_id("a", "ingest", "ingested") == derive_id("a", "ingest", "ingested")
+    ids = {
+        derive_id(p, s, t, i)
+        for p, s, t, i in itertools.product("ab", ("ingest", "caption"), ("x", "y"), (0, 1))
+    }
+    assert len(ids) == 16
+
+
+def test_names_keep_namespaces_apart() -> None:
+    names = subjects.Names("t1")
+    assert names.subject("uploaded") == "t1.uploaded" and names.stream == "T1"
+    assert names.durable("ingest") == "t1_ingest" and names.dlq_stream == "T1_DLQ"
+    assert not names.progress("job").startswith(names.all_events[:-1])
+    assert not names.dead_letter("ingest").startswith(names.all_events[:-1])
+    with pytest.raises(ValueError, match="namespace must be"):
+        subjects.Names("Bad.Name")
+    assert subjects.image_id_from_upload_key("uploads/abc/x.jpg") == "abc"
+    assert subjects.image_id_from_upload_key("images/abc/thumb.webp") is None
+    assert subjects.image_id_from_upload_key("uploads/../x.jpg/y") is None
+
+
+@pytest.mark.parametrize(
+    ("given_name", "expected"),
+    [
+        ("holiday.JPG", "holiday.jpg"),
+        ("../../etc/passwd", "passwd.jpg"),
+        ("C:\\Users\\me\\café photo.jpeg", "cafe_photo.jpg"),
+        ("\x00\x1b[31mred", "31mred.jpg"),
+        ("", "image.jpg"),
+        ("a" * 500 + ".jpg", "a" * 116 + ".jpg"),
+    ],
+)
+def test_file_names_are_made_safe(given_name: str, expected: str) -> None:
+    assert safe_name(given_name, "jpg") == expected
+
+
+def test_types_are_sniffed_from_bytes() -> None:
+    assert sniff(jpeg()[:32]).name == "JPEG"  # type: ignore[union-attr]
+    assert sniff(png()[:32]).name == "PNG"  # type: ignore[union-attr]
+    assert sniff(b"GIF89a" + b"\0" * 10).name == "GIF"  # type: ignore[union-attr]
+    assert sniff(b"RIFF\0\0\0\0WEBPVP8 ").name == "WebP"  # type: ignore[union-attr]
+    assert sniff(b"<html>not an image</html>") is None
+
+
+def ev(topic: str, t: str, **data: Any) -> Event:
+    return Event(id=f"{topic}-{t}", type=topic, source="test", time=t, image_id="img", data=data)
+
+
+LIFE = [
+    ev("uploaded", "2026-01-01T00:00:01Z", name="a.jpg"),
+    ev("ingested", "2026-01-01T00:00:02Z", width=10),
+    ev("captioned", "2026-01-01T00:00:03Z", tags=["color:red"]),
+]
+
+
+@given(st.permutations(LIFE))
+def test_the_read_model_fold_ignores_arrival_order(order: list[Event]) -> None:
+    doc: dict[str, Any] | None = None
+    for event in order:
+        doc = apply_event(doc, event)
+    assert doc is not None
+    assert doc["status"] == "ready" and doc["tags"] == ["color:red"] and doc["name"] == "a.jpg"
+    assert doc["updated"] == "2026-01-01T00:00:03Z"
+
+
+def test_a_failure_shows_until_the_stage_succeeds() -> None:
+    failed = ev(
+        "failed.caption",
+        "2026-01-01T00:00:04Z",
+        stage="caption",
+        reason="model exploded",
+        kind="exhausted",
+    )
+    doc = apply_event(apply_event(apply_event(None, LIFE[0]), LIFE[1]), failed)
+    assert doc["status"] == "failed" and doc["failure"]["reason"] == "model exploded"
+    assert apply_event(doc, LIFE[2])["status"] == "ready"
+
+
+def test_duplicate_window_covers_the_longest_redelivery_gap() -> None:
+    slow = Spec("slow", listens=("a",), ack_wait=600, max_deliver=5)
+    assert duplicate_window([slow]) >= 600 * 5
+    assert duplicate_window([]) == 120
+
+
+class FakeJetStream:
+    def __init__(self, level: int | None) -> None:
+        self._nc = SimpleNamespace(connected_server_version="2.10.22")
+        self.level = level
+
+    async def account_info(self) -> Any:
+        return SimpleNamespace(api=SimpleNamespace(level=self.level))
+
+
+async def test_old_servers_are_refused_naming_the_version() -> None:
+    with pytest.raises(
+        NatsUnavailableError, match=r"API level 0 \(server 2.10.22\).*nats-server 2.11"
+    ):
+        await check_jetstream(FakeJetStream(None), ["nats://old:4222"])  # type: ignore[arg-type]
+    await check_jetstream(FakeJetStream(1), ["nats://new:4222"])  # type: ignore[arg-type]

@@ -1,0 +1,186 @@
+"""`darkroom up` as a user runs it: embedded servers, the chain, restart, crashes, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support import procs
+from tests.support.images import jpeg
+
+pytestmark = [pytest.mark.slow]
+
+
+def up_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")}
+    return {**env, "HOME": str(tmp_path)}
+
+
+async def start_up(data_dir: Path, env: dict[str, str]) -> tuple[procs.Proc, str]:
+    proc = await procs.start(["up", "--data-dir", str(data_dir), "--port", "0"], env)
+    line = await proc.wait_for_line("UI and API", timeout=60)
+    match = re.search(r"(http://127\.0\.0\.1:\d+)", line)
+    assert match, line
+    return proc, match.group(1)
+
+
+async def upload_and_wait(url: str, key: str, data: bytes, name: str) -> dict[str, object]:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        form = aiohttp.FormData()
+        form.add_field("file", data, filename=name, content_type="image/jpeg")
+        async with http.post(f"{url}/api/uploads", data=form) as response:
+            assert response.status == 201, await response.text()
+            image_id = (await response.json())["results"][0]["id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            async with http.get(f"{url}/api/images/{image_id}") as response:
+                if response.status == 200:
+                    doc = await response.json()
+                    if doc["status"] in ("ready", "failed"):
+                        return doc
+            await asyncio.sleep(0.1)
+    raise AssertionError("the upload never became ready")
+
+
+async def test_up_runs_the_chain_and_a_restart_keeps_everything(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = up_env(tmp_path)
+    original = jpeg(400, 300)
+    first, url = await start_up(data_dir, env)
+    try:
+        assert "admin key    drk_" in first.output
+        key = (data_dir / "admin.key").read_text().strip()
+        assert key in first.output
+        assert (data_dir / "admin.key").stat().st_mode & 0o777 == 0o600
+        doc = await upload_and_wait(url, key, original, "holiday.jpg")
+        assert doc["status"] == "ready" and doc["tags"] == ["color:blue"]
+    finally:
+        first.signal(signal.SIGTERM)
+        assert await first.wait(timeout=60) == 0
+    assert not (data_dir / "run.json").exists()
+    assert procs.pids_of(str(data_dir)) == [], "children outlived darkroom up"
+
+    second, url = await start_up(data_dir, env)
+    try:
+        assert f"admin key    in {data_dir / 'admin.key'}" in second.output
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async with http.get(f"{url}/api/images/{doc['id']}") as response:
+                assert response.status == 200
+                again = await response.json()
+            async with http.get(f"{url}/api/images/{doc['id']}/original") as response:
+                assert await response.read() == original
+        assert again["status"] == "ready" and again["name"] == "holiday.jpg"
+    finally:
+        second.signal(signal.SIGTERM)
+        assert await second.wait(timeout=60) == 0
+
+
+async def test_a_killed_nats_server_is_restarted_and_work_continues(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    proc, url = await start_up(data_dir, up_env(tmp_path))
+    try:
+        key = (data_dir / "admin.key").read_text().strip()
+        [nats_pid] = [p for p in procs.pids_of(str(data_dir / "nats")) if p != proc.proc.pid]
+        os.kill(nats_pid, signal.SIGKILL)
+        await proc.wait_for_line("nats-server restarted", timeout=30)
+        assert "nats-server exited unexpectedly" in proc.output
+        doc = await upload_and_wait(url, key, jpeg(), "after-crash.jpg")
+        assert doc["status"] == "ready"
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=60) == 0
+
+
+async def test_a_second_up_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = up_env(tmp_path)
+    proc, _ = await start_up(data_dir, env)
+    try:
+        second = await procs.start(["up", "--data-dir", str(data_dir), "--port", "0"], env)
+        assert await second.wait(timeout=30) == 2
+        assert "already running on" in second.output
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["--nats", "nats://127.0.0.1:1", "--s3", "http://k:s@127.0.0.1:1"],
+            "cannot reach NATS at nats://127.0.0.1:1",
+        ),
+    ],
+)
+async def test_unreachable_servers_fail_fast_naming_the_url(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    started = time.monotonic()
+    proc = await procs.start(["worker", "ingest", *args], up_env(tmp_path))
+    code = await proc.wait(timeout=30)
+    assert code == 1
+    assert needle in proc.output
+    assert "Traceback" not in proc.output
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.nats
+async def test_unreachable_s3_fails_fast_naming_the_url(
+    tmp_path: Path, nats_server: object
+) -> None:
+    url = nats_server.url  # type: ignore[attr-defined]
+    proc = await procs.start(
+        ["worker", "ingest", "--nats", url, "--s3", "http://k:s@127.0.0.1:1"], up_env(tmp_path)
+    )
+    assert await proc.wait(timeout=30) == 1
+    assert "cannot reach S3 at http://127.0.0.1:1" in proc.output
+    assert "Traceback" not in proc.output
+
+
+async def test_worker_without_endpoints_explains_what_to_pass(tmp_path: Path) -> None:
+    proc = await procs.start(
+        ["worker", "ingest", "--data-dir", str(tmp_path / "none")], up_env(tmp_path)
+    )
+    assert await proc.wait(timeout=30) == 2
+    assert "pass --nats/--s3" in proc.output
+
+
+@pytest.mark.nats
+@pytest.mark.s3
+async def test_gateway_serves_the_api_without_functions_or_new_keys(
+    ctx: object, subprocess_env: dict[str, str]
+) -> None:
+    from bus.context import Context
+    from bus.keys import create_key, list_keys
+
+    assert isinstance(ctx, Context)
+    token, _ = await create_key(ctx.api_keys, "ops", ("read",))
+    proc = await procs.start(["gateway", "--port", "0", "--log-level", "info"], subprocess_env)
+    try:
+        line = await proc.wait_for_line("gateway listening on", timeout=30)
+        match = re.search(r"(http://127\.0\.0\.1:\d+)", line)
+        assert match, line
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{match.group(1)}/readyz") as response:
+                assert response.status == 200
+            async with http.get(
+                f"{match.group(1)}/api/status", headers={"Authorization": f"Bearer {token}"}
+            ) as response:
+                assert response.status == 200
+                assert {
+                    f["function"] for f in (await response.json())["functions"] if f["deployed"]
+                } == set()
+        assert [k.name for k in await list_keys(ctx.api_keys)] == ["ops"]
+    finally:
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=30) == 0

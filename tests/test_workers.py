@@ -1,0 +1,134 @@
+"""`darkroom worker` processes on the real bus: sharing a backlog, draining on SIGTERM,
+redelivery after a crash, and dead-lettering a message that kills every worker."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus.context import Context
+from bus.envelope import Event, new_id, now_iso
+from bus.function import load
+from bus.streams import declare_consumer
+from tests.support import procs
+from tests.support.streams import dead_letters, events, eventually
+
+pytestmark = [pytest.mark.nats, pytest.mark.s3, pytest.mark.slow]
+
+
+async def publish_work(ctx: Context, topic: str, count: int, **data: Any) -> list[Event]:
+    sent = []
+    for n in range(count):
+        event = Event(
+            id=f"w-{new_id()}",
+            type=topic,
+            source="test",
+            time=now_iso(),
+            image_id=new_id(),
+            data={"n": n, **data},
+        )
+        await ctx.js.publish(
+            ctx.names.subject(topic), event.encode(), headers={"Nats-Msg-Id": event.id}
+        )
+        sent.append(event)
+    return sent
+
+
+async def prepare(ctx: Context, module: str) -> None:
+    fn = load(module)
+    await declare_consumer(ctx.js, ctx.names, fn.spec, ctx.settings.function(fn.spec.name))
+
+
+DONE_RE = re.compile(r"darkroom\.runner: (\w+): done (\S+)")
+
+
+def done_ids(proc: procs.Proc) -> list[str]:
+    return [m.group(2) for line in proc.lines if (m := DONE_RE.search(line))]
+
+
+async def test_two_workers_split_a_backlog_none_lost_none_twice(
+    ctx: Context, subprocess_env: dict[str, str]
+) -> None:
+    await prepare(ctx, "tests.support.fn_slow")
+    sent = await publish_work(ctx, "work", 80, sleep=0.05)
+    args = ["worker", "tests.support.fn_slow", "--log-level", "debug"]
+    async with procs.running(args, subprocess_env) as a, procs.running(args, subprocess_env) as b:
+        done = await events(ctx, "done", at_least=80, timeout=60)
+        a.signal(signal.SIGTERM)
+        b.signal(signal.SIGTERM)
+        assert await a.wait() == 0 and await b.wait() == 0
+    assert len(done) == 80
+    assert sorted(e.causation_id for e in done) == sorted(e.id for e in sent)
+    by_a, by_b = set(done_ids(a)), set(done_ids(b))
+    assert by_a and by_b, "both workers should have taken part"
+    assert not by_a & by_b, "an event was completed by both workers"
+    assert by_a | by_b == {e.id for e in sent}
+    pids = {e.data["pid"] for e in done}
+    assert pids == {a.proc.pid, b.proc.pid}
+
+
+async def test_sigterm_drains_in_flight_work_and_leaves_the_rest(
+    ctx: Context, subprocess_env: dict[str, str]
+) -> None:
+    await prepare(ctx, "tests.support.fn_slow")
+    sent = await publish_work(ctx, "work", 6, sleep=2.0)
+    worker = await procs.start(
+        ["worker", "tests.support.fn_slow", "--concurrency", "2", "--log-level", "debug"],
+        subprocess_env,
+    )
+    durable = ctx.names.durable("slow")
+
+    async def busy() -> bool:
+        return (await ctx.js.consumer_info(ctx.names.stream, durable)).num_ack_pending == 2
+
+    await eventually(busy, timeout=20, what="two events in flight")
+    worker.signal(signal.SIGTERM)
+    assert await worker.wait(timeout=20) == 0
+    assert "drained and stopped" in worker.output
+    finished = await events(ctx, "done", at_least=2, timeout=5)
+    assert len(finished) == 2, "exactly the in-flight events finish during the drain"
+    info = await ctx.js.consumer_info(ctx.names.stream, durable)
+    assert info.num_ack_pending == 0 and info.num_pending == 4, "the rest wait, un-delivered"
+    async with procs.running(
+        ["worker", "tests.support.fn_slow", "--concurrency", "4"], subprocess_env
+    ):
+        done = await events(ctx, "done", at_least=6, timeout=30)
+    assert sorted(e.causation_id for e in done) == sorted(e.id for e in sent)
+
+
+async def test_a_crashed_worker_s_message_is_redelivered_and_completed(
+    ctx: Context, subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    await prepare(ctx, "tests.support.fn_crash_once")
+    marker = tmp_path / "crashed"
+    [event] = await publish_work(ctx, "work", 1, marker=str(marker))
+    first = await procs.start(["worker", "tests.support.fn_crash_once"], subprocess_env)
+    assert await first.wait(timeout=30) == 17
+    assert marker.exists()
+    async with procs.running(["worker", "tests.support.fn_crash_once"], subprocess_env) as second:
+        [done] = await events(ctx, "done", at_least=1, timeout=20)
+    assert done.causation_id == event.id and done.data["pid"] == second.proc.pid
+    info = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable("crashonce"))
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+
+
+async def test_a_message_that_kills_every_worker_is_dead_lettered(
+    ctx: Context, subprocess_env: dict[str, str]
+) -> None:
+    await prepare(ctx, "tests.support.fn_crash_always")
+    [event] = await publish_work(ctx, "poison", 1)
+    args = ["worker", "tests.support.fn_crash_always"]
+    for _ in range(2):  # max_deliver
+        crashed = await procs.start(args, subprocess_env)
+        assert await crashed.wait(timeout=30) == 17
+    # A healthy worker is listening when the last delivery's ack_wait runs out.
+    async with procs.running(args, subprocess_env):
+        [record] = await dead_letters(ctx, "crashalways", at_least=1, timeout=20)
+    assert record["kind"] == "timeout" and record["event_id"] == event.id
+    assert "crashed or hung" in record["reason"]
+    [failed] = await events(ctx, "failed.crashalways", at_least=1)
+    assert failed.image_id == event.image_id
