@@ -1,0 +1,55 @@
+# darkroom: `make run` starts everything on this machine; `make test` runs the test suite.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+ML_STAMP := $(VENV)/.installed-ml
+TORCH ?= torch==2.13.0
+
+.PHONY: run test test-fast lint format bench bench-chain install install-ml clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# The model functions need torch and friends. The pinned torch goes in first so that the
+# `ml` extra's range keeps it (on a CPU machine it is the local CPU wheel).
+$(ML_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet '$(TORCH)'
+	$(BIN)/pip install --quiet -e '.[ml,dev]'
+	touch $@
+
+install-ml: $(ML_STAMP)
+
+run: install
+	$(BIN)/darkroom up $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: bench-chain
+
+bench-chain: install
+	$(BIN)/python -m tests.bench.bench_chain $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
