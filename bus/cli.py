@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     gateway = sub.add_parser(
-        "gateway", help="run only the HTTP gateway (stateless; scale behind a load balancer)",
+        "gateway",
+        help="run only the HTTP gateway (stateless; scale behind a load balancer)",
         description="Serve the API and UI against external NATS and S3 (or this machine's "
         "running `darkroom up`). Runs no functions and never mints keys.",
     )

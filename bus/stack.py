@@ -36,6 +36,7 @@ from bus.settings import Settings
 log = logging.getLogger("darkroom")
 
 DRAIN_TIMEOUT_S = 60.0
+GIVE_UP_DRAIN_S = 5.0
 ADMIN_KEY_FILE = "admin.key"
 S3_CREDENTIALS_FILE = "s3.json"
 
@@ -133,8 +134,8 @@ async def _start_runners(
     return runners
 
 
-async def _drain(runners: list[FunctionRunner]) -> None:
-    await asyncio.gather(*(r.drain(DRAIN_TIMEOUT_S) for r in runners), return_exceptions=True)
+async def _drain(runners: list[FunctionRunner], timeout: float = DRAIN_TIMEOUT_S) -> None:
+    await asyncio.gather(*(r.drain(timeout) for r in runners), return_exceptions=True)
 
 
 async def run_up(settings: Settings, announce: Callable[[str], None] = print) -> int:
@@ -184,12 +185,16 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
         supervisor.start()
         async with open_context(resolved, [f.spec for f in functions], "up") as ctx:
             admin_key, minted = await ensure_admin_key(ctx, data_dir)
-            runners = await _start_runners(ctx, functions)
             app_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=5.0)
             await app_runner.setup()
-            gateway_url = await _start_site(
-                app_runner, resolved.gateway.host, resolved.gateway.port
-            )
+            try:
+                gateway_url = await _start_site(
+                    app_runner, resolved.gateway.host, resolved.gateway.port
+                )
+            except StartupError:
+                await app_runner.cleanup()
+                raise
+            runners = await _start_runners(ctx, functions)
             write_run_info(
                 data_dir,
                 {
@@ -208,7 +213,8 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
                 log.info("stopping: %s", stopper.reason or "shutting down")
                 await app_runner.cleanup()
                 log.debug("gateway stopped")
-                await _drain(runners)
+                # A server that died for good cannot take acks: don't wait long for them.
+                await _drain(runners, GIVE_UP_DRAIN_S if stopper.exit_code else DRAIN_TIMEOUT_S)
                 log.debug("functions drained")
     finally:
         log.debug("disconnected; stopping servers")
@@ -292,7 +298,9 @@ async def run_gateway(settings: Settings) -> int:
         app_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=5.0)
         await app_runner.setup()
         url = await _start_site(app_runner, resolved.gateway.host, resolved.gateway.port)
-        log.info("gateway listening on %s (NATS %s, S3 %s)", url, resolved.nats.url, resolved.s3.endpoint)
+        log.info(
+            "gateway listening on %s (NATS %s, S3 %s)", url, resolved.nats.url, resolved.s3.endpoint
+        )
         try:
             await stopper.event.wait()
         finally:

@@ -184,3 +184,20 @@ async def test_gateway_serves_the_api_without_functions_or_new_keys(
     finally:
         proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=30) == 0
+
+
+async def test_a_server_that_keeps_dying_stops_darkroom_with_exit_code_3(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    proc, _ = await start_up(data_dir, up_env(tmp_path))
+    started = time.monotonic()
+    for attempt in range(1, 5):
+        pids = [p for p in procs.pids_of(str(data_dir / "nats")) if p != proc.proc.pid]
+        if not pids:
+            break
+        os.kill(pids[0], signal.SIGKILL)
+        if attempt <= 3:
+            await proc.wait_for_line(f"nats-server restarted ({attempt}/3)", timeout=30)
+    assert await proc.wait(timeout=60) == 3
+    assert "nats-server died 4 times within 60 s" in proc.output
+    assert time.monotonic() - started < 45, "giving up must not wait out long drains"
+    assert procs.pids_of(str(data_dir)) == []

@@ -19,7 +19,6 @@ SPEC = Spec(
 )
 
 THUMB_NAME = f"thumb-{THUMB_PX}.webp"
-MAX_ORIGINAL_BYTES = 2 * 1024**3
 
 
 async def handle(event: Event, ctx: Context) -> list[Emit]:
@@ -29,12 +28,13 @@ async def handle(event: Event, ctx: Context) -> list[Emit]:
     stored = await ctx.store.stat(doc_key)
     if stored is not None:  # a replay: the work is done, only announce it again
         return [Emit(subjects.INGESTED, stored, data=await ctx.store.get_json(doc_key))]
+    limit = ctx.settings.gateway.max_upload_mb * 1024 * 1024
     try:
-        original = await ctx.store.get_bytes(event.object.key, max_bytes=MAX_ORIGINAL_BYTES)
+        original = await ctx.store.get_bytes(event.object.key, max_bytes=limit)
     except ObjectMissingError as exc:
         raise Reject(str(exc)) from None
     except TooLargeError as exc:
-        raise Reject(f"original is {exc}") from None
+        raise Reject(f"the original is {exc}") from None
     try:
         probed = await ctx.run_cpu(probe, original)
     except BadImageError as exc:
