@@ -143,7 +143,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     from bus.context import open_context
     from bus.stack import resolve_endpoints
 
-    async with open_context(resolve_endpoints(settings), [], "cli") as ctx:
+    async with open_context(resolve_endpoints(settings), [], "cli", declare=False) as ctx:
         if args.keys_command == "create":
             token, record = await keys.create_key(
                 ctx.api_keys, args.name, keys.parse_scopes(args.scopes)
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from bus.nats_conn import NatsUnavailableError
     from bus.stack import StartupError, run_gateway, run_up, run_worker
     from bus.store import StoreUnavailableError
+    from bus.streams import NotDeployedError
 
     try:
         settings = settings_from_args(args)
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda: _keys(args, settings))
         if args.command == "functions":
             return _functions()
-    except (StartupError, KeyError_, LookupError) as exc:
+    except (StartupError, KeyError_, LookupError, NotDeployedError) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 2
     except (NatsUnavailableError, StoreUnavailableError, ChildError) as exc:

@@ -56,11 +56,17 @@ class Context:
 
 @asynccontextmanager
 async def open_context(
-    settings: Settings, specs: list[Spec], client_name: str, metrics: Metrics | None = None
+    settings: Settings,
+    specs: list[Spec],
+    client_name: str,
+    metrics: Metrics | None = None,
+    declare: bool = True,
 ) -> AsyncIterator[Context]:
     """Connect to NATS and S3, check versions, declare streams and ``specs``' consumers.
 
-    Both servers must be reachable within 10 s; otherwise the error names the URL.
+    Both servers must be reachable within a few seconds; otherwise the error names the
+    URL. With ``declare=False`` (admin commands) nothing is created or reconfigured: the
+    deployment must exist already.
     """
     if settings.nats.url is None or settings.s3.endpoint is None:
         raise ValueError("open_context needs resolved NATS and S3 endpoints")
@@ -71,7 +77,10 @@ async def open_context(
     try:
         js = nc.jetstream(timeout=10.0)
         await check_jetstream(js, servers)
-        names = await streams.declare(js, settings, specs)
+        if declare:
+            names = await streams.declare(js, settings, specs)
+        else:
+            names = await streams.check_deployed(js, settings)
         store = ObjectStore.connect(settings.s3)
         await store.ensure_bucket(timeout=START_TIMEOUT_S)
         ctx = Context(

@@ -55,10 +55,12 @@ async def _put_stream(js: JetStreamContext, config: StreamConfig) -> None:
     existing = list(current.config.subjects or [])
     wanted = list(config.subjects or [])
     config.subjects = existing + [s for s in wanted if s not in existing]
-    # Never shrink a window another deployment widened.
+    # Never shrink a window another deployment widened, nor drop replicas: a process
+    # started with default settings must not downgrade a clustered deployment.
     config.duplicate_window = max(
         config.duplicate_window or 0.0, current.config.duplicate_window or 0.0
     )
+    config.num_replicas = max(config.num_replicas or 1, current.config.num_replicas or 1)
     await js.update_stream(config)
 
 
@@ -126,6 +128,24 @@ async def key_value(js: JetStreamContext, bucket: str, replicas: int = 1) -> Key
     except nats.js.errors.BadRequestError:
         # Created concurrently by another process.
         return await js.key_value(bucket)
+
+
+class NotDeployedError(Exception):
+    """The streams and buckets do not exist yet on this NATS server."""
+
+
+async def check_deployed(js: JetStreamContext, settings: Settings) -> Names:
+    """Names for a deployment that must already exist (for commands that only read)."""
+    names = Names(settings.namespace)
+    try:
+        await js.stream_info(names.stream)
+        await js.key_value(names.keys_kv)
+    except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError):
+        raise NotDeployedError(
+            f"no darkroom deployment with namespace {names.namespace!r} on this NATS yet; "
+            "start `darkroom up`, `darkroom gateway` or a worker first"
+        ) from None
+    return names
 
 
 async def declare(js: JetStreamContext, settings: Settings, specs: list[Spec]) -> Names:

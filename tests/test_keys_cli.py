@@ -41,3 +41,12 @@ async def test_bad_scopes_are_refused(ctx: Context, subprocess_env: dict[str, st
     )
     assert await bad.wait() == 2
     assert "scopes must be a non-empty list of read, upload, generate, admin" in bad.output
+
+
+async def test_admin_commands_never_create_or_reconfigure_a_deployment(
+    settings: object, subprocess_env: dict[str, str]
+) -> None:
+    # No context fixture here: nothing has been deployed under this namespace.
+    listed = await procs.start(["keys", "list"], subprocess_env)
+    assert await listed.wait() == 2
+    assert "no darkroom deployment with namespace" in listed.output

@@ -1,0 +1,30 @@
+"""Declaring streams is idempotent and never downgrades what another process set up."""
+
+from __future__ import annotations
+
+import pytest
+
+from bus.context import open_context
+from bus.function import Spec
+from bus.settings import Settings
+from bus.streams import declare
+
+pytestmark = [pytest.mark.nats, pytest.mark.s3]
+
+
+async def test_redeclaring_with_defaults_keeps_wider_windows_and_extra_subjects(
+    settings: Settings,
+) -> None:
+    patient = Spec("patient", listens=("a",), ack_wait=300, max_deliver=4)
+    async with open_context(settings, [patient], "first") as ctx:
+        info = await ctx.js.stream_info(ctx.names.stream)
+        assert info.config.duplicate_window >= patient.longest_redelivery_gap
+        extra = f"{ctx.names.namespace}-extra.>"
+        info.config.subjects = [*info.config.subjects, extra]
+        await ctx.js.update_stream(info.config)
+        await declare(ctx.js, settings, [])  # e.g. a gateway with no functions
+        again = await ctx.js.stream_info(ctx.names.stream)
+        assert again.config.duplicate_window == info.config.duplicate_window
+        assert extra in again.config.subjects and ctx.names.all_events in again.config.subjects
+        consumer = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable("patient"))
+        assert consumer.config.max_deliver == 4 and consumer.config.ack_wait == 300
