@@ -1,0 +1,986 @@
+"""The deployment files in deploy/ agree with the real command line, settings and functions.
+
+Nothing here starts Docker, Kubernetes or a server: the YAML is parsed and every darkroom
+command line (including those deploy/README.md tells operators to run), ``DARKROOM_*``
+variable, consumer name and probe path is checked against the code (``bus.cli``,
+``bus.settings``, ``bus.subjects``, the registered functions), so renaming a flag, a setting
+or a function breaks this test instead of a deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import shlex
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel, SecretStr
+
+from bus import subjects
+from bus.cli import build_parser, settings_from_args
+from bus.function import registered_names
+from bus.gateway.app import route_table
+from bus.settings import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
+from bus.stack import DRAIN_TIMEOUT_S
+from bus.subjects import Names
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+HELM = DEPLOY / "helm"
+COMPOSE_FILE = DEPLOY / "compose.yaml"
+ENV_EXAMPLE = DEPLOY / ".env.example"
+DOCKERFILE = DEPLOY / "Dockerfile"
+README = DEPLOY / "README.md"
+
+# Functions the design names that are not registered yet; deploy/README.md must say so.
+FUTURE_FUNCTIONS = frozenset({"generate"})
+# Functions that run on a GPU (DESIGN.md: "GPU functions (caption, generate)").
+GPU_FUNCTIONS = frozenset({"caption", "generate"})
+# Image repository -> the Dockerfile target it is built from.
+IMAGE_TARGETS = {"darkroom": "cpu", "darkroom-gpu": "gpu"}
+DARKROOM_IMAGES = frozenset(IMAGE_TARGETS)
+# What production runs: `up` (embedded servers, every function) is for one machine only.
+PRODUCTION_COMMANDS = frozenset({"gateway", "worker"})
+COMPOSE_SERVICES = frozenset(
+    {
+        "nats-1",
+        "nats-2",
+        "nats-3",
+        "minio",
+        "minio-init",
+        "gateway",
+        "worker-ingest",
+        "worker-notify",
+        "worker-s3events",
+        "worker-caption",
+    }
+)
+MIN_NATS = (2, 11)
+# Room beyond the drain timeout for connection close and process exit.
+GRACE_MARGIN_S = 10
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+@cache
+def documents(path: Path) -> tuple[Any, ...]:
+    with path.open() as fh:
+        return tuple(doc for doc in yaml.safe_load_all(fh) if doc is not None)
+
+
+@cache
+def env_example() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f".env.example: not KEY=VALUE: {line!r}"
+        values[key.strip()] = value.strip()
+    return values
+
+
+_INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose-style ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}`` and ``$$``."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        value = env.get(name)
+        if op in (":-", "-"):
+            unset = value is None or (op == ":-" and value == "")
+            return arg if unset else str(value)
+        assert value not in (None, ""), f"compose needs ${{{name}}}: {arg or 'unset'}"
+        return str(value)
+
+    return _INTERPOLATION.sub(replace, text)
+
+
+def resolve(node: Any) -> Any:
+    """The compose file as compose sees it with deploy/.env copied from .env.example."""
+    if isinstance(node, str):
+        return interpolate(node, env_example())
+    if isinstance(node, list):
+        return [resolve(item) for item in node]
+    if isinstance(node, dict):
+        return {key: resolve(value) for key, value in node.items()}
+    return node
+
+
+@cache
+def compose() -> dict[str, Any]:
+    (doc,) = documents(COMPOSE_FILE)
+    resolved: dict[str, Any] = resolve(doc)
+    return resolved
+
+
+def services() -> dict[str, Any]:
+    found: dict[str, Any] = compose()["services"]
+    return found
+
+
+def service_env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    assert isinstance(env, dict), "use the mapping form of `environment`"
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def is_darkroom_service(service: dict[str, Any]) -> bool:
+    build = service.get("build") or {}
+    return isinstance(build, dict) and build.get("dockerfile") == "deploy/Dockerfile"
+
+
+@cache
+def k8s_objects() -> tuple[tuple[Path, dict[str, Any]], ...]:
+    out: list[tuple[Path, dict[str, Any]]] = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        out.extend((path, doc) for doc in documents(path))
+    return tuple(out)
+
+
+def of_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in k8s_objects() if doc.get("kind") == kind]
+
+
+def named(kind: str, name: str) -> dict[str, Any]:
+    matches = [doc for doc in of_kind(kind) if doc["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name!r} in deploy/k8s, found {len(matches)}"
+    return matches[0]
+
+
+def image_repo(image: str) -> str:
+    """``registry.example.com/darkroom-gpu:0.1.0`` gives ``darkroom-gpu``."""
+    return image.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
+
+
+def object_env(kind: str, name: str) -> dict[str, str]:
+    doc = named(kind, name)
+    if kind == "ConfigMap":
+        return {k: str(v) for k, v in (doc.get("data") or {}).items()}
+    values = {k: str(v) for k, v in (doc.get("stringData") or {}).items()}
+    for key, value in (doc.get("data") or {}).items():
+        values[key] = base64.b64decode(value).decode()
+    return values
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The environment a container gets from envFrom and env, resolved from the manifests."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom") or []:
+        if "configMapRef" in source:
+            env.update(object_env("ConfigMap", source["configMapRef"]["name"]))
+        elif "secretRef" in source:
+            env.update(object_env("Secret", source["secretRef"]["name"]))
+        else:
+            pytest.fail(f"unsupported envFrom source {source}")
+    for item in container.get("env") or []:
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        ref = item.get("valueFrom") or {}
+        if "secretKeyRef" in ref:
+            key_ref, kind = ref["secretKeyRef"], "Secret"
+        elif "configMapKeyRef" in ref:
+            key_ref, kind = ref["configMapKeyRef"], "ConfigMap"
+        else:
+            pytest.fail(f"env {item['name']}: no value and no ConfigMap/Secret reference")
+        env[item["name"]] = object_env(kind, key_ref["name"])[key_ref["key"]]
+    return env
+
+
+# --- the darkroom processes the files start ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Process:
+    where: str  # e.g. "compose service gateway", "k8s Deployment worker-ingest"
+    name: str  # service or Deployment name
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    image: str
+
+    def args(self) -> argparse.Namespace:
+        try:
+            return build_parser().parse_args(list(self.argv))
+        except SystemExit as exc:
+            pytest.fail(
+                f"{self.where}: `darkroom {shlex.join(self.argv)}` does not parse (exit {exc.code})"
+            )
+
+    @property
+    def function(self) -> str | None:
+        return self.argv[1] if self.argv[:1] == ("worker",) and len(self.argv) > 1 else None
+
+
+def compose_processes() -> list[Process]:
+    out: list[Process] = []
+    for name, svc in services().items():
+        if not is_darkroom_service(svc):
+            continue
+        command = svc.get("command")
+        assert isinstance(command, list), f"compose {name}: give `command` as a list"
+        out.append(
+            Process(
+                f"compose service {name}",
+                name,
+                tuple(map(str, command)),
+                compose_env(name),
+                svc["image"],
+            )
+        )
+    return out
+
+
+def compose_env(name: str) -> dict[str, str]:
+    """A darkroom service's environment: the image's ``ENV`` overlaid by compose's."""
+    svc = services()[name]
+    assert is_darkroom_service(svc), f"compose {name} is not a darkroom service"
+    return image_env(svc["build"]["target"]) | service_env(svc)
+
+
+def k8s_env(deployment: str) -> dict[str, str]:
+    """A darkroom Deployment's (single) container environment, image ``ENV`` included."""
+    (container,) = named("Deployment", deployment)["spec"]["template"]["spec"]["containers"]
+    target = IMAGE_TARGETS[image_repo(container["image"])]
+    return image_env(target) | container_env(container)
+
+
+def k8s_processes() -> list[Process]:
+    out: list[Process] = []
+    for deployment in of_kind("Deployment"):
+        name = deployment["metadata"]["name"]
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            if image_repo(container["image"]) not in DARKROOM_IMAGES:
+                continue
+            # The image's ENTRYPOINT is `darkroom`; a `command` would replace it.
+            assert "command" not in container, f"k8s {name}: use args, keep the entrypoint"
+            out.append(
+                Process(
+                    f"k8s Deployment {name}",
+                    name,
+                    tuple(map(str, container.get("args") or [])),
+                    image_env(IMAGE_TARGETS[image_repo(container["image"])])
+                    | container_env(container),
+                    container["image"],
+                )
+            )
+    return out
+
+
+def all_processes() -> list[Process]:
+    return compose_processes() + k8s_processes()
+
+
+def _clean_env(mp: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str]) -> None:
+    for key in list(os.environ):
+        if key.startswith(ENV_PREFIX):
+            mp.delenv(key)
+    mp.chdir(tmp_path)  # no stray ./darkroom.toml
+    for key, value in env.items():
+        mp.setenv(key, value)
+
+
+def _setting_at(settings: Settings, key: str) -> Any:
+    path = key[len(ENV_PREFIX) :].lower().split("__")
+    assert path[0] in Settings.model_fields, f"{key}: darkroom has no setting {path[0]!r}"
+    node: Any = settings
+    for part in path:
+        if isinstance(node, dict):
+            assert part in node, f"{key}: {part!r} not set"
+            node = node[part]
+        else:
+            assert isinstance(node, BaseModel) and part in type(node).model_fields, (
+                f"{key}: no field {part!r}"
+            )
+            node = getattr(node, part)
+    return node.get_secret_value() if isinstance(node, SecretStr) else node
+
+
+def effective_settings(
+    process: Process, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Settings:
+    """Settings the process ends up with. Fails on an unknown or misspelt DARKROOM_* variable
+    (darkroom refuses to start with a ConfigError) or one that does not land on the setting
+    its name says."""
+    with monkeypatch.context() as mp:
+        _clean_env(mp, tmp_path, process.env)
+        try:
+            from_env = load_settings()
+        except ConfigError as exc:
+            pytest.fail(f"{process.where}: darkroom would refuse to start: {exc}")
+        for key, value in process.env.items():
+            if key.startswith(ENV_PREFIX) and key != CONFIG_ENV:
+                got = _setting_at(from_env, key)
+                assert str(got).lower() == value.lower(), (
+                    f"{process.where}: {key}={value!r} became {got!r}"
+                )
+        return settings_from_args(process.args())
+
+
+# --- every file ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_parses_into_mappings(path: Path) -> None:
+    docs = documents(path)
+    assert docs, f"{path} is empty"
+    assert all(isinstance(doc, dict) for doc in docs), f"{path}: every document is a mapping"
+
+
+def test_expected_files_exist() -> None:
+    for name in (
+        "Dockerfile",
+        "Dockerfile.dockerignore",
+        "compose.yaml",
+        ".env.example",
+        "README.md",
+        "k8s/kustomization.yaml",
+    ):
+        assert (DEPLOY / name).is_file(), f"deploy/{name} is missing"
+
+
+def test_secrets_are_placeholders() -> None:
+    for key, value in env_example().items():
+        if re.search(r"PASSWORD|SECRET|ACCESS_KEY|ROOT_USER", key):
+            assert value.startswith("change-me"), f".env.example {key} must be a placeholder"
+    for secret in of_kind("Secret"):
+        for key, value in (secret.get("stringData") or {}).items():
+            assert str(value).startswith("change-me"), (
+                f"Secret {secret['metadata']['name']} {key}: commit placeholders only"
+            )
+        assert not secret.get("data"), "commit no real secret data"
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+
+def test_compose_variables_come_from_env_example() -> None:
+    text = COMPOSE_FILE.read_text()
+    used = {m.group(1) for m in _INTERPOLATION.finditer(text) if m.group(1)}
+    required = {
+        m.group(1)
+        for m in _INTERPOLATION.finditer(text)
+        if m.group(1) and m.group(2) in (None, ":?", "?")
+    }
+    assert required <= env_example().keys(), (
+        f"add to .env.example: {sorted(required - env_example().keys())}"
+    )
+    assert env_example().keys() <= used, (
+        f".env.example has variables compose never uses: {sorted(env_example().keys() - used)}"
+    )
+    compose()  # every ${VAR:?} resolves
+
+
+def test_compose_services() -> None:
+    missing = COMPOSE_SERVICES - services().keys()
+    assert not missing, f"compose.yaml lacks services {sorted(missing)}"
+    for name in COMPOSE_SERVICES - {"minio-init"}:
+        assert services()[name].get("restart") == "unless-stopped", f"{name}: restart policy"
+    assert services()["minio-init"].get("restart") == "no"
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    flags: dict[str, str] = {}
+    for arg in command[1:]:
+        key, _, value = arg.partition("=")
+        flags[key] = value
+    return flags
+
+
+def _nats_nodes() -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in services().items() if str(s.get("image", "")).startswith("nats:")}
+
+
+def _version(image: str) -> tuple[int, ...]:
+    match = re.search(r":(\d+)\.(\d+)", image)
+    assert match, f"pin the NATS image to a version: {image}"
+    return tuple(int(g) for g in match.groups())
+
+
+def test_compose_nats_cluster() -> None:
+    nodes = _nats_nodes()
+    assert len(nodes) >= 3, "JetStream R3 needs a cluster of three nodes"
+    names, clusters = set(), set()
+    for name, svc in nodes.items():
+        assert _version(svc["image"]) >= MIN_NATS, f"{name}: NATS {MIN_NATS} or newer"
+        command = svc["command"]
+        assert command[0] == "nats-server"
+        flags = _flags(command)
+        assert "--jetstream" in flags, f"{name}: JetStream off"
+        names.add(flags["--name"])
+        clusters.add(flags["--cluster_name"])
+        routes = {urlpart.strip() for urlpart in flags["--routes"].split(",")}
+        assert routes == {f"nats://{node}:6222" for node in nodes}, f"{name}: routes"
+        assert flags["--cluster"].endswith(":6222")
+        mounts = [v.split(":", 1)[1] for v in svc.get("volumes", [])]
+        assert flags["--store_dir"] in mounts, f"{name}: JetStream store is not on a volume"
+        assert "8222" in " ".join(svc["healthcheck"]["test"]), f"{name}: health check"
+    assert len(names) == len(nodes), "every NATS node needs its own --name"
+    assert len(clusters) == 1, "one cluster name"
+
+
+def _nats_hosts() -> set[str]:
+    hosts = set(_nats_nodes())
+    for svc in _nats_nodes().values():
+        networks = svc.get("networks") or {}
+        for net in networks.values() if isinstance(networks, dict) else []:
+            hosts.update((net or {}).get("aliases", []))
+    return hosts
+
+
+def _check_minio_nats_target(env: dict[str, str], nats_hosts: set[str], where: str) -> str:
+    prefix = "MINIO_NOTIFY_NATS_ENABLE_"
+    targets = [k[len(prefix) :] for k, v in env.items() if k.startswith(prefix) and v == "on"]
+    assert len(targets) == 1, f"{where}: one enabled NATS notification target"
+    target = targets[0]
+
+    def setting(name: str) -> str:
+        key = f"MINIO_NOTIFY_NATS_{name}_{target}"
+        assert key in env, f"{where}: {key} is not set"
+        return env[key]
+
+    assert setting("JETSTREAM") == "on", f"{where}: publish with JetStream"
+    assert setting("SUBJECT") == Names().subject(subjects.S3_EVENTS), f"{where}: subject"
+    host, _, port = setting("ADDRESS").rpartition(":")
+    assert host in nats_hosts and port == "4222", f"{where}: NATS address {setting('ADDRESS')}"
+    assert setting("QUEUE_DIR").startswith("/"), f"{where}: queue dir must be absolute"
+    assert setting("SUBJECT").startswith(Names().all_events[:-1]), "the stream captures it"
+    return target
+
+
+def test_compose_minio_publishes_to_jetstream() -> None:
+    minio = services()["minio"]
+    target = _check_minio_nats_target(service_env(minio), _nats_hosts(), "compose minio")
+    assert target == "DARKROOM"
+    assert "mc" in minio["healthcheck"]["test"], "health check"
+    for node in _nats_nodes():
+        assert minio["depends_on"][node]["condition"] == "service_healthy"
+
+
+def test_helm_minio_values_publish_to_jetstream() -> None:
+    (values,) = documents(HELM / "minio-values.yaml")
+    nats_url = object_env("ConfigMap", "darkroom-config")["DARKROOM_NATS__URL"]
+    hosts = {re.sub(r"^nats://|:\d+$", "", u) for u in nats_url.split(",")}
+    env = {k: str(v) for k, v in values["environment"].items()}
+    assert _check_minio_nats_target(env, hosts, "helm/minio-values.yaml") == "DARKROOM"
+    (nats_values,) = documents(HELM / "nats-values.yaml")
+    assert nats_values["config"]["cluster"]["replicas"] >= 3
+    assert nats_values["config"]["jetstream"]["enabled"] is True
+    assert _version(":" + nats_values["container"]["image"]["tag"]) >= MIN_NATS
+
+
+def _check_bucket_setup(script: str, env: dict[str, str], target: str, where: str) -> None:
+    expanded = re.sub(
+        r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: env.get(m.group(1), m.group(0)), script
+    )
+    assert "mc mb --ignore-existing" in expanded, f"{where}: create the bucket"
+    adds = [line for line in expanded.splitlines() if "mc event add" in line]
+    assert adds, f"{where}: no `mc event add`"
+    for line in adds:
+        words = shlex.split(line.strip().removeprefix("if ").removesuffix("; then"))
+        assert words[words.index("--event") + 1] == "put", f"{where}: s3:ObjectCreated:* only"
+        assert words[words.index("--prefix") + 1] == subjects.UPLOADS_PREFIX, f"{where}: prefix"
+        assert "--ignore-existing" in words, f"{where}: must be safe to re-run"
+    arns = re.findall(r"arn:minio:sqs::([A-Za-z0-9_-]+):nats", expanded)
+    assert arns and {a.upper() for a in arns} == {target}, f"{where}: ARN names target {target}"
+
+
+def test_compose_minio_init_wires_the_bucket() -> None:
+    init = services()["minio-init"]
+    env = service_env(init)
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert init["image"].startswith("minio/mc:")
+    (script,) = init["command"]
+    _check_bucket_setup(script, env, "DARKROOM", "compose minio-init")
+    darkroom_env = service_env(services()["gateway"])
+    assert env["S3_BUCKET"] == darkroom_env["DARKROOM_S3__BUCKET"]
+    assert env["S3_ACCESS_KEY"] == darkroom_env["DARKROOM_S3__ACCESS_KEY"]
+    for process in compose_processes():
+        depends = services()[process.name]["depends_on"]
+        assert depends["minio-init"]["condition"] == "service_completed_successfully"
+
+
+def test_k8s_minio_setup_job_wires_the_bucket() -> None:
+    job = named("Job", "minio-setup")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = container_env(container)
+    (script,) = container["args"]
+    _check_bucket_setup(script, env, "DARKROOM", "k8s Job minio-setup")
+    assert env["DARKROOM_S3__BUCKET"] == Settings.model_fields["s3"].default.bucket
+
+
+# --- darkroom command lines, functions and settings ----------------------------------------------
+
+
+def test_every_darkroom_command_line_parses() -> None:
+    processes = all_processes()
+    assert {p.where.split()[0] for p in processes} == {"compose", "k8s"}
+    for process in processes:
+        args = process.args()
+        assert args.command in PRODUCTION_COMMANDS, (
+            f"{process.where}: runs `darkroom {args.command}`; production runs only "
+            f"{sorted(PRODUCTION_COMMANDS)}"
+        )
+        assert "up" not in process.argv, f"{process.where}: `up` is for one machine"
+        assert (args.command == "gateway") == (process.name == "gateway"), (
+            f"{process.where}: the gateway runs `darkroom gateway`, nothing else does"
+        )
+
+
+def test_workers_run_registered_functions() -> None:
+    registered = set(registered_names())
+    readme = README.read_text()
+    for process in all_processes():
+        fn = process.function
+        if fn is None:
+            continue
+        assert fn in registered or fn in FUTURE_FUNCTIONS, f"{process.where}: no function {fn!r}"
+        if fn in FUTURE_FUNCTIONS:
+            assert fn in readme, f"document the future function {fn} in deploy/README.md"
+    for source, processes in (("compose", compose_processes()), ("k8s", k8s_processes())):
+        deployed = {p.function for p in processes}
+        assert registered <= deployed, f"{source}: no worker for {sorted(registered - deployed)}"
+    for fn in FUTURE_FUNCTIONS:
+        assert fn not in registered or fn in {p.function for p in all_processes()}, (
+            f"{fn} is registered now: deploy a worker for it"
+        )
+
+
+def test_darkroom_env_maps_to_real_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    nats_nodes = len(_nats_nodes())
+    for process in all_processes():
+        settings = effective_settings(process, monkeypatch, tmp_path)
+        assert not settings.embedded_nats, f"{process.where}: must use the external NATS"
+        assert not settings.embedded_s3, f"{process.where}: must use the external S3 server"
+        assert settings.s3.access_key and settings.s3.secret_key, f"{process.where}: S3 keys"
+        assert settings.stream.replicas == 3, f"{process.where}: streams R3 on the cluster"
+        if process.where.startswith("compose"):
+            hosts = {u.split("//", 1)[1].rsplit(":", 1)[0] for u in settings.nats.servers}
+            assert hosts <= set(_nats_nodes()), f"{process.where}: unknown NATS {hosts}"
+            assert len(hosts) == nats_nodes
+            assert settings.s3.host_port == "minio:9000"
+
+
+def test_gateway_serves_http_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gateways = [p for p in all_processes() if p.argv[:1] == ("gateway",)]
+    assert {p.name for p in gateways} == {"gateway"}
+    assert len(gateways) == 2, "one gateway in compose, one in k8s"
+    for process in gateways:
+        settings = effective_settings(process, monkeypatch, tmp_path)
+        assert settings.gateway.host == "0.0.0.0", f"{process.where}: listen on all interfaces"
+        assert settings.gateway.port == 8080
+        assert settings.nats.url and settings.s3.endpoint, f"{process.where}: external endpoints"
+        assert not settings.embedded_nats and not settings.embedded_s3
+        # `darkroom gateway` runs no functions, so per-function settings are dead weight.
+        stray = sorted(k for k in process.env if k.startswith(f"{ENV_PREFIX}FUNCTIONS__"))
+        assert not stray, f"{process.where}: the gateway runs no functions: {stray}"
+
+
+def test_misspelt_variable_is_caught(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The check above would catch a typo: darkroom rejects unknown DARKROOM_* variables."""
+    (gateway,) = [p for p in compose_processes() if p.name == "gateway"]
+    for typo in ("DARKROOM_STREAMS__REPLICAS", "DARKROOM_LOGLEVEL", "DARKROOM_S3__ENDPIONT"):
+        broken = Process(gateway.where, gateway.name, gateway.argv, gateway.env | {typo: "3"}, "")
+        with pytest.raises(pytest.fail.Exception, match="would refuse to start"):
+            effective_settings(broken, monkeypatch, tmp_path)
+
+
+# --- compose: ports, health, GPU, drain ----------------------------------------------------------
+
+
+def _duration_s(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(text)):
+        total += float(number) * units[unit]
+    return total
+
+
+def test_compose_gateway_port_and_health() -> None:
+    gateway = services()["gateway"]
+    published = [str(p).rsplit(":", 1)[-1] for p in gateway["ports"]]
+    assert published == ["8080"]
+    check = " ".join(gateway["healthcheck"]["test"])
+    assert "127.0.0.1:8080/readyz" in check
+    assert not gateway.get("tmpfs") and not gateway.get("volumes"), "the gateway is stateless"
+
+
+def test_compose_drain_grace() -> None:
+    for process in compose_processes():
+        svc = services()[process.name]
+        assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
+        grace = _duration_s(svc.get("stop_grace_period", "10s"))
+        assert grace >= DRAIN_TIMEOUT_S + GRACE_MARGIN_S, f"{process.name}: grace {grace}s"
+
+
+def _gpu_devices(svc: dict[str, Any]) -> list[dict[str, Any]]:
+    resources = (svc.get("deploy") or {}).get("resources") or {}
+    devices: list[dict[str, Any]] = (resources.get("reservations") or {}).get("devices") or []
+    return devices
+
+
+def test_compose_gpu_workers() -> None:
+    for process in compose_processes():
+        svc = services()[process.name]
+        devices = _gpu_devices(svc)
+        if process.function in GPU_FUNCTIONS:
+            assert devices, f"{process.name}: reserve a GPU"
+            (device,) = devices
+            assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+            assert int(device.get("count", 0)) >= 1 or device.get("count") == "all"
+            assert svc["build"]["target"] == "gpu", f"{process.name}: build the gpu image"
+        else:
+            assert not devices, f"{process.name}: a CPU process reserves a GPU"
+            assert svc["build"]["target"] == "cpu"
+        if process.function is not None:
+            assert int(svc["deploy"]["replicas"]) >= 1, f"{process.name}: deploy.replicas"
+
+
+# --- kubernetes ----------------------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    (kustomization,) = documents(K8S / "kustomization.yaml")
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    images = {i["name"] for i in kustomization.get("images", [])}
+    used = {c["image"].rsplit(":", 1)[0] for c in _all_containers() if "darkroom" in c["image"]}
+    assert used <= images, f"kustomization images should cover {sorted(used - images)}"
+
+
+def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
+    for doc in of_kind("Deployment") + of_kind("Job"):
+        yield doc["metadata"]["name"], doc["spec"]["template"]["spec"]
+
+
+def _all_containers() -> list[dict[str, Any]]:
+    return [c for _, spec in _pod_specs() for c in spec["containers"]]
+
+
+def test_k8s_objects_are_well_formed() -> None:
+    (namespace,) = of_kind("Namespace")
+    ns = namespace["metadata"]["name"]
+    seen = set()
+    for path, doc in k8s_objects():
+        for key in ("apiVersion", "kind", "metadata"):
+            assert key in doc, f"{path.name}: object without {key}"
+        ident = (doc["kind"], doc["metadata"]["name"])
+        assert ident not in seen, f"{path.name}: duplicate {ident}"
+        seen.add(ident)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == ns, f"{path.name}: {ident} namespace"
+    for doc in of_kind("Deployment"):
+        selector = doc["spec"]["selector"]["matchLabels"]
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), f"{doc['metadata']['name']}: selector"
+    for container in _all_containers():
+        container_env(container)  # every ConfigMap/Secret it names exists
+
+
+def test_k8s_gateway_service_and_probes() -> None:
+    gateway = named("Deployment", "gateway")
+    pod = gateway["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    def port_of(probe: dict[str, Any]) -> int:
+        port = probe["httpGet"]["port"]
+        return int(ports[port] if isinstance(port, str) else port)
+
+    public = {r.path for r in route_table() if r.method == "GET" and r.scope is None}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = container.get(kind)
+        if probe is None:
+            continue
+        assert probe["httpGet"]["path"] in public, f"{kind}: probes send no API key"
+        assert port_of(probe) == 8080, f"{kind}: wrong port"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True, "it is stateless"
+    service = named("Service", "gateway")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    for port in service["spec"]["ports"]:
+        target = port["targetPort"]
+        assert (ports[target] if isinstance(target, str) else target) == 8080
+
+
+def _worker_deployments() -> dict[str, str]:
+    """Deployment name -> the function it runs."""
+    return {p.name: p.function for p in k8s_processes() if p.function is not None}
+
+
+def test_k8s_drain_grace() -> None:
+    for process in k8s_processes():
+        spec = named("Deployment", process.name)["spec"]["template"]["spec"]
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        assert grace >= DRAIN_TIMEOUT_S + GRACE_MARGIN_S, f"{process.name}: grace {grace}s"
+
+
+def test_k8s_gpu_workers() -> None:
+    for name, fn in _worker_deployments().items():
+        (container,) = named("Deployment", name)["spec"]["template"]["spec"]["containers"]
+        limits = (container.get("resources") or {}).get("limits") or {}
+        if fn in GPU_FUNCTIONS:
+            assert int(limits.get("nvidia.com/gpu", 0)) == 1, f"{name}: nvidia.com/gpu: 1"
+            assert image_repo(container["image"]) == "darkroom-gpu"
+        else:
+            assert "nvidia.com/gpu" not in limits, f"{name}: a CPU worker asks for a GPU"
+            assert image_repo(container["image"]) == "darkroom"
+    gateway = named("Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in ((gateway.get("resources") or {}).get("limits") or {})
+
+
+def test_keda_scaledobjects(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    workers = _worker_deployments()
+    by_name = {p.name: p for p in k8s_processes()}
+    scaled: dict[str, dict[str, Any]] = {}
+    for obj in of_kind("ScaledObject"):
+        where = f"ScaledObject {obj['metadata']['name']}"
+        assert obj["apiVersion"] == "keda.sh/v1alpha1", where
+        ref = obj["spec"]["scaleTargetRef"]
+        assert ref.get("kind", "Deployment") == "Deployment", where
+        target = ref["name"]
+        assert target in workers, f"{where}: targets {target!r}, not a worker Deployment"
+        assert target not in scaled, f"{target} has two ScaledObjects"
+        scaled[target] = obj
+        spec = obj["spec"]
+        low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+        assert 0 <= low <= high, where
+        settings = effective_settings(by_name[target], monkeypatch, tmp_path)
+        names = Names(settings.namespace)
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "nats-jetstream", where
+        meta = trigger["metadata"]
+        assert meta["stream"] == names.stream == "DARKROOM", where
+        assert meta["consumer"] == names.durable(workers[target]), (
+            f"{where}: consumer {meta['consumer']!r}, but {target} runs {workers[target]}"
+        )
+        assert meta["account"] == "$G", where
+        assert int(meta["lagThreshold"]) > 0, where
+        int(meta.get("activationLagThreshold", "0"))
+        host, _, port = meta["natsServerMonitoringEndpoint"].rpartition(":")
+        assert host and not host.startswith("http") and port == "8222", where
+        assert all(isinstance(v, str) for v in meta.values()), f"{where}: metadata are strings"
+    assert set(scaled) == set(workers), f"no ScaledObject for {sorted(set(workers) - set(scaled))}"
+    assert "gateway" not in scaled
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+
+@cache
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Stage name -> its instructions (continuation lines joined), FROM first."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    args = {}
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        word = line.split()[0].upper()
+        if word == "ARG" and current is None:
+            key, _, value = line.split(None, 1)[1].partition("=")
+            args[key] = value
+        elif word == "FROM":
+            parts = line.split()
+            image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], parts[1])
+            current = [f"FROM {image}"]
+            stages[parts[3] if len(parts) > 3 else str(len(stages))] = current
+        elif current is not None:
+            current.append(line)
+    return stages
+
+
+def _stage_chain(name: str) -> list[str]:
+    """Instructions of a stage including the stages it builds on."""
+    stages = dockerfile_stages()
+    own = stages[name]
+    parent = own[0].split()[1]
+    return (_stage_chain(parent) if parent in stages else [own[0]]) + own[1:]
+
+
+@cache
+def _image_env(target: str) -> tuple[tuple[str, str], ...]:
+    env: dict[str, str] = {}
+    for line in _stage_chain(target):
+        if line.upper().startswith("ENV "):
+            for word in shlex.split(line[4:]):
+                key, sep, value = word.partition("=")
+                assert sep, f"Dockerfile: use ENV KEY=VALUE, not {line!r}"
+                if key.startswith(ENV_PREFIX):
+                    env[key] = value
+    return tuple(env.items())
+
+
+def image_env(target: str) -> dict[str, str]:
+    """The ``DARKROOM_*`` variables the image built from ``target`` sets."""
+    return dict(_image_env(target))
+
+
+def test_dockerfile_targets() -> None:
+    stages = dockerfile_stages()
+    assert {"cpu", "gpu"} <= stages.keys()
+    assert list(stages)[-1] == "cpu", "the default build (last stage) is the CPU image"
+    for target in {s["build"]["target"] for s in services().values() if "build" in s}:
+        assert target in stages, f"compose builds target {target!r} the Dockerfile lacks"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "darkroom" in pyproject["project"]["scripts"]
+    extras = pyproject["project"]["optional-dependencies"]
+    for name in ("cpu", "gpu"):
+        chain = _stage_chain(name)
+        assert chain[0] == "FROM python:3.11-slim", f"{name}: base image"
+        users = [ln.split()[1] for ln in chain if ln.upper().startswith("USER ")]
+        assert users and users[-1].split(":")[0] not in ("root", "0"), f"{name}: non-root"
+        entry = [ln for ln in chain if ln.upper().startswith("ENTRYPOINT")]
+        assert entry and entry[-1] == 'ENTRYPOINT ["darkroom"]', f"{name}: entrypoint"
+        installs = " ".join(ln for ln in chain if "pip install" in ln)
+        requested = set(re.findall(r"\[(\w+)\]", installs))
+        assert requested <= extras.keys(), f"{name}: unknown extras {requested}"
+        assert ("ml" in requested) == (name == "gpu"), f"{name}: the ml extra is GPU-only"
+    build = " ".join(stages["build"])
+    assert "pip wheel" in build and re.search(r"\s\.(\s|$)", build), "build the project"
+
+
+def test_dockerfile_copies_what_exists() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    included = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    for stage in dockerfile_stages().values():
+        for line in stage:
+            if not line.upper().startswith("COPY") or "--from" in line:
+                continue
+            sources = [w for w in line.split()[1:-1] if not w.startswith("--")]
+            for src in sources:
+                if src.endswith("*"):
+                    continue  # optional (README.md*)
+                assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
+                assert src.rstrip("/") in included, f"{src} is excluded by the dockerignore"
+    base = " ".join(dockerfile_stages()["base"])
+    static = re.search(r"DARKROOM_GATEWAY__STATIC_DIR=(\S+)", base)
+    assert static, "point the gateway at the UI copied into the image"
+    for name in ("cpu", "gpu"):
+        assert any(
+            ln.endswith(static.group(1))
+            for ln in dockerfile_stages()[name]
+            if ln.startswith("COPY")
+        ), f"{name}: UI not copied to {static.group(1)}"
+    assert "/var/lib/darkroom" in base and "DARKROOM_DATA_DIR=/var/lib/darkroom" in base
+
+
+# --- README --------------------------------------------------------------------------------------
+
+
+def test_readme_covers_operations() -> None:
+    text = README.read_text()
+    for needle in (
+        "docker compose",
+        "--scale",
+        "kubectl apply -k",
+        "KEDA",
+        "lagThreshold",
+        "mc event add",
+        "uploads/",
+        "darkroom.s3",
+        "nvidia.com/gpu",
+    ):
+        assert needle in text, f"deploy/README.md should cover {needle!r}"
+
+
+# Options of `docker compose run` and `kubectl exec` that take a value.
+_VALUE_OPTIONS = frozenset(
+    {"-e", "--env", "-u", "--user", "-w", "--workdir", "--name", "-v", "--volume", "-n"}
+    | {"--namespace", "-c", "--container", "-f", "--file", "-p", "--project-name"}
+)
+
+
+def _after_options(words: list[str]) -> tuple[str, list[str]]:
+    """``[--rm, --no-deps, gateway, keys, ...]`` gives ``("gateway", [keys, ...])``."""
+    i = 0
+    while words[i].startswith("-"):
+        i += 2 if words[i] in _VALUE_OPTIONS else 1
+    return words[i], words[i + 1 :]
+
+
+def _shell_lines(markdown: str) -> Iterator[str]:
+    for block in re.findall(r"```(?:sh|bash|console)\n(.*?)```", markdown, re.S):
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def readme_commands() -> list[Process]:
+    """darkroom invocations in deploy/README.md's shell blocks, each with the environment it
+    runs in: a compose service's (`docker compose run SERVICE ...`), a Deployment's
+    (`kubectl exec deploy/NAME -- darkroom ...`) or the assignments before `darkroom`."""
+    out: list[Process] = []
+    for line in _shell_lines(README.read_text()):
+        words = shlex.split(line)
+        where = f"deploy/README.md `{line}`"
+        if words[:2] == ["docker", "compose"] and "run" in words:
+            service, argv = _after_options(words[words.index("run") + 1 :])
+            assert service in services(), f"{where}: no compose service {service!r}"
+            out.append(Process(where, service, tuple(argv), compose_env(service), ""))
+        elif words[0] == "kubectl" and "exec" in words:
+            target, rest = _after_options(words[words.index("exec") + 1 :])
+            assert rest[:2] == ["--", "darkroom"], f"{where}: run `-- darkroom ...`"
+            assert words[words.index("-n") + 1] == of_kind("Namespace")[0]["metadata"]["name"]
+            kind, _, name = target.partition("/")
+            assert kind in ("deploy", "deployment"), f"{where}: exec into a Deployment"
+            out.append(Process(where, name, tuple(rest[2:]), k8s_env(name), ""))
+        else:
+            env: dict[str, str] = {}
+            while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+                key, _, value = words.pop(0).partition("=")
+                env[key] = value
+            if words[:1] == ["darkroom"]:
+                out.append(Process(where, "", tuple(words[1:]), env, ""))
+    return out
+
+
+def test_readme_commands_parse_and_keep_the_deployment_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every documented darkroom command parses, and runs with the external endpoints and
+    the stream replicas of the deployment: a key command connecting with the default
+    replicas would reconfigure the streams."""
+    admin_key_recipes = set()
+    for process in readme_commands():
+        args = process.args()
+        assert args.command != "up", f"{process.where}: `up` is for one machine"
+        settings = effective_settings(process, monkeypatch, tmp_path)
+        if args.command in ("gateway", "worker", "keys"):
+            assert not settings.embedded_nats and not settings.embedded_s3, (
+                f"{process.where}: name the external NATS and S3"
+            )
+            assert settings.stream.replicas == 3, f"{process.where}: DARKROOM_STREAM__REPLICAS"
+        if args.command == "keys" and args.keys_command == "create" and args.scopes == "admin":
+            admin_key_recipes.add(process.where.split("`", 1)[1].split()[0])
+    assert {"docker", "kubectl"} <= admin_key_recipes, (
+        "deploy/README.md should show how to create the first admin key with compose and "
+        f"with kubectl; it does for {sorted(admin_key_recipes)}"
+    )
