@@ -132,8 +132,22 @@ def decode(payload: bytes) -> Event:
     )
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+class _MillisecondClock:
+    """ISO-8601 UTC timestamps, formatted once per millisecond (a hot path under load)."""
+
+    def __init__(self) -> None:
+        self._ms = -1
+        self._text = ""
+
+    def __call__(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms != self._ms:
+            moment = datetime.fromtimestamp(ms / 1000, UTC)
+            self._ms, self._text = ms, moment.isoformat(timespec="milliseconds")[:-6] + "Z"
+        return self._text
+
+
+now_iso = _MillisecondClock()
 
 
 def derive_id(parent_id: str, stage: str, topic: str, index: int = 0) -> str:

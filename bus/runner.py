@@ -5,6 +5,11 @@ derived from the input, so replays dedupe), wait for every PubAck, then ack. Ret
 a nak with a delay; Reject, a malformed event, or the last failed delivery becomes a
 dead-letter record plus a ``failed.<stage>`` event, then a term. Long handlers get
 ``in_progress()`` heartbeats. ``drain()`` stops asking for work and finishes what started.
+
+Handlers run concurrently, one task per invocation. Settling is pipelined: one settler
+task takes every invocation that has finished, publishes all their events, waits for all
+the PubAcks at once, then acks; under load a group costs one round trip instead of one
+per message, and a slow handler never holds up anyone else's ack.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from nats.aio.msg import Msg
 from bus.context import Context
 from bus.envelope import EnvelopeError, Event, decode, derive_id, now_iso
 from bus.function import Emit, Function, Reject, Retry
+from bus.publisher import Publisher
 from bus.pull import PullConsumer
 from bus.streams import listen_subjects
 
@@ -68,13 +74,27 @@ class FunctionRunner:
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[int, _Work] = {}
+        self._to_settle: list[_Work] = []
+        self._settle_wanted = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._settler: asyncio.Task[None] | None = None
+        self._publisher = Publisher(ctx.nc)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._advisory_sub: Any = None
-        self._labels = {"function": self.stage}
+        metrics = ctx.metrics
+        self._m_outcome = {
+            outcome: metrics.handled.labels(function=self.stage, outcome=outcome)
+            for outcome in ("ok", "retry", "dead_lettered")
+        }
+        metrics.in_flight.labels(function=self.stage).set_function(lambda: self._consumer.in_flight)
+        self._m_seconds = metrics.handler_seconds.labels(function=self.stage)
         self.subjects = listen_subjects(ctx.names, self.spec, ctx.settings.function(self.stage))
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        await self._publisher.start()
+        self._settler = asyncio.create_task(self._settle_forever(), name=f"settle:{self.stage}")
         await self._consumer.start()
         self._heartbeat_task = asyncio.create_task(
             self._heartbeats(), name=f"heartbeats:{self.stage}"
@@ -111,14 +131,19 @@ class FunctionRunner:
                     "%s: %d handler(s) cut short by the drain timeout", self.stage, len(pending)
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
+        # Finished handlers still owe their events and acks: let the settler finish.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), PUBLISH_TIMEOUT_S + 5)
         await self.stop()
 
     async def stop(self) -> None:
         self._consumer.pause()
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+        for task in (self._heartbeat_task, self._settler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._publisher.stop()
         if self._advisory_sub is not None:
             with contextlib.suppress(Exception):
                 await self._advisory_sub.unsubscribe()
@@ -151,27 +176,35 @@ class FunctionRunner:
     # --- processing ------------------------------------------------------------------------
     async def _process(self, msgs: list[Msg]) -> None:
         works = [_Work(msg, time.monotonic()) for msg in msgs]
+        runnable: list[_Work] = []
         try:
-            runnable: list[_Work] = []
             for work in works:
                 try:
                     work.event = self._decode(work.msg.data)
                     runnable.append(work)
                 except EnvelopeError as exc:
-                    await self._dead_letter(work.msg, None, f"malformed event: {exc}", "malformed")
+                    await self._guarded(
+                        self._dead_letter(work.msg, None, f"malformed event: {exc}", "malformed")
+                    )
+                    self._consumer.release()
             if runnable:
                 await self._invoke(runnable)
-                for work in runnable:
-                    await self._settle(work)
         except asyncio.CancelledError:
             # Drain timeout: leave the messages un-acked; they are redelivered elsewhere.
-            raise
-        except Exception:
-            log.exception("%s: unexpected error settling messages", self.stage)
-        finally:
-            for work in works:
+            for work in runnable:
                 self._active.pop(id(work.msg), None)
-            self._consumer.release(len(msgs))
+            self._consumer.release(len(runnable))
+            raise
+        self._to_settle.extend(runnable)
+        self._settled.clear()
+        self._settle_wanted.set()
+
+    async def _guarded(self, step: Any) -> None:
+        try:
+            await step
+        except Exception:
+            # NATS unreachable, most likely: the message stays un-acked and comes back.
+            log.exception("%s: could not settle a message", self.stage)
 
     def _decode(self, payload: bytes) -> Event:
         if self.fn.decode_event is not None:
@@ -186,8 +219,6 @@ class FunctionRunner:
     async def _invoke(self, works: list[_Work]) -> None:
         for work in works:
             self._active[id(work.msg)] = work
-        metrics = self.ctx.metrics
-        metrics.in_flight.labels(**self._labels).inc()
         started = time.perf_counter()
         try:
             if self.spec.batch == 1:
@@ -208,37 +239,76 @@ class FunctionRunner:
                 for work, result in zip(works, results, strict=True):
                     work.result = result
         finally:
-            metrics.in_flight.labels(**self._labels).dec()
-            metrics.handler_seconds.labels(**self._labels).observe(time.perf_counter() - started)
+            self._m_seconds.observe(time.perf_counter() - started)
 
-    async def _settle(self, work: _Work) -> None:
-        msg, event, result = work.msg, work.event, work.result
-        assert event is not None
-        outcome = "ok"
-        if isinstance(result, Reject):
-            outcome = "rejected"
-            await self._dead_letter(msg, event, result.reason, "rejected")
-        elif isinstance(result, BaseException):
-            outcome = await self._retry_or_give_up(msg, event, result)
-        else:
-            emits: Sequence[Emit] = result or ()
+    async def _settle_forever(self) -> None:
+        while True:
+            await self._settle_wanted.wait()
+            self._settle_wanted.clear()
+            while self._to_settle:
+                group, self._to_settle = self._to_settle, []
+                try:
+                    await self._settle_group(group)
+                except Exception:
+                    log.exception("%s: could not settle %d message(s)", self.stage, len(group))
+                finally:
+                    for work in group:
+                        self._active.pop(id(work.msg), None)
+                    self._consumer.release(len(group))
+            self._settled.set()
+
+    async def _settle_group(self, group: list[_Work]) -> None:
+        """Publish every finished invocation's events, await all PubAcks, then ack each."""
+        published: list[tuple[_Work, list[asyncio.Future[None]]]] = []
+        for work in group:
+            assert work.event is not None
+            if isinstance(work.result, BaseException):
+                await self._guarded(self._fail(work.msg, work.event, work.result))
+                continue
             try:
-                await self._publish(event, emits)
+                futures = await self._publish(work.event, work.result or ())
             except Exception as exc:
-                outcome = await self._retry_or_give_up(msg, event, exc)
-            else:
-                await msg.ack()
-                log.debug("%s: done %s", self.stage, event.id)
-        self.ctx.metrics.handled.labels(function=self.stage, outcome=outcome).inc()
+                await self._guarded(self._fail(work.msg, work.event, exc))
+                continue
+            published.append((work, futures))
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                for _, futures in published:
+                    for future in futures:
+                        with contextlib.suppress(Exception):
+                            await future  # errors are read per message below
+        except TimeoutError:
+            for _, futures in published:
+                for future in futures:
+                    future.cancel()
+        for work, futures in published:
+            assert work.event is not None
+            error = _first_error(futures)
+            if error is not None:
+                await self._guarded(self._fail(work.msg, work.event, error))
+                continue
+            try:
+                await work.msg.ack()
+            except Exception:
+                log.exception("%s: could not ack %s", self.stage, work.event.id)
+                continue
+            self._m_outcome["ok"].inc()
+            log.debug("%s: done %s", self.stage, work.event.id)
 
-    async def _retry_or_give_up(self, msg: Msg, event: Event, exc: BaseException) -> str:
+    async def _fail(self, msg: Msg, event: Event, exc: BaseException) -> None:
+        if isinstance(exc, Reject):
+            await self._dead_letter(msg, event, exc.reason, "rejected")
+        else:
+            await self._retry_or_give_up(msg, event, exc)
+
+    async def _retry_or_give_up(self, msg: Msg, event: Event, exc: BaseException) -> None:
         delivered = msg.metadata.num_delivered or 1
         reason = exc.reason if isinstance(exc, Retry) else f"{type(exc).__name__}: {exc}"
         if delivered >= self.spec.max_deliver:
             await self._dead_letter(
                 msg, event, f"gave up after {delivered} attempts: {reason}", "exhausted"
             )
-            return "dead_lettered"
+            return
         delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
         if delay is None:
             delay = self.spec.retry_delay(delivered)
@@ -255,7 +325,7 @@ class FunctionRunner:
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
         await msg.nak(delay=delay)
-        return "retry"
+        self._m_outcome["retry"].inc()
 
     # --- publishing ------------------------------------------------------------------------
     def build_event(self, parent: Event, emit: Emit, index: int) -> Event:
@@ -279,21 +349,14 @@ class FunctionRunner:
             data=emit.data,
         )
 
-    async def _publish(self, parent: Event, emits: Sequence[Emit]) -> None:
-        if not emits:
-            return
-        js = self.ctx.js
+    async def _publish(self, parent: Event, emits: Sequence[Emit]) -> list[asyncio.Future[None]]:
+        """Send ``emits``; the returned futures resolve once the stream stored them."""
         futures = []
         for index, emit in enumerate(emits):
             event = self.build_event(parent, emit, index)
-            futures.append(
-                await js.publish_async(
-                    self._names.subject(emit.topic),
-                    event.encode(),
-                    headers={"Nats-Msg-Id": event.id},
-                )
-            )
-        await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
+            subject = self._names.subject(emit.topic)
+            futures.append(await self._publisher.publish(subject, event.encode(), event.id))
+        return futures
 
     # --- dead letters ----------------------------------------------------------------------
     async def _dead_letter(
@@ -354,7 +417,7 @@ class FunctionRunner:
         await js.publish(
             self._names.failed(self.stage), failed.encode(), headers={"Nats-Msg-Id": failed.id}
         )
-        self.ctx.metrics.handled.labels(function=self.stage, outcome="dead_lettered").inc()
+        self._m_outcome["dead_lettered"].inc()
         if msg is not None:
             await msg.term()
 
@@ -393,3 +456,12 @@ class FunctionRunner:
                     work.beats += 1
                     with contextlib.suppress(Exception):
                         await work.msg.in_progress()
+
+
+def _first_error(futures: list[asyncio.Future[None]]) -> BaseException | None:
+    for future in futures:
+        if future.cancelled():
+            return TimeoutError(f"no PubAck within {PUBLISH_TIMEOUT_S:.0f} s")
+        if future.exception() is not None:
+            return future.exception()
+    return None

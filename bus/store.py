@@ -60,8 +60,16 @@ class StoredStream:
 class ObjectStore:
     """Async facade over one bucket."""
 
-    def __init__(self, client: Minio, bucket: str, executor: ThreadPoolExecutor, url: str) -> None:
+    def __init__(
+        self,
+        client: Minio,
+        bucket: str,
+        executor: ThreadPoolExecutor,
+        url: str,
+        http: urllib3.PoolManager | None = None,
+    ) -> None:
         self._client = client
+        self._http = http
         self.bucket = bucket
         self._executor = executor
         self.url = url
@@ -86,10 +94,13 @@ class ObjectStore:
             http_client=http,
         )
         executor = ThreadPoolExecutor(max_workers=s3.io_threads, thread_name_prefix="s3")
-        return cls(client, s3.bucket, executor, s3.endpoint)
+        return cls(client, s3.bucket, executor, s3.endpoint, http)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._http is not None:
+            # Idle keep-alive connections would otherwise hold up the server's shutdown.
+            self._http.clear()
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
