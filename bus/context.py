@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import orjson
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -48,10 +47,6 @@ class Context:
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking CPU work off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
-
-    async def publish_progress(self, job_id: str, payload: dict[str, Any]) -> None:
-        """Ephemeral progress for live views (plain NATS, not stored)."""
-        await self.nc.publish(self.names.progress(job_id), orjson.dumps(payload))
 
 
 @asynccontextmanager

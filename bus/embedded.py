@@ -84,10 +84,29 @@ def free_port_with_grpc(preferred: int = 0, offset: int = 10_000) -> int:
     raise ChildError("no free port pair for SeaweedFS")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _prctl() -> Any:
+    """libc's prctl, looked up in the parent: the child must not load libraries between
+    fork and exec, where another thread may have held the loader's lock."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _death_signal(prctl: Any) -> Callable[[], None] | None:
+    """A pre-exec hook so the child gets SIGTERM when darkroom dies, however it dies."""
+    if prctl is None:
+        return None
+
+    def hook() -> None:  # pragma: no cover - runs in the child before exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
 
 
 class Child:
@@ -118,7 +137,7 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **env},
-            preexec_fn=_die_with_parent,
+            preexec_fn=_death_signal(_prctl()),
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
         )
         self._reader = asyncio.create_task(self._read_output(), name=f"{self.name}-output")
@@ -135,23 +154,31 @@ class Child:
             raise
 
     async def _read_output(self) -> None:
+        # Read in chunks, not lines: one very long line must never stop the draining,
+        # or the child would block on a full pipe.
         assert self.proc is not None and self.proc.stdout is not None
+        pending = b""
         with self.log_path.open("ab") as out:
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    break
-                out.write(line)
+            while chunk := await self.proc.stdout.read(65536):
+                out.write(chunk)
                 out.flush()
-                text = line.decode(errors="replace").rstrip()
-                self.tail.append(text)
-                for pattern, future in list(self._line_waiters):
-                    match = pattern.search(text)
-                    if match and not future.done():
-                        future.set_result(match)
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) > 65536:
+                    lines, pending = [*lines, pending], b""
+                for line in lines:
+                    self._saw_line(line.decode(errors="replace").rstrip())
+            if pending:
+                self._saw_line(pending.decode(errors="replace").rstrip())
         for _, future in self._line_waiters:
             if not future.done():
                 future.set_exception(ChildError(f"{self.name} exited:\n{self.last_output()}"))
+
+    def _saw_line(self, text: str) -> None:
+        self.tail.append(text[:2000])
+        for pattern, future in list(self._line_waiters):
+            match = pattern.search(text)
+            if match and not future.done():
+                future.set_result(match)
 
     async def wait_for_line(self, pattern: str) -> re.Match[str]:
         future: asyncio.Future[re.Match[str]] = asyncio.get_running_loop().create_future()
@@ -362,7 +389,7 @@ class Supervisor:
             try:
                 await child.start()
                 log.warning("%s restarted (%d/%d)", child.name, len(recent), MAX_RESTARTS)
-            except ChildError as exc:
+            except Exception as exc:
                 self._on_give_up(f"{child.name} could not be restarted: {exc}")
                 return
 

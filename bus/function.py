@@ -20,6 +20,7 @@ from bus.envelope import Event, ObjectRef
 
 if TYPE_CHECKING:
     from bus.context import Context
+    from bus.settings import Settings
 
 ENTRY_POINT_GROUP = "darkroom.functions"
 
@@ -53,6 +54,7 @@ class Spec:
     ack_wait: float = 30.0  # seconds; heartbeats keep long work alive
     max_deliver: int = 5
     backoff: tuple[float, ...] = (1.0, 5.0, 30.0)  # delay before retry n (last one repeats)
+    timeout: float = 600.0  # longest a handler may run; heartbeats keep it alive till then
     needs_gpu: bool = False
 
     def __post_init__(self) -> None:
@@ -64,6 +66,8 @@ class Spec:
             raise ValueError(f"function {self.name!r}: max_deliver must be 1-100")
         if self.ack_wait < 1:
             raise ValueError(f"function {self.name!r}: ack_wait must be at least 1 s")
+        if self.timeout <= 0:
+            raise ValueError(f"function {self.name!r}: timeout must be positive")
 
     def retry_delay(self, delivered: int) -> float:
         """Delay before the next attempt, after ``delivered`` attempts so far."""
@@ -74,6 +78,8 @@ class Spec:
     @property
     def longest_redelivery_gap(self) -> float:
         """Upper bound on the time between the first delivery and the last."""
+        # A repeated publish needs an attempt that published but did not ack; the next one
+        # finds its output stored and re-publishes at once, so ack_wait bounds each gap.
         waits = sum(self.retry_delay(n) for n in range(1, self.max_deliver))
         return self.ack_wait * self.max_deliver + waits
 
@@ -150,9 +156,15 @@ def load(name: str) -> Function:
         except ImportError as exc:
             raise UnknownFunctionError(f"cannot import function module {name!r}: {exc}") from None
         return Function.from_module(module)
-    names = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-    raise UnknownFunctionError(f"no function named {name!r}; registered: {', '.join(names)}")
+    raise UnknownFunctionError(
+        f"no function named {name!r}; registered: {', '.join(registered_names())}"
+    )
 
 
 def registered_names() -> list[str]:
     return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def enabled_names(settings: Settings) -> list[str]:
+    """Registered functions not disabled in the settings."""
+    return [name for name in registered_names() if settings.function(name).enabled]

@@ -7,21 +7,18 @@ client with an error to retry, never an accepted upload that nothing will proces
 
 from __future__ import annotations
 
-import re
-import unicodedata
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import unquote
+
+import urllib3
 
 from bus import subjects
 from bus.context import Context
 from bus.envelope import Event, new_id, now_iso
-from bus.media import accepted_names, sniff
+from bus.media import accepted_names, safe_name, sniff
 from bus.s3events import uploaded_event_id
-from bus.store import TooLargeError
-
-MAX_NAME_CHARS = 120
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+from bus.store import StoreBusyError, StoreError, TooLargeError
 
 
 class UploadRejectedError(Exception):
@@ -38,16 +35,6 @@ class Accepted:
     size: int
     content_type: str
     sha256: str
-
-
-def safe_name(name: str | None, extension: str) -> str:
-    """A storage-safe file name: no directories, control characters or odd bytes."""
-    base = unquote(name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
-    base = _UNSAFE.sub("_", base).strip("._")
-    stem = base.rsplit(".", 1)[0] if "." in base else base
-    stem = stem[: MAX_NAME_CHARS - len(extension) - 1] or "image"
-    return f"{stem}.{extension}"
 
 
 async def accept_upload(
@@ -86,6 +73,12 @@ async def accept_upload(
         raise UploadRejectedError(
             413, f"the file is larger than the limit of {max_bytes:,} bytes"
         ) from None
+    except StoreBusyError as exc:
+        raise UploadRejectedError(503, str(exc)) from None
+    except (StoreError, OSError, urllib3.exceptions.HTTPError) as exc:
+        raise UploadRejectedError(
+            503, f"the store is unavailable ({type(exc).__name__}); try again"
+        ) from None
     event = Event(
         id=uploaded_event_id(image_id),
         type=subjects.UPLOADED,
@@ -101,7 +94,15 @@ async def accept_upload(
             "source": source,
         },
     )
-    await ctx.js.publish(
-        ctx.names.subject(subjects.UPLOADED), event.encode(), headers={"Nats-Msg-Id": event.id}
-    )
+    try:
+        await ctx.js.publish(
+            ctx.names.subject(subjects.UPLOADED), event.encode(), headers={"Nats-Msg-Id": event.id}
+        )
+    except Exception as exc:
+        # Not accepted: take the object back so nothing is stored for a failed upload.
+        with contextlib.suppress(Exception):
+            await ctx.store.delete(key)
+        raise UploadRejectedError(
+            503, f"the upload could not be announced ({type(exc).__name__}); try again"
+        ) from None
     return Accepted(image_id, name, stored.ref.size, kind.mime, stored.sha256)

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from bus.envelope import now_iso
@@ -24,6 +24,7 @@ from bus.kvmirror import KvMirror
 
 SCOPES = ("read", "upload", "generate", "admin")
 _TOKEN_RE = re.compile(r"^drk_([a-z0-9]{12})_([A-Za-z0-9_-]{20,100})$")
+KEY_ID_RE = re.compile(r"^[a-z0-9]{12}$")
 
 
 class KeyError_(ValueError):
@@ -105,10 +106,8 @@ async def create_key(kv: KeyValue, name: str, scopes: tuple[str, ...]) -> tuple[
 async def list_keys(kv: KeyValue) -> list[ApiKey]:
     try:
         ids = await kv.keys()
-    except Exception as exc:  # nats-py raises NoKeysError on an empty bucket
-        if type(exc).__name__ == "NoKeysError":
-            return []
-        raise
+    except NoKeysError:
+        return []
     records = []
     for key_id in ids:
         with contextlib.suppress(KeyNotFoundError):
@@ -119,20 +118,21 @@ async def list_keys(kv: KeyValue) -> list[ApiKey]:
 
 
 async def revoke_key(kv: KeyValue, key_id: str) -> bool:
-    try:
-        await kv.get(key_id)
-    except KeyNotFoundError:
+    """Revoke a key; False if there is no such (live) key. The delete marker stays, so a
+    revoked key is never quietly registered again."""
+    if await key_state(kv, key_id) != "present":
         return False
     await kv.delete(key_id)
     return True
 
 
-async def has_key(kv: KeyValue, key_id: str) -> bool:
+async def key_state(kv: KeyValue, key_id: str) -> str:
+    """``present``, ``revoked`` (a delete marker is kept) or ``absent`` (never stored)."""
     try:
         entry = await kv.get(key_id)
-    except KeyNotFoundError:
-        return False
-    return bool(entry.value)
+    except KeyNotFoundError as exc:  # nats-py reports a delete marker as not found + op
+        return "revoked" if exc.op in ("DEL", "PURGE") else "absent"
+    return "present" if entry.value else "revoked"
 
 
 def verify(record: ApiKey | None, token: str) -> bool:

@@ -16,6 +16,8 @@ from typing import Generic, TypeVar
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
+from bus.nats_conn import reconnect_count
+
 log = logging.getLogger("darkroom.kvmirror")
 T = TypeVar("T")
 CHECK_INTERVAL_S = 1.0
@@ -42,15 +44,12 @@ class KvMirror(Generic[T]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _reconnects(self) -> int:
-        return int(self._nc.stats.get("reconnects", 0))
-
     async def _run(self) -> None:
         while True:
-            seen = self._reconnects()
+            seen = reconnect_count(self._nc)
             follower = asyncio.create_task(self._follow())
             try:
-                while not follower.done() and self._reconnects() == seen:
+                while not follower.done() and reconnect_count(self._nc) == seen:
                     await asyncio.wait({follower}, timeout=CHECK_INTERVAL_S)
             finally:
                 follower.cancel()

@@ -1,10 +1,16 @@
-"""Recognising image types from their first bytes (never from names or client headers)."""
+"""Recognising image types from their first bytes (never from names or client headers),
+and making client-supplied file names safe to store."""
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 SNIFF_BYTES = 32
+MAX_NAME_CHARS = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +53,13 @@ def sniff(head: bytes) -> MediaType | None:
 
 def accepted_names() -> str:
     return ", ".join(t.name for t in ACCEPTED)
+
+
+def safe_name(name: str | None, extension: str) -> str:
+    """A storage-safe file name: no directories, control characters or odd bytes."""
+    base = unquote(name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
+    base = _UNSAFE.sub("_", base).strip("._")
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    stem = stem[: MAX_NAME_CHARS - len(extension) - 1] or "image"
+    return f"{stem}.{extension}"

@@ -72,6 +72,12 @@ async def connect(servers: list[str], name: str, timeout: float = 10.0) -> NATS:
     return nc
 
 
+def reconnect_count(nc: NATS) -> int:
+    """How many times this connection has reconnected (state tied to a connection, such
+    as pull requests and watches, must be renewed when it changes)."""
+    return int(nc.stats.get("reconnects", 0))
+
+
 async def _close_quietly(nc: NATS) -> None:
     with contextlib.suppress(Exception):  # best effort while already failing
         await nc.close()

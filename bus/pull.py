@@ -5,7 +5,13 @@ timeout to every hop when traffic is light. Instead this keeps pull requests out
 for the capacity that is free (``in_flight + requested <= capacity``) and hands each
 message over the moment it arrives. Because a worker never asks for more than it can
 start, idle capacity elsewhere gets the rest: N workers share a backlog fairly, and a
-worker that pauses (draining, or waiting for VRAM) simply stops asking.
+worker that pauses (waiting for VRAM, say) simply stops asking.
+
+The bookkeeping is per request. Each request has its own reply subject, which status
+messages carry: a status (request expired, cut short, consumer gone) ends that request
+outright, whatever it says about the rest. Messages arrive under their own subjects, and
+the server serves a consumer's waiting requests oldest first, so each message fills a slot
+of the oldest open request.
 """
 
 from __future__ import annotations
@@ -15,16 +21,24 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from bus.nats_conn import reconnect_count
+
 log = logging.getLogger("darkroom.pull")
 
 STATUS = "Status"
-PENDING_MESSAGES = "Nats-Pending-Messages"
+
+
+@dataclass(slots=True)
+class _Request:
+    remaining: int
+    last_seen: float
 
 
 class PullConsumer:
@@ -50,22 +64,23 @@ class PullConsumer:
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._requests: dict[str, _Request] = {}
+        self._counter = 0
         self.in_flight = 0  # delivered, not yet released
-        self.requested = 0  # asked for, not yet delivered
         self.paused = False
-        self._last_seen = time.monotonic()
         self._pull_scheduled = False
-        self._reconnects = self._reconnect_count()
+        self._reconnects = reconnect_count(nc)
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._receive)
-        self._watchdog = asyncio.create_task(
-            self._watch(), name=f"pull-watchdog:{self._next_subject}"
-        )
+        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
+        self._watchdog = asyncio.create_task(self._watch(), name=f"pull:{self._next_subject}")
         self._maybe_pull()
 
     async def stop(self) -> None:
+        """Stop receiving. The server drops requests whose reply subject lost interest,
+        so nothing more is delivered here; anything already on the wire is redelivered
+        elsewhere after ack_wait."""
         self.paused = True
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -75,9 +90,11 @@ class PullConsumer:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        self._requests.clear()
 
     def pause(self) -> None:
-        """Stop asking for work; messages still arriving for old requests are refused."""
+        """Stop asking for work (backpressure). Requests already made are still served:
+        their capacity was reserved."""
         self.paused = True
 
     def resume(self) -> None:
@@ -91,6 +108,10 @@ class PullConsumer:
 
     # --- pulling ---------------------------------------------------------------------------
     @property
+    def requested(self) -> int:
+        return sum(r.remaining for r in self._requests.values())
+
+    @property
     def free(self) -> int:
         return self.capacity - self.in_flight - self.requested
 
@@ -99,16 +120,19 @@ class PullConsumer:
         # without sending one request per message.
         if self._pull_scheduled or self.paused or self._sub is None:
             return
-        if self.free >= max(1, self.capacity // 2) or (self.requested == 0 and self.free > 0):
+        free = self.free
+        if free >= max(1, self.capacity // 2) or (not self._requests and free > 0):
             self._pull_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_pull)
 
     def _send_pull(self) -> None:
         self._pull_scheduled = False
-        if self.paused or self._sub is None or self.free <= 0:
-            return
         batch = self.free
-        self.requested += batch
+        if self.paused or self._sub is None or batch <= 0:
+            return
+        self._counter += 1
+        token = str(self._counter)
+        self._requests[token] = _Request(batch, time.monotonic())
         request = orjson.dumps(
             {
                 "batch": batch,
@@ -116,64 +140,55 @@ class PullConsumer:
                 "idle_heartbeat": int(self._heartbeat * 1e9),
             }
         )
-        task = asyncio.ensure_future(
-            self._nc.publish(self._next_subject, request, reply=self._inbox)
-        )
-        task.add_done_callback(self._pull_sent)
+        reply = f"{self._inbox}.{token}"
+        task = asyncio.ensure_future(self._nc.publish(self._next_subject, request, reply=reply))
+        task.add_done_callback(lambda done: self._pull_sent(done, token))
 
-    def _pull_sent(self, task: asyncio.Future[None]) -> None:
+    def _pull_sent(self, task: asyncio.Future[None], token: str) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.warning("pull request failed: %s", task.exception())
-            self.requested = 0  # the watchdog tries again
+            self._requests.pop(token, None)  # the watchdog asks again
 
     # --- receiving -------------------------------------------------------------------------
     async def _receive(self, msg: Msg) -> None:
-        self._last_seen = time.monotonic()
         status = msg.headers.get(STATUS) if msg.headers else None
         if status is None:
-            self.requested = max(0, self.requested - 1)
-            if self.paused:
-                # Left over from a request made before pausing: give it straight back.
-                await msg.nak()
-                return
+            for token, oldest in self._requests.items():
+                oldest.remaining -= 1
+                oldest.last_seen = time.monotonic()
+                if oldest.remaining <= 0:
+                    del self._requests[token]
+                break
             self.in_flight += 1
             self._on_message(msg)
             return
+        token = msg.subject.rsplit(".", 1)[-1]
+        request = self._requests.get(token)
         if status == "100":  # idle heartbeat: the request is alive
+            if request is not None:
+                request.last_seen = time.monotonic()
             return
         # 404/408: the request ended; 409: it was cut short (max waiting, leadership...).
-        # The server says how many of its messages were never delivered.
-        assert msg.headers is not None
-        unfilled = msg.headers.get(PENDING_MESSAGES)
-        if unfilled is not None and unfilled.isdigit():
-            self.requested = max(0, self.requested - int(unfilled))
-        elif status in ("404", "408"):
-            self.requested = 0
-        if status == "409":
+        # Either way it delivers nothing more.
+        if status == "409" and msg.headers is not None:
             log.debug("pull request ended early: %s", msg.headers.get("Description", ""))
+        self._requests.pop(token, None)
         self._maybe_pull()
 
-    def _reconnect_count(self) -> int:
-        return int(self._nc.stats.get("reconnects", 0))
-
     async def _watch(self) -> None:
-        # Requests vanish when the connection or the server restarts. Renew them at once
-        # after a reconnect, and whenever nothing, not even a heartbeat, came for two
-        # heartbeat intervals.
+        # Requests vanish when the connection or the server restarts. Forget them all after
+        # a reconnect, and any one that has been silent (not even a heartbeat) for two
+        # heartbeat intervals; then ask again.
         while True:
             await asyncio.sleep(1.0)
-            reconnects = self._reconnect_count()
-            silent = time.monotonic() - self._last_seen
-            if reconnects != self._reconnects or (
-                self.requested > 0 and silent > 2 * self._heartbeat
-            ):
-                log.info(
-                    "renewing pull requests (%s)",
-                    "reconnected"
-                    if reconnects != self._reconnects
-                    else f"silent for {silent:.0f} s",
-                )
+            now = time.monotonic()
+            reconnects = reconnect_count(self._nc)
+            if reconnects != self._reconnects:
+                log.info("reconnected: renewing pull requests")
                 self._reconnects = reconnects
-                self.requested = 0
-                self._last_seen = time.monotonic()
+                self._requests.clear()
+            for token, request in list(self._requests.items()):
+                if now - request.last_seen > 2 * self._heartbeat:
+                    log.info("pull request %s went silent; renewing it", token)
+                    del self._requests[token]
             self._maybe_pull()

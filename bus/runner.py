@@ -9,7 +9,9 @@ dead-letter record plus a ``failed.<stage>`` event, then a term. Long handlers g
 Handlers run concurrently, one task per invocation. Settling is pipelined: one settler
 task takes every invocation that has finished, publishes all their events, waits for all
 the PubAcks at once, then acks; under load a group costs one round trip instead of one
-per message, and a slow handler never holds up anyone else's ack.
+per message, and a slow handler never holds up anyone else's ack. A handler that runs
+past ``Spec.timeout`` is cancelled and retried: heartbeats keep long work alive, not
+hung work.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 
@@ -81,7 +84,13 @@ class FunctionRunner:
         self._settler: asyncio.Task[None] | None = None
         self._publisher = Publisher(ctx.nc)
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self._advisory_sub: Any = None
+        self._exhausted = PullConsumer(
+            ctx.nc,
+            ctx.names.advisory_stream,
+            ctx.names.exhausted_durable(self.stage),
+            capacity=1,
+            on_message=self._accept_exhausted,
+        )
         metrics = ctx.metrics
         self._m_outcome = {
             outcome: metrics.handled.labels(function=self.stage, outcome=outcome)
@@ -99,28 +108,14 @@ class FunctionRunner:
         self._heartbeat_task = asyncio.create_task(
             self._heartbeats(), name=f"heartbeats:{self.stage}"
         )
-        # Deliveries that timed out on the last attempt (worker crashed or hung) are only
-        # announced by an advisory; one listener per function turns them into dead letters.
-        self._advisory_sub = await self.ctx.nc.subscribe(
-            self._names.max_deliveries_advisory(self.stage),
-            queue=f"{self._durable}_advisories",
-            cb=self._on_max_deliveries,
-        )
-
-    def pause(self) -> None:
-        """Backpressure: stop asking for new work (in-flight work continues)."""
-        self._consumer.pause()
-
-    def resume(self) -> None:
-        self._consumer.resume()
-
-    @property
-    def in_flight(self) -> int:
-        return self._consumer.in_flight
+        # An event whose last delivery timed out (the worker crashed or hung every time) is
+        # announced only by an advisory, kept in a stream until a worker dead-letters it.
+        await self._exhausted.start()
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop fetching, finish in-flight work (acking it), then stop."""
-        self._consumer.pause()
+        await self._consumer.stop()
+        await self._exhausted.stop()
         self._flush_batch()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
@@ -137,17 +132,14 @@ class FunctionRunner:
         await self.stop()
 
     async def stop(self) -> None:
-        self._consumer.pause()
+        await self._consumer.stop()
+        await self._exhausted.stop()
         for task in (self._heartbeat_task, self._settler):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self._publisher.stop()
-        if self._advisory_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._advisory_sub.unsubscribe()
-        await self._consumer.stop()
 
     # --- intake ----------------------------------------------------------------------------
     def _accept(self, msg: Msg) -> None:
@@ -177,27 +169,29 @@ class FunctionRunner:
     async def _process(self, msgs: list[Msg]) -> None:
         works = [_Work(msg, time.monotonic()) for msg in msgs]
         runnable: list[_Work] = []
+        handed_over = False
         try:
             for work in works:
                 try:
                     work.event = self._decode(work.msg.data)
                     runnable.append(work)
                 except EnvelopeError as exc:
-                    await self._guarded(
-                        self._dead_letter(work.msg, None, f"malformed event: {exc}", "malformed")
-                    )
-                    self._consumer.release()
+                    reason = f"malformed event: {exc}"
+                    await self._guarded(self._dead_letter(work.msg, None, reason, "malformed"))
             if runnable:
                 await self._invoke(runnable)
-        except asyncio.CancelledError:
-            # Drain timeout: leave the messages un-acked; they are redelivered elsewhere.
-            for work in runnable:
-                self._active.pop(id(work.msg), None)
-            self._consumer.release(len(runnable))
-            raise
-        self._to_settle.extend(runnable)
-        self._settled.clear()
-        self._settle_wanted.set()
+                self._to_settle.extend(runnable)
+                handed_over = True
+                self._settled.clear()
+                self._settle_wanted.set()
+        finally:
+            # Everything not handed to the settler is finished here (or, when a drain
+            # timeout cancelled us, left un-acked to be redelivered elsewhere).
+            unsettled = len(works) - (len(runnable) if handed_over else 0)
+            if not handed_over:
+                for work in runnable:
+                    self._active.pop(id(work.msg), None)
+            self._consumer.release(unsettled)
 
     async def _guarded(self, step: Any) -> None:
         try:
@@ -224,16 +218,23 @@ class FunctionRunner:
             if self.spec.batch == 1:
                 work = works[0]
                 try:
-                    work.result = await self.fn.handle(work.event, self.ctx)
+                    async with asyncio.timeout(self.spec.timeout):
+                        work.result = await self.fn.handle(work.event, self.ctx)
+                except TimeoutError:
+                    work.result = Retry(f"the handler ran past its {self.spec.timeout:g} s timeout")
                 except Exception as exc:
                     work.result = exc
             else:
                 try:
-                    results = await self.fn.handle([w.event for w in works], self.ctx)
+                    async with asyncio.timeout(self.spec.timeout):
+                        results = await self.fn.handle([w.event for w in works], self.ctx)
                     if len(results) != len(works):
                         raise RuntimeError(
                             f"batch handler returned {len(results)} results for {len(works)} events"
                         )
+                except TimeoutError:
+                    late = Retry(f"the batch handler ran past its {self.spec.timeout:g} s timeout")
+                    results = [late] * len(works)
                 except Exception as exc:
                     results = [exc] * len(works)
                 for work, result in zip(works, results, strict=True):
@@ -260,15 +261,16 @@ class FunctionRunner:
     async def _settle_group(self, group: list[_Work]) -> None:
         """Publish every finished invocation's events, await all PubAcks, then ack each."""
         published: list[tuple[_Work, list[asyncio.Future[None]]]] = []
+        failed: list[tuple[_Work, BaseException]] = []
         for work in group:
             assert work.event is not None
             if isinstance(work.result, BaseException):
-                await self._guarded(self._fail(work.msg, work.event, work.result))
+                failed.append((work, work.result))
                 continue
             try:
                 futures = await self._publish(work.event, work.result or ())
             except Exception as exc:
-                await self._guarded(self._fail(work.msg, work.event, exc))
+                failed.append((work, exc))
                 continue
             published.append((work, futures))
         try:
@@ -285,7 +287,7 @@ class FunctionRunner:
             assert work.event is not None
             error = _first_error(futures)
             if error is not None:
-                await self._guarded(self._fail(work.msg, work.event, error))
+                failed.append((work, error))
                 continue
             try:
                 await work.msg.ack()
@@ -294,6 +296,10 @@ class FunctionRunner:
                 continue
             self._m_outcome["ok"].inc()
             log.debug("%s: done %s", self.stage, work.event.id)
+        # Failures last: dead-lettering takes round trips the successes need not wait for.
+        for work, error in failed:
+            assert work.event is not None
+            await self._guarded(self._fail(work.msg, work.event, error))
 
     async def _fail(self, msg: Msg, event: Event, exc: BaseException) -> None:
         if isinstance(exc, Reject):
@@ -421,29 +427,42 @@ class FunctionRunner:
         if msg is not None:
             await msg.term()
 
-    async def _on_max_deliveries(self, advisory: Msg) -> None:
+    def _accept_exhausted(self, advisory: Msg) -> None:
+        task = asyncio.create_task(self._on_exhausted(advisory))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_exhausted(self, advisory: Msg) -> None:
         try:
             info = orjson.loads(advisory.data)
             seq = int(info["stream_seq"])
-            stored = await self.ctx.js.get_msg(self._names.stream, seq)
-        except Exception as exc:
-            log.warning("%s: cannot read max-deliveries advisory: %s", self.stage, exc)
-            return
-        try:
-            event: Event | None = decode(stored.data or b"")
-        except EnvelopeError:
-            event = None
-        await self._dead_letter(
-            None,
-            event,
-            f"no attempt finished within ack_wait ({self.spec.ack_wait:.0f} s) in "
-            f"{info.get('deliveries')} deliveries: the worker crashed or hung",
-            "timeout",
-            stream_seq=seq,
-            deliveries=info.get("deliveries"),
-            subject=stored.subject,
-            payload=stored.data,
-        )
+            try:
+                stored = await self.ctx.js.get_msg(self._names.stream, seq)
+            except nats.js.errors.NotFoundError:
+                await advisory.ack()  # aged out of the stream: nothing left to record
+                return
+            try:
+                event: Event | None = decode(stored.data or b"")
+            except EnvelopeError:
+                event = None
+            await self._dead_letter(
+                None,
+                event,
+                f"no attempt finished within ack_wait ({self.spec.ack_wait:g} s) in "
+                f"{info.get('deliveries')} deliveries: the worker crashed or hung",
+                "timeout",
+                stream_seq=seq,
+                deliveries=info.get("deliveries"),
+                subject=stored.subject,
+                payload=stored.data,
+            )
+            await advisory.ack()
+        except Exception:
+            log.exception("%s: could not dead-letter an exhausted event; will retry", self.stage)
+            with contextlib.suppress(Exception):
+                await advisory.nak(delay=5.0)
+        finally:
+            self._exhausted.release()
 
     # --- heartbeats ------------------------------------------------------------------------
     async def _heartbeats(self) -> None:

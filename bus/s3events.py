@@ -17,6 +17,7 @@ from bus import subjects
 from bus.context import Context
 from bus.envelope import Event, ObjectRef, now_iso
 from bus.function import Emit, Reject, Spec
+from bus.media import safe_name
 
 SPEC = Spec(
     name="s3events",
@@ -38,17 +39,21 @@ def records_to_emits(records: Any, bucket: str) -> list[Emit]:
         raise Reject("'Records' must be a list")
     emits = []
     for record in records:
-        s3 = record.get("s3") if isinstance(record, dict) else None
-        name = str(record.get("eventName", "")) if isinstance(record, dict) else ""
+        if not isinstance(record, dict):
+            continue
+        s3, name = record.get("s3"), str(record.get("eventName", ""))
         if not isinstance(s3, dict) or not name.startswith("s3:ObjectCreated:"):
             continue
-        obj = s3.get("object") or {}
-        record_bucket = (s3.get("bucket") or {}).get("name")
+        obj, where = s3.get("object"), s3.get("bucket")
+        if not isinstance(obj, dict) or not isinstance(where, dict):
+            continue
+        record_bucket = where.get("name")
         key = unquote_plus(str(obj.get("key", "")))
         image_id = subjects.image_id_from_upload_key(key)
         if record_bucket != bucket or image_id is None:
             continue  # our own derived objects, or another bucket: not an upload
         size = obj.get("size", 0)
+        ext = key.rsplit(".", 1)[-1].lower() if "." in key.rsplit("/", 1)[-1] else "bin"
         ref = ObjectRef(
             bucket=bucket,
             key=key,
@@ -60,7 +65,7 @@ def records_to_emits(records: Any, bucket: str) -> list[Emit]:
             Emit(
                 subjects.UPLOADED,
                 ref,
-                data={"name": key.rsplit("/", 1)[-1], "source": "s3-notification"},
+                data={"name": safe_name(key.rsplit("/", 1)[-1], ext), "source": "s3-notification"},
                 image_id=image_id,
                 event_id=uploaded_event_id(image_id),
             )

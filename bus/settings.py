@@ -68,6 +68,9 @@ class S3Settings(_Section):
     region: str | None = None
     bucket: str = Field(default="darkroom", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
     io_threads: int = Field(default=16, ge=1, le=256)
+    upload_streams: int = Field(
+        default=32, ge=1, le=1024, description="uploads streamed at once per gateway"
+    )
     embedded_port: int = Field(default=8333, ge=0, le=55535)
 
     @field_validator("endpoint")

@@ -27,9 +27,9 @@ from bus.embedded import (
     write_private,
     write_run_info,
 )
-from bus.function import Function, load, registered_names
+from bus.function import Function, enabled_names, load
 from bus.gateway.app import build_app
-from bus.keys import create_key, has_key, record_for_token, store_key
+from bus.keys import create_key, key_state, record_for_token, store_key
 from bus.runner import FunctionRunner
 from bus.settings import Settings
 
@@ -82,7 +82,7 @@ def resolve_endpoints(settings: Settings) -> Settings:
 
 
 def enabled_functions(settings: Settings) -> list[Function]:
-    return [load(name) for name in registered_names() if settings.function(name).enabled]
+    return [load(name) for name in enabled_names(settings)]
 
 
 async def ensure_admin_key(ctx: Context, data_dir: Path) -> tuple[str, bool]:
@@ -91,9 +91,13 @@ async def ensure_admin_key(ctx: Context, data_dir: Path) -> tuple[str, bool]:
     if path.exists():
         token = path.read_text().strip()
         record = record_for_token(token, "admin", ("admin",))
-        if not await has_key(ctx.api_keys, record.id):
-            await store_key(ctx.api_keys, record)  # e.g. an external NATS that was reset
-        return token, False
+        state = await key_state(ctx.api_keys, record.id)
+        if state == "present":
+            return token, False
+        if state == "absent":  # e.g. an external NATS that was reset: register it again
+            await store_key(ctx.api_keys, record)
+            return token, False
+        log.warning("the admin key in %s was revoked; minting a new one", path)
     token, _ = await create_key(ctx.api_keys, "admin", ("admin",))
     write_private(path, token + "\n")
     return token, True

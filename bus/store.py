@@ -13,8 +13,7 @@ import io
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import orjson
 import urllib3
@@ -45,6 +44,10 @@ class ObjectMissingError(StoreError):
         self.key = key
 
 
+class StoreBusyError(StoreError):
+    """Every upload stream is taken; the client should try again shortly."""
+
+
 class TooLargeError(StoreError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"larger than the limit of {limit} bytes")
@@ -67,9 +70,14 @@ class ObjectStore:
         executor: ThreadPoolExecutor,
         url: str,
         http: urllib3.PoolManager | None = None,
+        upload_streams: int = 32,
     ) -> None:
         self._client = client
         self._http = http
+        # Streaming uploads run as long as their client sends: they get threads of their
+        # own, so slow clients never starve the short calls the functions make.
+        self._upload_executor = ThreadPoolExecutor(upload_streams, thread_name_prefix="s3-upload")
+        self._upload_slots = upload_streams
         self.bucket = bucket
         self._executor = executor
         self.url = url
@@ -94,9 +102,10 @@ class ObjectStore:
             http_client=http,
         )
         executor = ThreadPoolExecutor(max_workers=s3.io_threads, thread_name_prefix="s3")
-        return cls(client, s3.bucket, executor, s3.endpoint, http)
+        return cls(client, s3.bucket, executor, s3.endpoint, http, s3.upload_streams)
 
     def close(self) -> None:
+        self._upload_executor.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._http is not None:
             # Idle keep-alive connections would otherwise hold up the server's shutdown.
@@ -139,7 +148,6 @@ class ObjectStore:
         key: str,
         data: bytes,
         content_type: str = "application/octet-stream",
-        metadata: dict[str, str] | None = None,
     ) -> ObjectRef:
         result = await self._run(
             self._client.put_object,
@@ -148,7 +156,6 @@ class ObjectStore:
             io.BytesIO(data),
             len(data),
             content_type=content_type,
-            metadata=metadata,
         )
         return ObjectRef(self.bucket, key, len(data), result.etag or "", content_type)
 
@@ -163,23 +170,30 @@ class ObjectStore:
         chunks: AsyncIterator[bytes],
         content_type: str,
         max_bytes: int,
-        metadata: dict[str, str] | None = None,
     ) -> StoredStream:
         """Upload from an async iterator; raise :class:`TooLargeError` past ``max_bytes``.
 
         On any error the multipart upload is aborted, so nothing becomes visible.
         """
-        reader = _AsyncChunkReader(chunks, asyncio.get_running_loop(), max_bytes)
-        result = await self._run(
-            self._client.put_object,
-            self.bucket,
-            key,
-            reader,
-            -1,
-            content_type=content_type,
-            metadata=metadata,
-            part_size=PART_SIZE,
-        )
+        if self._upload_slots <= 0:
+            raise StoreBusyError("every upload stream is busy; try again shortly")
+        loop = asyncio.get_running_loop()
+        reader = _AsyncChunkReader(chunks, loop, max_bytes)
+        self._upload_slots -= 1
+        try:
+            result = await loop.run_in_executor(
+                self._upload_executor,
+                lambda: self._client.put_object(
+                    self.bucket,
+                    key,
+                    cast(BinaryIO, reader),  # a read()-only file object is all it uses
+                    -1,
+                    content_type=content_type,
+                    part_size=PART_SIZE,
+                ),
+            )
+        finally:
+            self._upload_slots += 1
         ref = ObjectRef(self.bucket, key, reader.size, result.etag or "", content_type)
         return StoredStream(ref, reader.sha256.hexdigest())
 
@@ -255,13 +269,6 @@ class ObjectStore:
             if exc.code in _MISSING_CODES:
                 raise ObjectMissingError(self.bucket, key) from None
             raise
-
-    # --- presigned URLs (pure signing, no network) ------------------------------------------
-    def presigned_put(self, key: str, expires: timedelta) -> str:
-        return str(self._client.presigned_put_object(self.bucket, key, expires=expires))
-
-    def presigned_get(self, key: str, expires: timedelta) -> str:
-        return str(self._client.presigned_get_object(self.bucket, key, expires=expires))
 
 
 class _AsyncChunkReader(io.RawIOBase):

@@ -95,6 +95,18 @@ async def declare_streams(
             description="darkroom dead letters: events a function rejected or gave up on",
         ),
     )
+    await _put_stream(
+        js,
+        StreamConfig(
+            name=names.advisory_stream,
+            subjects=[names.all_max_deliveries_advisories],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * DAY_S,
+            num_replicas=st.replicas,
+            description="events that used up their deliveries, until they are dead-lettered",
+        ),
+    )
 
 
 async def declare_consumer(
@@ -114,6 +126,20 @@ async def declare_consumer(
         max_waiting=512,
     )
     await js.add_consumer(names.stream, config)
+    exhausted = names.exhausted_durable(spec.name)
+    await js.add_consumer(
+        names.advisory_stream,
+        ConsumerConfig(
+            name=exhausted,
+            durable_name=exhausted,
+            description=f"darkroom function {spec.name}: events that used up their deliveries",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_deliver=50,
+            filter_subject=names.max_deliveries_advisory(spec.name),
+        ),
+    )
 
 
 async def key_value(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:

@@ -36,6 +36,10 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
+def is_safe_id(value: str) -> bool:
+    return bool(_SAFE_ID_RE.match(value))
+
+
 def check_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is safe inside a subject token and an object key."""
     if not _SAFE_ID_RE.match(value):
@@ -56,13 +60,6 @@ class Names:
     def subject(self, topic: str) -> str:
         """The JetStream subject of ``topic``, e.g. ``darkroom.uploaded``."""
         return f"{self.namespace}.{topic}"
-
-    def topic(self, subject: str) -> str:
-        """Inverse of :meth:`subject`."""
-        prefix = self.namespace + "."
-        if not subject.startswith(prefix):
-            raise ValueError(f"subject {subject!r} is outside namespace {self.namespace!r}")
-        return subject[len(prefix) :]
 
     def failed(self, stage: str) -> str:
         return self.subject(f"{FAILED}.{stage}")
@@ -103,7 +100,21 @@ class Names:
         return f"{self.namespace}_keys"
 
     def max_deliveries_advisory(self, function: str) -> str:
+        """Published by JetStream when an event used up its deliveries without an ack."""
         return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.durable(function)}"
+
+    @property
+    def all_max_deliveries_advisories(self) -> str:
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.*"
+
+    @property
+    def advisory_stream(self) -> str:
+        """Keeps those advisories until a worker of the function turns them into dead
+        letters (core NATS alone would lose them while no worker is connected)."""
+        return f"{self.stream}_ADVISORIES"
+
+    def exhausted_durable(self, function: str) -> str:
+        return f"{self.durable(function)}_exhausted"
 
 
 # --- object keys (the store is the source of truth; keys are deterministic) ---------------

@@ -230,3 +230,36 @@ async def test_the_simple_page_is_served_without_a_key(client: TestClient[Any, A
     assert deep.status == 200
     api_typo = await client.get("/api/nothing-here")
     assert api_typo.status == 404 and api_typo.content_type == "application/problem+json"
+
+
+async def test_odd_requests_get_clear_problems_not_errors(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    head = await client.head("/metrics")
+    assert head.status == 401, "HEAD must not slip past auth"
+    broken = await client.post(
+        "/api/uploads",
+        data=b"--xyz\r\nContent-Disposition: form-data; name=file; filename=a.jpg\r\n\r\n\xff\xd8",
+        headers={**auth(admin), "Content-Type": "multipart/form-data"},
+    )
+    assert broken.status == 400 and broken.content_type == "application/problem+json"
+    for path in ("/" + "a" * 300, "/%00", "/../../etc/passwd"):
+        response = await client.get(path)
+        assert response.status in (200, 404), path
+        if response.status == 200:
+            assert "darkroom" in await response.text()
+    bad_key = await client.delete("/api/keys/a%20b", headers=auth(admin))
+    assert bad_key.status == 404 and bad_key.content_type == "application/problem+json"
+    odd_limit = await client.get("/api/dead-letters?limit=%C2%B2", headers=auth(admin))
+    assert odd_limit.status == 400
+
+
+async def test_an_upload_that_cannot_be_announced_is_refused_and_not_kept(
+    ctx: Context, aiohttp_client: Any, admin: str
+) -> None:
+    client = await aiohttp_client(build_app(ctx))
+    await ctx.js.delete_stream(ctx.names.stream)  # the bus lost its stream
+    response = await client.post("/api/uploads", data=form(("a.jpg", jpeg())), headers=auth(admin))
+    assert response.status == 503
+    assert "could not be announced" in (await response.json())["detail"]
+    assert await ctx.store.list_keys("uploads/") == []

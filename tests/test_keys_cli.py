@@ -50,3 +50,24 @@ async def test_admin_commands_never_create_or_reconfigure_a_deployment(
     listed = await procs.start(["keys", "list"], subprocess_env)
     assert await listed.wait() == 2
     assert "no darkroom deployment with namespace" in listed.output
+
+
+async def test_a_revoked_admin_key_is_not_brought_back_on_restart(
+    ctx: Context, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    from bus.keys import revoke_key, split_token
+    from bus.stack import ensure_admin_key
+
+    data_dir = Path(str(tmp_path))
+    first, minted = await ensure_admin_key(ctx, data_dir)
+    assert minted
+    assert await ensure_admin_key(ctx, data_dir) == (first, False)
+    parts = split_token(first)
+    assert parts is not None
+    assert await revoke_key(ctx.api_keys, parts[0])
+    assert not await revoke_key(ctx.api_keys, parts[0]), "already revoked"
+    second, minted = await ensure_admin_key(ctx, data_dir)
+    assert minted and second != first
+    assert (data_dir / "admin.key").read_text().strip() == second

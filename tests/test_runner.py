@@ -166,7 +166,7 @@ async def test_replayed_input_gives_one_output_and_one_next_event(
     # The same input delivered twice (e.g. redelivered after its dedupe window closed).
     await publish(ctx, event, msg_id=event.id)
     await publish(ctx, event, msg_id=event.id + "-again")
-    await eventually(lambda: asyncio.sleep(0, runs == 2), what="both deliveries handled")
+    await eventually(lambda: runs == 2, what="both deliveries handled")
     out = await events(ctx, "b", at_least=1)
     assert len(out) == 1
     assert await ctx.store.list_keys("out/") == [f"out/{event.image_id}.json"]
@@ -229,3 +229,51 @@ async def test_emitting_an_undeclared_topic_is_an_error_not_a_silent_publish(
     await publish(ctx, make_event("a"))
     [record] = await dead_letters(ctx, "sloppy", at_least=1)
     assert "not in its Spec.emits" in record["reason"]
+
+
+async def test_a_handler_past_its_timeout_is_retried_then_dead_lettered(
+    ctx: Context, run_function: Any
+) -> None:
+    async def handle(event: Event, _: Context) -> list[Emit]:
+        await asyncio.sleep(3600)  # hung: heartbeats alone would keep it forever
+        return []
+
+    spec = Spec("hung", listens=("a",), timeout=0.5, max_deliver=2, backoff=(0.05,))
+    await run_function(Function(spec, handle, "test"))
+    await publish(ctx, make_event("a"))
+    [record] = await dead_letters(ctx, "hung", at_least=1, timeout=15)
+    assert record["kind"] == "exhausted" and "ran past its 0.5 s timeout" in record["reason"]
+
+
+async def test_draining_loses_nothing_that_arrives_meanwhile(
+    ctx: Context, run_function: Any
+) -> None:
+    done: list[int] = []
+
+    async def handle(event: Event, _: Context) -> list[Emit]:
+        await asyncio.sleep(0.5)
+        done.append(event.data["n"])
+        return [Emit("b", data={"n": event.data["n"]})]
+
+    fn = Function(
+        Spec("drainy", listens=("a",), emits=("b",), concurrency=2, max_deliver=3), handle, "test"
+    )
+    first = await run_function(fn)
+    for n in range(2):
+        await publish(ctx, make_event("a", n=n))
+
+    async def two_in_flight() -> bool:
+        return (await consumer(ctx, "drainy")).num_ack_pending == 2
+
+    await eventually(two_in_flight, what="two in flight")
+    draining = asyncio.create_task(first.drain(timeout=10))
+    for n in range(2, 6):  # arrive while the first runner drains
+        await publish(ctx, make_event("a", n=n))
+    await draining
+    assert sorted(done) == [0, 1]
+    await asyncio.sleep(1.5)
+    assert await dead_letters(ctx, "drainy", timeout=0.3) == []
+    await run_function(fn)
+    out = await events(ctx, "b", at_least=6, timeout=20)
+    assert sorted(e.data["n"] for e in out) == list(range(6))
+    assert await dead_letters(ctx, "drainy", timeout=0.3) == []

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from bus import subjects
 from bus.envelope import EnvelopeError, Event, ObjectRef, decode, derive_id, now_iso
 from bus.function import Spec
-from bus.intake import safe_name
-from bus.media import sniff
+from bus.media import safe_name, sniff
 from bus.nats_conn import NatsUnavailableError, check_jetstream
 from bus.readmodel import apply_event
 from bus.streams import duplicate_window
@@ -142,3 +141,27 @@ async def test_old_servers_are_refused_naming_the_version() -> None:
     ):
         await check_jetstream(FakeJetStream(None), ["nats://old:4222"])  # type: ignore[arg-type]
     await check_jetstream(FakeJetStream(1), ["nats://new:4222"])  # type: ignore[arg-type]
+
+
+async def test_notify_ignores_its_own_failures() -> None:
+    from functions.notify.handler import handle
+
+    own = Event(id="f", type="failed.notify", source="t", time=now_iso(), image_id="img", data={})
+    assert await handle(own, None) == []  # type: ignore[arg-type]  # touches nothing
+
+
+def test_records_with_odd_shapes_are_skipped_not_crashed() -> None:
+    from bus.s3events import records_to_emits
+
+    def created(bucket: Any, obj: Any) -> dict[str, Any]:
+        return {"eventName": "s3:ObjectCreated:Put", "s3": {"bucket": bucket, "object": obj}}
+
+    odd = [
+        "text",
+        created("b", {"key": "uploads/x/a.jpg"}),
+        created({"name": "b"}, "nope"),
+        created({"name": "b"}, {"key": "uploads/x/..%2F..%2Fevil.jpg"}),  # not an upload key
+        created({"name": "b"}, {"key": "uploads/ok/ev%1Bil%0Aname.JPG"}),
+    ]
+    [emit] = records_to_emits(odd, "b")
+    assert emit.image_id == "ok" and emit.data["name"] == "ev_il_name.jpg"

@@ -3,6 +3,7 @@ redelivery after a crash, and dead-lettering a message that kills every worker."
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 from pathlib import Path
@@ -125,7 +126,9 @@ async def test_a_message_that_kills_every_worker_is_dead_lettered(
     for _ in range(2):  # max_deliver
         crashed = await procs.start(args, subprocess_env)
         assert await crashed.wait(timeout=30) == 17
-    # A healthy worker is listening when the last delivery's ack_wait runs out.
+    # No worker is running when the last delivery's ack_wait runs out; the advisory waits
+    # in its stream for the next worker to start.
+    await asyncio.sleep(4)
     async with procs.running(args, subprocess_env):
         [record] = await dead_letters(ctx, "crashalways", at_least=1, timeout=20)
     assert record["kind"] == "timeout" and record["event_id"] == event.id

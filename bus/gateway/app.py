@@ -9,11 +9,12 @@ from pathlib import Path
 from aiohttp import web
 
 from bus.context import Context
+from bus.function import enabled_names
 from bus.gateway import images, keys_api, system, uploads
 from bus.gateway.openapi import build_openapi
 from bus.gateway.problems import Handler, json_response, problem_middleware, problem_response
 from bus.gateway.routes import Route
-from bus.gateway.state import CTX, INDEX, KEYS, STATIC_DIR
+from bus.gateway.state import CTX, FUNCTIONS, INDEX, KEYS, STATIC_DIR
 from bus.keys import KeyCache
 from bus.readmodel import ImageIndex
 
@@ -241,6 +242,15 @@ def default_static_dir() -> Path:
 
 def _static_file(root: Path, rel: str) -> Path | None:
     """The file to serve for ``rel`` under ``root`` (index.html for client-side routes)."""
+    if "\0" in rel or len(rel) > 1024:
+        return None
+    try:
+        return _existing_file(root, rel)
+    except OSError:  # a name too long for the filesystem, and the like
+        return None
+
+
+def _existing_file(root: Path, rel: str) -> Path | None:
     target = (root / rel).resolve()
     if not target.is_relative_to(root.resolve()):
         return None
@@ -269,11 +279,14 @@ def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
     app[STATIC_DIR] = static_dir or ctx.settings.gateway.static_dir or default_static_dir()
     scopes: dict[tuple[str, str], str | None] = {}
     for route in route_table():
-        app.router.add_route(route.method, route.path, route.handler)
-        scopes[(route.method, route.path)] = route.scope
-        if route.method == "GET":
+        if route.method == "GET":  # add_get also answers HEAD, with the same scope
+            app.router.add_get(route.path, route.handler)
             scopes[("HEAD", route.path)] = route.scope
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
+        scopes[(route.method, route.path)] = route.scope
     app[_SCOPE] = scopes
+    app[FUNCTIONS] = enabled_names(ctx.settings)
     app.router.add_get("/{path:.*}", static)
     app.cleanup_ctx.append(_read_side)
     return app

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bus.gateway.problems import Problem, json_response
+from bus.gateway.problems import Problem, int_query, json_response
 from bus.gateway.state import CTX, INDEX
 from bus.readmodel import STATUSES, cursor_of
 from bus.store import ObjectMissingError
 
 MAX_LIMIT = 500
-
-
-def _int_arg(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise Problem(
-            400, "Bad query parameter", f"{name} must be an integer, got {raw!r}"
-        ) from None
-    if not low <= value <= high:
-        raise Problem(400, "Bad query parameter", f"{name} must be {low}-{high}, got {value}")
-    return value
 
 
 async def list_images(request: web.Request) -> web.Response:
@@ -35,7 +20,7 @@ async def list_images(request: web.Request) -> web.Response:
             "Bad query parameter",
             f"status must be one of {', '.join(STATUSES)}, got {status!r}",
         )
-    limit = _int_arg(request, "limit", 50, 1, MAX_LIMIT)
+    limit = int_query(request, "limit", 50, 1, MAX_LIMIT)
     items = request.app[INDEX].query(
         status=status,
         tag=request.query.get("tag") or None,

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.state import CTX
-from bus.keys import KeyError_, create_key, list_keys, parse_scopes, revoke_key
+from bus.keys import KEY_ID_RE, KeyError_, create_key, list_keys, parse_scopes, revoke_key
 
 
 async def list_api_keys(request: web.Request) -> web.Response:
@@ -41,6 +41,6 @@ async def create_api_key(request: web.Request) -> web.Response:
 
 async def revoke_api_key(request: web.Request) -> web.Response:
     key_id = request.match_info["key_id"]
-    if not await revoke_key(request.app[CTX].api_keys, key_id):
+    if not KEY_ID_RE.match(key_id) or not await revoke_key(request.app[CTX].api_keys, key_id):
         raise Problem(404, "Not Found", f"no API key with id {key_id!r}")
     return web.Response(status=204)

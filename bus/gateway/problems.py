@@ -20,13 +20,7 @@ class Problem(web.HTTPException):
     def __init__(self, status: int, title: str, detail: str = "", **extra: Any) -> None:
         self.status_code = status
         super().__init__()
-        self.body_doc: dict[str, Any] = {
-            "type": "about:blank",
-            "title": title,
-            "status": status,
-            **({"detail": detail} if detail else {}),
-            **extra,
-        }
+        self.title, self.detail, self.extra = title, detail, extra
 
 
 def problem_response(status: int, title: str, detail: str = "", **extra: Any) -> web.Response:
@@ -46,7 +40,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except Problem as exc:
-        return problem_response(**_args(exc.body_doc))
+        return problem_response(exc.status, exc.title, exc.detail, **exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -63,11 +57,16 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(500, "Internal Server Error", "the gateway failed; see its log")
 
 
-def _args(doc: dict[str, Any]) -> dict[str, Any]:
-    extra = {k: v for k, v in doc.items() if k not in ("type", "title", "status", "detail")}
-    return {
-        "status": doc["status"],
-        "title": doc["title"],
-        "detail": doc.get("detail", ""),
-        **extra,
-    }
+def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Problem(
+            400, "Bad query parameter", f"{name} must be an integer, got {raw!r}"
+        ) from None
+    if not low <= value <= high:
+        raise Problem(400, "Bad query parameter", f"{name} must be {low}-{high}, got {value}")
+    return value

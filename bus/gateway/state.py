@@ -14,3 +14,4 @@ CTX = web.AppKey("ctx", Context)
 INDEX = web.AppKey("index", ImageIndex)
 KEYS = web.AppKey("keys", KeyCache)
 STATIC_DIR = web.AppKey("static_dir", Path)
+FUNCTIONS = web.AppKey("functions", list)  # names of the enabled functions

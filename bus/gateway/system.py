@@ -11,10 +11,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bus.context import Context
-from bus.function import registered_names
-from bus.gateway.problems import Problem, json_response, problem_response
-from bus.gateway.state import CTX
-from bus.settings import Settings
+from bus.gateway.problems import int_query, json_response, problem_response
+from bus.gateway.state import CTX, FUNCTIONS
 
 MAX_DEAD_LETTERS = 200
 
@@ -37,13 +35,9 @@ async def readyz(request: web.Request) -> web.Response:
     return problem_response(503, "Not ready", "a dependency is unavailable", checks=checks)
 
 
-def _function_names(settings: Settings) -> list[str]:
-    return [n for n in registered_names() if settings.function(n).enabled]
-
-
-async def consumer_stats(ctx: Context) -> list[dict[str, Any]]:
+async def consumer_stats(ctx: Context, functions: list[str]) -> list[dict[str, Any]]:
     out = []
-    for name in _function_names(ctx.settings):
+    for name in functions:
         try:
             info = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable(name))
         except nats.js.errors.NotFoundError:
@@ -67,7 +61,7 @@ async def consumer_stats(ctx: Context) -> list[dict[str, Any]]:
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    await consumer_stats(ctx)
+    await consumer_stats(ctx, request.app[FUNCTIONS])
     return web.Response(
         body=generate_latest(ctx.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
@@ -81,7 +75,7 @@ async def status(request: web.Request) -> web.Response:
         {
             "namespace": ctx.names.namespace,
             "profile": ctx.settings.profile,
-            "functions": await consumer_stats(ctx),
+            "functions": await consumer_stats(ctx, request.app[FUNCTIONS]),
             "stream": {
                 "name": stream.config.name,
                 "messages": stream.state.messages,
@@ -96,12 +90,7 @@ async def status(request: web.Request) -> web.Response:
 async def dead_letters(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     stage = request.query.get("stage")
-    raw_limit = request.query.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_DEAD_LETTERS:
-        raise Problem(
-            400, "Bad query parameter", f"limit must be 1-{MAX_DEAD_LETTERS}, got {raw_limit!r}"
-        )
-    limit = int(raw_limit)
+    limit = int_query(request, "limit", 50, 1, MAX_DEAD_LETTERS)
     info = await ctx.js.stream_info(ctx.names.dlq_stream)
     items: list[dict[str, Any]] = []
     seq = info.state.last_seq
@@ -112,7 +101,13 @@ async def dead_letters(request: web.Request) -> web.Response:
             seq -= 1
             continue
         seq -= 1
-        record = orjson.loads(msg.data or b"{}")
+        try:
+            record = orjson.loads(msg.data or b"{}")
+        except orjson.JSONDecodeError:
+            record = {
+                "stage": (msg.subject or "").rsplit(".", 1)[-1],
+                "reason": "unreadable record",
+            }
         if stage and record.get("stage") != stage:
             continue
         record["dlq_seq"] = msg.seq

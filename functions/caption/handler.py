@@ -20,8 +20,8 @@ SPEC = Spec(
 
 
 async def handle(event: Event, ctx: Context) -> list[Emit]:
-    if not event.image_id:
-        raise Reject("an ingested event needs 'image_id'")
+    if not event.image_id or not subjects.is_safe_id(event.image_id):
+        raise Reject("an ingested event needs a valid 'image_id'")
     doc_key = subjects.image_key(event.image_id, subjects.CAPTION_DOC)
     stored = await ctx.store.stat(doc_key)
     if stored is not None:

@@ -24,6 +24,8 @@ THUMB_NAME = f"thumb-{THUMB_PX}.webp"
 async def handle(event: Event, ctx: Context) -> list[Emit]:
     if event.object is None or not event.image_id:
         raise Reject("an uploaded event needs 'object' and 'image_id'")
+    if not subjects.is_safe_id(event.image_id):
+        raise Reject(f"image_id {event.image_id[:80]!r} is not a valid id")
     doc_key = subjects.image_key(event.image_id, subjects.INGEST_DOC)
     stored = await ctx.store.stat(doc_key)
     if stored is not None:  # a replay: the work is done, only announce it again

@@ -11,6 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "GIF"}
 THUMB_PX = 256
 MAX_PIXELS = 150_000_000
+ORIENTATION_TAG = 0x0112
 
 
 class BadImageError(ValueError):
@@ -41,10 +42,14 @@ def probe(data: bytes) -> Probed:
                     f"over the limit of {MAX_PIXELS:,}"
                 )
             mode = img.mode
+            # Shrink first (JPEG decodes at reduced scale), then turn upright: rotating the
+            # full-size image would copy all of it once more.
             img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
-            upright = ImageOps.exif_transpose(img)
-            thumb = upright.convert("RGBA" if "A" in upright.getbands() else "RGB")
-            thumb.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+            orientation = img.getexif().get(ORIENTATION_TAG, 1)
+            small = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+            small.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+            small.getexif()[ORIENTATION_TAG] = orientation
+            thumb = ImageOps.exif_transpose(small)
             out = io.BytesIO()
             thumb.save(out, "WEBP", quality=80, method=4)
     except BadImageError:

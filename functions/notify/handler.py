@@ -24,6 +24,8 @@ SPEC = Spec(
 
 
 async def handle(event: Event, ctx: Context) -> list[Emit]:
+    if event.type == f"{subjects.FAILED}.{SPEC.name}":
+        return []  # projecting our own failure would fail the same way, and loop
     if not event.image_id:
         if event.type.startswith(subjects.FAILED + "."):
             return []  # a failure about no image (e.g. an unreadable event): nothing to show
