@@ -40,6 +40,7 @@ class Context:
     store: ObjectStore
     images: KeyValue  # read model: one document per image
     api_keys: KeyValue
+    digests: KeyValue  # sha256 of an original → its image id (duplicate uploads)
     cpu: ThreadPoolExecutor
     metrics: Metrics
     log: logging.Logger
@@ -86,6 +87,7 @@ async def open_context(
             store=store,
             images=await js.key_value(names.images_kv),
             api_keys=await js.key_value(names.keys_kv),
+            digests=await js.key_value(names.digests_kv),
             cpu=cpu,
             metrics=metrics or Metrics(),
             log=logging.getLogger(f"darkroom.{client_name}"),

@@ -1,31 +1,54 @@
-"""Accepting an upload, whatever the entry point: sniff, stream to the store, announce.
+"""Accepting an upload, whatever the entry point: check, dedupe, store, announce.
 
-The object is complete in the store before its ``uploaded`` event is published, and the
-upload counts as accepted only after the event's PubAck: a crash before that leaves the
-client with an error to retry, never an accepted upload that nothing will process.
+Every entry point (multipart, presigned PUT + complete, webhook, CLI) ends here:
+
+1. the first bytes are sniffed, so a wrong type is refused before the body is read;
+2. the body is spooled locally and hashed (memory stays flat), then checked completely
+   (header limits, then a reduced decode that catches truncation and corruption);
+3. the SHA-256 is claimed in the digests KV bucket: identical bytes get the image id they
+   were first accepted as, and are not stored twice;
+4. the original is stored under ``uploads/<id>/<safe-name>``, and only then is the
+   ``uploaded`` event published. The upload is accepted once the event's PubAck is back.
+
+A rejected upload stores nothing. A failure after the claim takes the claim and the object
+back, so the client can simply retry.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import nats.js.errors
+import orjson
 import urllib3
 
 from bus import subjects
 from bus.context import Context
-from bus.envelope import Event, new_id, now_iso
-from bus.media import accepted_names, safe_name, sniff
+from bus.envelope import Event, ObjectRef, new_id, now_iso
+from bus.imagecheck import (
+    SNIFF_BYTES,
+    Checked,
+    Limits,
+    UploadRejectedError,
+    check_file,
+    check_head,
+)
+from bus.media import safe_name
 from bus.s3events import uploaded_event_id
-from bus.store import StoreBusyError, StoreError, TooLargeError
+from bus.spool import Spool, hash_file, new_spool_file, receive
+from bus.store import ObjectMissingError, StoreBusyError, StoreError, TooLargeError
 
+# A claim still "pending" this long after it was made belongs to an upload that crashed
+# between claiming and announcing; a later upload of the same bytes may take it over.
+PENDING_CLAIM_S = 600.0
+ORIGINAL_NAME_CHARS = 500
+T = TypeVar("T")
 
-class UploadRejectedError(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+__all__ = ["Accepted", "UploadRejectedError", "accept_upload", "complete_presigned"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,63 +58,144 @@ class Accepted:
     size: int
     content_type: str
     sha256: str
+    duplicate: bool = False
 
 
 async def accept_upload(
     ctx: Context,
     chunks: AsyncIterator[bytes],
     filename: str | None,
-    max_bytes: int,
     source: str,
+    extra: dict[str, Any] | None = None,
 ) -> Accepted:
-    """Store one upload and publish its ``uploaded`` event; raise UploadRejectedError."""
+    """Check, store and announce one upload; raise :class:`UploadRejectedError`.
+
+    ``extra`` is merged into the ``uploaded`` event's data (a webhook's origin, say).
+    """
+    limits = Limits.from_settings(ctx.settings.ingest)
     head = b""
     async for chunk in chunks:
         head += chunk
-        if len(head) >= 32:
+        if len(head) >= SNIFF_BYTES:
             break
-    if not head:
-        raise UploadRejectedError(422, "the file is empty")
-    kind = sniff(head)
-    if kind is None:
-        raise UploadRejectedError(
-            415,
-            f"not a supported image (content sniffed from its bytes); accepted: {accepted_names()}",
-        )
-    image_id = new_id()
-    name = safe_name(filename, kind.extension)
-    key = subjects.upload_key(image_id, name)
-
-    async def everything() -> AsyncIterator[bytes]:
-        yield head
-        async for rest in chunks:
-            yield rest
-
+    kind = check_head(head)
     try:
-        stored = await ctx.store.put_stream(key, everything(), kind.mime, max_bytes)
+        spool = await receive(ctx.store, head, chunks, limits.max_bytes)
     except TooLargeError:
         raise UploadRejectedError(
-            413, f"the file is larger than the limit of {max_bytes:,} bytes"
+            413, f"the file is larger than the limit of {limits.max_bytes:,} bytes"
         ) from None
+    except StoreBusyError as exc:
+        raise UploadRejectedError(503, str(exc)) from None
+    try:
+        checked = await ctx.run_cpu(check_file, spool.file, limits)
+        image_id = new_id()
+        name = safe_name(filename, kind.extension)
+        key = subjects.upload_key(image_id, name)
+        existing = await _claim(ctx, spool.sha256, image_id, key)
+        if existing is not None:
+            return Accepted(existing, name, spool.size, kind.mime, spool.sha256, duplicate=True)
+        try:
+            ref = await _store(ctx, key, spool, kind.mime)
+            await _announce(ctx, image_id, ref, checked, spool.sha256, filename, source, extra)
+        except UploadRejectedError:
+            await _release(ctx, spool.sha256, key)
+            raise
+        return Accepted(image_id, name, spool.size, kind.mime, spool.sha256)
+    finally:
+        spool.close()
+
+
+async def complete_presigned(ctx: Context, image_id: str, source: str = "presigned") -> Accepted:
+    """Check an original a client PUT straight to the store, then announce it.
+
+    Idempotent: completing twice answers the same id. A rejected object is deleted.
+    """
+    limits = Limits.from_settings(ctx.settings.ingest)
+    keys = await _store_call(ctx.store.list_keys(f"uploads/{image_id}/"))
+    if not keys:
+        raise UploadRejectedError(
+            409, f"nothing was uploaded for {image_id} yet: PUT the file to the presigned URL first"
+        )
+    key = keys[0]
+    spool = Spool(new_spool_file(), 0, "")
+    try:
+        try:
+            spool.size = await ctx.store.download_to(key, spool.file, limits.max_bytes)
+        except TooLargeError:
+            await ctx.store.delete(key)
+            raise UploadRejectedError(
+                413, f"the file is larger than the limit of {limits.max_bytes:,} bytes"
+            ) from None
+        except ObjectMissingError:
+            raise UploadRejectedError(409, f"the upload for {image_id} vanished") from None
+        try:
+            checked = await ctx.run_cpu(check_file, spool.file, limits)
+        except UploadRejectedError:
+            await ctx.store.delete(key)
+            raise
+        spool.sha256 = await ctx.run_cpu(hash_file, spool.file)
+        name = key.rsplit("/", 1)[-1]
+        existing = await _claim(ctx, spool.sha256, image_id, key)
+        if existing is not None and existing != image_id:
+            await ctx.store.delete(key)
+            return Accepted(
+                existing, name, spool.size, checked.kind.mime, spool.sha256, duplicate=True
+            )
+        ref = ObjectRef(ctx.store.bucket, key, spool.size, "", checked.kind.mime)
+        try:
+            await _announce(ctx, image_id, ref, checked, spool.sha256, name, source, None)
+        except UploadRejectedError:
+            await _release(ctx, spool.sha256, key)
+            raise
+        return Accepted(image_id, name, spool.size, checked.kind.mime, spool.sha256)
+    finally:
+        spool.close()
+
+
+async def _store(ctx: Context, key: str, spool: Spool, mime: str) -> ObjectRef:
+    return await _store_call(ctx.store.put_file(key, spool.file, spool.size, mime))
+
+
+async def _store_call(call: Awaitable[T]) -> T:
+    try:
+        return await call
     except StoreBusyError as exc:
         raise UploadRejectedError(503, str(exc)) from None
     except (StoreError, OSError, urllib3.exceptions.HTTPError) as exc:
         raise UploadRejectedError(
             503, f"the store is unavailable ({type(exc).__name__}); try again"
         ) from None
+
+
+async def _announce(
+    ctx: Context,
+    image_id: str,
+    ref: ObjectRef,
+    checked: Checked,
+    sha256: str,
+    filename: str | None,
+    source: str,
+    extra: dict[str, Any] | None,
+) -> None:
     event = Event(
         id=uploaded_event_id(image_id),
         type=subjects.UPLOADED,
         source=f"darkroom/{source}",
         time=now_iso(),
         subject=image_id,
-        object=stored.ref,
+        object=ref,
         image_id=image_id,
         data={
-            "name": name,
-            "original_name": (filename or "")[:500],
-            "sha256": stored.sha256,
+            **(extra or {}),
+            "name": ref.key.rsplit("/", 1)[-1],
+            "original_name": (filename or "")[:ORIGINAL_NAME_CHARS],
+            "sha256": sha256,
             "source": source,
+            "format": checked.kind.name,
+            "width": checked.width,
+            "height": checked.height,
+            "frames": checked.frames,
         },
     )
     try:
@@ -101,8 +205,53 @@ async def accept_upload(
     except Exception as exc:
         # Not accepted: take the object back so nothing is stored for a failed upload.
         with contextlib.suppress(Exception):
-            await ctx.store.delete(key)
+            await ctx.store.delete(ref.key)
         raise UploadRejectedError(
             503, f"the upload could not be announced ({type(exc).__name__}); try again"
         ) from None
-    return Accepted(image_id, name, stored.ref.size, kind.mime, stored.sha256)
+    with contextlib.suppress(Exception):  # the claim then reads "published"; harmless if not
+        await ctx.digests.put(sha256, _claim_value(image_id, ref.key, "published"))
+
+
+def _claim_value(image_id: str, key: str, state: str) -> bytes:
+    return orjson.dumps({"image_id": image_id, "key": key, "state": state, "at": time.time()})
+
+
+async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> str | None:
+    """Claim ``sha256`` for ``image_id``; return the id that already holds it, if any."""
+    mine = _claim_value(image_id, key, "pending")
+    try:
+        for _ in range(5):
+            try:
+                await ctx.digests.create(sha256, mine)
+                return None
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await ctx.digests.get(sha256)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # released meanwhile: try to create it again
+            held = orjson.loads(entry.value or b"{}")
+            if held.get("image_id") == image_id:
+                return image_id
+            fresh = time.time() - float(held.get("at", 0)) < PENDING_CLAIM_S
+            if held.get("state") == "published" or fresh:
+                return str(held["image_id"])
+            try:  # a pending claim from an upload that died: take it over
+                await ctx.digests.update(sha256, mine, last=entry.revision)
+                return None
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+    except (nats.errors.Error, OSError) as exc:
+        raise UploadRejectedError(
+            503, f"the duplicate check is unavailable ({type(exc).__name__}); try again"
+        ) from None
+    raise UploadRejectedError(503, "the duplicate check kept conflicting; try again")
+
+
+async def _release(ctx: Context, sha256: str, key: str) -> None:
+    """Drop our claim on ``sha256`` (only if it is still ours) after a failed upload."""
+    with contextlib.suppress(Exception):
+        entry = await ctx.digests.get(sha256)
+        if orjson.loads(entry.value or b"{}").get("key") == key:
+            await ctx.digests.delete(sha256, last=entry.revision)

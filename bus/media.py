@@ -27,7 +27,8 @@ WEBP = MediaType("WebP", "image/webp", "webp")
 TIFF = MediaType("TIFF", "image/tiff", "tiff")
 HEIC = MediaType("HEIC", "image/heic", "heic")
 AVIF = MediaType("AVIF", "image/avif", "avif")
-ACCEPTED = (JPEG, PNG, GIF, WEBP, TIFF)
+ACCEPTED = (JPEG, PNG, GIF, WEBP, TIFF, HEIC, AVIF)
+BY_MIME = {t.mime: t for t in ACCEPTED}
 
 
 def sniff(head: bytes) -> MediaType | None:

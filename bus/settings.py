@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bus.subjects import check_namespace
@@ -72,8 +80,13 @@ class S3Settings(_Section):
         default=32, ge=1, le=1024, description="uploads streamed at once per gateway"
     )
     embedded_port: int = Field(default=8333, ge=0, le=55535)
+    public_url: str | None = Field(
+        default=None,
+        description="http(s)://host:port browsers reach S3 at, for presigned uploads; "
+        "unset = endpoint",
+    )
 
-    @field_validator("endpoint")
+    @field_validator("endpoint", "public_url")
     @classmethod
     def _check_endpoint(cls, value: str | None) -> str | None:
         if value is None or value == "":
@@ -103,10 +116,48 @@ class StreamSettings(_Section):
 class GatewaySettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    max_upload_mb: int = Field(default=200, ge=1, le=100_000)
     static_dir: Path | None = Field(
         default=None, description="built frontend; unset = frontend/build or the bundled page"
     )
+
+
+class FetchSettings(_Section):
+    """Fetching an image by URL for ``POST /api/hooks/ingest`` (off unless enabled)."""
+
+    enabled: bool = False
+    allow_hosts: tuple[str, ...] = Field(
+        default=(), description="host names that may be fetched; '*.example.com' covers subdomains"
+    )
+    allow_networks: tuple[IPvAnyNetwork, ...] = Field(
+        default=(),
+        description="private networks (CIDR) that may be reached anyway, e.g. a NAS on the LAN",
+    )
+    timeout_s: float = Field(default=20.0, gt=0, le=600)
+
+
+class IngestSettings(_Section):
+    """Limits every upload is checked against, and what ingest derives from it."""
+
+    max_upload_mb: int = Field(default=200, ge=1, le=100_000)
+    max_pixels: int = Field(
+        default=150_000_000, ge=1, description="decoded pixels, from the header"
+    )
+    max_frames: int = Field(default=1000, ge=1, description="frames of an animation")
+    display_px: int = Field(default=2048, ge=64, le=16383, description="long edge of display.webp")
+    thumb_px: tuple[int, ...] = Field(default=(1024, 256), min_length=1)
+    webp_quality: int = Field(default=80, ge=1, le=100)
+    fetch: FetchSettings = FetchSettings()
+
+    @field_validator("thumb_px")
+    @classmethod
+    def _check_thumbs(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 16 <= px <= 4096 for px in value):
+            raise ValueError("thumbnail sizes must be between 16 and 4096 pixels")
+        return tuple(sorted(set(value), reverse=True))
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
 
 
 class FunctionSettings(_Section):
@@ -146,6 +197,7 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     stream: StreamSettings = StreamSettings()
     gateway: GatewaySettings = GatewaySettings()
+    ingest: IngestSettings = IngestSettings()
     functions: dict[str, FunctionSettings] = Field(default_factory=dict)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
 

@@ -1,19 +1,19 @@
 """The object store: one S3 code path (the ``minio`` SDK) for MinIO, SeaweedFS, AWS, Ceph.
 
-The SDK blocks, so every call runs in a thread pool sized for I/O. Streaming puts pull
-chunks from an async iterator one at a time, so memory stays flat whatever the size.
+The SDK blocks, so every call runs in a thread pool sized for I/O; long transfers get
+threads of their own. Big objects move in parts, so memory stays flat whatever the size.
 S3 makes an object visible only once it is complete: no half-written result is ever seen.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar, cast
+from datetime import timedelta
+from typing import IO, Any, BinaryIO, TypeVar, cast
+from urllib.parse import urlsplit
 
 import orjson
 import urllib3
@@ -54,12 +54,6 @@ class TooLargeError(StoreError):
         self.limit = limit
 
 
-@dataclass(frozen=True, slots=True)
-class StoredStream:
-    ref: ObjectRef
-    sha256: str
-
-
 class ObjectStore:
     """Async facade over one bucket."""
 
@@ -71,8 +65,11 @@ class ObjectStore:
         url: str,
         http: urllib3.PoolManager | None = None,
         upload_streams: int = 32,
+        presigner: Minio | None = None,
     ) -> None:
         self._client = client
+        # Presigned URLs are signed for the host browsers use, which may differ from ours.
+        self._presigner = presigner or client
         self._http = http
         # Streaming uploads run as long as their client sends: they get threads of their
         # own, so slow clients never starve the short calls the functions make.
@@ -101,8 +98,18 @@ class ObjectStore:
             region=s3.region or "us-east-1",
             http_client=http,
         )
+        presigner = None
+        if s3.public_url and s3.public_url != s3.endpoint:
+            public = urlsplit(s3.public_url)
+            presigner = Minio(
+                public.netloc,
+                access_key=s3.access_key,
+                secret_key=s3.secret_key.get_secret_value(),
+                secure=public.scheme == "https",
+                region=s3.region or "us-east-1",
+            )
         executor = ThreadPoolExecutor(max_workers=s3.io_threads, thread_name_prefix="s3")
-        return cls(client, s3.bucket, executor, s3.endpoint, http, s3.upload_streams)
+        return cls(client, s3.bucket, executor, s3.endpoint, http, s3.upload_streams, presigner)
 
     def close(self) -> None:
         self._upload_executor.shutdown(wait=False, cancel_futures=True)
@@ -164,38 +171,59 @@ class ObjectStore:
             key, orjson.dumps(doc, option=orjson.OPT_INDENT_2), "application/json"
         )
 
-    async def put_stream(
-        self,
-        key: str,
-        chunks: AsyncIterator[bytes],
-        content_type: str,
-        max_bytes: int,
-    ) -> StoredStream:
-        """Upload from an async iterator; raise :class:`TooLargeError` past ``max_bytes``.
+    async def run_transfer(self, fn: Callable[[], T]) -> T:
+        """Run a long blocking transfer (a client's upload body, a big put) on its own thread.
 
-        On any error the multipart upload is aborted, so nothing becomes visible.
+        Raise :class:`StoreBusyError` when every transfer thread is taken, so a crowd of
+        slow clients is told to come back instead of queueing without bound.
         """
         if self._upload_slots <= 0:
             raise StoreBusyError("every upload stream is busy; try again shortly")
-        loop = asyncio.get_running_loop()
-        reader = _AsyncChunkReader(chunks, loop, max_bytes)
         self._upload_slots -= 1
         try:
-            result = await loop.run_in_executor(
-                self._upload_executor,
-                lambda: self._client.put_object(
-                    self.bucket,
-                    key,
-                    cast(BinaryIO, reader),  # a read()-only file object is all it uses
-                    -1,
-                    content_type=content_type,
-                    part_size=PART_SIZE,
-                ),
-            )
+            return await asyncio.get_running_loop().run_in_executor(self._upload_executor, fn)
         finally:
             self._upload_slots += 1
-        ref = ObjectRef(self.bucket, key, reader.size, result.etag or "", content_type)
-        return StoredStream(ref, reader.sha256.hexdigest())
+
+    async def put_file(self, key: str, fp: IO[bytes], size: int, content_type: str) -> ObjectRef:
+        """Upload ``size`` bytes of ``fp`` from its start (multipart past PART_SIZE)."""
+
+        def put() -> Any:
+            fp.seek(0)
+            return self._client.put_object(
+                self.bucket,
+                key,
+                cast(BinaryIO, fp),
+                size,
+                content_type=content_type,
+                part_size=PART_SIZE,
+            )
+
+        result = await self.run_transfer(put)
+        return ObjectRef(self.bucket, key, size, result.etag or "", content_type)
+
+    async def download_to(self, key: str, fp: IO[bytes], max_bytes: int) -> int:
+        """Copy an object into ``fp``; raise :class:`TooLargeError` past ``max_bytes``."""
+
+        def download() -> int:
+            response = self._open(key)
+            size = 0
+            try:
+                for chunk in response.stream(READ_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TooLargeError(max_bytes)
+                    fp.write(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+            return size
+
+        return await self.run_transfer(download)
+
+    def presigned_put(self, key: str, expires: timedelta) -> str:
+        """A URL that lets its holder PUT ``key`` once, until it expires (no I/O: signing)."""
+        return self._presigner.presigned_put_object(self.bucket, key, expires=expires)
 
     async def delete(self, key: str) -> None:
         await self._run(self._client.remove_object, self.bucket, key)
@@ -269,51 +297,6 @@ class ObjectStore:
             if exc.code in _MISSING_CODES:
                 raise ObjectMissingError(self.bucket, key) from None
             raise
-
-
-class _AsyncChunkReader(io.RawIOBase):
-    """A blocking file object (for the SDK's thread) fed by an async iterator on the loop."""
-
-    def __init__(
-        self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop, max_bytes: int
-    ) -> None:
-        self._chunks = chunks
-        self._loop = loop
-        self._max = max_bytes
-        self._buffer = bytearray()
-        self._done = False
-        self.size = 0
-        self.sha256 = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def _next_chunk(self) -> bytes:
-        future = asyncio.run_coroutine_threadsafe(_anext_or_empty(self._chunks), self._loop)
-        return future.result()
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._done and (size < 0 or len(self._buffer) < size):
-            chunk = self._next_chunk()
-            if not chunk:
-                self._done = True
-                break
-            self.size += len(chunk)
-            if self.size > self._max:
-                raise TooLargeError(self._max)
-            self.sha256.update(chunk)
-            self._buffer += chunk
-        take = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        out = bytes(self._buffer[:take])
-        del self._buffer[:take]
-        return out
-
-
-async def _anext_or_empty(chunks: AsyncIterator[bytes]) -> bytes:
-    try:
-        return await anext(chunks)
-    except StopAsyncIteration:
-        return b""
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -182,4 +182,5 @@ async def declare(js: JetStreamContext, settings: Settings, specs: list[Spec]) -
         await declare_consumer(js, names, spec, settings.function(spec.name))
     await key_value(js, names.images_kv, settings.stream.replicas)
     await key_value(js, names.keys_kv, settings.stream.replicas)
+    await key_value(js, names.digests_kv, settings.stream.replicas)
     return names

@@ -99,6 +99,11 @@ class Names:
     def keys_kv(self) -> str:
         return f"{self.namespace}_keys"
 
+    @property
+    def digests_kv(self) -> str:
+        """SHA-256 of an original's bytes → the image id they were first accepted as."""
+        return f"{self.namespace}_digests"
+
     def max_deliveries_advisory(self, function: str) -> str:
         """Published by JetStream when an event used up its deliveries without an ack."""
         return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.durable(function)}"

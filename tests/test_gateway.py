@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from bus.context import Context
+from bus.envelope import Event, new_id, now_iso
 from bus.function import load
 from bus.gateway.app import build_app, route_table
 from bus.keys import create_key
@@ -143,7 +144,7 @@ async def test_all_rejected_is_a_problem_and_oversize_is_refused_while_streaming
         "/api/uploads", data=form(("a.gif", b"GIF8 nope")), headers=auth(admin)
     )
     assert response.status == 415 and response.content_type == "application/problem+json"
-    limit = ctx.settings.gateway.max_upload_mb * 1024 * 1024
+    limit = ctx.settings.ingest.max_bytes
     big = b"\xff\xd8\xff\xe0" + b"\0" * (limit + 1)
     response = await client.post("/api/uploads", data=form(("big.jpg", big)), headers=auth(admin))
     assert response.status == 413
@@ -153,21 +154,45 @@ async def test_all_rejected_is_a_problem_and_oversize_is_refused_while_streaming
     assert no_files.status == 415
 
 
-async def test_a_corrupt_image_fails_visibly_with_its_reason(
-    client: TestClient[Any, Any], admin: str
+async def test_a_corrupt_image_is_refused_and_nothing_is_stored(
+    client: TestClient[Any, Any], admin: str, ctx: Context
 ) -> None:
-    truncated = jpeg(800, 600)[:300]
+    truncated = jpeg(800, 600)[:-300]
     response = await client.post(
         "/api/uploads", data=form(("broken.jpg", truncated)), headers=auth(admin)
     )
+    assert response.status == 422 and response.content_type == "application/problem+json"
     [result] = (await response.json())["results"]
-    doc = await wait_status(client, admin, result["id"], "failed")
+    assert "corrupt or truncated JPEG" in result["error"]
+    assert await ctx.store.list_keys("uploads/") == []
+
+
+async def test_a_corrupt_original_that_bypassed_the_gateway_fails_visibly(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    """A bucket wired straight to NATS skips the gateway's checks: ingest still refuses."""
+    image_id = new_id()
+    ref = await ctx.store.put_bytes(
+        f"uploads/{image_id}/broken.jpg", jpeg(800, 600)[:-300], "image/jpeg"
+    )
+    event = Event(
+        id=f"uploaded-{image_id}",
+        type="darkroom.uploaded",
+        source="darkroom/test",
+        time=now_iso(),
+        subject=image_id,
+        object=ref,
+        image_id=image_id,
+        data={"name": "broken.jpg"},
+    )
+    await ctx.js.publish(ctx.names.subject("uploaded"), event.encode())
+    doc = await wait_status(client, admin, image_id, "failed")
     assert doc["failure"]["stage"] == "ingest" and doc["failure"]["kind"] == "rejected"
     assert "corrupt or truncated" in doc["failure"]["reason"]
     dead = await (await client.get("/api/dead-letters?stage=ingest", headers=auth(admin))).json()
-    assert [d["image_id"] for d in dead["items"]] == [result["id"]]
+    assert [d["image_id"] for d in dead["items"]] == [image_id]
     failed = await (await client.get("/api/images?status=failed", headers=auth(admin))).json()
-    assert [d["id"] for d in failed["items"]] == [result["id"]]
+    assert [d["id"] for d in failed["items"]] == [image_id]
 
 
 async def test_listing_filters_and_pages(client: TestClient[Any, Any], admin: str) -> None:

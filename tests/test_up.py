@@ -20,7 +20,9 @@ pytestmark = [pytest.mark.slow]
 
 def up_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DARKROOM_")}
-    return {**env, "HOME": str(tmp_path)}
+    # Free ports, never the defaults: a darkroom the developer runs must not collide.
+    ports = {"DARKROOM_NATS__EMBEDDED_PORT": "0", "DARKROOM_S3__EMBEDDED_PORT": "0"}
+    return {**env, **ports, "HOME": str(tmp_path)}
 
 
 async def start_up(data_dir: Path, env: dict[str, str]) -> tuple[procs.Proc, str]:

@@ -13,7 +13,7 @@ from bus.function import enabled_names
 from bus.gateway import images, keys_api, system, uploads
 from bus.gateway.openapi import build_openapi
 from bus.gateway.problems import Handler, json_response, problem_middleware, problem_response
-from bus.gateway.routes import Route
+from bus.gateway.routes import Route, json_body
 from bus.gateway.state import CTX, FUNCTIONS, INDEX, KEYS, STATIC_DIR
 from bus.keys import KeyCache
 from bus.readmodel import ImageIndex
@@ -80,11 +80,49 @@ def route_table() -> list[Route]:
                 },
             },
             responses={
+                "200": "every file was a duplicate of an earlier upload (see results)",
                 "201": "all files accepted",
                 "207": "some files accepted (see results)",
                 "413": "a file is over the size limit",
                 "415": "not a supported image",
                 "422": "no file accepted",
+            },
+        ),
+        Route(
+            "POST",
+            "/api/uploads/presign",
+            uploads.presign,
+            "upload",
+            "A presigned URL to PUT one big image straight to the store",
+            "images",
+            body=json_body(
+                ["content_type", "size"],
+                {
+                    "filename": {"type": "string"},
+                    "content_type": {"type": "string", "example": "image/jpeg"},
+                    "size": {"type": "integer", "description": "bytes"},
+                },
+            ),
+            responses={
+                "201": "PUT the file to 'url' with 'headers', then POST 'complete_url'",
+                "413": "over the size limit",
+                "415": "not a supported image type",
+            },
+        ),
+        Route(
+            "POST",
+            "/api/uploads/{image_id}/complete",
+            uploads.complete,
+            "upload",
+            "Check a presigned upload and start processing it",
+            "images",
+            responses={
+                "200": "identical bytes were uploaded before: their image id",
+                "201": "accepted",
+                "409": "nothing was PUT for this id yet",
+                "413": "over the size limit (the object is deleted)",
+                "415": "not a supported image (the object is deleted)",
+                "422": "corrupt, truncated or over a limit (the object is deleted)",
             },
         ),
         Route(
@@ -144,27 +182,19 @@ def route_table() -> list[Route]:
             "admin",
             "Create a key; the response holds the secret once",
             "keys",
-            body={
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["name", "scopes"],
-                            "properties": {
-                                "name": {"type": "string"},
-                                "scopes": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "string",
-                                        "enum": ["read", "upload", "generate", "admin"],
-                                    },
-                                },
-                            },
-                        }
-                    }
+            body=json_body(
+                ["name", "scopes"],
+                {
+                    "name": {"type": "string"},
+                    "scopes": {
+                        "type": "array",
+                        "items": {
+                            "type": "string",
+                            "enum": ["read", "upload", "generate", "admin"],
+                        },
+                    },
                 },
-            },
+            ),
         ),
         Route(
             "DELETE",

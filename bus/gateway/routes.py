@@ -22,3 +22,9 @@ class Route:
     query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
     body: dict[str, Any] | None = None  # OpenAPI requestBody
     responses: dict[str, str] = field(default_factory=dict)  # status -> description
+
+
+def json_body(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI requestBody for a JSON object."""
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"required": True, "content": {"application/json": {"schema": schema}}}

@@ -1,19 +1,25 @@
-"""``POST /api/uploads``: multipart, many files, each streamed straight to the store."""
+"""Uploads: multipart (many files, each streamed), and presigned direct PUTs for big files."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
+import orjson
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bus import subjects
+from bus.envelope import new_id
 from bus.gateway.problems import Problem, json_response, problem_response
 from bus.gateway.state import CTX
-from bus.intake import Accepted, UploadRejectedError, accept_upload
+from bus.intake import Accepted, UploadRejectedError, accept_upload, complete_presigned
+from bus.media import BY_MIME, accepted_names, safe_name
 
 CHUNK = 256 * 1024
 MAX_FILES = 1000
+PRESIGN_EXPIRES = timedelta(minutes=15)
 
 
 async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
@@ -30,10 +36,12 @@ async def _file_parts(reader: MultipartReader) -> AsyncIterator[BodyPartReader]:
             yield part  # form fields other than files are ignored
 
 
-def _accepted(name: str, accepted: Accepted) -> dict[str, Any]:
+def accepted_result(name: str, accepted: Accepted) -> dict[str, Any]:
+    """One file's entry in an upload response (200 for a duplicate, else 201)."""
     return {
         "name": name,
-        "status": 201,
+        "status": 200 if accepted.duplicate else 201,
+        "duplicate": accepted.duplicate,
         "id": accepted.image_id,
         "stored_name": accepted.name,
         "size": accepted.size,
@@ -52,7 +60,6 @@ async def upload(request: web.Request) -> web.Response:
             "send multipart/form-data with one or more 'file' parts, "
             f"got {request.content_type or 'no content type'}",
         )
-    max_bytes = ctx.settings.gateway.max_upload_mb * 1024 * 1024
     results: list[dict[str, Any]] = []
     try:
         reader = await request.multipart()
@@ -62,11 +69,11 @@ async def upload(request: web.Request) -> web.Response:
                 raise Problem(413, "Too many files", f"at most {MAX_FILES} files per request")
             name = part.filename or ""
             try:
-                accepted = await accept_upload(ctx, _chunks(part), name, max_bytes, "gateway")
+                accepted = await accept_upload(ctx, _chunks(part), name, "gateway")
             except UploadRejectedError as exc:
                 results.append({"name": name, "status": exc.status, "error": exc.reason})
                 continue
-            results.append(_accepted(name, accepted))
+            results.append(accepted_result(name, accepted))
     except (ValueError, AssertionError, HttpProcessingError) as exc:
         # A broken body: report what was accepted before it, and why the rest was not.
         if not results:
@@ -74,7 +81,7 @@ async def upload(request: web.Request) -> web.Response:
         results.append({"name": "", "status": 400, "error": f"malformed multipart body: {exc}"})
     if not results:
         raise Problem(400, "No files", "the form held no file parts (field name 'file')")
-    ok = sum(1 for r in results if r["status"] == 201)
+    ok = sum(1 for r in results if r["status"] in (200, 201))
     if ok == 0:
         first = results[0]
         statuses = {r["status"] for r in results}
@@ -84,4 +91,71 @@ async def upload(request: web.Request) -> web.Response:
             first["error"] if len(results) == 1 else "no file was accepted",
             results=results,
         )
-    return json_response({"results": results}, status=201 if ok == len(results) else 207)
+    if ok < len(results):
+        return json_response({"results": results}, status=207)
+    created = any(r["status"] == 201 for r in results)
+    return json_response({"results": results}, status=201 if created else 200)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "Malformed JSON", str(exc)) from None
+    if not isinstance(body, dict):
+        raise Problem(400, "Malformed JSON", "the body must be a JSON object")
+    return body
+
+
+async def presign(request: web.Request) -> web.Response:
+    """Hand out a URL the client PUTs one image to, straight into the store."""
+    ctx = request.app[CTX]
+    body = await _json_body(request)
+    content_type = body.get("content_type")
+    kind = BY_MIME.get(content_type) if isinstance(content_type, str) else None
+    if kind is None:
+        raise Problem(
+            415,
+            "Unsupported Media Type",
+            f"content_type must be one of {', '.join(BY_MIME)} ({accepted_names()}), "
+            f"got {content_type!r}",
+        )
+    size = body.get("size")
+    limit = ctx.settings.ingest.max_bytes
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise Problem(422, "Invalid size", "size must be the file's length in bytes (> 0)")
+    if size > limit:
+        raise Problem(
+            413, "Payload Too Large", f"{size:,} bytes is over the limit of {limit:,} bytes"
+        )
+    filename = body.get("filename")
+    if filename is not None and not isinstance(filename, str):
+        raise Problem(422, "Invalid filename", "filename must be a string")
+    image_id = new_id()
+    key = subjects.upload_key(image_id, safe_name(filename, kind.extension))
+    url = ctx.store.presigned_put(key, PRESIGN_EXPIRES)
+    return json_response(
+        {
+            "id": image_id,
+            "method": "PUT",
+            "url": url,
+            "headers": {"Content-Type": kind.mime},
+            "expires_in": int(PRESIGN_EXPIRES.total_seconds()),
+            "complete_url": f"/api/uploads/{image_id}/complete",
+        },
+        status=201,
+    )
+
+
+async def complete(request: web.Request) -> web.Response:
+    """Check the object a presigned PUT stored, and start its processing."""
+    ctx = request.app[CTX]
+    image_id = request.match_info["image_id"]
+    if not subjects.is_safe_id(image_id):
+        raise Problem(404, "Not Found", f"{image_id[:80]!r} is not an upload id")
+    try:
+        accepted = await complete_presigned(ctx, image_id)
+    except UploadRejectedError as exc:
+        raise Problem(exc.status, "Upload rejected", exc.reason) from None
+    result = accepted_result(accepted.name, accepted)
+    return json_response(result, status=result["status"])

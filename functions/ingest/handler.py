@@ -30,7 +30,7 @@ async def handle(event: Event, ctx: Context) -> list[Emit]:
     stored = await ctx.store.stat(doc_key)
     if stored is not None:  # a replay: the work is done, only announce it again
         return [Emit(subjects.INGESTED, stored, data=await ctx.store.get_json(doc_key))]
-    limit = ctx.settings.gateway.max_upload_mb * 1024 * 1024
+    limit = ctx.settings.ingest.max_bytes
     try:
         original = await ctx.store.get_bytes(event.object.key, max_bytes=limit)
     except ObjectMissingError as exc:
