@@ -123,7 +123,9 @@ def check_file(fp: IO[bytes], limits: Limits) -> Checked:
     except UploadRejectedError:
         raise
     except UnidentifiedImageError:
-        raise UploadRejectedError(415, f"the file starts like {kind.name} but is not one") from None
+        raise UploadRejectedError(
+            422, f"corrupt or truncated {kind.name}: its header cannot be read"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
         raise UploadRejectedError(422, f"corrupt or truncated {kind.name}: {exc}") from None
     except Exception as exc:  # a decoder plugin failing in its own way on hostile input

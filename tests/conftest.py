@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
 from bus.context import Context, open_context
 from bus.embedded import NatsServer, S3Credentials, SeaweedFS
-from bus.function import Function
+from bus.function import Function, load
+from bus.gateway.app import build_app
+from bus.keys import create_key
 from bus.runner import FunctionRunner
 from bus.settings import Settings
 
@@ -82,6 +85,30 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
 async def ctx(settings: Settings) -> AsyncIterator[Context]:
     async with open_context(settings, [], "test") as context:
         yield context
+
+
+@pytest.fixture
+def make_key(ctx: Context) -> Callable[..., Awaitable[str]]:
+    """Factory: a real API key with the given scopes, in this test's namespace."""
+
+    async def make(*scopes: str) -> str:
+        token, _ = await create_key(ctx.api_keys, "-".join(scopes), scopes)
+        return token
+
+    return make
+
+
+@pytest.fixture
+async def admin(make_key: Callable[..., Awaitable[str]]) -> str:
+    return await make_key("admin")
+
+
+@pytest.fixture
+async def client(ctx: Context, aiohttp_client: Any, run_function: Any) -> Any:
+    """The gateway in-process, with ingest, caption and notify running behind it."""
+    for name in ("ingest", "caption", "notify"):
+        await run_function(load(name))
+    return await aiohttp_client(build_app(ctx))
 
 
 @pytest.fixture

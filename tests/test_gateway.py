@@ -6,45 +6,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from bus.context import Context
 from bus.envelope import Event, new_id, now_iso
-from bus.function import load
 from bus.gateway.app import build_app, route_table
-from bus.keys import create_key
+from tests.support.http import auth, form
 from tests.support.images import jpeg, png
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
-
-CHAIN = ("ingest", "caption", "notify")
-
-
-@pytest.fixture
-async def admin(ctx: Context) -> str:
-    token, _ = await create_key(ctx.api_keys, "admin", ("admin",))
-    return token
-
-
-@pytest.fixture
-async def client(ctx: Context, aiohttp_client: Any, run_function: Any) -> TestClient[Any, Any]:
-    for name in CHAIN:
-        await run_function(load(name))
-    return await aiohttp_client(build_app(ctx))
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def form(*files: tuple[str, bytes]) -> aiohttp.FormData:
-    data = aiohttp.FormData()
-    for name, body in files:
-        data.add_field("file", body, filename=name, content_type="application/octet-stream")
-    return data
 
 
 async def wait_status(
@@ -223,7 +195,7 @@ async def test_status_and_metrics_report_every_function(
 ) -> None:
     status = await (await client.get("/api/status", headers=auth(admin))).json()
     deployed = {f["function"]: f for f in status["functions"]}
-    for name in CHAIN:
+    for name in ("ingest", "caption", "notify"):
         assert deployed[name]["deployed"] is True and deployed[name]["pending"] == 0
     metrics = await (await client.get("/metrics", headers=auth(admin))).text()
     assert 'darkroom_consumer_pending{function="ingest"} 0.0' in metrics

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from bus.context import Context
 from bus.function import enabled_names
-from bus.gateway import images, keys_api, system, uploads
+from bus.gateway import hooks, images, keys_api, system, uploads
 from bus.gateway.openapi import build_openapi
 from bus.gateway.problems import Handler, json_response, problem_middleware, problem_response
 from bus.gateway.routes import Route, json_body
@@ -123,6 +123,27 @@ def route_table() -> list[Route]:
                 "413": "over the size limit (the object is deleted)",
                 "415": "not a supported image (the object is deleted)",
                 "422": "corrupt, truncated or over a limit (the object is deleted)",
+            },
+        ),
+        Route(
+            "POST",
+            "/api/hooks/ingest",
+            hooks.ingest_hook,
+            "upload",
+            "Webhook for integrations: one image as raw bytes, base64 JSON, or a URL to fetch",
+            "images",
+            query=(("filename", "string", "raw bytes: the file's name"),),
+            body=hooks.OPENAPI_BODY,
+            responses={
+                "200": "identical bytes were uploaded before: their image id",
+                "201": "accepted",
+                "403": "the key lacks the 'upload' scope, fetching is off, "
+                "or the URL's host or address is not allowed",
+                "413": "over the size limit (the image, or a JSON body)",
+                "415": "not a supported image",
+                "422": "corrupt or over a limit, invalid base64 or URL, or the URL redirects",
+                "502": "the URL's server failed or answered an error",
+                "504": "fetching the URL took longer than ingest.fetch.timeout_s",
             },
         ),
         Route(

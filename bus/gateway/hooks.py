@@ -1,0 +1,198 @@
+"""The ingest webhook for integrations: one image per request, in one of three forms.
+
+- raw image bytes (any content type but application/json), streamed as they arrive;
+  the name from ``?filename=`` or a Content-Disposition header;
+- JSON ``{"filename": ..., "data": "<base64>"}``, for senders that can only post JSON;
+- JSON ``{"url": ..., "filename": ...}``: the gateway fetches the image itself, under the
+  rules of :mod:`bus.fetch`, and only when ``ingest.fetch.enabled`` is set.
+
+Each ends in :func:`bus.intake.accept_upload`, like every other way in, with the origin
+recorded under ``hook`` in the ``uploaded`` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from bus.context import Context
+from bus.fetch import FetchError, disposition_filename, fetch_image
+from bus.gateway.problems import Problem, json_response
+from bus.gateway.routes import json_body
+from bus.gateway.state import CTX
+from bus.gateway.uploads import CHUNK, accepted_result
+from bus.intake import Accepted, UploadRejectedError, accept_upload
+
+SOURCE = "hook"
+JSON_SLACK = 64 * 1024  # room for the filename, the keys and whitespace around the data
+_URLSAFE = str.maketrans("-_", "+/")
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+OPENAPI_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "The image bytes as the body (name in ?filename= or Content-Disposition), "
+    "or JSON with the bytes in base64 ('data'), or JSON with a URL to fetch ('url'; only "
+    "when ingest.fetch.enabled, from ingest.fetch.allow_hosts, never internal addresses).",
+    "content": {
+        "image/*": _BINARY,
+        "application/octet-stream": _BINARY,
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    json_body(
+                        ["data"],
+                        {
+                            "filename": {"type": "string"},
+                            "data": {
+                                "type": "string",
+                                "contentEncoding": "base64",
+                                "description": "standard or URL-safe base64, padding optional",
+                            },
+                        },
+                    )["content"]["application/json"]["schema"],
+                    json_body(
+                        ["url"],
+                        {
+                            "filename": {"type": "string"},
+                            "url": {"type": "string", "format": "uri", "example": "https://..."},
+                        },
+                    )["content"]["application/json"]["schema"],
+                ]
+            }
+        },
+    },
+}
+
+
+async def ingest_hook(request: web.Request) -> web.Response:
+    """Accept one image from an integration; answer like one entry of a multipart upload."""
+    ctx = request.app[CTX]
+    if request.content_type == "application/json":
+        accepted, name = await _from_json(ctx, request)
+    else:
+        name = request.query.get("filename") or disposition_filename(
+            request.headers.get(hdrs.CONTENT_DISPOSITION)
+        )
+        accepted = await _accept(ctx, request.content.iter_chunked(CHUNK), name, {"kind": "bytes"})
+    result = accepted_result(name or "", accepted)
+    return json_response(result, status=result["status"])
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard or URL-safe base64, padding optional, whitespace ignored.
+
+    Raise :class:`ValueError` saying what is wrong. CPU work for big images: run it off the
+    loop.
+    """
+    compact = "".join(text.split()).translate(_URLSAFE).rstrip("=")
+    compact += "=" * (-len(compact) % 4)
+    try:
+        return base64.b64decode(compact, validate=True)
+    except ValueError as exc:  # binascii.Error, or characters outside ASCII
+        raise ValueError(f"'data' is not valid base64: {exc}") from None
+
+
+def json_limit(max_bytes: int) -> int:
+    """The largest JSON body taken: a base64 image at the size limit, plus some slack."""
+    return math.ceil(max_bytes * 4 / 3) + JSON_SLACK
+
+
+async def _accept(
+    ctx: Context,
+    chunks: AsyncIterator[bytes],
+    filename: str | None,
+    origin: dict[str, str],
+) -> Accepted:
+    try:
+        return await accept_upload(ctx, chunks, filename, SOURCE, extra={"hook": origin})
+    except UploadRejectedError as exc:
+        raise Problem(exc.status, "Upload rejected", exc.reason) from None
+    except HttpProcessingError as exc:  # a broken request body (bad chunked encoding, say)
+        raise Problem(400, "Malformed body", str(exc) or type(exc).__name__) from None
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is known to be over ``limit``."""
+    too_large = Problem(
+        413,
+        "Payload Too Large",
+        f"a JSON body may be at most {limit:,} bytes (the size limit in base64); "
+        "send bigger images as raw bytes",
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def _json_object(ctx: Context, request: web.Request) -> dict[str, Any]:
+    raw = await _read_capped(request, json_limit(ctx.settings.ingest.max_bytes))
+    try:
+        body = await ctx.run_cpu(orjson.loads, raw)
+    except orjson.JSONDecodeError as exc:
+        raise Problem(400, "Malformed JSON", str(exc)) from None
+    if not isinstance(body, dict):
+        raise Problem(400, "Malformed JSON", "the body must be a JSON object")
+    return body
+
+
+def _invalid(detail: str) -> Problem:
+    return Problem(422, "Invalid hook body", detail)
+
+
+async def _from_json(ctx: Context, request: web.Request) -> tuple[Accepted, str | None]:
+    body = await _json_object(ctx, request)
+    filename = body.get("filename")
+    if filename is not None and not isinstance(filename, str):
+        raise _invalid("'filename' must be a string")
+    data, url = body.pop("data", None), body.get("url")
+    if (data is None) == (url is None):
+        raise _invalid("send exactly one of 'data' (the image in base64) and 'url'")
+    if data is not None:
+        if not isinstance(data, str):
+            raise _invalid("'data' must be a base64 string")
+        try:
+            decoded = await ctx.run_cpu(decode_base64, data)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+        del data  # the text is as big as the image: let it go before the upload runs
+        origin = {"kind": "base64"}
+        return await _accept(ctx, _pieces(decoded), filename, origin), filename
+    if not isinstance(url, str):
+        raise _invalid("'url' must be a string")
+    return await _from_url(ctx, url, filename)
+
+
+async def _pieces(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), CHUNK):
+        yield data[start : start + CHUNK]
+
+
+async def _from_url(ctx: Context, url: str, filename: str | None) -> tuple[Accepted, str | None]:
+    settings = ctx.settings.ingest.fetch
+    if not settings.enabled:
+        raise Problem(
+            403,
+            "Fetching is off",
+            "this gateway does not fetch URLs: send the image itself (raw bytes, or base64 in "
+            "'data'), or enable fetching in the settings with [ingest.fetch] enabled = true "
+            "and the hosts to fetch from in allow_hosts "
+            "(or DARKROOM_INGEST__FETCH__ENABLED=true and DARKROOM_INGEST__FETCH__ALLOW_HOSTS)",
+        )
+    try:
+        async with fetch_image(url, settings, ctx.settings.ingest.max_bytes) as fetched:
+            name = filename or fetched.filename
+            origin = {"kind": "url", "url": url}
+            return await _accept(ctx, fetched.chunks, name, origin), name
+    except FetchError as exc:
+        raise Problem(exc.status, exc.title, exc.detail) from None

@@ -1,0 +1,212 @@
+"""Uploads through every HTTP entry point on the real bus and store, down to ingest's
+renditions: the bad-file corpus, duplicates, presigned uploads, generated images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from PIL import Image
+
+from bus import subjects
+from bus.context import Context
+from bus.envelope import Event, now_iso
+from tests.support import corpus
+from tests.support.http import auth, form
+from tests.support.images import jpeg, png
+
+pytestmark = [pytest.mark.nats, pytest.mark.s3]
+
+
+async def wait_ready(client: TestClient[Any, Any], token: str, image_id: str) -> dict[str, Any]:
+    for _ in range(300):
+        response = await client.get(f"/api/images/{image_id}", headers=auth(token))
+        if response.status == 200:
+            doc: dict[str, Any] = await response.json()
+            if doc["status"] in ("ready", "failed"):
+                assert doc["status"] == "ready", doc
+                return doc
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"image {image_id} never became ready")
+
+
+CORPUS = [
+    # name, bytes, expected status, text in the reason (rejections) or upright size (accepted)
+    ("truncated.jpg", corpus.truncated_jpeg(), 422, "corrupt or truncated JPEG"),
+    ("bomb.png", corpus.png_header_only(100_000, 100_000), 422, "absurd dimensions"),
+    ("empty.jpg", b"", 422, "empty"),
+    ("notes.jpg", corpus.text_as_jpeg(), 415, "sniffed from its bytes"),
+    ("cmyk.jpg", corpus.cmyk_jpeg(), 201, (320, 240)),
+    ("deep.png", corpus.png16_grey(), 201, (300, 200)),
+    ("rotated.jpg", corpus.exif_rotated_jpeg(6), 201, (600, 800)),
+    ("animated.gif", corpus.animated_gif(3), 201, (120, 80)),
+    ("phone.heic", corpus.heic(), 201, (320, 240)),
+    ("modern.avif", corpus.avif(), 201, (320, 240)),
+]
+
+
+async def test_the_bad_file_corpus_gets_the_expected_outcome_each(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    files = [(name, data) for name, data, _, _ in CORPUS]
+    response = await client.post("/api/uploads", data=form(*files), headers=auth(admin))
+    assert response.status == 207
+    results = (await response.json())["results"]
+    assert [r["status"] for r in results] == [status for _, _, status, _ in CORPUS]
+    accepted = {}
+    for (name, _, status, expected), result in zip(CORPUS, results, strict=True):
+        if status == 201:
+            accepted[result["id"]] = (name, expected)
+        else:
+            assert expected in result["error"], (name, result)
+    stored = await ctx.store.list_keys("uploads/")
+    assert sorted(k.split("/")[1] for k in stored) == sorted(accepted)
+    for image_id, (name, size) in accepted.items():
+        doc = await wait_ready(client, admin, image_id)
+        ingest = doc["ingest"]
+        assert (ingest["width"], ingest["height"]) == size, name
+        assert set(ingest["renditions"]) == {"display", "thumb-1024", "thumb-256"}
+        thumb = await client.get(f"/api/images/{image_id}/thumbnail", headers=auth(admin))
+        assert thumb.status == 200 and thumb.content_type == "image/webp"
+        shown = Image.open(io.BytesIO(await thumb.read()))
+        assert shown.size[0] / shown.size[1] == pytest.approx(size[0] / size[1], rel=0.02), name
+
+
+async def test_identical_bytes_answer_the_first_id_and_are_stored_once(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    photo = jpeg(640, 480, (200, 100, 0))
+    first = await client.post("/api/uploads", data=form(("a.jpg", photo)), headers=auth(admin))
+    assert first.status == 201
+    image_id = (await first.json())["results"][0]["id"]
+    again = await asyncio.gather(
+        *(
+            client.post("/api/uploads", data=form((f"copy{i}.jpg", photo)), headers=auth(admin))
+            for i in range(4)
+        )
+    )
+    for response in again:
+        assert response.status == 200
+        [result] = (await response.json())["results"]
+        assert result["duplicate"] is True and result["id"] == image_id
+    assert await ctx.store.list_keys("uploads/") == [f"uploads/{image_id}/a.jpg"]
+    mixed = await client.post(
+        "/api/uploads", data=form(("same.jpg", photo), ("new.png", png())), headers=auth(admin)
+    )
+    assert mixed.status == 201
+    assert [r["status"] for r in (await mixed.json())["results"]] == [200, 201]
+
+
+async def test_concurrent_identical_uploads_make_one_image(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    photo = jpeg(500, 400, (10, 120, 240))
+    responses = await asyncio.gather(
+        *(
+            client.post("/api/uploads", data=form((f"{i}.jpg", photo)), headers=auth(admin))
+            for i in range(6)
+        )
+    )
+    ids = {(await r.json())["results"][0]["id"] for r in responses}
+    assert len(ids) == 1
+    assert len(await ctx.store.list_keys("uploads/")) == 1
+
+
+async def presign(
+    client: TestClient[Any, Any], token: str, data: bytes, mime: str = "image/jpeg"
+) -> dict[str, Any]:
+    body = {"filename": "big photo.jpg", "content_type": mime, "size": len(data)}
+    response = await client.post("/api/uploads/presign", json=body, headers=auth(token))
+    assert response.status == 201, await response.text()
+    ticket: dict[str, Any] = await response.json()
+    return ticket
+
+
+async def put(ticket: dict[str, Any], data: bytes) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(ticket["url"], data=data, headers=ticket["headers"]) as response,
+    ):
+        assert response.status == 200, await response.text()
+
+
+async def test_presigned_upload_then_complete_runs_the_chain(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    photo = jpeg(1200, 800, (120, 30, 160))
+    ticket = await presign(client, admin, photo)
+    assert ticket["method"] == "PUT" and ticket["headers"] == {"Content-Type": "image/jpeg"}
+    early = await client.post(ticket["complete_url"], headers=auth(admin))
+    assert early.status == 409 and "PUT the file" in (await early.json())["detail"]
+    await put(ticket, photo)
+    done = await client.post(ticket["complete_url"], headers=auth(admin))
+    assert done.status == 201
+    result = await done.json()
+    assert result["id"] == ticket["id"] and result["stored_name"] == "big_photo.jpg"
+    doc = await wait_ready(client, admin, ticket["id"])
+    assert doc["ingest"]["width"] == 1200
+    twice = await client.post(ticket["complete_url"], headers=auth(admin))
+    assert twice.status == 201 and (await twice.json())["id"] == ticket["id"]
+    # The same bytes through a second ticket: the first id, and the second object is gone.
+    second = await presign(client, admin, photo)
+    await put(second, photo)
+    dup = await client.post(second["complete_url"], headers=auth(admin))
+    assert dup.status == 200 and (await dup.json())["id"] == ticket["id"]
+    assert await ctx.store.list_keys(f"uploads/{second['id']}/") == []
+
+
+async def test_presigned_garbage_is_refused_and_deleted(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    ticket = await presign(client, admin, b"x" * 100)
+    await put(ticket, corpus.truncated_jpeg())
+    response = await client.post(ticket["complete_url"], headers=auth(admin))
+    assert response.status == 422 and response.content_type == "application/problem+json"
+    assert "truncated" in (await response.json())["detail"]
+    assert await ctx.store.list_keys("uploads/") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({"content_type": "text/plain", "size": 10}, 415, "content_type must be one of"),
+        ({"content_type": "image/png", "size": 0}, 422, "size must be"),
+        ({"content_type": "image/png", "size": 10**12}, 413, "over the limit"),
+        ({"content_type": "image/png", "size": 5, "filename": 7}, 422, "filename"),
+    ],
+)
+async def test_presign_validates_its_request(
+    client: TestClient[Any, Any], admin: str, body: dict[str, Any], status: int, detail: str
+) -> None:
+    response = await client.post("/api/uploads/presign", json=body, headers=auth(admin))
+    assert response.status == status and detail in (await response.json())["detail"]
+
+
+async def test_generated_images_are_ingested_with_their_lineage(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    image_id = "gen-job1-0"
+    ref = await ctx.store.put_bytes("generated/job1/0.png", png(512, 512), "image/png")
+    lineage = {"job_id": "job1", "prompt": "a red square", "parent_id": None, "seed": 7}
+    event = Event(
+        id="generated-job1-0",
+        type=f"darkroom.{subjects.GENERATED}",
+        source="darkroom/generate",
+        time=now_iso(),
+        subject=image_id,
+        object=ref,
+        image_id=image_id,
+        data={"name": "0.png", "lineage": lineage},
+    )
+    await ctx.js.publish(ctx.names.subject(subjects.GENERATED), event.encode())
+    for _ in range(200):
+        if await ctx.store.stat(subjects.image_key(image_id, subjects.INGEST_DOC)):
+            break
+        await asyncio.sleep(0.05)
+    info = await ctx.store.get_json(subjects.image_key(image_id, subjects.INGEST_DOC))
+    assert info["lineage"] == lineage and info["original"]["key"] == "generated/job1/0.png"
+    assert info["renditions"]["display"]["width"] == 512
