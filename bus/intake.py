@@ -29,6 +29,7 @@ import urllib3
 from bus import subjects
 from bus.context import Context
 from bus.envelope import Event, ObjectRef, new_id, now_iso
+from bus.gpsstrip import NotAJpegError, strip_jpeg_gps
 from bus.imagecheck import (
     SNIFF_BYTES,
     Checked,
@@ -37,7 +38,7 @@ from bus.imagecheck import (
     check_file,
     check_head,
 )
-from bus.media import safe_name
+from bus.media import JPEG, safe_name
 from bus.s3events import uploaded_event_id
 from bus.spool import Spool, hash_file, new_spool_file, receive
 from bus.store import ObjectMissingError, StoreBusyError, StoreError, TooLargeError
@@ -89,6 +90,7 @@ async def accept_upload(
         raise UploadRejectedError(503, str(exc)) from None
     try:
         checked = await ctx.run_cpu(check_file, spool.file, limits)
+        extra = {**(extra or {}), **await _apply_gps_policy(ctx, spool, checked)}
         image_id = new_id()
         name = safe_name(filename, kind.extension)
         key = subjects.upload_key(image_id, name)
@@ -142,15 +144,42 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
             return Accepted(
                 existing, name, spool.size, checked.kind.mime, spool.sha256, duplicate=True
             )
-        ref = ObjectRef(ctx.store.bucket, key, spool.size, "", checked.kind.mime)
         try:
-            await _announce(ctx, image_id, ref, checked, spool.sha256, name, source, None)
+            extra = await _apply_gps_policy(ctx, spool, checked)
+            if extra:  # the stored original still has its location: replace it
+                ref = await _store(ctx, key, spool, checked.kind.mime)
+            else:
+                ref = ObjectRef(ctx.store.bucket, key, spool.size, "", checked.kind.mime)
+            await _announce(ctx, image_id, ref, checked, spool.sha256, name, source, extra)
         except UploadRejectedError:
             await _release(ctx, spool.sha256, key)
             raise
         return Accepted(image_id, name, spool.size, checked.kind.mime, spool.sha256)
     finally:
         spool.close()
+
+
+async def _apply_gps_policy(ctx: Context, spool: Spool, checked: Checked) -> dict[str, Any]:
+    """With ``original_gps = "strip"``, swap the spooled JPEG for one without its location.
+
+    The SHA-256 stays that of the bytes the client sent, so a re-upload still dedupes.
+    """
+    if ctx.settings.ingest.original_gps != "strip" or checked.kind is not JPEG:
+        return {}
+    stripped = new_spool_file()
+
+    def strip() -> bool:
+        try:
+            return strip_jpeg_gps(spool.file, stripped)
+        except NotAJpegError:
+            return False
+
+    if not await ctx.store.run_transfer(strip):
+        stripped.close()
+        return {}
+    spool.file.close()
+    spool.file, spool.size = stripped, stripped.tell()
+    return {"gps_removed": True}
 
 
 async def _store(ctx: Context, key: str, spool: Spool, mime: str) -> ObjectRef:

@@ -146,6 +146,11 @@ class IngestSettings(_Section):
     display_px: int = Field(default=2048, ge=64, le=16383, description="long edge of display.webp")
     thumb_px: tuple[int, ...] = Field(default=(1024, 256), min_length=1)
     webp_quality: int = Field(default=80, ge=1, le=100)
+    original_gps: Literal["keep", "strip"] = Field(
+        default="keep",
+        description="strip: store JPEG originals without their GPS position (losslessly); "
+        "renditions never carry EXIF either way",
+    )
     fetch: FetchSettings = FetchSettings()
 
     @field_validator("thumb_px")

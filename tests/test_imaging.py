@@ -7,8 +7,9 @@ import dataclasses
 import io
 
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
+from bus.gpsstrip import strip_jpeg_gps
 from bus.imagecheck import Limits, UploadRejectedError, check_file
 from bus.settings import IngestSettings
 from functions.ingest import placeholder
@@ -200,3 +201,17 @@ def test_check_file_reads_limits_from_the_header_alone() -> None:
 def test_check_file_accepts_awkward_but_valid_files(make: object) -> None:
     assert callable(make)
     assert check_file(io.BytesIO(make()), LIMITS).width > 0
+
+
+def test_gps_is_stripped_from_a_jpeg_original_losslessly() -> None:
+    original = corpus.camera_jpeg()
+    out = io.BytesIO()
+    assert strip_jpeg_gps(io.BytesIO(original), out) is True
+    stripped = Image.open(io.BytesIO(out.getvalue()))
+    exif = stripped.getexif()
+    assert not exif.get_ifd(ExifTags.IFD.GPSInfo) and exif[ExifTags.Base.Model] == "Canon EOS R5"
+    assert exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.LensModel] == "RF24-70mm F2.8 L IS USM"
+    assert stripped.tobytes() == Image.open(io.BytesIO(original)).tobytes()
+    untouched = io.BytesIO()
+    assert strip_jpeg_gps(io.BytesIO(jpeg()), untouched) is False
+    assert untouched.getvalue() == jpeg()

@@ -4,7 +4,10 @@ renditions: the bad-file corpus, duplicates, presigned uploads, generated images
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import io
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,6 +18,7 @@ from PIL import Image
 from bus import subjects
 from bus.context import Context
 from bus.envelope import Event, now_iso
+from bus.intake import accept_upload
 from tests.support import corpus
 from tests.support.http import auth, form
 from tests.support.images import jpeg, png
@@ -74,6 +78,12 @@ async def test_the_bad_file_corpus_gets_the_expected_outcome_each(
         assert thumb.status == 200 and thumb.content_type == "image/webp"
         shown = Image.open(io.BytesIO(await thumb.read()))
         assert shown.size[0] / shown.size[1] == pytest.approx(size[0] / size[1], rel=0.02), name
+    image_id = next(iter(accepted))
+    for path, status in (("display", 200), ("thumbnail?px=1024", 200), ("thumbnail?px=99", 404)):
+        response = await client.get(f"/api/images/{image_id}/{path}", headers=auth(admin))
+        assert response.status == status, path
+    missing = await client.get(f"/api/images/{image_id}/thumbnail?px=99", headers=auth(admin))
+    assert "sizes are 1024, 256" in (await missing.json())["detail"]
 
 
 async def test_identical_bytes_answer_the_first_id_and_are_stored_once(
@@ -210,3 +220,25 @@ async def test_generated_images_are_ingested_with_their_lineage(
     info = await ctx.store.get_json(subjects.image_key(image_id, subjects.INGEST_DOC))
     assert info["lineage"] == lineage and info["original"]["key"] == "generated/job1/0.png"
     assert info["renditions"]["display"]["width"] == 512
+
+
+async def test_originals_can_be_stored_without_their_location(ctx: Context) -> None:
+    ingest = ctx.settings.ingest.model_copy(update={"original_gps": "strip"})
+    stripping = dataclasses.replace(
+        ctx, settings=ctx.settings.model_copy(update={"ingest": ingest})
+    )
+    photo = corpus.camera_jpeg()
+    accepted = await accept_upload(stripping, _chunks(photo), "trip.jpg", "test")
+    stored = await ctx.store.get_bytes(f"uploads/{accepted.image_id}/trip.jpg")
+    assert len(stored) < len(photo) and accepted.sha256 == hashlib.sha256(photo).hexdigest()
+    exif = Image.open(io.BytesIO(stored)).getexif()
+    assert not exif.get_ifd(0x8825) and exif[0x0110] == "Canon EOS R5"
+    again = await accept_upload(stripping, _chunks(photo), "again.jpg", "test")
+    assert again.duplicate and again.image_id == accepted.image_id
+    kept = await accept_upload(ctx, _chunks(corpus.camera_jpeg(quality=80)), "kept.jpg", "test")
+    original = await ctx.store.get_bytes(f"uploads/{kept.image_id}/kept.jpg")
+    assert Image.open(io.BytesIO(original)).getexif().get_ifd(0x8825)
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -82,13 +82,24 @@ async def get_original(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def get_thumbnail(request: web.Request) -> web.StreamResponse:
+async def get_rendition(request: web.Request) -> web.StreamResponse:
+    """``display``, or ``thumbnail`` (the smallest; ``?px=`` picks another thumb size)."""
     doc = _doc(request)
     ingest = doc.get("ingest")
-    thumbnail = ingest.get("thumbnail") if isinstance(ingest, dict) else None
-    thumb = thumbnail.get("key") if isinstance(thumbnail, dict) else None
-    if not isinstance(thumb, str):
+    renditions = ingest.get("renditions") if isinstance(ingest, dict) else None
+    if not isinstance(renditions, dict) or not renditions:
         raise Problem(
-            404, "Not Found", f"image {doc['id']} has no thumbnail yet (status {doc.get('status')})"
+            404, "Not Found", f"image {doc['id']} is not ingested yet (status {doc.get('status')})"
         )
-    return await _stream_object(request, thumb, "image/webp")
+    which = request.path.rsplit("/", 1)[-1]
+    if which == "thumbnail":
+        px = request.query.get("px")
+        thumbs = sorted(n for n in renditions if n.startswith("thumb-"))
+        which = f"thumb-{px}" if px else min(thumbs, key=lambda n: int(n.split("-")[1]))
+        if which not in renditions:
+            sizes = ", ".join(n.split("-")[1] for n in thumbs)
+            raise Problem(404, "Not Found", f"no {px} px thumbnail; sizes are {sizes}")
+    found = renditions.get(which)
+    if not isinstance(found, dict) or not isinstance(found.get("key"), str):
+        raise Problem(404, "Not Found", f"image {doc['id']} has no {which} rendition")
+    return await _stream_object(request, found["key"], "image/webp")

@@ -67,7 +67,7 @@ def exif_rotated_jpeg(orientation: int = 6) -> bytes:
     return out.getvalue()
 
 
-def camera_jpeg() -> bytes:
+def camera_jpeg(quality: int = 75) -> bytes:
     """A JPEG with camera EXIF and a GPS position."""
     exif = Image.Exif()
     exif[0x010F] = "Canon"
@@ -82,7 +82,7 @@ def camera_jpeg() -> bytes:
     gps[1] = "N"
     gps[2] = (48.0, 51.0, 29.0)
     out = io.BytesIO()
-    Image.new("RGB", (640, 480), (90, 140, 60)).save(out, "JPEG", exif=exif)
+    Image.new("RGB", (640, 480), (90, 140, 60)).save(out, "JPEG", exif=exif, quality=quality)
     return out.getvalue()
 
 
