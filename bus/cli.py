@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -110,7 +111,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     functions = sub.add_parser("functions", help="list registered functions and their specs")
     _common(functions)
+    _upload_parser(sub)
     return parser
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+
+    return parse
+
+
+def _upload_parser(sub: Any) -> None:
+    upload = sub.add_parser(
+        "upload",
+        help="send image files to a running gateway",
+        description="Upload image files, and directories (recursively: jpg, jpeg, png, gif, "
+        "webp, tif, tiff, heic, heif, avif), to a gateway with POST /api/uploads. Prints each "
+        "file's image id or why it was rejected; exits 1 if any was rejected. The gateway is "
+        "--url, else $DARKROOM_URL, else this machine's running `darkroom up`; the key is "
+        "--key, else $DARKROOM_API_KEY, else <data-dir>/admin.key.",
+    )
+    _common(upload)
+    upload.add_argument(
+        "paths", nargs="*", type=Path, metavar="PATH", help="image files and directories"
+    )
+    upload.add_argument(
+        "--watch",
+        type=Path,
+        metavar="DIR",
+        help="then keep uploading image files that appear or change in DIR, once they stop "
+        "growing, until Ctrl-C",
+    )
+    upload.add_argument(
+        "--interval",
+        type=_positive(float),
+        default=1.0,
+        metavar="SECONDS",
+        help="how often --watch looks at DIR (default 1)",
+    )
+    upload.add_argument(
+        "--jobs", type=_positive(int), default=4, metavar="N", help="requests in flight (default 4)"
+    )
+    upload.add_argument("--url", help="the gateway, e.g. http://127.0.0.1:8080")
+    upload.add_argument(
+        "--key", help="API key with the 'upload' scope (prefer $DARKROOM_API_KEY: flags show in ps)"
+    )
+    upload.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -180,6 +234,23 @@ def _functions() -> int:
     return 0
 
 
+def _upload(args: argparse.Namespace, settings: Settings, environ: dict[str, str]) -> int:
+    from bus.upload_cli import UploadOptions, run_upload
+
+    options = UploadOptions(
+        paths=tuple(args.paths),
+        data_dir=settings.data_dir,
+        watch=args.watch,
+        url=args.url,
+        key=args.key,
+        environ=environ,
+        interval=args.interval,
+        jobs=args.jobs,
+        quiet=args.quiet,
+    )
+    return _run(lambda: run_upload(options))
+
+
 def _run(coro_factory: Callable[[], Awaitable[int]]) -> int:
     async def main() -> int:
         return await coro_factory()
@@ -196,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     from bus.stack import StartupError, run_gateway, run_up, run_worker
     from bus.store import StoreUnavailableError
     from bus.streams import NotDeployedError
+    from bus.upload_cli import UploadFailedError, UploadUsageError
 
     try:
         settings = settings_from_args(args)
@@ -214,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda: _keys(args, settings))
         if args.command == "functions":
             return _functions()
-    except (StartupError, KeyError_, LookupError, NotDeployedError) as exc:
+        if args.command == "upload":
+            return _upload(args, settings, dict(os.environ))
+    except (StartupError, KeyError_, LookupError, NotDeployedError, UploadUsageError) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 2
-    except (NatsUnavailableError, StoreUnavailableError, ChildError) as exc:
+    except (NatsUnavailableError, StoreUnavailableError, ChildError, UploadFailedError) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

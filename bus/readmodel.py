@@ -60,7 +60,7 @@ def apply_event(doc: dict[str, Any] | None, event: Event) -> dict[str, Any]:
         doc["name"] = event.data.get("name", "")
         if event.object is not None:
             doc["original"] = event.object.to_dict()
-        for key in ("sha256", "source"):
+        for key in ("sha256", "source", "original_name", "hook", "gps_removed"):
             if key in event.data:
                 doc[key] = event.data[key]
     elif topic == subjects.INGESTED:

@@ -165,6 +165,38 @@ class IngestSettings(_Section):
         return self.max_upload_mb * 1024 * 1024
 
 
+class GpuSettings(_Section):
+    """VRAM leases for the GPU functions (see bus/leases.py for what each mode means)."""
+
+    mode: Literal["low", "balanced", "high"] = Field(
+        default="balanced",
+        description="low: unload after use; balanced: stay resident while there is room; "
+        "high: stay resident and preload",
+    )
+    cpu_capacity_mb: int = Field(
+        default=8192, ge=1, description="capacity of the CPU device (no CUDA, or tests)"
+    )
+    reserve_mb: int | None = Field(
+        default=None, ge=0, description="headroom never leased; unset = the mode's reserve"
+    )
+    lease_ttl_s: float = Field(
+        default=10.0, ge=1, le=600, description="a lease lapses this long after its last renewal"
+    )
+    idle_ttl_s: float = Field(
+        default=300.0, gt=0, description="balanced mode: unload a model idle this long"
+    )
+    device: str | None = Field(
+        default=None,
+        pattern=r"^(cpu|cuda:\d+)$",
+        description="pin to one device, e.g. 'cuda:1' or 'cpu'; unset = every device found",
+    )
+    host_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="this host's id in the lease ledger; unset = <data_dir>/host-id",
+    )
+
+
 class FunctionSettings(_Section):
     enabled: bool = True
     concurrency: int | None = Field(default=None, ge=1, le=4096)
@@ -203,6 +235,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     gateway: GatewaySettings = GatewaySettings()
     ingest: IngestSettings = IngestSettings()
+    gpu: GpuSettings = GpuSettings()
     functions: dict[str, FunctionSettings] = Field(default_factory=dict)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
 
@@ -330,7 +363,8 @@ def load_settings(
 
 def _check_environment_names() -> None:
     """Nested typos are rejected by validation; catch top-level ones here."""
-    known = {name.upper() for name in Settings.model_fields} | {"CONFIG"}
+    # URL and API_KEY are the client's (`darkroom upload`), not settings.
+    known = {name.upper() for name in Settings.model_fields} | {"CONFIG", "URL", "API_KEY"}
     for variable in os.environ:
         if variable.startswith(ENV_PREFIX):
             head = variable[len(ENV_PREFIX) :].split("__", 1)[0]

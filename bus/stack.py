@@ -103,7 +103,7 @@ async def ensure_admin_key(ctx: Context, data_dir: Path) -> tuple[str, bool]:
     return token, True
 
 
-class _Stopper:
+class Stopper:
     """First SIGINT/SIGTERM: drain and stop. Second: stop now."""
 
     def __init__(self) -> None:
@@ -162,7 +162,7 @@ async def run_up(settings: Settings, announce: Callable[[str], None] = print) ->
 
 async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) -> int:
     data_dir = settings.data_dir
-    stopper = _Stopper()
+    stopper = Stopper()
     stopper.install()
     children: list[Child] = []
     supervisor: Supervisor | None = None
@@ -296,7 +296,7 @@ async def run_gateway(settings: Settings) -> int:
     them with ``darkroom keys create``.
     """
     resolved = resolve_endpoints(settings)
-    stopper = _Stopper()
+    stopper = Stopper()
     stopper.install()
     async with open_context(resolved, [], "gateway") as ctx:
         app_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=5.0)
@@ -316,7 +316,7 @@ async def run_worker(settings: Settings, function_name: str, concurrency: int | 
     """Run one function against external (or this machine's running) NATS and S3."""
     fn = load(function_name)
     resolved = resolve_endpoints(settings)
-    stopper = _Stopper()
+    stopper = Stopper()
     stopper.install()
     async with open_context(resolved, [fn.spec], f"worker-{function_name}") as ctx:
         runners = await _start_runners(ctx, [fn], concurrency)
