@@ -110,6 +110,7 @@ from bus.function import Emit, Function, Spec
 from bus.runner import FunctionRunner
 from bus.settings import NatsSettings, S3Settings, Settings
 from bus.streams import MAX_ACK_PENDING, duplicate_window
+from tests.bench.report import percentile, rounded, run_and_report
 
 TOPICS = ("b0", "b1", "b2", "b3")
 STAGES = ("s1", "s2", "s3")
@@ -119,18 +120,7 @@ STOP_TIMEOUT_S = 10.0
 log = logging.getLogger("bench.chain")
 
 
-# --- statistics ------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (``q`` in 0-100) of ``values``; NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
+# --- results ---------------------------------------------------------------------------------
 @dataclass
 class RunResult:
     variant: str
@@ -496,10 +486,6 @@ def _pooled(results: list[RunResult], variant: str, mode: str) -> list[float]:
     return [v for r in results if r.variant == variant and r.mode == mode for v in r.latencies_ms]
 
 
-def _ms(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 3)
-
-
 def summarize(results: list[RunResult], opts: Options, elapsed_s: float) -> dict[str, Any]:
     dark = _best(results, "darkroom", "saturated")
     base = _best(results, "baseline", "saturated")
@@ -517,21 +503,21 @@ def summarize(results: list[RunResult], opts: Options, elapsed_s: float) -> dict
     # the median of those ratios is steadier than best-against-best on a noisy host.
     round_ratios = [d / b for d, b in zip(dark_rounds, base_rounds, strict=False) if b]
     summary: dict[str, Any] = {
-        "darkroom_chains_per_s": _ms(dark_rate),
-        "baseline_chains_per_s": _ms(base_rate),
-        "ratio": _ms(dark_rate / base_rate) if base_rate else None,
+        "darkroom_chains_per_s": rounded(dark_rate),
+        "baseline_chains_per_s": rounded(base_rate),
+        "ratio": rounded(dark_rate / base_rate) if base_rate else None,
         "round_ratios": [round(r, 3) for r in round_ratios],
-        "median_round_ratio": _ms(statistics.median(round_ratios)) if round_ratios else None,
-        "paced_p50_ms": _ms(percentile(dark_paced, 50)),
-        "paced_p95_ms": _ms(percentile(dark_paced, 95)),
-        "paced_p99_ms": _ms(percentile(dark_paced, 99)),
-        "saturated_p50_ms": _ms(dark.p(50)) if dark else None,
-        "saturated_p99_ms": _ms(dark.p(99)) if dark else None,
-        "baseline_paced_p50_ms": _ms(percentile(base_paced, 50)),
-        "baseline_paced_p95_ms": _ms(percentile(base_paced, 95)),
-        "baseline_paced_p99_ms": _ms(percentile(base_paced, 99)),
-        "baseline_saturated_p50_ms": _ms(base.p(50)) if base else None,
-        "baseline_saturated_p99_ms": _ms(base.p(99)) if base else None,
+        "median_round_ratio": rounded(statistics.median(round_ratios)) if round_ratios else None,
+        "paced_p50_ms": rounded(percentile(dark_paced, 50)),
+        "paced_p95_ms": rounded(percentile(dark_paced, 95)),
+        "paced_p99_ms": rounded(percentile(dark_paced, 99)),
+        "saturated_p50_ms": rounded(dark.p(50)) if dark else None,
+        "saturated_p99_ms": rounded(dark.p(99)) if dark else None,
+        "baseline_paced_p50_ms": rounded(percentile(base_paced, 50)),
+        "baseline_paced_p95_ms": rounded(percentile(base_paced, 95)),
+        "baseline_paced_p99_ms": rounded(percentile(base_paced, 99)),
+        "baseline_saturated_p50_ms": rounded(base.p(50)) if base else None,
+        "baseline_saturated_p99_ms": rounded(base.p(99)) if base else None,
         "darkroom_rounds_chains_per_s": [round(r, 1) for r in dark_rounds],
         "baseline_rounds_chains_per_s": [round(r, 1) for r in base_rounds],
         "n": opts.n,
@@ -636,15 +622,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts = parse_args(argv)
-    try:
-        summary = asyncio.run(run(opts))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # one line, not a traceback: the cause is in the message
-        print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(orjson.dumps(summary).decode())
-    return 0
+    return run_and_report(lambda: asyncio.run(run(opts)))
 
 
 if __name__ == "__main__":
