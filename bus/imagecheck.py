@@ -10,6 +10,7 @@ and corrupt files. It runs in an executor: it is CPU work.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import IO
@@ -126,7 +127,7 @@ def check_file(fp: IO[bytes], limits: Limits) -> Checked:
         raise UploadRejectedError(
             422, f"corrupt or truncated {kind.name}: its header cannot be read"
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise UploadRejectedError(422, f"corrupt or truncated {kind.name}: {exc}") from None
     except Exception as exc:  # a decoder plugin failing in its own way on hostile input
         raise UploadRejectedError(

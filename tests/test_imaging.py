@@ -115,6 +115,15 @@ def test_animated_gif_uses_the_first_frame_and_counts_frames() -> None:
         derive(corpus.animated_gif(3), few)
 
 
+def test_a_gif_cut_inside_its_second_frame_is_refused_not_crashed() -> None:
+    """Found by the property tests: Pillow raises struct.error counting such frames."""
+    cut = corpus.animated_gif(2)[:233]
+    with pytest.raises(BadImageError, match="corrupt or truncated"):
+        derive(cut, OPTIONS)
+    with pytest.raises(UploadRejectedError):
+        check_file(io.BytesIO(cut), LIMITS)
+
+
 @pytest.mark.parametrize(("make", "fmt"), [(corpus.heic, "HEIF"), (corpus.avif, "AVIF")])
 def test_heic_and_avif_are_supported(make: object, fmt: str) -> None:
     assert callable(make)

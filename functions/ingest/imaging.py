@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import statistics
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -92,8 +93,10 @@ def derive(data: bytes, options: Options) -> Derived:
         raise BadImageError(exc.reason) from None
     except UnidentifiedImageError:
         raise BadImageError("not a recognised image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise BadImageError(f"corrupt or truncated image: {exc}") from None
+    except Exception as exc:  # a decoder plugin failing in its own way on hostile input
+        raise BadImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None
 
 
 def _derive(data: bytes, options: Options) -> Derived:
