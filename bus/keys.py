@@ -146,6 +146,7 @@ class KeyCache:
     """The gateway's copy of all keys, kept current by a KV watch (revocations apply at once)."""
 
     def __init__(self, nc: NATS, kv: KeyValue) -> None:
+        self._kv = kv
         self._mirror: KvMirror[ApiKey] = KvMirror(nc, kv, ApiKey.decode, "api-keys")
 
     async def start(self) -> None:
@@ -154,9 +155,14 @@ class KeyCache:
     async def stop(self) -> None:
         await self._mirror.stop()
 
-    def authenticate(self, token: str) -> ApiKey | None:
+    async def authenticate(self, token: str) -> ApiKey | None:
         parts = split_token(token)
         if parts is None:
             return None
         record = self._mirror.items.get(parts[0])
+        if record is None:
+            # A key minted a moment ago elsewhere may not have reached the watch yet.
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await self._kv.get(parts[0])
+                record = ApiKey.decode(entry.value) if entry.value else None
         return record if verify(record, token) else None

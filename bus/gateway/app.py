@@ -268,7 +268,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
         response.headers["WWW-Authenticate"] = 'Bearer realm="darkroom"'
         return response
-    record = request.app[KEYS].authenticate(token)
+    record = await request.app[KEYS].authenticate(token)
     if record is None:
         response = problem_response(401, "Unauthorized", "this API key is unknown or revoked")
         response.headers["WWW-Authenticate"] = 'Bearer realm="darkroom", error="invalid_token"'
