@@ -183,4 +183,5 @@ async def declare(js: JetStreamContext, settings: Settings, specs: list[Spec]) -
     await key_value(js, names.images_kv, settings.stream.replicas)
     await key_value(js, names.keys_kv, settings.stream.replicas)
     await key_value(js, names.digests_kv, settings.stream.replicas)
+    await key_value(js, names.leases_kv, settings.stream.replicas)
     return names

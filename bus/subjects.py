@@ -104,6 +104,11 @@ class Names:
         """SHA-256 of an original's bytes → the image id they were first accepted as."""
         return f"{self.namespace}_digests"
 
+    @property
+    def leases_kv(self) -> str:
+        """VRAM lease ledger: one document per device (see bus/leases.py)."""
+        return f"{self.namespace}_leases"
+
     def max_deliveries_advisory(self, function: str) -> str:
         """Published by JetStream when an event used up its deliveries without an ack."""
         return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.durable(function)}"
