@@ -109,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         _endpoints(p)
 
+    gpus = sub.add_parser(
+        "gpus",
+        help="list devices in the VRAM lease ledger, their leases and holders",
+        description="Show every device a worker registered in the VRAM lease ledger: mode, "
+        "capacity, used and free memory, and each live lease's model, size and holder "
+        "(host/pid/worker). Lapsed leases are left out.",
+    )
+    _common(gpus)
+    _endpoints(gpus)
+    gpus.add_argument("--json", action="store_true", help="print the devices as JSON")
+
     functions = sub.add_parser("functions", help="list registered functions and their specs")
     _common(functions)
     _upload_parser(sub)
@@ -221,6 +232,44 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _gpus(args: argparse.Namespace, settings: Settings) -> int:
+    import orjson
+
+    from bus.context import open_context
+    from bus.leases import read_devices
+    from bus.stack import resolve_endpoints
+
+    async with open_context(resolve_endpoints(settings), [], "cli", declare=False) as ctx:
+        devices = await read_devices(ctx.js, ctx.names.leases_kv)
+    if args.json:
+        print(orjson.dumps({"devices": devices}, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if not devices:
+        print("no devices: no worker has registered a device in the VRAM lease ledger yet")
+        return 0
+    print(_gpu_row("HOST", "DEVICE", "MODE", "CAPACITY MB", "USED MB", "FREE MB"))
+    for d in devices:
+        print(
+            _gpu_row(
+                d["host"], d["device"], d["mode"], d["capacity_mb"], d["used_mb"], d["free_mb"]
+            )
+        )
+        for kind, entries in (("lease", d["leases"]), ("queued", d["queue"])):
+            for x in entries:
+                h = x["holder"]
+                print(
+                    f"  {kind:<7}{x['model']:<32} {x['mb']:>7} MB  "
+                    f"{h['host']}/{h['pid']}/{h['worker']}  expires in {x['expires_in_s']:.1f} s"
+                )
+    return 0
+
+
+def _gpu_row(
+    host: str, device: str, mode: str, capacity: object, used: object, free: object
+) -> str:
+    return f"{host[:23]:<24}{device:<10}{mode:<10}{capacity:>12}{used:>10}{free:>10}"
+
+
 def _functions() -> int:
     from bus.function import discover
 
@@ -263,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bus.embedded import ChildError
     from bus.keys import KeyError_
+    from bus.leases import LedgerUnavailableError
     from bus.nats_conn import NatsUnavailableError
     from bus.stack import StartupError, run_gateway, run_up, run_worker
     from bus.store import StoreUnavailableError
@@ -284,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda: run_worker(settings, args.function, args.concurrency))
         if args.command == "keys":
             return _run(lambda: _keys(args, settings))
+        if args.command == "gpus":
+            return _run(lambda: _gpus(args, settings))
         if args.command == "functions":
             return _functions()
         if args.command == "upload":
@@ -291,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, KeyError_, LookupError, NotDeployedError, UploadUsageError) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 2
-    except (NatsUnavailableError, StoreUnavailableError, ChildError, UploadFailedError) as exc:
+    except (
+        NatsUnavailableError,
+        StoreUnavailableError,
+        ChildError,
+        UploadFailedError,
+        LedgerUnavailableError,
+    ) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

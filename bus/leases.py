@@ -79,6 +79,7 @@ from typing import Any, Literal, TypeVar
 import nats.errors
 import nats.js.errors
 import orjson
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.settings import Settings
@@ -640,3 +641,62 @@ def _without(state: Snapshot, ids: set[str]) -> Snapshot | None:
 
 def _renewed(entries: Iterable[Lease], ids: set[str], expires: float) -> tuple[Lease, ...]:
     return tuple(replace(x, expires=expires) if x.id in ids else x for x in entries)
+
+
+# --- reading every device (status, CLI, metrics) --------------------------------------------
+
+
+def describe_device(key: str, state: Snapshot, now: float) -> dict[str, Any]:
+    """One device's live document as JSON for display (``state`` already without lapses)."""
+    d = state.device
+
+    def entry(x: Lease) -> dict[str, Any]:
+        shown = x.to_json()
+        del shown["expires"]
+        return {**shown, "expires_in_s": round(x.expires - now, 3)}
+
+    return {
+        "key": key,
+        "host": key.split(".", 1)[0],
+        "device": d.id,
+        "mode": d.mode,
+        "capacity_mb": d.capacity_mb,
+        "reserve_mb": d.reserve_mb,
+        "used_mb": state.used_mb,
+        "free_mb": state.free_mb,
+        "leases": [entry(x) for x in state.leases],
+        "queue": [entry(x) for x in state.queue],
+    }
+
+
+async def read_devices(
+    js: JetStreamContext, bucket: str, grace_s: float = DEFAULT_GRACE_S
+) -> list[dict[str, Any]]:
+    """Every device in the ledger bucket, live entries only (see the lapse rule), by key.
+
+    A bucket that does not exist yet or holds no device gives ``[]``.
+
+    Raises:
+        LedgerUnavailableError: the bucket cannot be read.
+    """
+    devices = []
+    try:
+        kv = await js.key_value(bucket)
+        keys = sorted(await kv.keys())
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                continue  # deleted since it was listed
+            if entry.value is None or entry.revision is None:
+                continue
+            now = time.time()
+            state = Snapshot.decode(entry.value, entry.revision).live(now, grace_s)
+            devices.append(describe_device(key, state, now))
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+        return []
+    except nats.errors.Error as exc:
+        raise LedgerUnavailableError(
+            f"VRAM ledger bucket {bucket!r} is unavailable: {type(exc).__name__}: {exc}"
+        ) from exc
+    return devices

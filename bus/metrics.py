@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -45,3 +48,28 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
+        self.gpu_capacity_mb = self._gpu_gauge(
+            "darkroom_gpu_capacity_mb", "Memory of a device in the VRAM lease ledger"
+        )
+        self.gpu_used_mb = self._gpu_gauge(
+            "darkroom_gpu_used_mb", "Memory held by live VRAM leases on a device"
+        )
+        self.gpu_leases = self._gpu_gauge("darkroom_gpu_leases", "Live VRAM leases on a device")
+        self.gpu_queued = self._gpu_gauge(
+            "darkroom_gpu_queued", "Requests waiting for VRAM on a device"
+        )
+
+    def _gpu_gauge(self, name: str, documentation: str) -> Gauge:
+        return Gauge(name, documentation, ["host", "device"], registry=self.registry)
+
+    def set_gpus(self, devices: Iterable[dict[str, Any]]) -> None:
+        """Replace the GPU gauges with ``devices`` (as from :func:`bus.leases.read_devices`)."""
+        gauges = (self.gpu_capacity_mb, self.gpu_used_mb, self.gpu_leases, self.gpu_queued)
+        for gauge in gauges:
+            gauge.clear()  # a device gone from the ledger drops out
+        for d in devices:
+            labels = {"host": d["host"], "device": d["device"]}
+            self.gpu_capacity_mb.labels(**labels).set(d["capacity_mb"])
+            self.gpu_used_mb.labels(**labels).set(d["used_mb"])
+            self.gpu_leases.labels(**labels).set(len(d["leases"]))
+            self.gpu_queued.labels(**labels).set(len(d["queue"]))

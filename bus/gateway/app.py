@@ -46,6 +46,16 @@ def route_table() -> list[Route]:
         ),
         Route(
             "GET",
+            "/api/status/gpus",
+            system.gpus,
+            "read",
+            "Devices in the VRAM lease ledger: capacity, live leases with models, sizes and "
+            "holders, queued requests",
+            "system",
+            responses={"503": "the lease ledger cannot be read"},
+        ),
+        Route(
+            "GET",
             "/api/dead-letters",
             system.dead_letters,
             "read",

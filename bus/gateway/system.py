@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import nats.js.errors
@@ -11,8 +12,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bus.context import Context
-from bus.gateway.problems import int_query, json_response, problem_response
+from bus.gateway.problems import Problem, int_query, json_response, problem_response
 from bus.gateway.state import CTX, FUNCTIONS
+from bus.leases import LedgerUnavailableError, read_devices
+
+log = logging.getLogger("darkroom.gateway")
 
 MAX_DEAD_LETTERS = 200
 
@@ -62,6 +66,10 @@ async def consumer_stats(ctx: Context, functions: list[str]) -> list[dict[str, A
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     await consumer_stats(ctx, request.app[FUNCTIONS])
+    try:
+        ctx.metrics.set_gpus(await read_devices(ctx.js, ctx.names.leases_kv))
+    except LedgerUnavailableError as exc:  # keep serving the other metrics
+        log.warning("GPU gauges not refreshed: %s", exc)
     return web.Response(
         body=generate_latest(ctx.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
@@ -85,6 +93,16 @@ async def status(request: web.Request) -> web.Response:
             "store": {"url": ctx.store.url, "bucket": ctx.store.bucket},
         }
     )
+
+
+async def gpus(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    try:
+        devices = await read_devices(ctx.js, ctx.names.leases_kv)
+    except LedgerUnavailableError as exc:
+        raise Problem(503, "Service Unavailable", str(exc)) from exc
+    ctx.metrics.set_gpus(devices)
+    return json_response({"devices": devices})
 
 
 async def dead_letters(request: web.Request) -> web.Response:
