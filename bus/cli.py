@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--concurrency", type=int, metavar="N", help="handler invocations in flight"
     )
+    worker.add_argument(
+        "--device",
+        metavar="DEV",
+        help="GPU functions: lease VRAM on this device only (cuda:1, cpu); "
+        "default: the device with the most free room",
+    )
 
     keys = sub.add_parser(
         "keys", help="manage API keys", description="Create, list and revoke scoped API keys."
@@ -184,6 +190,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "log_level": getattr(args, "log_level", None),
         "profile": getattr(args, "profile", None),
         "gateway": {"host": getattr(args, "host", None), "port": getattr(args, "port", None)},
+        "gpu": {"device": getattr(args, "device", None)},
     }
     if getattr(args, "nats", None):
         overrides["nats"] = {"url": args.nats}

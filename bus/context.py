@@ -23,6 +23,7 @@ from bus import streams
 from bus.function import Spec
 from bus.metrics import Metrics
 from bus.nats_conn import check_jetstream, connect
+from bus.resident import ResidentModels, open_resident_models
 from bus.settings import Settings
 from bus.store import ObjectStore
 from bus.subjects import Names
@@ -44,6 +45,7 @@ class Context:
     cpu: ThreadPoolExecutor
     metrics: Metrics
     log: logging.Logger
+    gpu: ResidentModels | None = None  # GPU functions' models, loaded under VRAM leases
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking CPU work off the event loop."""
@@ -69,6 +71,8 @@ async def open_context(
     servers = settings.nats.servers
     nc = await connect(servers, name=client_name, timeout=START_TIMEOUT_S)
     store: ObjectStore | None = None
+    ctx: Context | None = None
+    model_loads: ThreadPoolExecutor | None = None
     cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
     try:
         js = nc.jetstream(timeout=10.0)
@@ -92,8 +96,16 @@ async def open_context(
             metrics=metrics or Metrics(),
             log=logging.getLogger(f"darkroom.{client_name}"),
         )
+        if declare and any(spec.needs_gpu for spec in specs):
+            model_loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+            ctx.gpu = await open_resident_models(js, names, settings, client_name, model_loads)
         yield ctx
     finally:
+        if ctx is not None and ctx.gpu is not None:
+            await ctx.gpu.close()
+            await ctx.gpu.ledger.close()
+            if model_loads is not None:
+                model_loads.shutdown(wait=False, cancel_futures=True)
         if nc.is_connected:
             try:
                 await asyncio.wait_for(nc.drain(), 10.0)

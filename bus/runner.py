@@ -91,6 +91,8 @@ class FunctionRunner:
             capacity=1,
             on_message=self._accept_exhausted,
         )
+        if self.spec.needs_gpu and ctx.gpu is not None:
+            ctx.gpu.add_pressure_listener(self._vram_pressure)
         metrics = ctx.metrics
         self._m_outcome = {
             outcome: metrics.handled.labels(function=self.stage, outcome=outcome)
@@ -111,6 +113,13 @@ class FunctionRunner:
         # An event whose last delivery timed out (the worker crashed or hung every time) is
         # announced only by an advisory, kept in a stream until a worker dead-letters it.
         await self._exhausted.start()
+
+    def _vram_pressure(self, waiting: bool) -> None:
+        """While a model load waits for VRAM, ask for no more work (backpressure)."""
+        if waiting:
+            self._consumer.pause()
+        else:
+            self._consumer.resume()  # a stopped consumer stays stopped
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop fetching, finish in-flight work (acking it), then stop."""

@@ -1,0 +1,304 @@
+"""Models a worker keeps loaded, each under a VRAM lease (see :mod:`bus.leases`).
+
+Every load goes through a lease on the worker's device. Before asking the ledger, the cache
+makes room from its own idle models, least recently used first, so a worker that switches
+between two models that do not both fit swaps them instead of waiting on itself. The
+footprint measured after a load (the CUDA allocation delta, or parameter bytes on the CPU)
+replaces the estimate in the ledger. Unloading drops the model, empties the CUDA cache and
+releases the lease.
+
+What stays loaded follows the mode:
+
+- ``low``: unload as soon as the last user is done;
+- ``balanced``: stay loaded until idle for ``idle_ttl_s`` (or evicted to make room);
+- ``high``: stay loaded; :meth:`ResidentModels.preload` loads at start.
+
+While a load waits for memory held by others, pressure listeners are told, so the runner
+stops fetching new work (backpressure) instead of piling it up in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import math
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from nats.js import JetStreamContext
+
+from bus.leases import (
+    Holder,
+    Lease,
+    LeaseResizeError,
+    Ledger,
+    Mode,
+    discover_devices,
+    host_id,
+)
+from bus.settings import Settings
+from bus.subjects import Names
+
+log = logging.getLogger("darkroom.resident")
+M = TypeVar("M")
+MB = 1024 * 1024
+IMMEDIATE_S = 0.05  # a grant slower than this counts as waiting (backpressure)
+
+
+def measure_mb(model: Any, cuda_before: int | None = None) -> int | None:
+    """A loaded model's footprint in MB, or None when it cannot be told.
+
+    On CUDA (``cuda_before`` given) it is the growth of ``torch.cuda.memory_allocated``;
+    otherwise the bytes of a torch module's parameters and buffers (a diffusers pipeline's
+    components summed), or the length of a bytes-like model.
+    """
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        return math.ceil(len(model) / MB)
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if cuda_before is not None and torch.cuda.is_available():
+        return math.ceil(max(0, int(torch.cuda.memory_allocated()) - cuda_before) / MB)
+    modules = [model] if isinstance(model, torch.nn.Module) else []
+    components = getattr(model, "components", None)
+    if isinstance(components, dict):
+        modules += [m for m in components.values() if isinstance(m, torch.nn.Module)]
+    if not modules:
+        return None
+    total: int = sum(
+        t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers())
+    )
+    return math.ceil(total / MB)
+
+
+def _cuda_allocated() -> int | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_allocated())
+
+
+def _empty_cuda_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass(slots=True)
+class _Resident:
+    name: str
+    model: Any  # None once unloaded, so a caller's lingering reference frees nothing
+    lease: Lease
+    last_used: float
+    users: int = 0
+
+
+class ResidentModels:
+    """The models one worker holds on one device, loaded through leases."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        mode: Mode = "balanced",
+        idle_ttl_s: float = 300.0,
+        acquire_timeout_s: float = 600.0,
+        executor: Executor | None = None,
+        measure: Callable[[Any, int | None], int | None] = measure_mb,
+    ) -> None:
+        self.ledger = ledger
+        self.mode = mode
+        self.idle_ttl_s = idle_ttl_s
+        self.acquire_timeout_s = acquire_timeout_s
+        self._executor = executor
+        self._measure = measure
+        self._models: dict[str, _Resident] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+        self._room = asyncio.Lock()  # one load at a time decides what to evict
+        self._listeners: list[Callable[[bool], None]] = []
+        self._waiting = 0
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- public ----------------------------------------------------------------------------
+    @property
+    def loaded(self) -> list[str]:
+        """Loaded model names, least recently used first."""
+        return [r.name for r in sorted(self._models.values(), key=lambda r: r.last_used)]
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiting > 0
+
+    def add_pressure_listener(self, listener: Callable[[bool], None]) -> None:
+        """``listener(True)`` when a load starts waiting for memory, ``(False)`` when none is."""
+        self._listeners.append(listener)
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str, loader: Callable[[], M], estimate_mb: int) -> AsyncIterator[M]:
+        """The model ``name``, loaded with ``loader`` (blocking, run in the executor) if needed.
+
+        Raises what :meth:`Ledger.acquire` raises when the memory cannot be had in time.
+        """
+        resident = await self._get(name, loader, estimate_mb)
+        resident.users += 1
+        try:
+            yield resident.model
+        finally:
+            resident.users -= 1
+            resident.last_used = time.monotonic()
+            if self.mode == "low" and resident.users == 0:
+                await self.unload(name)
+
+    async def preload(self, name: str, loader: Callable[[], Any], estimate_mb: int) -> None:
+        """Load now so the first request does not wait (``high`` mode does this at start)."""
+        resident = await self._get(name, loader, estimate_mb)
+        resident.last_used = time.monotonic()
+
+    async def unload(self, name: str) -> None:
+        """Drop ``name`` (if loaded and unused), empty the CUDA cache, release its lease."""
+        resident = self._models.get(name)
+        if resident is None or resident.users > 0:
+            return
+        del self._models[name]
+        lease = resident.lease
+        resident.model = None
+        gc.collect()
+        _empty_cuda_cache()
+        with contextlib.suppress(Exception):  # a lapsed or unreachable ledger: nothing to free
+            await self.ledger.release(lease)
+        log.info("unloaded %s (%d MB)", name, lease.mb)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for name in list(self._models):
+            self._models[name].users = 0
+            await self.unload(name)
+
+    # --- loading ---------------------------------------------------------------------------
+    async def _get(self, name: str, loader: Callable[[], Any], estimate_mb: int) -> _Resident:
+        lock = self._loading.setdefault(name, asyncio.Lock())
+        async with lock:  # one load per model; later callers find it loaded
+            resident = self._models.get(name)
+            if resident is not None and not self.ledger.is_held(resident.lease):
+                log.warning("the lease for %s lapsed; loading it again under a new one", name)
+                resident.users = 0
+                await self.unload(name)
+                resident = None
+            if resident is None:
+                resident = await self._load(name, loader, estimate_mb)
+                self._models[name] = resident
+                self._start_reaper()
+            resident.last_used = time.monotonic()
+            return resident
+
+    async def _load(self, name: str, loader: Callable[[], Any], estimate_mb: int) -> _Resident:
+        async with self._room:
+            fits = await self._make_room(estimate_mb)
+            lease = await self._acquire(name, estimate_mb, expect_wait=not fits)
+        loop = asyncio.get_running_loop()
+        before = _cuda_allocated()
+        try:
+            model = await loop.run_in_executor(self._executor, loader)
+        except BaseException:
+            await self.ledger.release(lease)
+            raise
+        measured = self._measure(model, before)
+        if measured is not None and measured > 0 and measured != lease.mb:
+            try:
+                lease = await self.ledger.resize(lease, measured)
+            except LeaseResizeError:
+                # It needs more than was free: give it all back and queue for the real size.
+                del model
+                gc.collect()
+                _empty_cuda_cache()
+                await self.ledger.release(lease)
+                log.warning("%s needs %d MB, not the %d MB estimated", name, measured, estimate_mb)
+                return await self._load(name, loader, measured)
+        log.info("loaded %s: %d MB (estimated %d MB)", name, lease.mb, estimate_mb)
+        return _Resident(name, model, lease, time.monotonic())
+
+    async def _make_room(self, mb: int) -> bool:
+        """Evict this worker's idle models, least recently used first, until ``mb`` fits;
+        say whether it fits now (if not, the memory is held by others: we will wait)."""
+        snapshot = await self.ledger.snapshot()
+        short = mb - snapshot.free_mb
+        for resident in sorted(self._models.values(), key=lambda r: r.last_used):
+            if short <= 0:
+                break
+            if resident.users == 0:
+                short -= resident.lease.mb
+                await self.unload(resident.name)
+        return short <= 0 and not snapshot.queue
+
+    async def _acquire(self, name: str, mb: int, expect_wait: bool) -> Lease:
+        """Acquire, telling pressure listeners as soon as it is clear the grant will wait."""
+        request = asyncio.ensure_future(self.ledger.acquire(name, mb, self.acquire_timeout_s))
+        if not expect_wait:
+            try:
+                done, _ = await asyncio.wait({request}, timeout=IMMEDIATE_S)
+            except asyncio.CancelledError:
+                request.cancel()
+                raise
+            if done:
+                return request.result()
+        self._waiting += 1
+        if self._waiting == 1:
+            self._notify(True)
+        try:
+            return await request
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._notify(False)
+
+    def _notify(self, waiting: bool) -> None:
+        for listener in self._listeners:
+            listener(waiting)
+
+    # --- idle unloading --------------------------------------------------------------------
+    def _start_reaper(self) -> None:
+        if self.mode != "balanced" or (self._reaper is not None and not self._reaper.done()):
+            return
+        self._reaper = asyncio.create_task(self._reap(), name="resident-models-idle")
+
+    async def _reap(self) -> None:
+        interval = max(0.05, min(5.0, self.idle_ttl_s / 4))
+        while self._models:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for resident in list(self._models.values()):
+                if resident.users == 0 and now - resident.last_used >= self.idle_ttl_s:
+                    await self.unload(resident.name)
+
+
+async def open_resident_models(
+    js: JetStreamContext,
+    names: Names,
+    settings: Settings,
+    worker: str,
+    executor: Executor | None = None,
+) -> ResidentModels:
+    """The cache for a GPU worker: its device (pinned, else the one with the most room in
+    the ledger now), a started ledger on it, and the mode's residency settings."""
+    devices = await asyncio.to_thread(discover_devices, settings)
+    host = await asyncio.to_thread(host_id, settings.data_dir, settings.gpu.host_id)
+    kv = await js.key_value(names.leases_kv)
+    holder = Holder.here(host, worker)
+    ledgers = [Ledger(kv, d, holder, ttl_s=settings.gpu.lease_ttl_s) for d in devices]
+    room = [(await ledger.snapshot()).free_mb for ledger in ledgers]
+    ledger = ledgers[room.index(max(room))]
+    ledger.start()
+    log.info("VRAM leases on %s of host %s (mode %s)", ledger.device.id, host, settings.gpu.mode)
+    return ResidentModels(
+        ledger, mode=settings.gpu.mode, idle_ttl_s=settings.gpu.idle_ttl_s, executor=executor
+    )
