@@ -13,8 +13,9 @@ What stays loaded follows the mode:
 - ``balanced``: stay loaded until idle for ``idle_ttl_s`` (or evicted to make room);
 - ``high``: stay loaded; :meth:`ResidentModels.preload` loads at start.
 
-While a load waits for memory held by others, pressure listeners are told, so the runner
-stops fetching new work (backpressure) instead of piling it up in flight.
+While a load asks for memory (and above all while it waits for memory held by others),
+pressure listeners are told, so the runner stops fetching new work (backpressure) instead
+of piling it up in flight.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from bus.subjects import Names
 log = logging.getLogger("darkroom.resident")
 M = TypeVar("M")
 MB = 1024 * 1024
-IMMEDIATE_S = 0.05  # a grant slower than this counts as waiting (backpressure)
 
 
 def measure_mb(model: Any, cuda_before: int | None = None) -> int | None:
@@ -133,10 +133,12 @@ class ResidentModels:
 
     @property
     def waiting(self) -> bool:
+        """A load is making room or waiting for its lease."""
         return self._waiting > 0
 
     def add_pressure_listener(self, listener: Callable[[bool], None]) -> None:
-        """``listener(True)`` when a load starts waiting for memory, ``(False)`` when none is."""
+        """``listener(True)`` when a load starts asking for memory, ``(False)`` when no load is
+        (a prompt grant gives a brief True/False pair)."""
         self._listeners.append(listener)
 
     @contextlib.asynccontextmanager
@@ -202,9 +204,7 @@ class ResidentModels:
             return resident
 
     async def _load(self, name: str, loader: Callable[[], Any], estimate_mb: int) -> _Resident:
-        async with self._room:
-            fits = await self._make_room(estimate_mb)
-            lease = await self._acquire(name, estimate_mb, expect_wait=not fits)
+        lease = await self._acquire(name, estimate_mb)
         loop = asyncio.get_running_loop()
         before = _cuda_allocated()
         try:
@@ -227,35 +227,30 @@ class ResidentModels:
         log.info("loaded %s: %d MB (estimated %d MB)", name, lease.mb, estimate_mb)
         return _Resident(name, model, lease, time.monotonic())
 
-    async def _make_room(self, mb: int) -> bool:
-        """Evict this worker's idle models, least recently used first, until ``mb`` fits;
-        say whether it fits now (if not, the memory is held by others: we will wait)."""
+    async def _make_room(self, mb: int) -> None:
+        """Evict this worker's idle models, least recently used first, until ``mb`` fits."""
         snapshot = await self.ledger.snapshot()
         short = mb - snapshot.free_mb
         for resident in sorted(self._models.values(), key=lambda r: r.last_used):
             if short <= 0:
-                break
+                return
             if resident.users == 0:
                 short -= resident.lease.mb
                 await self.unload(resident.name)
-        return short <= 0 and not snapshot.queue
 
-    async def _acquire(self, name: str, mb: int, expect_wait: bool) -> Lease:
-        """Acquire, telling pressure listeners as soon as it is clear the grant will wait."""
-        request = asyncio.ensure_future(self.ledger.acquire(name, mb, self.acquire_timeout_s))
-        if not expect_wait:
-            try:
-                done, _ = await asyncio.wait({request}, timeout=IMMEDIATE_S)
-            except asyncio.CancelledError:
-                request.cancel()
-                raise
-            if done:
-                return request.result()
+    async def _acquire(self, name: str, mb: int) -> Lease:
+        """Make room and take the lease, with pressure listeners told for the whole time.
+
+        Pressure starts before the first ledger round trip, so a worker fetches nothing
+        more from the moment it knows it needs memory; a prompt grant ends it at once.
+        """
         self._waiting += 1
         if self._waiting == 1:
             self._notify(True)
         try:
-            return await request
+            async with self._room:
+                await self._make_room(mb)
+                return await self.ledger.acquire(name, mb, self.acquire_timeout_s)
         finally:
             self._waiting -= 1
             if self._waiting == 0:

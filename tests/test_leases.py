@@ -189,7 +189,8 @@ async def test_a_waiter_times_out_with_a_clear_error_and_leaves_no_ticket(ledger
 
 
 async def test_a_cancelled_waiter_leaves_no_ticket(ledgers: Any) -> None:
-    owner, waiter = ledgers("owner"), ledgers("waiter")
+    # A long TTL: on a starved machine a late heartbeat must not lapse the ticket under test.
+    owner, waiter = ledgers("owner", ttl_s=10), ledgers("waiter", ttl_s=10)
     await owner.acquire("big", 800, timeout=1)
     task = asyncio.create_task(waiter.acquire("small", 100, timeout=10))
 
