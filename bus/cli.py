@@ -266,7 +266,7 @@ async def _gpus(args: argparse.Namespace, settings: Settings) -> int:
                 h = x["holder"]
                 print(
                     f"  {kind:<7}{x['model']:<32} {x['mb']:>7} MB  "
-                    f"{h['host']}/{h['pid']}/{h['worker']}  expires in {x['expires_in_s']:.1f} s"
+                    f"{h['host']}/{h['pid']}/{h['worker']}  for {x['age_s'] or 0:.0f} s"
                 )
     return 0
 

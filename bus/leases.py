@@ -187,6 +187,7 @@ class Lease:
     model: str
     mb: int
     expires: float
+    since: float = 0.0  # wall-clock time it was granted (a lease) or queued (a request)
 
     def to_json(self) -> dict[str, Any]:
         h = self.holder
@@ -196,6 +197,7 @@ class Lease:
             "model": self.model,
             "mb": self.mb,
             "expires": self.expires,
+            "since": self.since,
         }
 
     @classmethod
@@ -207,6 +209,7 @@ class Lease:
             model=str(doc["model"]),
             mb=int(doc["mb"]),
             expires=float(doc["expires"]),
+            since=float(doc.get("since", 0.0)),
         )
 
     def describe(self) -> str:
@@ -511,7 +514,7 @@ class Ledger:
             return None
         fits = state.used_mb + request.mb <= self.device.usable_mb
         queued = [x.id for x in state.queue]
-        granted = replace(request, expires=now + self.ttl_s)
+        granted = replace(request, expires=now + self.ttl_s, since=now)
         if request.id not in queued:  # first try, or the request lapsed: (re)join
             if not queued and fits:
                 return replace(state, leases=(*state.leases, granted))
@@ -652,8 +655,9 @@ def describe_device(key: str, state: Snapshot, now: float) -> dict[str, Any]:
 
     def entry(x: Lease) -> dict[str, Any]:
         shown = x.to_json()
-        del shown["expires"]
-        return {**shown, "expires_in_s": round(x.expires - now, 3)}
+        del shown["expires"], shown["since"]
+        age = round(now - x.since, 3) if x.since else None
+        return {**shown, "age_s": age, "expires_in_s": round(x.expires - now, 3)}
 
     return {
         "key": key,

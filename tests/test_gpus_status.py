@@ -18,6 +18,8 @@ from tests.conftest import unique
 from tests.support import procs
 from tests.support.http import auth
 
+MOVING = {"expires_in_s", "age_s"}  # they change between two reads
+
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
 CAPACITY, RESERVE = 1000, 200
@@ -68,12 +70,12 @@ async def gauges(
 
 
 def without_timing(devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The devices with ``expires_in_s`` left out (it moves between two reads)."""
+    """The devices with ``expires_in_s`` and ``age_s`` left out (they move between reads)."""
     return [
         {
             **d,
-            "leases": [{k: v for k, v in x.items() if k != "expires_in_s"} for x in d["leases"]],
-            "queue": [{k: v for k, v in x.items() if k != "expires_in_s"} for x in d["queue"]],
+            "leases": [{k: v for k, v in x.items() if k not in MOVING} for x in d["leases"]],
+            "queue": [{k: v for k, v in x.items() if k not in MOVING} for x in d["queue"]],
         }
         for d in devices
     ]
@@ -119,6 +121,7 @@ async def check_listed_until_released(
     assert shown["blip-base"]["holder"] == {"host": host, "pid": a.holder.pid, "worker": "caption"}
     assert shown["sdxl-turbo"]["holder"]["worker"] == "generate"
     assert all(0 < x["expires_in_s"] <= 10 for x in device["leases"])
+    assert all(0 <= x["age_s"] < 30 for x in device["leases"])
 
     cli = await devices_from_cli(env)
     assert without_timing(cli) == without_timing([device])

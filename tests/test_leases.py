@@ -121,7 +121,7 @@ async def test_grants_within_capacity_and_releases(ledgers: Any) -> None:
     assert seen.lease(first.id).holder == a.holder  # type: ignore[union-attr]
     raw = orjson.loads((await a.kv.get(a.key)).value)
     assert raw["capacity_mb"] == CAPACITY and raw["reserve_mb"] == RESERVE
-    assert set(raw["leases"][0]) == {"id", "holder", "model", "mb", "expires"}
+    assert set(raw["leases"][0]) == {"id", "holder", "model", "mb", "expires", "since"}
     await a.release(first)
     assert (await b.snapshot()).used_mb == 500
     assert not a.is_held(first) and b.is_held(second)
