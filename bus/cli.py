@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bus.embedded import ChildError
     from bus.keys import KeyError_
-    from bus.leases import LedgerUnavailableError
+    from bus.leases import LeaseError, LedgerUnavailableError
     from bus.nats_conn import NatsUnavailableError
     from bus.stack import StartupError, run_gateway, run_up, run_worker
     from bus.store import StoreUnavailableError
@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 1
+    except LeaseError as exc:  # e.g. --device names a GPU this host does not have
+        print(f"darkroom: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")

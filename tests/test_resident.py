@@ -28,6 +28,7 @@ from bus.resident import MB, ResidentModels
 from bus.runner import FunctionRunner
 from bus.settings import GpuSettings, Settings
 from tests.conftest import unique
+from tests.support import procs
 from tests.support.streams import read_subject
 
 pytestmark = [pytest.mark.nats]
@@ -199,3 +200,12 @@ async def test_a_gpu_worker_waiting_for_vram_stops_fetching(settings: Settings) 
         finally:
             await runner.drain(timeout=5)
             await other.close()
+
+
+@pytest.mark.s3
+async def test_a_worker_pinned_to_a_missing_gpu_says_so(subprocess_env: dict[str, str]) -> None:
+    proc = await procs.start(
+        ["worker", "tests.support.fn_gpu", "--device", "cuda:1"], subprocess_env
+    )
+    assert await proc.wait(timeout=60) == 2
+    assert "gpu.device is 'cuda:1', but this host has" in proc.output
