@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 ML_STAMP := $(VENV)/.installed-ml
 TORCH ?= torch==2.13.0
 
-.PHONY: run test test-fast lint format bench bench-chain bench-ingest install install-ml clean
+.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases install install-ml clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,13 +46,16 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-chain bench-ingest
+bench: bench-chain bench-ingest bench-leases
 
 bench-chain: install
 	$(BIN)/python -m tests.bench.bench_chain $(ARGS)
 
 bench-ingest: install
 	$(BIN)/python -m tests.bench.bench_ingest $(ARGS)
+
+bench-leases: install
+	$(BIN)/python -m tests.bench.bench_leases $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

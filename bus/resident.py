@@ -84,9 +84,14 @@ def _cuda_allocated() -> int | None:
     return int(torch.cuda.memory_allocated())
 
 
-def _empty_cuda_cache() -> None:
+def _collect() -> None:
+    """Free a dropped model now. Plain objects go with their last reference; torch models
+    can hold reference cycles, so collect those, then hand cached CUDA blocks back."""
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch is None:
+        return
+    gc.collect()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -170,8 +175,7 @@ class ResidentModels:
         del self._models[name]
         lease = resident.lease
         resident.model = None
-        gc.collect()
-        _empty_cuda_cache()
+        _collect()
         with contextlib.suppress(Exception):  # a lapsed or unreachable ledger: nothing to free
             await self.ledger.release(lease)
         log.info("unloaded %s (%d MB)", name, lease.mb)
@@ -207,8 +211,10 @@ class ResidentModels:
         lease = await self._acquire(name, estimate_mb)
         loop = asyncio.get_running_loop()
         before = _cuda_allocated()
+        box: list[Any] = []  # the executor's futures then hold None, never the model
         try:
-            model = await loop.run_in_executor(self._executor, loader)
+            await loop.run_in_executor(self._executor, lambda: box.append(loader()))
+            model = box.pop()
         except BaseException:
             await self.ledger.release(lease)
             raise
@@ -219,8 +225,7 @@ class ResidentModels:
             except LeaseResizeError:
                 # It needs more than was free: give it all back and queue for the real size.
                 del model
-                gc.collect()
-                _empty_cuda_cache()
+                _collect()
                 await self.ledger.release(lease)
                 log.warning("%s needs %d MB, not the %d MB estimated", name, measured, estimate_mb)
                 return await self._load(name, loader, measured)

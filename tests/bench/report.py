@@ -1,8 +1,11 @@
-"""What the benchmarks share: percentiles, JSON-friendly rounding, the final JSON line."""
+"""What the benchmarks share: percentiles, JSON-friendly rounding and display, the load
+average, the final JSON line."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +27,18 @@ def percentile(values: list[float], q: float) -> float:
 def rounded(value: float, digits: int = 3) -> float | None:
     """``value`` rounded for a JSON report; None when it is NaN or infinite."""
     return round(value, digits) if math.isfinite(value) else None
+
+
+def shown(value: Any, unit: str = "") -> str:
+    """A summary figure for people: ``n/a`` when the report has none."""
+    return "n/a" if value is None else f"{value:g}{unit}"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none): read figures next to it."""
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0], 2)
+    return None
 
 
 def run_and_report(benchmark: Callable[[], dict[str, Any]]) -> int:
