@@ -120,6 +120,9 @@ class Child:
         self.tail: collections.deque[str] = collections.deque(maxlen=30)
         self._reader: asyncio.Task[None] | None = None
         self._line_waiters: list[tuple[re.Pattern[str], asyncio.Future[re.Match[str]]]] = []
+        # Lines since the last start, kept until it is ready: the output may be read before
+        # a readiness check starts waiting for it (a loaded machine, a fast child).
+        self._since_start: list[str] | None = None
         self.stopping = False
 
     def command(self) -> tuple[list[str], dict[str, str]]:
@@ -140,6 +143,7 @@ class Child:
             preexec_fn=_death_signal(_prctl()),
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
         )
+        self._since_start = []
         self._reader = asyncio.create_task(self._read_output(), name=f"{self.name}-output")
         try:
             await asyncio.wait_for(self.wait_ready(), READY_TIMEOUT_S)
@@ -152,6 +156,8 @@ class Child:
         except ChildError:
             await self.stop()
             raise
+        finally:
+            self._since_start = None
 
     async def _read_output(self) -> None:
         # Read in chunks, not lines: one very long line must never stop the draining,
@@ -175,14 +181,21 @@ class Child:
 
     def _saw_line(self, text: str) -> None:
         self.tail.append(text[:2000])
+        if self._since_start is not None:
+            self._since_start.append(text[:2000])
         for pattern, future in list(self._line_waiters):
             match = pattern.search(text)
             if match and not future.done():
                 future.set_result(match)
 
     async def wait_for_line(self, pattern: str) -> re.Match[str]:
+        """The first line matching ``pattern`` since this start (already seen, or to come)."""
+        compiled = re.compile(pattern)
+        for line in self._since_start or ():
+            if match := compiled.search(line):
+                return match
         future: asyncio.Future[re.Match[str]] = asyncio.get_running_loop().create_future()
-        entry = (re.compile(pattern), future)
+        entry = (compiled, future)
         self._line_waiters.append(entry)
         try:
             return await future

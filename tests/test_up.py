@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bus.embedded import Child
 from tests.support import procs
 from tests.support.images import jpeg
 
@@ -203,3 +204,25 @@ async def test_a_server_that_keeps_dying_stops_darkroom_with_exit_code_3(tmp_pat
     assert "nats-server died 4 times within 60 s" in proc.output
     assert time.monotonic() - started < 45, "giving up must not wait out long drains"
     assert procs.pids_of(str(data_dir)) == []
+
+
+async def test_a_child_ready_before_anyone_waits_is_still_seen_ready(tmp_path: Path) -> None:
+    """The readiness line may be read before the check starts waiting for it (on a loaded
+    machine this made a restarted nats-server look dead for READY_TIMEOUT_S)."""
+
+    class Quick(Child):
+        name = "quick"
+
+        def command(self) -> tuple[list[str], dict[str, str]]:
+            return ["/bin/sh", "-c", "echo 'listening on port 4321'; exec sleep 30"], {}
+
+        async def wait_ready(self) -> None:
+            await asyncio.sleep(0.5)  # the line is read meanwhile
+            match = await self.wait_for_line(r"listening on port (\d+)")
+            assert match.group(1) == "4321"
+
+    child = Quick(tmp_path / "quick.log")
+    try:
+        await asyncio.wait_for(child.start(), 5)
+    finally:
+        await child.stop()
