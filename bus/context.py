@@ -43,6 +43,7 @@ class Context:
     api_keys: KeyValue
     digests: KeyValue  # sha256 of an original → its image id (duplicate uploads)
     cpu: ThreadPoolExecutor
+    interactive: ThreadPoolExecutor
     metrics: Metrics
     log: logging.Logger
     gpu: ResidentModels | None = None  # GPU functions' models, loaded under VRAM leases
@@ -50,6 +51,11 @@ class Context:
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking CPU work off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+
+    async def run_interactive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU work someone is waiting on (checking an upload) on threads of its own, so
+        it never queues behind a burst of function work in the same process."""
+        return await asyncio.get_running_loop().run_in_executor(self.interactive, fn, *args)
 
 
 @asynccontextmanager
@@ -74,6 +80,7 @@ async def open_context(
     ctx: Context | None = None
     model_loads: ThreadPoolExecutor | None = None
     cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
+    interactive = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interactive")
     try:
         js = nc.jetstream(timeout=10.0)
         await check_jetstream(js, servers)
@@ -93,6 +100,7 @@ async def open_context(
             api_keys=await js.key_value(names.keys_kv),
             digests=await js.key_value(names.digests_kv),
             cpu=cpu,
+            interactive=interactive,
             metrics=metrics or Metrics(),
             log=logging.getLogger(f"darkroom.{client_name}"),
         )
@@ -116,3 +124,4 @@ async def open_context(
         if store is not None:
             store.close()
         cpu.shutdown(wait=False, cancel_futures=True)
+        interactive.shutdown(wait=False, cancel_futures=True)

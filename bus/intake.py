@@ -89,7 +89,7 @@ async def accept_upload(
     except StoreBusyError as exc:
         raise UploadRejectedError(503, str(exc)) from None
     try:
-        checked = await ctx.run_cpu(check_file, spool.file, limits)
+        checked = await ctx.run_interactive(check_file, spool.file, limits)
         extra = {**(extra or {}), **await _apply_gps_policy(ctx, spool, checked)}
         image_id = new_id()
         name = safe_name(filename, kind.extension)
@@ -132,11 +132,11 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
         except ObjectMissingError:
             raise UploadRejectedError(409, f"the upload for {image_id} vanished") from None
         try:
-            checked = await ctx.run_cpu(check_file, spool.file, limits)
+            checked = await ctx.run_interactive(check_file, spool.file, limits)
         except UploadRejectedError:
             await ctx.store.delete(key)
             raise
-        spool.sha256 = await ctx.run_cpu(hash_file, spool.file)
+        spool.sha256 = await ctx.run_interactive(hash_file, spool.file)
         name = key.rsplit("/", 1)[-1]
         existing = await _claim(ctx, spool.sha256, image_id, key)
         if existing is not None and existing != image_id:

@@ -138,7 +138,7 @@ async def _read_capped(request: web.Request, limit: int) -> bytes:
 async def _json_object(ctx: Context, request: web.Request) -> dict[str, Any]:
     raw = await _read_capped(request, json_limit(ctx.settings.ingest.max_bytes))
     try:
-        body = await ctx.run_cpu(orjson.loads, raw)
+        body = await ctx.run_interactive(orjson.loads, raw)
     except orjson.JSONDecodeError as exc:
         raise Problem(400, "Malformed JSON", str(exc)) from None
     if not isinstance(body, dict):
@@ -162,7 +162,7 @@ async def _from_json(ctx: Context, request: web.Request) -> tuple[Accepted, str 
         if not isinstance(data, str):
             raise _invalid("'data' must be a base64 string")
         try:
-            decoded = await ctx.run_cpu(decode_base64, data)
+            decoded = await ctx.run_interactive(decode_base64, data)
         except ValueError as exc:
             raise _invalid(str(exc)) from None
         del data  # the text is as big as the image: let it go before the upload runs
