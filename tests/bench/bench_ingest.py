@@ -118,7 +118,7 @@ from PIL import ExifTags, Image, ImageChops, ImageFilter, ImageOps, ImageStat, f
 from bus.settings import IngestSettings
 from functions.ingest.imaging import Options as IngestOptions
 from functions.ingest.imaging import derive
-from tests.bench.report import percentile, rounded, run_and_report
+from tests.bench.report import load_average, percentile, rounded, run_and_report, shown
 from tests.support import procs
 
 SIZES = (2048, 1024, 256)
@@ -664,65 +664,55 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _fmt(value: Any, unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:g}{unit}"
-
-
 def print_summary(s: dict[str, Any]) -> None:
     print()
     print(f"Summary ({s['machine']['cpu_count']} CPUs, Pillow {s['machine']['pillow']}):")
     if "images_per_s" in s:
         print(
-            f"  per core    darkroom {_fmt(s['images_per_s'])} images/s, "
-            f"naive {_fmt(s['naive_images_per_s'])} (x{_fmt(s['speedup'])}, median pair "
-            f"x{_fmt(s['speedup_median_pair'])}), naive_once "
-            f"{_fmt(s['naive_once_images_per_s'])} (x{_fmt(s['speedup_vs_naive_once'])}), "
-            f"pyvips {_fmt(s['pyvips_images_per_s'])} ({s['pyvips_note']})"
+            f"  per core    darkroom {shown(s['images_per_s'])} images/s, "
+            f"naive {shown(s['naive_images_per_s'])} (x{shown(s['speedup'])}, median pair "
+            f"x{shown(s['speedup_median_pair'])}), naive_once "
+            f"{shown(s['naive_once_images_per_s'])} (x{shown(s['speedup_vs_naive_once'])}), "
+            f"pyvips {shown(s['pyvips_images_per_s'])} ({s['pyvips_note']})"
         )
         sizes = s["bytes_per_image"]
         print(
             f"  output      darkroom {sizes['darkroom']:,} B/image, naive {sizes['naive']:,} "
-            f"(x{_fmt(s['bytes_ratio'])}; WebP method 0 over 4 on the same pixels "
-            f"x{_fmt(s['method0_bytes_ratio'])}); thumb-256 PSNR against naive "
-            f"{_fmt(s['thumb256_psnr_db'], ' dB')}"
+            f"(x{shown(s['bytes_ratio'])}; WebP method 0 over 4 on the same pixels "
+            f"x{shown(s['method0_bytes_ratio'])}); thumb-256 PSNR against naive "
+            f"{shown(s['thumb256_psnr_db'], ' dB')}"
         )
         px = ", ".join(f"{v} {'/'.join(sizes)}" for v, sizes in s["rendition_px"].items())
         print(f"  renditions  {px}")
         for variant, by_name in s["psnr_vs_reference_db"].items():
-            listed = ", ".join(f"{name} {_fmt(db, ' dB')}" for name, db in by_name.items())
+            listed = ", ".join(f"{name} {shown(db, ' dB')}" for name, db in by_name.items())
             print(f"  vs ref      {variant:<9} {listed}")
     if "e2e_uploads_per_s" in s:
         print(
-            f"  end to end  {s['e2e_n']} uploads of {_fmt(s['input_mb'], ' MB')}, "
-            f"{s['e2e_inflight']} in flight: accepted {_fmt(s['e2e_uploads_per_s'])}/s, "
-            f"ingested {_fmt(s['e2e_ingested_per_s'])}/s"
+            f"  end to end  {s['e2e_n']} uploads of {shown(s['input_mb'], ' MB')}, "
+            f"{s['e2e_inflight']} in flight: accepted {shown(s['e2e_uploads_per_s'])}/s, "
+            f"ingested {shown(s['e2e_ingested_per_s'])}/s"
         )
         print(
-            f"              upload->ingested p50 {_fmt(s['e2e_p50_ms'], ' ms')}, "
-            f"p95 {_fmt(s['e2e_p95_ms'], ' ms')}, max {_fmt(s['e2e_max_ms'], ' ms')}; "
-            f"accept p50 {_fmt(s['upload_p50_ms'], ' ms')}, p95 {_fmt(s['upload_p95_ms'], ' ms')}"
+            f"              upload->ingested p50 {shown(s['e2e_p50_ms'], ' ms')}, "
+            f"p95 {shown(s['e2e_p95_ms'], ' ms')}, max {shown(s['e2e_max_ms'], ' ms')}; "
+            f"accept p50 {shown(s['upload_p50_ms'], ' ms')}, p95 {shown(s['upload_p95_ms'], ' ms')}"
         )
-        cpu = ", ".join(f"{k} {_fmt(v, ' s')}" for k, v in s["e2e_cpu_s_per_image"].items())
+        cpu = ", ".join(f"{k} {shown(v, ' s')}" for k, v in s["e2e_cpu_s_per_image"].items())
         print(
             f"              unloaded ({s['e2e_unloaded_n']} one at a time): upload->ingested "
-            f"p50 {_fmt(s['e2e_unloaded_p50_ms'], ' ms')}, "
-            f"max {_fmt(s['e2e_unloaded_max_ms'], ' ms')}; "
-            f"accept p50 {_fmt(s['upload_unloaded_p50_ms'], ' ms')}"
+            f"p50 {shown(s['e2e_unloaded_p50_ms'], ' ms')}, "
+            f"max {shown(s['e2e_unloaded_max_ms'], ' ms')}; "
+            f"accept p50 {shown(s['upload_unloaded_p50_ms'], ' ms')}"
         )
         print(f"              CPU per image: {cpu}")
-        spent = ", ".join(f"{k} {_fmt(v, ' ms')}" for k, v in s["e2e_handler_mean_ms"].items())
+        spent = ", ".join(f"{k} {shown(v, ' ms')}" for k, v in s["e2e_handler_mean_ms"].items())
         print(f"              mean time in handler: {spent}")
     print(f"  whole run   {s['elapsed_s']:.1f} s")
 
 
-def _load() -> float | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return round(os.getloadavg()[0], 2)
-    return None
-
-
 def run(opts: BenchOptions) -> dict[str, Any]:
-    started, load_before = time.perf_counter(), _load()
+    started, load_before = time.perf_counter(), load_average()
     print(f"inputs: {opts.images} synthetic 12 MP JPEGs, cached in {opts.cache_dir}", flush=True)
     photos = base_photos(opts.images, opts.cache_dir)
     summary: dict[str, Any] = {}
@@ -737,7 +727,7 @@ def run(opts: BenchOptions) -> dict[str, Any]:
             "rounds": opts.rounds,
             "per_round": opts.per_round,
             "input_mb": rounded(statistics.fmean(len(p) for p in photos) / 1e6, 2),
-            "machine": {**machine(), "load_avg_1m": [load_before, _load()]},
+            "machine": {**machine(), "load_avg_1m": [load_before, load_average()]},
             "elapsed_s": round(time.perf_counter() - started, 1),
         }
     )
