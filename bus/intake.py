@@ -11,7 +11,9 @@ Every entry point (multipart, presigned PUT + complete, webhook, CLI) ends here:
    ``uploaded`` event published. The upload is accepted once the event's PubAck is back.
 
 A rejected upload stores nothing. A failure after the claim takes the claim and the object
-back, so the client can simply retry.
+back, so the client can simply retry. If the process dies between storing and announcing,
+the claim stays "pending": the next upload of the same bytes (after PENDING_CLAIM_S)
+announces the stored original instead of storing the bytes again.
 """
 
 from __future__ import annotations
@@ -94,9 +96,15 @@ async def accept_upload(
         image_id = new_id()
         name = safe_name(filename, kind.extension)
         key = subjects.upload_key(image_id, name)
-        existing = await _claim(ctx, spool.sha256, image_id, key)
-        if existing is not None:
-            return Accepted(existing, name, spool.size, kind.mime, spool.sha256, duplicate=True)
+        held = await _claim(ctx, spool.sha256, image_id, key)
+        if held is not None:
+            if held.orphan is not None:
+                await _announce(
+                    ctx, held.image_id, held.orphan, checked, spool.sha256, filename, source, extra
+                )
+            return Accepted(
+                held.image_id, name, spool.size, kind.mime, spool.sha256, duplicate=True
+            )
         try:
             ref = await _store(ctx, key, spool, kind.mime)
             await _announce(ctx, image_id, ref, checked, spool.sha256, filename, source, extra)
@@ -138,11 +146,15 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
             raise
         spool.sha256 = await ctx.run_interactive(hash_file, spool.file)
         name = key.rsplit("/", 1)[-1]
-        existing = await _claim(ctx, spool.sha256, image_id, key)
-        if existing is not None and existing != image_id:
+        held = await _claim(ctx, spool.sha256, image_id, key)
+        if held is not None and held.image_id != image_id:
             await ctx.store.delete(key)
+            if held.orphan is not None:
+                await _announce(
+                    ctx, held.image_id, held.orphan, checked, spool.sha256, name, source, None
+                )
             return Accepted(
-                existing, name, spool.size, checked.kind.mime, spool.sha256, duplicate=True
+                held.image_id, name, spool.size, checked.kind.mime, spool.sha256, duplicate=True
             )
         try:
             extra = await _apply_gps_policy(ctx, spool, checked)
@@ -246,8 +258,17 @@ def _claim_value(image_id: str, key: str, state: str) -> bytes:
     return orjson.dumps({"image_id": image_id, "key": key, "state": state, "at": time.time()})
 
 
-async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> str | None:
-    """Claim ``sha256`` for ``image_id``; return the id that already holds it, if any."""
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """Who holds a digest already; ``orphan`` is set when its upload died after storing the
+    original and before announcing it (the original is there, no event ever was)."""
+
+    image_id: str
+    orphan: ObjectRef | None = None
+
+
+async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | None:
+    """Claim ``sha256`` for ``image_id``; say who already holds it, if anyone."""
     mine = _claim_value(image_id, key, "pending")
     try:
         for _ in range(5):
@@ -261,12 +282,18 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> str | No
             except nats.js.errors.KeyNotFoundError:
                 continue  # released meanwhile: try to create it again
             held = orjson.loads(entry.value or b"{}")
-            if held.get("image_id") == image_id:
-                return image_id
+            holder = str(held.get("image_id", ""))
+            if holder == image_id:
+                return _Held(image_id)
             fresh = time.time() - float(held.get("at", 0)) < PENDING_CLAIM_S
             if held.get("state") == "published" or fresh:
-                return str(held["image_id"])
-            try:  # a pending claim from an upload that died: take it over
+                return _Held(holder)
+            # A pending claim from an upload that died. If its original made it to the
+            # store, these bytes are that image: announce it instead of storing them again.
+            stored = await _store_call(ctx.store.stat(str(held.get("key", ""))))
+            if stored is not None and subjects.is_safe_id(holder):
+                return _Held(holder, orphan=stored)
+            try:  # nothing was stored: take the claim over
                 await ctx.digests.update(sha256, mine, last=entry.revision)
                 return None
             except nats.js.errors.KeyWrongLastSequenceError:

@@ -7,17 +7,19 @@ import asyncio
 import dataclasses
 import hashlib
 import io
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from bus import subjects
 from bus.context import Context
-from bus.envelope import Event, now_iso
+from bus.envelope import Event, new_id, now_iso
 from bus.intake import accept_upload
 from tests.support import corpus
 from tests.support.http import auth, form
@@ -242,3 +244,25 @@ async def test_originals_can_be_stored_without_their_location(ctx: Context) -> N
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def test_an_original_stored_by_an_upload_that_died_is_announced_by_the_next(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    """The gateway died between storing an original and announcing it: its claim is still
+    "pending" and old. The same bytes uploaded again make that image, stored once."""
+    photo = jpeg(300, 200, (90, 10, 200))
+    orphan_id = new_id()
+    key = f"uploads/{orphan_id}/lost.jpg"
+    await ctx.store.put_bytes(key, photo, "image/jpeg")
+    claim = {"image_id": orphan_id, "key": key, "state": "pending", "at": time.time() - 3600}
+    await ctx.digests.create(hashlib.sha256(photo).hexdigest(), orjson.dumps(claim))
+    response = await client.post(
+        "/api/uploads", data=form(("again.jpg", photo)), headers=auth(admin)
+    )
+    assert response.status == 200
+    [result] = (await response.json())["results"]
+    assert result["id"] == orphan_id and result["duplicate"] is True
+    doc = await wait_ready(client, admin, orphan_id)
+    assert doc["ingest"]["width"] == 300
+    assert await ctx.store.list_keys("uploads/") == [key]
