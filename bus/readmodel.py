@@ -25,9 +25,10 @@ from bus.kvmirror import KvMirror
 log = logging.getLogger("darkroom.readmodel")
 
 # Stages of an image's life, in order; the status is the furthest one reached.
-STAGES = (subjects.UPLOADED, subjects.INGESTED, subjects.CAPTIONED)
+STAGES = (subjects.UPLOADED, subjects.GENERATED, subjects.INGESTED, subjects.CAPTIONED)
 STATUS_BY_STAGE = {
     subjects.UPLOADED: "uploaded",
+    subjects.GENERATED: "uploaded",  # a generated image starts its life like an upload
     subjects.INGESTED: "ingested",
     subjects.CAPTIONED: "ready",
 }
@@ -54,13 +55,13 @@ def apply_event(doc: dict[str, Any] | None, event: Event) -> dict[str, Any]:
     doc = dict(doc) if doc else {"id": image_id, "stages": {}, "tags": []}
     doc["stages"] = dict(doc.get("stages", {}))
     topic = event.type
-    if topic == subjects.UPLOADED:
+    if topic in (subjects.UPLOADED, subjects.GENERATED):
         doc["stages"][topic] = event.time
         doc["created"] = event.time
         doc["name"] = event.data.get("name", "")
         if event.object is not None:
             doc["original"] = event.object.to_dict()
-        for key in ("sha256", "source", "original_name", "hook", "gps_removed"):
+        for key in ("sha256", "source", "original_name", "hook", "gps_removed", "lineage"):
             if key in event.data:
                 doc[key] = event.data[key]
     elif topic == subjects.INGESTED:

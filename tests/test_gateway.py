@@ -149,7 +149,7 @@ async def test_a_corrupt_original_that_bypassed_the_gateway_fails_visibly(
     )
     event = Event(
         id=f"uploaded-{image_id}",
-        type="darkroom.uploaded",
+        type="uploaded",
         source="darkroom/test",
         time=now_iso(),
         subject=image_id,

@@ -206,7 +206,7 @@ async def test_generated_images_are_ingested_with_their_lineage(
     lineage = {"job_id": "job1", "prompt": "a red square", "parent_id": None, "seed": 7}
     event = Event(
         id="generated-job1-0",
-        type=f"darkroom.{subjects.GENERATED}",
+        type=subjects.GENERATED,
         source="darkroom/generate",
         time=now_iso(),
         subject=image_id,
@@ -222,6 +222,9 @@ async def test_generated_images_are_ingested_with_their_lineage(
     info = await ctx.store.get_json(subjects.image_key(image_id, subjects.INGEST_DOC))
     assert info["lineage"] == lineage and info["original"]["key"] == "generated/job1/0.png"
     assert info["renditions"]["display"]["width"] == 512
+    doc = await wait_ready(client, admin, image_id)  # in the gallery like an upload
+    assert doc["lineage"] == lineage and doc["original"]["key"] == "generated/job1/0.png"
+    assert doc["created"] == event.time and "generated" in doc["stages"]
 
 
 async def test_originals_can_be_stored_without_their_location(ctx: Context) -> None:

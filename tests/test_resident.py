@@ -177,9 +177,7 @@ async def test_a_gpu_worker_waiting_for_vram_stops_fetching(settings: Settings) 
         other = Ledger(kv, Device("cpu", CAPACITY, 0), Holder.here(host, "other"), ttl_s=2)
         hog = await other.acquire("hog", 90, timeout=2)
         for n in range(10):
-            event = Event(
-                id=f"g{n}", type="darkroom.gwork", source="test", time=now_iso(), data={"n": n}
-            )
+            event = Event(id=f"g{n}", type="gwork", source="test", time=now_iso(), data={"n": n})
             await ctx.js.publish(ctx.names.subject("gwork"), event.encode())
         runner = FunctionRunner(fn, ctx)
         await runner.start()

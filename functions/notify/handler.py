@@ -12,6 +12,7 @@ SPEC = Spec(
     name="notify",
     listens=(
         subjects.UPLOADED,
+        subjects.GENERATED,
         subjects.INGESTED,
         subjects.CAPTIONED,
         f"{subjects.FAILED}.>",
