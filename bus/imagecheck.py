@@ -26,7 +26,8 @@ Image.MAX_IMAGE_PIXELS = None
 MAX_SIDE = 65535
 SNIFF_BYTES = 32
 _PILLOW_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "GIF": "GIF", "WEBP": "WebP", "TIFF": "TIFF"}
-_PILLOW_FORMATS |= {"HEIF": "HEIC", "AVIF": "AVIF"}
+# MPO: a JPEG carrying more pictures after the first (stereo and dual-camera phones).
+_PILLOW_FORMATS |= {"HEIF": "HEIC", "AVIF": "AVIF", "MPO": "JPEG"}
 _heif_registered = False
 
 
@@ -68,7 +69,8 @@ def open_image(fp: IO[bytes]) -> Image.Image:
         _heif_registered = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(fp, formats=list(_PILLOW_FORMATS))
+        # MPO is not a decoder of its own: Pillow's JPEG opener returns it.
+        return Image.open(fp, formats=[f for f in _PILLOW_FORMATS if f != "MPO"])
 
 
 def check_head(head: bytes) -> MediaType:

@@ -124,6 +124,13 @@ def test_a_gif_cut_inside_its_second_frame_is_refused_not_crashed() -> None:
         check_file(io.BytesIO(cut), LIMITS)
 
 
+def test_multi_picture_jpegs_are_jpegs() -> None:
+    checked = check_file(io.BytesIO(corpus.mpo_jpeg()), LIMITS)
+    assert checked.kind.name == "JPEG" and checked.frames == 2
+    derived = derive(corpus.mpo_jpeg(), OPTIONS)
+    assert close(rendition(derived, "display").convert("RGB").getpixel((9, 9)), (200, 30, 30))
+
+
 @pytest.mark.parametrize(("make", "fmt"), [(corpus.heic, "HEIF"), (corpus.avif, "AVIF")])
 def test_heic_and_avif_are_supported(make: object, fmt: str) -> None:
     assert callable(make)
@@ -224,3 +231,13 @@ def test_gps_is_stripped_from_a_jpeg_original_losslessly() -> None:
     untouched = io.BytesIO()
     assert strip_jpeg_gps(io.BytesIO(jpeg()), untouched) is False
     assert untouched.getvalue() == jpeg()
+
+
+def test_an_unreadable_exif_block_is_dropped_when_stripping_gps() -> None:
+    garbage = b"Exif\0\0" + b"\x13\x37not a tiff header at all"
+    app1 = b"\xff\xe1" + (len(garbage) + 2).to_bytes(2, "big") + garbage
+    original = jpeg()
+    damaged = original[:2] + app1 + original[2:]
+    out = io.BytesIO()
+    assert strip_jpeg_gps(io.BytesIO(damaged), out) is True
+    assert b"Exif\0\0" not in out.getvalue() and out.getvalue() == original

@@ -111,7 +111,7 @@ def _derive(data: bytes, options: Options) -> Derived:
         orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
         icc = img.info.get("icc_profile")
         source_mode = img.mode
-        if fmt == "JPEG":
+        if fmt in ("JPEG", "MPO"):
             img.draft(img.mode, _draft_size(width, height, options.display_px))
         img.seek(0)
         img.load()

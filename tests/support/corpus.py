@@ -56,6 +56,15 @@ def png16_rgb(width: int = 96, height: int = 64) -> bytes:
     )
 
 
+def mpo_jpeg() -> bytes:
+    """A JPEG with a second picture after the first (MPO, as stereo and dual-camera phones
+    write): red first, blue second."""
+    first, second = Image.new("RGB", (320, 240), (200, 30, 30)), Image.new("RGB", (320, 240))
+    out = io.BytesIO()
+    first.save(out, "MPO", save_all=True, append_images=[second])
+    return out.getvalue()
+
+
 def exif_rotated_jpeg(orientation: int = 6) -> bytes:
     """800x600 as stored: left half red, right half blue; EXIF says how to turn it."""
     img = Image.new("RGB", (800, 600), (220, 20, 20))
