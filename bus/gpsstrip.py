@@ -52,7 +52,11 @@ def strip_jpeg_gps(src: IO[bytes], dst: IO[bytes]) -> bool:
         (length,) = struct.unpack(">H", src.read(2))
         payload = src.read(length - 2)
         if code == _APP1 and payload.startswith(_EXIF_HEADER):
-            cleaned = _exif_without_gps(payload[len(_EXIF_HEADER) :])
+            try:
+                cleaned = _exif_without_gps(payload[len(_EXIF_HEADER) :])
+            except Exception:  # unreadable EXIF: it cannot be trusted to hold no location
+                removed = True
+                continue
             if cleaned is not None:
                 removed = True
                 if len(cleaned) > _MAX_PAYLOAD - len(_EXIF_HEADER):

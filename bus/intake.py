@@ -11,13 +11,15 @@ Every entry point (multipart, presigned PUT + complete, webhook, CLI) ends here:
    ``uploaded`` event published. The upload is accepted once the event's PubAck is back.
 
 A rejected upload stores nothing. A failure after the claim takes the claim and the object
-back, so the client can simply retry. If the process dies between storing and announcing,
+back (a presigned upload keeps the client's object, so completing again can work), and the
+client can simply retry. If the process dies between storing and announcing,
 the claim stays "pending": the next upload of the same bytes (after PENDING_CLAIM_S)
 announces the stored original instead of storing the bytes again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 import nats.js.errors
 import orjson
 import urllib3
+from minio.error import MinioException
 
 from bus import subjects
 from bus.context import Context
@@ -49,6 +52,7 @@ from bus.store import ObjectMissingError, StoreBusyError, StoreError, TooLargeEr
 # between claiming and announcing; a later upload of the same bytes may take it over.
 PENDING_CLAIM_S = 600.0
 ORIGINAL_NAME_CHARS = 500
+PUBLISH_ATTEMPTS = 3
 T = TypeVar("T")
 
 __all__ = ["Accepted", "UploadRejectedError", "accept_upload", "complete_presigned"]
@@ -108,8 +112,9 @@ async def accept_upload(
         try:
             ref = await _store(ctx, key, spool, kind.mime)
             await _announce(ctx, image_id, ref, checked, spool.sha256, filename, source, extra)
-        except UploadRejectedError:
-            await _release(ctx, spool.sha256, key)
+        except BaseException:
+            # Not accepted (or cancelled): nothing of it may stay, claim or object.
+            await asyncio.shield(_take_back(ctx, spool.sha256, key, delete=True))
             raise
         return Accepted(image_id, name, spool.size, kind.mime, spool.sha256)
     finally:
@@ -133,22 +138,24 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
         try:
             spool.size = await ctx.store.download_to(key, spool.file, limits.max_bytes)
         except TooLargeError:
-            await ctx.store.delete(key)
+            await _store_call(ctx.store.delete(key))
             raise UploadRejectedError(
                 413, f"the file is larger than the limit of {limits.max_bytes:,} bytes"
             ) from None
         except ObjectMissingError:
             raise UploadRejectedError(409, f"the upload for {image_id} vanished") from None
+        except _STORE_ERRORS as exc:
+            raise _store_unavailable(exc) from None
         try:
             checked = await ctx.run_interactive(check_file, spool.file, limits)
         except UploadRejectedError:
-            await ctx.store.delete(key)
+            await _store_call(ctx.store.delete(key))
             raise
         spool.sha256 = await ctx.run_interactive(hash_file, spool.file)
         name = key.rsplit("/", 1)[-1]
         held = await _claim(ctx, spool.sha256, image_id, key)
         if held is not None and held.image_id != image_id:
-            await ctx.store.delete(key)
+            await _store_call(ctx.store.delete(key))
             if held.orphan is not None:
                 await _announce(
                     ctx, held.image_id, held.orphan, checked, spool.sha256, name, source, None
@@ -163,8 +170,9 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
             else:
                 ref = ObjectRef(ctx.store.bucket, key, spool.size, "", checked.kind.mime)
             await _announce(ctx, image_id, ref, checked, spool.sha256, name, source, extra)
-        except UploadRejectedError:
-            await _release(ctx, spool.sha256, key)
+        except BaseException:
+            # The client's original stays, so completing again can succeed.
+            await asyncio.shield(_take_back(ctx, spool.sha256, key, delete=False))
             raise
         return Accepted(image_id, name, spool.size, checked.kind.mime, spool.sha256)
     finally:
@@ -186,7 +194,12 @@ async def _apply_gps_policy(ctx: Context, spool: Spool, checked: Checked) -> dic
         except NotAJpegError:
             return False
 
-    if not await ctx.store.run_transfer(strip):
+    try:
+        removed = await _store_call(ctx.store.run_transfer(strip))
+    except BaseException:
+        stripped.close()
+        raise
+    if not removed:
         stripped.close()
         return {}
     spool.file.close()
@@ -198,15 +211,20 @@ async def _store(ctx: Context, key: str, spool: Spool, mime: str) -> ObjectRef:
     return await _store_call(ctx.store.put_file(key, spool.file, spool.size, mime))
 
 
+_STORE_ERRORS = (StoreError, MinioException, OSError, urllib3.exceptions.HTTPError)
+
+
+def _store_unavailable(exc: BaseException) -> UploadRejectedError:
+    if isinstance(exc, StoreBusyError):
+        return UploadRejectedError(503, str(exc))
+    return UploadRejectedError(503, f"the store is unavailable ({type(exc).__name__}); try again")
+
+
 async def _store_call(call: Awaitable[T]) -> T:
     try:
         return await call
-    except StoreBusyError as exc:
-        raise UploadRejectedError(503, str(exc)) from None
-    except (StoreError, OSError, urllib3.exceptions.HTTPError) as exc:
-        raise UploadRejectedError(
-            503, f"the store is unavailable ({type(exc).__name__}); try again"
-        ) from None
+    except _STORE_ERRORS as exc:
+        raise _store_unavailable(exc) from None
 
 
 async def _announce(
@@ -239,17 +257,25 @@ async def _announce(
             "frames": checked.frames,
         },
     )
-    try:
-        await ctx.js.publish(
-            ctx.names.subject(subjects.UPLOADED), event.encode(), headers={"Nats-Msg-Id": event.id}
-        )
-    except Exception as exc:
-        # Not accepted: take the object back so nothing is stored for a failed upload.
-        with contextlib.suppress(Exception):
-            await ctx.store.delete(ref.key)
-        raise UploadRejectedError(
-            503, f"the upload could not be announced ({type(exc).__name__}); try again"
-        ) from None
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            await ctx.js.publish(
+                ctx.names.subject(subjects.UPLOADED),
+                event.encode(),
+                headers={"Nats-Msg-Id": event.id},
+            )
+            break
+        except nats.errors.TimeoutError:
+            # The event may have been stored all the same: asking again with the same id
+            # is safe (JetStream drops the duplicate) and tells us for sure.
+            if attempt == PUBLISH_ATTEMPTS:
+                raise UploadRejectedError(
+                    503, "the upload could not be announced (no answer from NATS); try again"
+                ) from None
+        except Exception as exc:
+            raise UploadRejectedError(
+                503, f"the upload could not be announced ({type(exc).__name__}); try again"
+            ) from None
     with contextlib.suppress(Exception):  # the claim then reads "published"; harmless if not
         await ctx.digests.put(sha256, _claim_value(image_id, ref.key, "published"))
 
@@ -305,8 +331,12 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | 
     raise UploadRejectedError(503, "the duplicate check kept conflicting; try again")
 
 
-async def _release(ctx: Context, sha256: str, key: str) -> None:
-    """Drop our claim on ``sha256`` (only if it is still ours) after a failed upload."""
+async def _take_back(ctx: Context, sha256: str, key: str, delete: bool) -> None:
+    """After a failed upload: drop our claim on ``sha256`` (only if it is still ours) and,
+    with ``delete``, the object we stored (best effort: the caller is already failing)."""
+    if delete:
+        with contextlib.suppress(Exception):
+            await ctx.store.delete(key)
     with contextlib.suppress(Exception):
         entry = await ctx.digests.get(sha256)
         if orjson.loads(entry.value or b"{}").get("key") == key:

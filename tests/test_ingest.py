@@ -12,15 +12,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import nats.js.errors
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from PIL import Image
+from pydantic import SecretStr
 
 from bus import subjects
 from bus.context import Context
 from bus.envelope import Event, new_id, now_iso
-from bus.intake import accept_upload
+from bus.intake import UploadRejectedError, accept_upload
+from bus.store import ObjectStore
 from tests.support import corpus
 from tests.support.http import auth, form
 from tests.support.images import jpeg, png
@@ -269,3 +272,21 @@ async def test_an_original_stored_by_an_upload_that_died_is_announced_by_the_nex
     doc = await wait_ready(client, admin, orphan_id)
     assert doc["ingest"]["width"] == 300
     assert await ctx.store.list_keys("uploads/") == [key]
+
+
+async def test_a_store_that_fails_mid_upload_gets_a_503_and_keeps_no_claim(ctx: Context) -> None:
+    """The S3 server refuses the put (here: a wrong secret): a 503, and the digest claim is
+    taken back so the next try is not answered as a duplicate of nothing."""
+    wrong = ctx.settings.s3.model_copy(update={"secret_key": SecretStr("not-the-secret")})
+    refusing = ObjectStore.connect(wrong)
+    photo = jpeg(120, 90, (5, 200, 90))
+    try:
+        with pytest.raises(UploadRejectedError) as caught:
+            await accept_upload(
+                dataclasses.replace(ctx, store=refusing), _chunks(photo), "x.jpg", "test"
+            )
+    finally:
+        refusing.close()
+    assert caught.value.status == 503 and "store is unavailable" in caught.value.reason
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await ctx.digests.get(hashlib.sha256(photo).hexdigest())
