@@ -159,7 +159,9 @@ class ResidentModels:
         finally:
             resident.users -= 1
             resident.last_used = time.monotonic()
-            if self.mode == "low" and resident.users == 0:
+            # low mode unloads at once; so does any mode while one of our own loads waits
+            # for memory (it may be waiting for exactly this model's room).
+            if resident.users == 0 and (self.mode == "low" or self._waiting):
                 await self.unload(name)
 
     async def preload(self, name: str, loader: Callable[[], Any], estimate_mb: int) -> None:
@@ -212,11 +214,18 @@ class ResidentModels:
         loop = asyncio.get_running_loop()
         before = _cuda_allocated()
         box: list[Any] = []  # the executor's futures then hold None, never the model
+        loading = loop.run_in_executor(self._executor, lambda: box.append(loader()))
         try:
-            await loop.run_in_executor(self._executor, lambda: box.append(loader()))
+            await asyncio.shield(loading)
             model = box.pop()
         except BaseException:
-            await self.ledger.release(lease)
+            # A thread cannot be stopped: let the load end, free what it took, then give the
+            # lease back, so the memory is never in use without one.
+            with contextlib.suppress(BaseException):
+                await loading
+            box.clear()
+            _collect()
+            await asyncio.shield(self.ledger.release(lease))
             raise
         measured = self._measure(model, before)
         if measured is not None and measured > 0 and measured != lease.mb:

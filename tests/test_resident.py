@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -207,3 +209,43 @@ async def test_a_worker_pinned_to_a_missing_gpu_says_so(subprocess_env: dict[str
     )
     assert await proc.wait(timeout=60) == 2
     assert "gpu.device is 'cuda:1', but this host has" in proc.output
+
+
+async def test_a_load_waiting_on_this_workers_busy_model_gets_its_room_when_it_is_done(
+    caches: Factory,
+) -> None:
+    cache, ledger = caches(mode="high")  # high: idleness alone would never unload "a"
+    using = asyncio.Event()
+    done = asyncio.Event()
+
+    async def hold_a() -> None:
+        async with cache.use("a", model_of(70), 70):
+            using.set()
+            await done.wait()
+
+    holder = asyncio.create_task(hold_a())
+    await using.wait()
+    loading = asyncio.create_task(cache.preload("b", model_of(70), 70))
+    await asyncio.sleep(0.3)
+    assert not loading.done() and cache.waiting
+    done.set()
+    await holder
+    await asyncio.wait_for(loading, 3)
+    assert cache.loaded == ["b"] and await leased(ledger) == {"b": 70}
+
+
+async def test_a_cancelled_load_gives_its_lease_back(caches: Factory) -> None:
+    cache, ledger = caches()
+    started = threading.Event()
+
+    def slow_load() -> bytearray:
+        started.set()
+        time.sleep(0.5)
+        return bytearray(10 * MB)
+
+    task = asyncio.create_task(cache.preload("slow", slow_load, 10))
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cache.loaded == [] and await leased(ledger) == {}
