@@ -177,7 +177,7 @@ class ResidentModels:
         del self._models[name]
         lease = resident.lease
         resident.model = None
-        _collect()
+        await asyncio.to_thread(_collect)  # a full collection can take 100 ms: not on the loop
         with contextlib.suppress(Exception):  # a lapsed or unreachable ledger: nothing to free
             await self.ledger.release(lease)
         log.info("unloaded %s (%d MB)", name, lease.mb)
@@ -224,7 +224,7 @@ class ResidentModels:
             with contextlib.suppress(BaseException):
                 await loading
             box.clear()
-            _collect()
+            await asyncio.shield(asyncio.to_thread(_collect))
             await asyncio.shield(self.ledger.release(lease))
             raise
         measured = self._measure(model, before)
@@ -234,7 +234,7 @@ class ResidentModels:
             except LeaseResizeError:
                 # It needs more than was free: give it all back and queue for the real size.
                 del model
-                _collect()
+                await asyncio.to_thread(_collect)
                 await self.ledger.release(lease)
                 log.warning("%s needs %d MB, not the %d MB estimated", name, measured, estimate_mb)
                 return await self._load(name, loader, measured)
