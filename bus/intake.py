@@ -122,23 +122,26 @@ async def accept_upload(
 
 
 async def complete_presigned(ctx: Context, image_id: str, source: str = "presigned") -> Accepted:
-    """Check an original a client PUT straight to the store, then announce it.
+    """Check an original a client PUT to ``incoming/<id>/``, then make it the image.
 
-    Idempotent: completing twice answers the same id. A rejected object is deleted.
+    The checked bytes are copied server-side to ``uploads/<id>/`` only if the incoming
+    object still has the ETag that was checked, so a client that PUTs again meanwhile
+    cannot swap in unchecked bytes; the incoming object is then deleted. Completing again
+    answers the same id (200). A refused or duplicate object is deleted.
     """
     limits = Limits.from_settings(ctx.settings.ingest)
-    keys = await _store_call(ctx.store.list_keys(f"uploads/{image_id}/"))
-    if not keys:
-        raise UploadRejectedError(
-            409, f"nothing was uploaded for {image_id} yet: PUT the file to the presigned URL first"
-        )
-    key = keys[0]
+    incoming = await _store_call(ctx.store.list_keys(f"{subjects.INCOMING_PREFIX}{image_id}/"))
+    if not incoming:
+        return await _completed_before(ctx, image_id)
+    source_key = incoming[0]
+    name = source_key.rsplit("/", 1)[-1]
+    key = subjects.upload_key(image_id, name)
     spool = Spool(new_spool_file(), 0, "")
     try:
         try:
-            spool.size = await ctx.store.download_to(key, spool.file, limits.max_bytes)
+            spool.size, etag = await ctx.store.download_to(source_key, spool.file, limits.max_bytes)
         except TooLargeError:
-            await _store_call(ctx.store.delete(key))
+            await _store_call(ctx.store.delete(source_key))
             raise UploadRejectedError(
                 413, f"the file is larger than the limit of {limits.max_bytes:,} bytes"
             ) from None
@@ -149,13 +152,12 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
         try:
             checked = await ctx.run_interactive(check_file, spool.file, limits)
         except UploadRejectedError:
-            await _store_call(ctx.store.delete(key))
+            await _store_call(ctx.store.delete(source_key))
             raise
         spool.sha256 = await ctx.run_interactive(hash_file, spool.file)
-        name = key.rsplit("/", 1)[-1]
         held = await _claim(ctx, spool.sha256, image_id, key)
         if held is not None and held.image_id != image_id:
-            await _store_call(ctx.store.delete(key))
+            await _store_call(ctx.store.delete(source_key))
             if held.orphan is not None:
                 await _announce(
                     ctx, held.image_id, held.orphan, checked, spool.sha256, name, source, None
@@ -165,18 +167,41 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
             )
         try:
             extra = await _apply_gps_policy(ctx, spool, checked)
-            if extra:  # the stored original still has its location: replace it
+            if extra:  # the incoming original still has its location: store the stripped one
                 ref = await _store(ctx, key, spool, checked.kind.mime)
             else:
-                ref = ObjectRef(ctx.store.bucket, key, spool.size, "", checked.kind.mime)
+                copied = await _store_call(
+                    ctx.store.copy_if_unchanged(
+                        source_key, key, etag, spool.size, checked.kind.mime
+                    )
+                )
+                if copied is None:
+                    raise UploadRejectedError(
+                        409, "the file was replaced while it was being checked; complete again"
+                    )
+                ref = copied
             await _announce(ctx, image_id, ref, checked, spool.sha256, name, source, extra)
         except BaseException:
-            # The client's original stays, so completing again can succeed.
-            await asyncio.shield(_take_back(ctx, spool.sha256, key, delete=False))
+            # Our copy goes; the client's incoming object stays, so completing again works.
+            await asyncio.shield(_take_back(ctx, spool.sha256, key, delete=True))
             raise
+        with contextlib.suppress(Exception):  # done with it; a leftover is only garbage
+            await ctx.store.delete(source_key)
         return Accepted(image_id, name, spool.size, checked.kind.mime, spool.sha256)
     finally:
         spool.close()
+
+
+async def _completed_before(ctx: Context, image_id: str) -> Accepted:
+    """``complete`` for an id whose incoming object is gone: done before, or never PUT."""
+    done = await _store_call(ctx.store.list_keys(f"{subjects.UPLOADS_PREFIX}{image_id}/"))
+    ref = await _store_call(ctx.store.stat(done[0])) if done else None
+    if ref is None:
+        raise UploadRejectedError(
+            409, f"nothing was uploaded for {image_id} yet: PUT the file to the presigned URL first"
+        )
+    name = ref.key.rsplit("/", 1)[-1]
+    return Accepted(image_id, name, ref.size, ref.content_type, "", duplicate=True)
 
 
 async def _apply_gps_policy(ctx: Context, spool: Spool, checked: Checked) -> dict[str, Any]:

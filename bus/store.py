@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.error import S3Error
 
 from bus.envelope import ObjectRef
@@ -202,13 +203,15 @@ class ObjectStore:
         result = await self.run_transfer(put)
         return ObjectRef(self.bucket, key, size, result.etag or "", content_type)
 
-    async def download_to(self, key: str, fp: IO[bytes], max_bytes: int) -> int:
-        """Copy an object into ``fp``; raise :class:`TooLargeError` past ``max_bytes``."""
+    async def download_to(self, key: str, fp: IO[bytes], max_bytes: int) -> tuple[int, str]:
+        """Copy an object into ``fp``; return its size and ETag. Raise
+        :class:`TooLargeError` past ``max_bytes``."""
 
-        def download() -> int:
+        def download() -> tuple[int, str]:
             response = self._open(key)
             size = 0
             try:
+                etag = (response.headers.get("ETag") or "").strip('"')
                 for chunk in response.stream(READ_CHUNK):
                     size += len(chunk)
                     if size > max_bytes:
@@ -217,12 +220,32 @@ class ObjectStore:
             finally:
                 response.close()
                 response.release_conn()
-            return size
+            return size, etag
 
         return await self.run_transfer(download)
 
+    async def copy_if_unchanged(
+        self, source: str, key: str, etag: str, size: int, content_type: str
+    ) -> ObjectRef | None:
+        """Server-side copy of ``source`` to ``key`` if ``source`` still has ``etag``;
+        None if it changed meanwhile (so what was checked is exactly what is copied)."""
+
+        def copy() -> ObjectRef | None:
+            try:
+                result = self._client.copy_object(
+                    self.bucket, key, CopySource(self.bucket, source, match_etag=etag)
+                )
+            except S3Error as exc:
+                if exc.code == "PreconditionFailed":
+                    return None
+                raise
+            return ObjectRef(self.bucket, key, size, result.etag or "", content_type)
+
+        copied: ObjectRef | None = await self._run(copy)
+        return copied
+
     def presigned_put(self, key: str, expires: timedelta) -> str:
-        """A URL that lets its holder PUT ``key`` once, until it expires (no I/O: signing)."""
+        """A URL that lets its holder PUT ``key`` until it expires (no I/O: signing)."""
         return self._presigner.presigned_put_object(self.bucket, key, expires=expires)
 
     async def delete(self, key: str) -> None:

@@ -129,6 +129,7 @@ class Names:
 
 # --- object keys (the store is the source of truth; keys are deterministic) ---------------
 UPLOADS_PREFIX = "uploads/"
+INCOMING_PREFIX = "incoming/"
 IMAGES_PREFIX = "images/"
 REQUESTS_PREFIX = "requests/"
 GENERATED_PREFIX = "generated/"
@@ -136,6 +137,11 @@ GENERATED_PREFIX = "generated/"
 
 def upload_key(image_id: str, safe_name: str) -> str:
     return f"{UPLOADS_PREFIX}{check_id(image_id, 'image id')}/{safe_name}"
+
+
+def incoming_key(image_id: str, safe_name: str) -> str:
+    """Where a presigned PUT lands: checked, then copied to :func:`upload_key`."""
+    return f"{INCOMING_PREFIX}{check_id(image_id, 'image id')}/{safe_name}"
 
 
 def image_key(image_id: str, name: str) -> str:

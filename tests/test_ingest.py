@@ -164,14 +164,32 @@ async def test_presigned_upload_then_complete_runs_the_chain(
     assert result["id"] == ticket["id"] and result["stored_name"] == "big_photo.jpg"
     doc = await wait_ready(client, admin, ticket["id"])
     assert doc["ingest"]["width"] == 1200
+    # The checked bytes were copied to uploads/; the client-writable incoming/ key is gone.
+    assert await ctx.store.list_keys(f"incoming/{ticket['id']}/") == []
+    assert doc["original"]["key"] == f"uploads/{ticket['id']}/big_photo.jpg"
     twice = await client.post(ticket["complete_url"], headers=auth(admin))
-    assert twice.status == 201 and (await twice.json())["id"] == ticket["id"]
+    assert twice.status == 200 and (await twice.json())["id"] == ticket["id"]
+    # PUTting again with the same URL cannot replace the original that was checked.
+    await put(ticket, jpeg(10, 10))
+    assert await ctx.store.get_bytes(doc["original"]["key"]) == photo
     # The same bytes through a second ticket: the first id, and the second object is gone.
     second = await presign(client, admin, photo)
     await put(second, photo)
     dup = await client.post(second["complete_url"], headers=auth(admin))
     assert dup.status == 200 and (await dup.json())["id"] == ticket["id"]
     assert await ctx.store.list_keys(f"uploads/{second['id']}/") == []
+    assert await ctx.store.list_keys(f"incoming/{second['id']}/") == []
+
+
+async def test_a_copy_is_refused_if_the_object_changed_after_it_was_checked(
+    ctx: Context,
+) -> None:
+    first = await ctx.store.put_bytes("incoming/x1/a.jpg", jpeg(), "image/jpeg")
+    await ctx.store.put_bytes("incoming/x1/a.jpg", png(), "image/png")  # replaced meanwhile
+    stale = await ctx.store.copy_if_unchanged(
+        "incoming/x1/a.jpg", "uploads/x1/a.jpg", first.etag, first.size, "image/jpeg"
+    )
+    assert stale is None and await ctx.store.list_keys("uploads/") == []
 
 
 async def test_presigned_garbage_is_refused_and_deleted(
@@ -183,6 +201,7 @@ async def test_presigned_garbage_is_refused_and_deleted(
     assert response.status == 422 and response.content_type == "application/problem+json"
     assert "truncated" in (await response.json())["detail"]
     assert await ctx.store.list_keys("uploads/") == []
+    assert await ctx.store.list_keys("incoming/") == []
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ async def presign(request: web.Request) -> web.Response:
     if filename is not None and not isinstance(filename, str):
         raise Problem(422, "Invalid filename", "filename must be a string")
     image_id = new_id()
-    key = subjects.upload_key(image_id, safe_name(filename, kind.extension))
+    key = subjects.incoming_key(image_id, safe_name(filename, kind.extension))
     url = ctx.store.presigned_put(key, PRESIGN_EXPIRES)
     return json_response(
         {
