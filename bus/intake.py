@@ -53,6 +53,9 @@ from bus.store import ObjectMissingError, StoreBusyError, StoreError, TooLargeEr
 PENDING_CLAIM_S = 600.0
 ORIGINAL_NAME_CHARS = 500
 PUBLISH_ATTEMPTS = 3
+IN_FLIGHT_WAIT_S = 30.0  # how long a duplicate waits to see the first upload end
+IN_FLIGHT_POLL_S = 0.05
+MAX_CLAIM_CONFLICTS = 5
 T = TypeVar("T")
 
 __all__ = ["Accepted", "UploadRejectedError", "accept_upload", "complete_presigned"]
@@ -319,10 +322,16 @@ class _Held:
 
 
 async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | None:
-    """Claim ``sha256`` for ``image_id``; say who already holds it, if anyone."""
+    """Claim ``sha256`` for ``image_id``; say who already holds it, if anyone.
+
+    If another upload of the same bytes is still in flight, wait (up to IN_FLIGHT_WAIT_S)
+    to see it end: announced, its id is the answer; failed, this upload takes its place.
+    """
     mine = _claim_value(image_id, key, "pending")
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+    conflicts = 0
     try:
-        for _ in range(5):
+        while conflicts < MAX_CLAIM_CONFLICTS:
             try:
                 await ctx.digests.create(sha256, mine)
                 return None
@@ -331,14 +340,17 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | 
             try:
                 entry = await ctx.digests.get(sha256)
             except nats.js.errors.KeyNotFoundError:
+                conflicts += 1
                 continue  # released meanwhile: try to create it again
             held = orjson.loads(entry.value or b"{}")
             holder = str(held.get("image_id", ""))
-            if holder == image_id:
-                return _Held(image_id)
-            fresh = time.time() - float(held.get("at", 0)) < PENDING_CLAIM_S
-            if held.get("state") == "published" or fresh:
+            if holder == image_id or held.get("state") == "published":
                 return _Held(holder)
+            if time.time() - float(held.get("at", 0)) < PENDING_CLAIM_S:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(IN_FLIGHT_POLL_S)
+                    continue
+                return _Held(holder)  # still in flight: most likely it will succeed
             # A pending claim from an upload that died. If its original made it to the
             # store, these bytes are that image: announce it instead of storing them again.
             stored = await _store_call(ctx.store.stat(str(held.get("key", ""))))
@@ -348,7 +360,7 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | 
                 await ctx.digests.update(sha256, mine, last=entry.revision)
                 return None
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue
+                conflicts += 1
     except (nats.errors.Error, OSError) as exc:
         raise UploadRejectedError(
             503, f"the duplicate check is unavailable ({type(exc).__name__}); try again"

@@ -309,3 +309,24 @@ async def test_a_store_that_fails_mid_upload_gets_a_503_and_keeps_no_claim(ctx: 
     assert caught.value.status == 503 and "store is unavailable" in caught.value.reason
     with pytest.raises(nats.js.errors.KeyNotFoundError):
         await ctx.digests.get(hashlib.sha256(photo).hexdigest())
+
+
+async def test_a_duplicate_of_an_upload_that_fails_in_flight_takes_its_place(
+    ctx: Context,
+) -> None:
+    """Identical bytes arrive while a first upload holds a fresh claim; that upload then
+    fails and takes its claim back: the second is stored as an image of its own."""
+    photo = jpeg(140, 100, (250, 120, 0))
+    sha = hashlib.sha256(photo).hexdigest()
+    phantom = {"image_id": new_id(), "key": "uploads/x/y.jpg", "state": "pending"}
+    revision = await ctx.digests.create(sha, orjson.dumps({**phantom, "at": time.time()}))
+
+    async def first_upload_fails() -> None:
+        await asyncio.sleep(0.4)
+        await ctx.digests.delete(sha, last=revision)
+
+    failing = asyncio.create_task(first_upload_fails())
+    accepted = await accept_upload(ctx, _chunks(photo), "second.jpg", "test")
+    await failing
+    assert not accepted.duplicate and accepted.image_id != phantom["image_id"]
+    assert await ctx.store.list_keys("uploads/") == [f"uploads/{accepted.image_id}/second.jpg"]
