@@ -4,6 +4,7 @@ reads, keys, status, dead letters and the OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -260,3 +261,28 @@ async def test_an_upload_that_cannot_be_announced_is_refused_and_not_kept(
     assert response.status == 503
     assert "could not be announced" in (await response.json())["detail"]
     assert await ctx.store.list_keys("uploads/") == []
+
+
+async def test_a_client_that_hangs_up_mid_upload_leaves_nothing_and_no_error(
+    client: TestClient[Any, Any], admin: str, ctx: Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    photo = jpeg(1600, 1200)
+    boundary = "xyzzy"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode() + photo[: len(photo) // 2]
+    head = (
+        f"POST /api/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body) + len(photo)}\r\n\r\n"
+    )
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head.encode() + body)
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.close()  # gone, half-way through the file
+    await asyncio.sleep(1.0)
+    assert await ctx.store.list_keys("uploads/") == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
