@@ -17,17 +17,14 @@ from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
-from bus.media import JPEG, MediaType, accepted_names, sniff
+from bus.media import ACCEPTED, BY_DECODER, JPEG, SNIFF_BYTES, MediaType, accepted_names, sniff
 from bus.settings import IngestSettings
 
 # Our own pixel limit is applied from the header before any decoding; Pillow's global
 # guard would otherwise refuse (or warn about) images the configured limit allows.
 Image.MAX_IMAGE_PIXELS = None
 MAX_SIDE = 65535
-SNIFF_BYTES = 32
-_PILLOW_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "GIF": "GIF", "WEBP": "WebP", "TIFF": "TIFF"}
-# MPO: a JPEG carrying more pictures after the first (stereo and dual-camera phones).
-_PILLOW_FORMATS |= {"HEIF": "HEIC", "AVIF": "AVIF", "MPO": "JPEG"}
+_OPENERS = [t.decoders[0] for t in ACCEPTED]
 _heif_registered = False
 
 
@@ -69,8 +66,7 @@ def open_image(fp: IO[bytes]) -> Image.Image:
         _heif_registered = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        # MPO is not a decoder of its own: Pillow's JPEG opener returns it.
-        return Image.open(fp, formats=[f for f in _PILLOW_FORMATS if f != "MPO"])
+        return Image.open(fp, formats=_OPENERS)
 
 
 def check_head(head: bytes) -> MediaType:
@@ -110,8 +106,7 @@ def check_file(fp: IO[bytes], limits: Limits) -> Checked:
     fp.seek(0)
     try:
         with open_image(fp) as img:
-            found = _PILLOW_FORMATS.get(img.format or "")
-            if found is None or found != kind.name:
+            if BY_DECODER.get(img.format or "") is not kind:
                 raise UploadRejectedError(
                     415, f"the bytes start like {kind.name} but decode as {img.format or 'nothing'}"
                 )

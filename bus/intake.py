@@ -36,14 +36,13 @@ from bus.context import Context
 from bus.envelope import Event, ObjectRef, new_id, now_iso
 from bus.gpsstrip import NotAJpegError, strip_jpeg_gps
 from bus.imagecheck import (
-    SNIFF_BYTES,
     Checked,
     Limits,
     UploadRejectedError,
     check_file,
     check_head,
 )
-from bus.media import JPEG, safe_name
+from bus.media import JPEG, SNIFF_BYTES, safe_name
 from bus.s3events import uploaded_event_id
 from bus.spool import Spool, hash_file, new_spool_file, receive
 from bus.store import ObjectMissingError, StoreBusyError, StoreError, TooLargeError

@@ -18,17 +18,21 @@ class MediaType:
     name: str
     mime: str
     extension: str
+    # Pillow's format names for it; the first is the decoder that opens it. JPEG also
+    # comes back as MPO: a JPEG carrying more pictures (stereo and dual-camera phones).
+    decoders: tuple[str, ...]
 
 
-JPEG = MediaType("JPEG", "image/jpeg", "jpg")
-PNG = MediaType("PNG", "image/png", "png")
-GIF = MediaType("GIF", "image/gif", "gif")
-WEBP = MediaType("WebP", "image/webp", "webp")
-TIFF = MediaType("TIFF", "image/tiff", "tiff")
-HEIC = MediaType("HEIC", "image/heic", "heic")
-AVIF = MediaType("AVIF", "image/avif", "avif")
+JPEG = MediaType("JPEG", "image/jpeg", "jpg", ("JPEG", "MPO"))
+PNG = MediaType("PNG", "image/png", "png", ("PNG",))
+GIF = MediaType("GIF", "image/gif", "gif", ("GIF",))
+WEBP = MediaType("WebP", "image/webp", "webp", ("WEBP",))
+TIFF = MediaType("TIFF", "image/tiff", "tiff", ("TIFF",))
+HEIC = MediaType("HEIC", "image/heic", "heic", ("HEIF",))
+AVIF = MediaType("AVIF", "image/avif", "avif", ("AVIF",))
 ACCEPTED = (JPEG, PNG, GIF, WEBP, TIFF, HEIC, AVIF)
 BY_MIME = {t.mime: t for t in ACCEPTED}
+BY_DECODER = {d: t for t in ACCEPTED for d in t.decoders}
 
 
 def sniff(head: bytes) -> MediaType | None:

@@ -24,6 +24,7 @@ from typing import Any, cast
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
 from bus.imagecheck import Limits, UploadRejectedError, check_dimensions, open_image
+from bus.media import JPEG
 from bus.settings import IngestSettings
 from functions.ingest import placeholder
 
@@ -111,7 +112,7 @@ def _derive(data: bytes, options: Options) -> Derived:
         orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
         icc = img.info.get("icc_profile")
         source_mode = img.mode
-        if fmt in ("JPEG", "MPO"):
+        if fmt in JPEG.decoders:
             img.draft(img.mode, _draft_size(width, height, options.display_px))
         img.seek(0)
         img.load()
