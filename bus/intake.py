@@ -44,7 +44,7 @@ from bus.imagecheck import (
 )
 from bus.media import JPEG, SNIFF_BYTES, safe_name
 from bus.s3events import uploaded_event_id
-from bus.spool import Spool, hash_file, new_spool_file, receive
+from bus.spool import HashingWriter, Spool, new_spool_file, receive
 from bus.store import ObjectMissingError, StoreBusyError, StoreError, TooLargeError
 
 # A claim still "pending" this long after it was made belongs to an upload that crashed
@@ -141,7 +141,10 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
     spool = Spool(new_spool_file(), 0, "")
     try:
         try:
-            spool.size, etag = await ctx.store.download_to(source_key, spool.file, limits.max_bytes)
+            writer = HashingWriter(spool.file)
+            spool.size, etag = await ctx.store.download_to(
+                source_key, writer.write, limits.max_bytes
+            )
         except TooLargeError:
             await _store_call(ctx.store.delete(source_key))
             raise UploadRejectedError(
@@ -156,7 +159,7 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
         except UploadRejectedError:
             await _store_call(ctx.store.delete(source_key))
             raise
-        spool.sha256 = await ctx.run_interactive(hash_file, spool.file)
+        spool.sha256 = writer.hexdigest()
         held = await _claim(ctx, spool.sha256, image_id, key)
         if held is not None and held.image_id != image_id:
             await _store_call(ctx.store.delete(source_key))

@@ -17,7 +17,6 @@ from typing import IO
 from bus.store import ObjectStore, TooLargeError
 
 IN_MEMORY_BYTES = 4 * 1024 * 1024
-WRITE_CHUNK = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -68,13 +67,19 @@ async def receive(
     return Spool(fp, size, sha256)
 
 
-def hash_file(fp: IO[bytes]) -> str:
-    """SHA-256 of a whole file object (blocking: call it from a thread)."""
-    fp.seek(0)
-    digest = hashlib.sha256()
-    while chunk := fp.read(WRITE_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
+class HashingWriter:
+    """Writes to a spool file and hashes what passes, so a download needs no second pass."""
+
+    def __init__(self, fp: IO[bytes]) -> None:
+        self._fp = fp
+        self._digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self._digest.update(data)
+        self._fp.write(data)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 async def _next_or_empty(chunks: AsyncIterator[bytes]) -> bytes:

@@ -203,9 +203,11 @@ class ObjectStore:
         result = await self.run_transfer(put)
         return ObjectRef(self.bucket, key, size, result.etag or "", content_type)
 
-    async def download_to(self, key: str, fp: IO[bytes], max_bytes: int) -> tuple[int, str]:
-        """Copy an object into ``fp``; return its size and ETag. Raise
-        :class:`TooLargeError` past ``max_bytes``."""
+    async def download_to(
+        self, key: str, write: Callable[[bytes], object], max_bytes: int
+    ) -> tuple[int, str]:
+        """Feed an object to ``write`` chunk by chunk (on a transfer thread); return its size
+        and ETag. Raise :class:`TooLargeError` past ``max_bytes``."""
 
         def download() -> tuple[int, str]:
             response = self._open(key)
@@ -216,7 +218,7 @@ class ObjectStore:
                     size += len(chunk)
                     if size > max_bytes:
                         raise TooLargeError(max_bytes)
-                    fp.write(chunk)
+                    write(chunk)
             finally:
                 response.close()
                 response.release_conn()

@@ -162,6 +162,7 @@ async def test_presigned_upload_then_complete_runs_the_chain(
     assert done.status == 201
     result = await done.json()
     assert result["id"] == ticket["id"] and result["stored_name"] == "big_photo.jpg"
+    assert result["sha256"] == hashlib.sha256(photo).hexdigest()
     doc = await wait_ready(client, admin, ticket["id"])
     assert doc["ingest"]["width"] == 1200
     # The checked bytes were copied to uploads/; the client-writable incoming/ key is gone.
