@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from bus.context import Context, open_context
-from bus.embedded import NatsServer, S3Credentials, SeaweedFS
-from bus.function import Function, load
+from bus.core.settings import Settings
 from bus.gateway.app import build_app
-from bus.keys import create_key
-from bus.runner import FunctionRunner
-from bus.settings import Settings
+from bus.ops.embedded import NatsServer, S3Credentials, SeaweedFS
+from bus.runtime.context import Context, open_context
+from bus.runtime.registry import Function, load
+from bus.runtime.runner import FunctionRunner
+from bus.state.keys import create_key
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +117,7 @@ async def run_function(ctx: Context) -> AsyncIterator[object]:
     runners: list[FunctionRunner] = []
 
     async def start(fn: Function, concurrency: int | None = None) -> FunctionRunner:
-        from bus.streams import declare_consumer
+        from bus.runtime.streams import declare_consumer
 
         await declare_consumer(ctx.js, ctx.names, fn.spec, ctx.settings.function(fn.spec.name))
         runner = FunctionRunner(fn, ctx, concurrency)

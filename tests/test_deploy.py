@@ -2,9 +2,9 @@
 
 Nothing here starts Docker, Kubernetes or a server: the YAML is parsed and every darkroom
 command line (including those deploy/README.md tells operators to run), ``DARKROOM_*``
-variable, consumer name and probe path is checked against the code (``bus.cli``,
-``bus.settings``, ``bus.subjects``, the registered functions), so renaming a flag, a setting
-or a function breaks this test instead of a deployment.
+variable, consumer name and probe path is checked against the code (``bus.ops.cli``,
+``bus.core.settings``, ``bus.core.subjects``, the registered functions), so renaming a flag,
+a setting or a function breaks this test instead of a deployment.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import pytest
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from bus import subjects
-from bus.cli import build_parser, settings_from_args
-from bus.function import registered_names
+from bus.core import subjects
+from bus.core.settings import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
+from bus.core.subjects import Names
 from bus.gateway.app import route_table
-from bus.settings import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
-from bus.stack import DRAIN_TIMEOUT_S
-from bus.subjects import Names
+from bus.ops.cli import build_parser, settings_from_args
+from bus.ops.stack import DRAIN_TIMEOUT_S
+from bus.runtime.registry import registered_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

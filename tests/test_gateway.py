@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from bus.context import Context
-from bus.envelope import Event, new_id, now_iso
+from bus.core.envelope import Event, new_id, now_iso
 from bus.gateway.app import build_app, route_table
+from bus.runtime.context import Context
 from tests.support.http import auth, form
 from tests.support.images import jpeg, png
 

@@ -11,9 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus.context import Context
 from bus.gateway.app import build_app
-from bus.leases import Device, Holder, Ledger, read_devices
+from bus.gpu.leases import Device, Holder, Ledger, read_devices
+from bus.runtime.context import Context
 from tests.conftest import unique
 from tests.support import procs
 from tests.support.http import auth

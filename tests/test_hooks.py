@@ -22,8 +22,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from bus.context import Context
-from bus.fetch import (
+from bus.core.settings import FetchSettings, IngestSettings, Settings
+from bus.gateway.app import build_app
+from bus.gateway.hooks import decode_base64, json_limit
+from bus.intake.fetch import (
     FetchError,
     PinnedResolver,
     address_refusal,
@@ -31,10 +33,8 @@ from bus.fetch import (
     host_allowed,
     resolve_vetted,
 )
-from bus.function import load
-from bus.gateway.app import build_app
-from bus.gateway.hooks import decode_base64, json_limit
-from bus.settings import FetchSettings, IngestSettings, Settings
+from bus.runtime.context import Context
+from bus.runtime.registry import load
 from tests.support.http import auth
 from tests.support.images import jpeg, png
 from tests.test_gateway import wait_status

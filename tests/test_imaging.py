@@ -9,9 +9,9 @@ import io
 import pytest
 from PIL import ExifTags, Image
 
-from bus.gpsstrip import strip_jpeg_gps
-from bus.imagecheck import Limits, UploadRejectedError, check_file
-from bus.settings import IngestSettings
+from bus.core.settings import IngestSettings
+from bus.images.check import Limits, UploadRejectedError, check_file
+from bus.intake.gpsstrip import strip_jpeg_gps
 from functions.ingest import placeholder
 from functions.ingest.imaging import BadImageError, Derived, Options, derive, phash
 from tests.support import corpus

@@ -19,11 +19,11 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
-from bus import subjects
-from bus.context import Context
-from bus.envelope import Event, new_id, now_iso
-from bus.intake import UploadRejectedError, accept_upload
-from bus.store import ObjectStore
+from bus.core import subjects
+from bus.core.envelope import Event, new_id, now_iso
+from bus.infra.store import ObjectStore
+from bus.intake.accept import UploadRejectedError, accept_upload
+from bus.runtime.context import Context
 from tests.support import corpus
 from tests.support.http import auth, form
 from tests.support.images import jpeg, png

@@ -14,11 +14,11 @@ from aiohttp.payload import AsyncIterablePayload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.context import Context
+from bus.core.settings import IngestSettings
 from bus.gateway.app import build_app
-from bus.imagecheck import Limits, UploadRejectedError, check_file
-from bus.intake import accept_upload
-from bus.settings import IngestSettings
+from bus.images.check import Limits, UploadRejectedError, check_file
+from bus.intake.accept import accept_upload
+from bus.runtime.context import Context
 from functions.ingest.imaging import BadImageError, Options, derive
 from tests.support import corpus
 from tests.support.http import auth

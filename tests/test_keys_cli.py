@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bus.context import Context
-from bus.keys import list_keys
+from bus.runtime.context import Context
+from bus.state.keys import list_keys
 from tests.support import procs
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
@@ -57,8 +57,8 @@ async def test_a_revoked_admin_key_is_not_brought_back_on_restart(
 ) -> None:
     from pathlib import Path
 
-    from bus.keys import revoke_key, split_token
-    from bus.stack import ensure_admin_key
+    from bus.ops.stack import ensure_admin_key
+    from bus.state.keys import revoke_key, split_token
 
     data_dir = Path(str(tmp_path))
     first, minted = await ensure_admin_key(ctx, data_dir)

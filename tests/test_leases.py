@@ -22,9 +22,8 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from bus.context import Context
-from bus.embedded import NatsServer
-from bus.leases import (
+from bus.core.settings import Settings
+from bus.gpu.leases import (
     MODES,
     Device,
     Holder,
@@ -39,7 +38,8 @@ from bus.leases import (
     discover_devices,
     host_id,
 )
-from bus.settings import Settings
+from bus.ops.embedded import NatsServer
+from bus.runtime.context import Context
 from tests.conftest import unique
 
 pytestmark = pytest.mark.nats

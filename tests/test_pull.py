@@ -6,7 +6,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from bus.pull import PullConsumer, _Request
+from bus.runtime.pull import PullConsumer, _Request
 
 
 def consumer(capacity: int = 4) -> tuple[PullConsumer, list[Any]]:

@@ -21,17 +21,18 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from bus.context import open_context
-from bus.embedded import NatsServer
-from bus.envelope import Event, now_iso
-from bus.function import load
-from bus.leases import Device, Holder, LeaseError, LeaseTimeoutError, Ledger, host_id
-from bus.resident import MB, ResidentModels
-from bus.runner import FunctionRunner
-from bus.settings import GpuSettings, Settings
+from bus.core.contract import Model, Placement
+from bus.core.envelope import Event, now_iso
+from bus.core.settings import GpuSettings, Settings
+from bus.gpu.leases import Device, Holder, LeaseError, LeaseTimeoutError, Ledger, host_id
+from bus.gpu.resident import MB, ResidentModels
+from bus.ops.embedded import NatsServer
+from bus.runtime.context import open_context
+from bus.runtime.registry import load
+from bus.runtime.runner import FunctionRunner
 from tests.conftest import unique
 from tests.support import procs
-from tests.support.streams import read_subject
+from tests.support.streams import eventually, read_subject
 
 pytestmark = [pytest.mark.nats]
 
@@ -39,13 +40,24 @@ CAPACITY = 100  # MB, no reserve
 Factory = Callable[..., tuple[ResidentModels, Ledger]]
 
 
-def model_of(mb: int, calls: list[str] | None = None, name: str = "") -> Callable[[], bytearray]:
-    def load() -> bytearray:
+def model_of(
+    name: str, mb: int, estimate: int | None = None, calls: list[str] | None = None
+) -> Model:
+    """A model of ``mb`` MB (a bytearray) whose lease first asks for ``estimate`` MB."""
+
+    def load(placement: Placement) -> bytearray:
+        assert placement.device == "cpu"
         if calls is not None:
             calls.append(name)
         return bytearray(mb * MB)
 
-    return load
+    return Model(name, estimate or mb, load)
+
+
+async def queued(ledger: Ledger, model: str) -> bool:
+    """The ledger shows a request for ``model`` waiting in the queue (a positive signal that
+    a load is blocked, instead of a lull)."""
+    return any(x.model == model for x in (await ledger.snapshot()).queue)
 
 
 @pytest.fixture
@@ -79,15 +91,19 @@ async def leased(ledger: Ledger) -> dict[str, int]:
     return {x.model: x.mb for x in (await ledger.snapshot()).leases}
 
 
+async def nothing_leased(ledger: Ledger) -> bool:
+    return not await leased(ledger)
+
+
 async def test_idle_models_are_evicted_least_recently_used_first(caches: Factory) -> None:
     cache, ledger = caches()
     calls: list[str] = []
     for name in ("a", "b"):
-        async with cache.use(name, model_of(40, calls, name), 40):
+        async with cache.use(model_of(name, 40, calls=calls)):
             pass
-    async with cache.use("a", model_of(40, calls, "a"), 40):
+    async with cache.use(model_of("a", 40, calls=calls)):
         pass  # a is now the most recently used
-    async with cache.use("c", model_of(40, calls, "c"), 40) as model:
+    async with cache.use(model_of("c", 40, calls=calls)) as model:
         assert len(model) == 40 * MB
     assert cache.loaded == ["a", "c"] and calls == ["a", "b", "c"]
     assert await leased(ledger) == {"a": 40, "c": 40}
@@ -95,41 +111,43 @@ async def test_idle_models_are_evicted_least_recently_used_first(caches: Factory
 
 async def test_a_model_in_use_is_never_evicted(caches: Factory) -> None:
     cache, ledger = caches(acquire_timeout_s=0.5)
-    async with cache.use("a", model_of(70), 70):
+    async with cache.use(model_of("a", 70)):
         with pytest.raises(LeaseTimeoutError, match="a 70 MB"):
-            async with cache.use("b", model_of(70), 70):
+            async with cache.use(model_of("b", 70)):
                 pass
     assert cache.loaded == ["a"] and await leased(ledger) == {"a": 70}
 
 
 async def test_balanced_unloads_after_the_idle_ttl(caches: Factory) -> None:
     cache, ledger = caches(mode="balanced", idle_ttl_s=0.3)
-    async with cache.use("a", model_of(10), 10):
+    async with cache.use(model_of("a", 10)):
         pass
+    last_used = time.monotonic()
     assert cache.loaded == ["a"]
-    await asyncio.sleep(0.15)
-    assert cache.loaded == ["a"], "unloaded before its idle TTL"
-    for _ in range(50):
-        if not cache.loaded and not await leased(ledger):
-            break
-        await asyncio.sleep(0.05)
-    assert cache.loaded == [] and await leased(ledger) == {}
+    await eventually(lambda: not cache.loaded, what="the idle model unloaded")
+    assert time.monotonic() - last_used >= 0.3, "unloaded before its idle TTL"
+    await eventually(lambda: nothing_leased(ledger), what="its lease released")
 
 
 async def test_low_unloads_at_once_and_high_stays(caches: Factory) -> None:
     low, low_ledger = caches("low", mode="low")
-    async with low.use("a", model_of(10), 10):
+    async with low.use(model_of("a", 10)):
         assert await leased(low_ledger) == {"a": 10}
     assert low.loaded == [] and await leased(low_ledger) == {}
     high, high_ledger = caches("high", mode="high", idle_ttl_s=0.1)
-    await high.preload("b", model_of(10), 10)
-    await asyncio.sleep(0.4)
+    await high.preload(model_of("b", 10))
+    # Sentinel: a balanced cache with the same idle TTL, used after the preload. Once its
+    # model is unloaded for idleness, the high one has been idle longer than that.
+    balanced, _ = caches("balanced", mode="balanced", idle_ttl_s=0.1)
+    async with balanced.use(model_of("s", 10)):
+        pass
+    await eventually(lambda: not balanced.loaded, what="the balanced sentinel unloaded")
     assert high.loaded == ["b"] and await leased(high_ledger) == {"b": 10}
 
 
 async def test_the_measured_footprint_replaces_the_estimate(caches: Factory) -> None:
     cache, ledger = caches()
-    async with cache.use("a", model_of(30), 5):
+    async with cache.use(model_of("a", 30, estimate=5)):
         assert await leased(ledger) == {"a": 30}
 
 
@@ -138,29 +156,29 @@ async def test_an_underestimate_that_no_longer_fits_queues_for_its_real_size(
 ) -> None:
     cache, ledger = caches("w1")
     other, other_ledger = caches("w2")
-    await other.preload("big", model_of(60), 60)
+    await other.preload(model_of("big", 60))
 
     async def free_later() -> None:
-        await asyncio.sleep(0.4)
+        await eventually(lambda: queued(ledger, "a"), what="a queued for its measured size")
         await other.unload("big")
 
     freeing = asyncio.create_task(free_later())
-    async with cache.use("a", model_of(50), 10):  # 60 + 50 > 100: must wait for "big"
+    async with cache.use(model_of("a", 50, estimate=10)):  # 60 + 50 > 100: must wait for "big"
         assert await leased(ledger) == {"a": 50}
     await freeing
     assert await leased(other_ledger) == {"a": 50}  # the same device document
 
 
 async def test_waiting_for_memory_held_elsewhere_signals_backpressure(caches: Factory) -> None:
-    cache, _ = caches("w1")
+    cache, ledger = caches("w1")
     other, _ = caches("w2")
     signals: list[bool] = []
     cache.add_pressure_listener(signals.append)
-    await other.preload("big", model_of(80), 80)
-    async with cache.use("small", model_of(10), 10):
+    await other.preload(model_of("big", 80))
+    async with cache.use(model_of("small", 10)):
         assert signals == [True, False], "a prompt grant is a brief pause"
-    loading = asyncio.create_task(cache.preload("mid", model_of(40), 40))
-    await asyncio.sleep(0.3)
+    loading = asyncio.create_task(cache.preload(model_of("mid", 40)))
+    await eventually(lambda: queued(ledger, "mid"), what="mid queued behind big")
     assert signals == [True, False, True] and cache.waiting and not loading.done()
     await other.unload("big")
     await loading
@@ -181,18 +199,25 @@ async def test_a_gpu_worker_waiting_for_vram_stops_fetching(settings: Settings) 
         for n in range(10):
             event = Event(id=f"g{n}", type="gwork", source="test", time=now_iso(), data={"n": n})
             await ctx.js.publish(ctx.names.subject("gwork"), event.encode())
-        runner = FunctionRunner(fn, ctx)
+        runner = FunctionRunner(fn, ctx)  # concurrency 4: it first asks for events 0-3
         await runner.start()
         try:
-            await asyncio.sleep(1.0)
+            # Events 1 and 3 need no model and finish; 0 and 2 wait for the model, whose
+            # load waits in the ledger's queue behind the hog.
+            await eventually(lambda: queued(other, "model"), what="the model load queued")
             assert ctx.gpu.waiting
-            info = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable("gpuwork"))
-            await asyncio.sleep(0.5)
-            later = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable("gpuwork"))
-            # Odd events need no VRAM: a worker that kept fetching would have run them all
-            # by now, leaving 2-3 events unfetched with even ones stuck in flight (measured:
-            # 3 without the pause, 6 with it).
-            assert later.num_pending == info.num_pending >= 5, "kept fetching while waiting"
+            done = await read_subject(ctx.js, ctx.names.subject("gdone"), at_least=2)
+            assert sorted(orjson.loads(m.data)["data"]["n"] for m in done) == [1, 3]
+
+            async def settled() -> Any:
+                info = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable("gpuwork"))
+                return info if info.num_ack_pending == 2 else None
+
+            await eventually(settled, what="events 1 and 3 acked")
+            await ctx.nc.flush()  # a pull sent after those acks has reached the server now
+            info = await settled()
+            # Two slots are free, yet a worker waiting for VRAM asks for nothing more.
+            assert info is not None and info.num_pending == 6, "kept fetching while waiting"
             await other.release(hog)
             done = await read_subject(ctx.js, ctx.names.subject("gdone"), at_least=10)
             assert sorted(orjson.loads(m.data)["data"]["n"] for m in done) == list(range(10))
@@ -219,14 +244,14 @@ async def test_a_load_waiting_on_this_workers_busy_model_gets_its_room_when_it_i
     done = asyncio.Event()
 
     async def hold_a() -> None:
-        async with cache.use("a", model_of(70), 70):
+        async with cache.use(model_of("a", 70)):
             using.set()
             await done.wait()
 
     holder = asyncio.create_task(hold_a())
     await using.wait()
-    loading = asyncio.create_task(cache.preload("b", model_of(70), 70))
-    await asyncio.sleep(0.3)
+    loading = asyncio.create_task(cache.preload(model_of("b", 70)))
+    await eventually(lambda: queued(ledger, "b"), what="b queued behind a, which is in use")
     assert not loading.done() and cache.waiting
     done.set()
     await holder
@@ -238,12 +263,12 @@ async def test_a_cancelled_load_gives_its_lease_back(caches: Factory) -> None:
     cache, ledger = caches()
     started = threading.Event()
 
-    def slow_load() -> bytearray:
+    def slow_load(placement: Placement) -> bytearray:
         started.set()
         time.sleep(0.5)
         return bytearray(10 * MB)
 
-    task = asyncio.create_task(cache.preload("slow", slow_load, 10))
+    task = asyncio.create_task(cache.preload(Model("slow", 10, slow_load)))
     await asyncio.to_thread(started.wait, 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -1,23 +1,26 @@
 """The runner on a real nats-server: ack, retry, reject, max_deliver, malformed input,
-idempotent replays, heartbeats and batches."""
+idempotent replays, heartbeats, batches that form, the per-invocation call (attempt,
+deadline, progress, cancellation), lifespan hooks and draining."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import threading
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pytest
 
-from bus.context import Context
-from bus.envelope import Event, new_id, now_iso
-from bus.function import Emit, Function, Reject, Retry, Spec
-from tests.support.streams import dead_letters, events, eventually
+from bus import Call, Cancelled, Context, Emit, Event, Function, Reject, Retry, Spec
+from bus.core.envelope import new_id, now_iso
+from bus.state.cancels import request_cancel
+from tests.support.streams import dead_letters, events, eventually, settled
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
 
-def make_event(topic: str, **data: Any) -> Event:
+def make_event(topic: str, job_id: str | None = None, **data: Any) -> Event:
     image_id = new_id()
     return Event(
         id=f"{topic}-{image_id}",
@@ -25,6 +28,7 @@ def make_event(topic: str, **data: Any) -> Event:
         source="test",
         time=now_iso(),
         image_id=image_id,
+        job_id=job_id,
         data=data,
     )
 
@@ -39,83 +43,78 @@ async def consumer(ctx: Context, name: str) -> Any:
     return await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable(name))
 
 
-async def settled(ctx: Context, name: str) -> bool:
-    info = await consumer(ctx, name)
-    return info.num_pending == 0 and info.num_ack_pending == 0
-
-
 async def test_success_publishes_next_event_then_acks(ctx: Context, run_function: Any) -> None:
-    async def handle(event: Event, _: Context) -> list[Emit]:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
         return [Emit("b", data={"seen": event.data["n"]})]
 
-    await run_function(Function(Spec("pass", listens=("a",), emits=("b",)), handle, "test"))
+    await run_function(Function(Spec("pass", listens=("a",), emits=("b",)), handle=handle))
     sent = [make_event("a", n=i) for i in range(20)]
     for event in sent:
         await publish(ctx, event)
+    await settled(ctx, "pass")
     out = await events(ctx, "b", at_least=20)
     assert sorted(e.data["seen"] for e in out) == list(range(20))
     by_parent = {e.causation_id: e for e in out}
     for event in sent:
         child = by_parent[event.id]
         assert child.image_id == event.image_id and child.source == "darkroom/pass"
-    await eventually(lambda: settled(ctx, "pass"), what="all acked")
 
 
 async def test_retry_naks_with_delay_then_succeeds(ctx: Context, run_function: Any) -> None:
-    attempts: Counter[str] = Counter()
+    attempts: list[int] = []
 
-    async def handle(event: Event, _: Context) -> list[Emit]:
-        attempts[event.id] += 1
-        if attempts[event.id] < 3:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        attempts.append(call.attempt)
+        if call.attempt < 3:
             raise Retry("not yet", delay=0.1)
+        assert call.last_attempt is False and call.max_attempts == 5
         return [Emit("b")]
 
     await run_function(
-        Function(Spec("flaky", listens=("a",), emits=("b",), max_deliver=5), handle, "test")
+        Function(Spec("flaky", listens=("a",), emits=("b",), max_deliver=5), handle=handle)
     )
-    event = make_event("a")
-    await publish(ctx, event)
-    out = await events(ctx, "b", at_least=1)
-    assert len(out) == 1 and attempts[event.id] == 3
-    assert await dead_letters(ctx, "flaky", timeout=0.5) == []
+    await publish(ctx, make_event("a"))
+    await settled(ctx, "flaky")
+    assert len(await events(ctx, "b", at_least=1)) == 1
+    assert attempts == [1, 2, 3]
+    assert await dead_letters(ctx, "flaky") == []
 
 
 async def test_reject_dead_letters_with_reason_and_emits_failed(
     ctx: Context, run_function: Any
 ) -> None:
-    async def handle(event: Event, _: Context) -> list[Emit]:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
         raise Reject("this picture is a potato")
 
-    await run_function(Function(Spec("picky", listens=("a",)), handle, "test"))
+    await run_function(Function(Spec("picky", listens=("a",)), handle=handle))
     event = make_event("a")
     await publish(ctx, event)
+    await settled(ctx, "picky")
     [record] = await dead_letters(ctx, "picky", at_least=1)
     assert record["reason"] == "this picture is a potato"
     assert record["kind"] == "rejected" and record["deliveries"] == 1
     assert record["event"]["id"] == event.id and record["image_id"] == event.image_id
     [failed] = await events(ctx, "failed.picky", at_least=1)
     assert failed.image_id == event.image_id and failed.data["reason"] == "this picture is a potato"
-    await eventually(lambda: settled(ctx, "picky"), what="message termed")
 
 
 async def test_unexpected_errors_retry_until_max_deliver_then_dead_letter(
     ctx: Context, run_function: Any
 ) -> None:
-    calls = 0
+    attempts: list[tuple[int, bool]] = []
 
-    async def handle(event: Event, _: Context) -> list[Emit]:
-        nonlocal calls
-        calls += 1
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        attempts.append((call.attempt, call.last_attempt))
         raise RuntimeError("boom")
 
     spec = Spec("broken", listens=("a",), max_deliver=3, backoff=(0.05, 0.1))
-    await run_function(Function(spec, handle, "test"))
+    await run_function(Function(spec, handle=handle))
     await publish(ctx, make_event("a"))
+    await settled(ctx, "broken")
     [record] = await dead_letters(ctx, "broken", at_least=1)
-    assert calls == 3
+    assert attempts == [(1, False), (2, False), (3, True)]
     assert record["kind"] == "exhausted" and record["deliveries"] == 3
     assert "gave up after 3 attempts: RuntimeError: boom" in record["reason"]
-    await eventually(lambda: settled(ctx, "broken"), what="message termed")
 
 
 @pytest.mark.parametrize(
@@ -133,13 +132,14 @@ async def test_unexpected_errors_retry_until_max_deliver_then_dead_letter(
 async def test_malformed_events_are_dead_lettered_and_do_not_block(
     ctx: Context, run_function: Any, payload: bytes, reason: str
 ) -> None:
-    async def handle(event: Event, _: Context) -> list[Emit]:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
         return [Emit("b")]
 
-    await run_function(Function(Spec("strict", listens=("a",), emits=("b",)), handle, "test"))
+    await run_function(Function(Spec("strict", listens=("a",), emits=("b",)), handle=handle))
     await ctx.js.publish(ctx.names.subject("a"), payload)
     good = make_event("a")
     await publish(ctx, good)
+    await settled(ctx, "strict")
     [record] = await dead_letters(ctx, "strict", at_least=1)
     assert record["kind"] == "malformed" and reason in record["reason"]
     assert record["event_id"] is None and record["payload_b64"]
@@ -152,7 +152,7 @@ async def test_replayed_input_gives_one_output_and_one_next_event(
 ) -> None:
     runs = 0
 
-    async def handle(event: Event, c: Context) -> list[Emit]:
+    async def handle(event: Event, c: Context, call: Call) -> list[Emit]:
         nonlocal runs
         runs += 1
         key = f"out/{event.image_id}.json"
@@ -161,71 +161,107 @@ async def test_replayed_input_gives_one_output_and_one_next_event(
             stored = await c.store.put_json(key, {"from": event.id})
         return [Emit("b", stored)]
 
-    await run_function(Function(Spec("once", listens=("a",), emits=("b",)), handle, "test"))
+    await run_function(Function(Spec("once", listens=("a",), emits=("b",)), handle=handle))
     event = make_event("a")
     # The same input delivered twice (e.g. redelivered after its dedupe window closed).
     await publish(ctx, event, msg_id=event.id)
     await publish(ctx, event, msg_id=event.id + "-again")
-    await eventually(lambda: runs == 2, what="both deliveries handled")
-    out = await events(ctx, "b", at_least=1)
-    assert len(out) == 1
+    await settled(ctx, "once")
+    assert runs == 2
+    assert len(await events(ctx, "b", at_least=1)) == 1
     assert await ctx.store.list_keys("out/") == [f"out/{event.image_id}.json"]
 
 
 async def test_long_handlers_send_heartbeats_instead_of_being_redelivered(
     ctx: Context, run_function: Any
 ) -> None:
-    deliveries = 0
+    attempts: list[int] = []
 
-    async def handle(event: Event, _: Context) -> list[Emit]:
-        nonlocal deliveries
-        deliveries += 1
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        attempts.append(call.attempt)
         await asyncio.sleep(3.0)  # three times ack_wait
         return [Emit("b")]
 
     await run_function(
-        Function(Spec("slow", listens=("a",), emits=("b",), ack_wait=1.0), handle, "test")
+        Function(Spec("slow", listens=("a",), emits=("b",), ack_wait=1.0), handle=handle)
     )
     await publish(ctx, make_event("a"))
-    assert len(await events(ctx, "b", at_least=1, timeout=15)) == 1
-    assert deliveries == 1
-    assert (await consumer(ctx, "slow")).num_redelivered == 0
+    await settled(ctx, "slow")
+    assert len(await events(ctx, "b", at_least=1)) == 1
+    # A redelivery would have started a second invocation (concurrency 8) with attempt 2.
+    assert attempts == [1]
 
 
-async def test_batch_handler_gets_lists_and_settles_each_event(
+async def test_batches_fill_up_to_their_size_from_a_backlog(
     ctx: Context, run_function: Any
 ) -> None:
     sizes: list[int] = []
 
-    async def handle(batch: list[Event], _: Context) -> list[Any]:
+    async def handle_batch(
+        batch: list[Event], _: Context, calls: list[Call]
+    ) -> Sequence[Sequence[Emit] | BaseException]:
         sizes.append(len(batch))
+        assert [c.event for c in calls] == batch
         return [
             Reject("odd one out") if e.data["n"] == 7 else [Emit("b", data={"n": e.data["n"]})]
             for e in batch
         ]
 
-    await run_function(
-        Function(
-            Spec("batcher", listens=("a",), emits=("b",), batch=4, concurrency=2), handle, "test"
-        )
-    )
+    # Published before the runner starts: the backlog is there at once, and the linger
+    # (never reached: full batches go at once) lets each batch fill completely.
     for i in range(12):
         await publish(ctx, make_event("a", n=i))
+    spec = Spec("batcher", listens=("a",), emits=("b",), batch=4, batch_wait_s=5.0, concurrency=2)
+    await run_function(Function(spec, handle_batch=handle_batch))
+    await settled(ctx, "batcher")
     out = await events(ctx, "b", at_least=11)
     assert sorted(e.data["n"] for e in out) == [n for n in range(12) if n != 7]
-    assert max(sizes) <= 4 and sum(sizes) == 12
+    assert sizes == [4, 4, 4]
     [record] = await dead_letters(ctx, "batcher", at_least=1)
     assert record["reason"] == "odd one out"
+
+
+async def test_a_batch_of_8_forms_under_a_trickle(ctx: Context, run_function: Any) -> None:
+    """One event per 10 ms, batch_wait_s 0.05: while a batch runs, the next one fills."""
+    sizes: list[int] = []
+    first_running = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def handle_batch(batch: list[Event], _: Context, calls: list[Call]) -> list[list[Emit]]:
+        sizes.append(len(batch))
+        first_running.set()
+        await go_on.wait()  # the first batch holds the only slot, like a GPU call
+        return [[Emit("b", data={"n": e.data["n"]})] for e in batch]
+
+    spec = Spec("trickle", listens=("a",), emits=("b",), batch=8, batch_wait_s=0.05, concurrency=1)
+    await run_function(Function(spec, handle_batch=handle_batch))
+    sent = 16  # the runner holds (concurrency + 1) x batch = 16 events at most
+    for n in range(sent):
+        await publish(ctx, make_event("a", n=n))
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(first_running.wait(), 10)
+
+    async def all_delivered() -> bool:  # the runner holds every event: queued or running
+        info = await consumer(ctx, "trickle")
+        return info.num_pending == 0 and info.num_ack_pending == sent
+
+    await eventually(all_delivered, what="every event delivered")
+    go_on.set()
+    await settled(ctx, "trickle")
+    assert sum(sizes) == sent and max(sizes) <= 8
+    assert 8 in sizes[1:], f"batches {sizes}: none filled while the first ran"
+    out = await events(ctx, "b", at_least=sent)
+    assert sorted(e.data["n"] for e in out) == list(range(sent))
 
 
 async def test_emitting_an_undeclared_topic_is_an_error_not_a_silent_publish(
     ctx: Context, run_function: Any
 ) -> None:
-    async def handle(event: Event, _: Context) -> list[Emit]:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
         return [Emit("somewhere-else")]
 
     spec = Spec("sloppy", listens=("a",), emits=("b",), max_deliver=2, backoff=(0.05,))
-    await run_function(Function(spec, handle, "test"))
+    await run_function(Function(spec, handle=handle))
     await publish(ctx, make_event("a"))
     [record] = await dead_letters(ctx, "sloppy", at_least=1)
     assert "not in its Spec.emits" in record["reason"]
@@ -234,15 +270,179 @@ async def test_emitting_an_undeclared_topic_is_an_error_not_a_silent_publish(
 async def test_a_handler_past_its_timeout_is_retried_then_dead_lettered(
     ctx: Context, run_function: Any
 ) -> None:
-    async def handle(event: Event, _: Context) -> list[Emit]:
+    remaining: list[float] = []
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        remaining.append(call.remaining_s())
         await asyncio.sleep(3600)  # hung: heartbeats alone would keep it forever
         return []
 
     spec = Spec("hung", listens=("a",), timeout=0.5, max_deliver=2, backoff=(0.05,))
-    await run_function(Function(spec, handle, "test"))
+    await run_function(Function(spec, handle=handle))
     await publish(ctx, make_event("a"))
     [record] = await dead_letters(ctx, "hung", at_least=1, timeout=15)
     assert record["kind"] == "exhausted" and "ran past its 0.5 s timeout" in record["reason"]
+    assert len(remaining) == 2 and all(0 < r <= 0.5 for r in remaining)
+
+
+# --- cancellation -----------------------------------------------------------------------------
+
+
+async def test_a_queued_event_of_a_cancelled_job_is_skipped(
+    ctx: Context, run_function: Any
+) -> None:
+    ran: list[str] = []
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        ran.append(event.data["name"])
+        return [Emit("b", data={"name": event.data["name"]})]
+
+    job = new_id()
+    await request_cancel(ctx.cancels_kv, job, "changed my mind")
+    await publish(ctx, make_event("a", job_id=job, name="cancelled"))
+    await publish(ctx, make_event("a", job_id=new_id(), name="kept"))
+    await run_function(Function(Spec("skipper", listens=("a",), emits=("b",)), handle=handle))
+    await settled(ctx, "skipper")
+    assert ran == ["kept"]
+    [cancelled] = await events(ctx, "cancelled.skipper", at_least=1)
+    assert cancelled.job_id == job and cancelled.data == {
+        "stage": "skipper",
+        "reason": "changed my mind",
+    }
+    assert [e.data["name"] for e in await events(ctx, "b", at_least=1)] == ["kept"]
+    assert await dead_letters(ctx, "skipper") == []
+    assert await events(ctx, "failed.skipper") == []
+
+
+async def test_a_running_handler_sees_the_cancel_at_its_next_poll(
+    ctx: Context, run_function: Any
+) -> None:
+    started = threading.Event()
+    polls = 0
+
+    def steps(call: Call) -> None:  # a worker thread, like a diffusers step loop
+        nonlocal polls
+        started.set()
+        for _ in range(3000):  # gives up after about 30 s, so a failing test ends
+            polls += 1
+            call.raise_if_cancelled()
+            threading.Event().wait(0.01)
+
+    async def handle(event: Event, c: Context, call: Call) -> list[Emit]:
+        await c.run_cpu(steps, call)
+        return [Emit("b")]
+
+    await run_function(Function(Spec("stoppable", listens=("a",), emits=("b",)), handle=handle))
+    event = make_event("a", job_id=new_id())
+    await publish(ctx, event)
+    await asyncio.to_thread(started.wait, 10)
+    assert event.job_id is not None
+    await request_cancel(ctx.cancels_kv, event.job_id, "user pressed stop")
+    await settled(ctx, "stoppable")
+    [cancelled] = await events(ctx, "cancelled.stoppable", at_least=1)
+    assert cancelled.causation_id == event.id and cancelled.data["reason"] == "user pressed stop"
+    assert polls > 1
+    assert await events(ctx, "b") == []
+    assert await dead_letters(ctx, "stoppable") == []
+
+
+async def test_cancelling_an_image_stops_its_work_too(ctx: Context, run_function: Any) -> None:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        raise AssertionError("a cancelled image's event ran")
+
+    event = make_event("a")
+    assert event.image_id is not None
+    await request_cancel(ctx.cancels_kv, event.image_id, "image deleted")
+    await publish(ctx, event)
+    await run_function(Function(Spec("imagestop", listens=("a",)), handle=handle))
+    await settled(ctx, "imagestop")
+    [cancelled] = await events(ctx, "cancelled.imagestop", at_least=1)
+    assert cancelled.image_id == event.image_id
+
+
+async def test_a_handler_may_raise_cancelled_itself(ctx: Context, run_function: Any) -> None:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        raise Cancelled("nothing left to do")
+
+    await run_function(Function(Spec("quitter", listens=("a",)), handle=handle))
+    await publish(ctx, make_event("a"))
+    await settled(ctx, "quitter")
+    [cancelled] = await events(ctx, "cancelled.quitter", at_least=1)
+    assert cancelled.data["reason"] == "nothing left to do"
+    assert await dead_letters(ctx, "quitter") == []
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+async def test_progress_from_a_worker_thread_is_throttled_and_ends_with_the_last_step(
+    ctx: Context, run_function: Any
+) -> None:
+    job = new_id()
+    received: list[dict[str, Any]] = []
+    last = asyncio.Event()
+
+    async def on_progress(msg: Any) -> None:
+        update = orjson.loads(msg.data)
+        received.append(update)
+        if update["step"] == update["total"]:
+            last.set()
+
+    sub = await ctx.nc.subscribe(ctx.names.progress(job), cb=on_progress)
+    preview = b"\xff\xd8\xff" + b"\x00" * 100
+
+    def steps(call: Call) -> None:
+        for step in range(1, 201):
+            call.progress(step, 200, f"step {step}", preview=preview if step == 200 else None)
+
+    async def handle(event: Event, c: Context, call: Call) -> list[Emit]:
+        await c.run_cpu(steps, call)
+        return [Emit("b")]
+
+    try:
+        await run_function(Function(Spec("stepper", listens=("a",), emits=("b",)), handle=handle))
+        await publish(ctx, make_event("a", job_id=job))
+        await asyncio.wait_for(last.wait(), 10)
+    finally:
+        await sub.unsubscribe()
+    steps_seen = [u["step"] for u in received]
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] == 200
+    assert len(received) < 20, f"{len(received)} messages for 200 steps: not throttled"
+    final = received[-1]
+    assert final["job_id"] == job and final["stage"] == "stepper" and final["total"] == 200
+    assert final["message"] == "step 200" and final["preview_type"] == "image/jpeg"
+
+
+def test_progress_refuses_impossible_steps() -> None:
+    call = Call(make_event("a"), "s", attempt=1, max_attempts=1, deadline=0.0)
+    with pytest.raises(ValueError, match="0 <= step <= total"):
+        call.progress(3, 2)
+
+
+# --- lifespan and draining --------------------------------------------------------------------
+
+
+async def test_setup_runs_before_the_first_event_and_teardown_after_the_last(
+    ctx: Context, run_function: Any
+) -> None:
+    log: list[str] = []
+
+    async def setup(c: Context) -> None:
+        log.append("setup")
+
+    async def teardown(c: Context) -> None:
+        log.append("teardown")
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        log.append(f"event {event.data['n']}")
+        return []
+
+    fn = Function(Spec("lives", listens=("a",)), handle=handle, setup=setup, teardown=teardown)
+    await publish(ctx, make_event("a", n=1))
+    runner = await run_function(fn)
+    await settled(ctx, "lives")
+    await runner.drain(timeout=5)
+    assert log == ["setup", "event 1", "teardown"]
 
 
 async def test_draining_loses_nothing_that_arrives_meanwhile(
@@ -250,13 +450,13 @@ async def test_draining_loses_nothing_that_arrives_meanwhile(
 ) -> None:
     done: list[int] = []
 
-    async def handle(event: Event, _: Context) -> list[Emit]:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
         await asyncio.sleep(0.5)
         done.append(event.data["n"])
         return [Emit("b", data={"n": event.data["n"]})]
 
     fn = Function(
-        Spec("drainy", listens=("a",), emits=("b",), concurrency=2, max_deliver=3), handle, "test"
+        Spec("drainy", listens=("a",), emits=("b",), concurrency=2, max_deliver=3), handle=handle
     )
     first = await run_function(fn)
     for n in range(2):
@@ -271,9 +471,46 @@ async def test_draining_loses_nothing_that_arrives_meanwhile(
         await publish(ctx, make_event("a", n=n))
     await draining
     assert sorted(done) == [0, 1]
-    await asyncio.sleep(1.5)
-    assert await dead_letters(ctx, "drainy", timeout=0.3) == []
+    info = await consumer(ctx, "drainy")
+    assert info.num_ack_pending == 0 and info.num_pending == 4, "the drained runner kept some"
     await run_function(fn)
-    out = await events(ctx, "b", at_least=6, timeout=20)
+    await settled(ctx, "drainy")
+    out = await events(ctx, "b", at_least=6)
     assert sorted(e.data["n"] for e in out) == list(range(6))
-    assert await dead_letters(ctx, "drainy", timeout=0.3) == []
+    assert await dead_letters(ctx, "drainy") == []
+
+
+async def test_a_draining_batch_runner_flushes_its_queue_without_lingering(
+    ctx: Context, run_function: Any
+) -> None:
+    sizes: list[int] = []
+
+    async def handle_batch(batch: list[Event], _: Context, calls: list[Call]) -> list[list[Emit]]:
+        sizes.append(len(batch))
+        return [[] for _ in batch]
+
+    spec = Spec("lingerer", listens=("a",), batch=8, batch_wait_s=3600.0)
+    runner = await run_function(Function(spec, handle_batch=handle_batch))
+    for n in range(3):
+        await publish(ctx, make_event("a", n=n))
+
+    async def held() -> bool:
+        return (await consumer(ctx, "lingerer")).num_ack_pending == 3
+
+    await eventually(held, what="three events held for the linger")
+    assert sizes == []
+    await runner.drain(timeout=10)
+    assert sizes == [3]
+    await settled(ctx, "lingerer")
+
+
+def test_a_function_needs_exactly_one_handler_matching_its_batch() -> None:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        return []
+
+    with pytest.raises(TypeError, match="exactly one of handle and handle_batch"):
+        Function(Spec("none", listens=("a",)))
+    with pytest.raises(TypeError, match="give it handle_batch"):
+        Function(Spec("wrong", listens=("a",), batch=4), handle=handle)
+    with pytest.raises(ValueError, match="batch_wait_s must be >= 0 and needs batch > 1"):
+        Spec("linger", listens=("a",), batch_wait_s=0.1)

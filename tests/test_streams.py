@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from bus.context import open_context
-from bus.function import Spec
-from bus.settings import Settings
-from bus.streams import declare
+from bus.core.contract import Spec
+from bus.core.settings import Settings
+from bus.runtime.context import open_context
+from bus.runtime.streams import declare
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 

@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bus import subjects
-from bus.envelope import EnvelopeError, Event, ObjectRef, decode, derive_id, now_iso
-from bus.function import Spec
-from bus.media import safe_name, sniff
-from bus.nats_conn import NatsUnavailableError, check_jetstream
-from bus.readmodel import apply_event
-from bus.streams import duplicate_window
+from bus.core import subjects
+from bus.core.contract import Spec
+from bus.core.envelope import EnvelopeError, Event, ObjectRef, decode, derive_id, now_iso
+from bus.images.media import safe_name, sniff
+from bus.infra.nats_conn import NatsUnavailableError, check_jetstream
+from bus.runtime.streams import duplicate_window
+from bus.state.readmodel import apply_event
 from tests.support.images import jpeg, png
 
 
@@ -58,9 +58,10 @@ def test_names_keep_namespaces_apart() -> None:
     assert not names.dead_letter("ingest").startswith(names.all_events[:-1])
     with pytest.raises(ValueError, match="namespace must be"):
         subjects.Names("Bad.Name")
-    assert subjects.image_id_from_upload_key("uploads/abc/x.jpg") == "abc"
-    assert subjects.image_id_from_upload_key("images/abc/thumb.webp") is None
-    assert subjects.image_id_from_upload_key("uploads/../x.jpg/y") is None
+    assert subjects.image_id_from_key("uploads/abc/x.jpg", subjects.UPLOADS_PREFIX) == "abc"
+    assert subjects.image_id_from_key("images/abc/thumb.webp", subjects.UPLOADS_PREFIX) is None
+    assert subjects.image_id_from_key("uploads/../x.jpg/y", subjects.UPLOADS_PREFIX) is None
+    assert subjects.image_id_from_key("incoming/abc/x.jpg", subjects.INCOMING_PREFIX) == "abc"
 
 
 @pytest.mark.parametrize(
@@ -147,21 +148,23 @@ async def test_notify_ignores_its_own_failures() -> None:
     from functions.notify.handler import handle
 
     own = Event(id="f", type="failed.notify", source="t", time=now_iso(), image_id="img", data={})
-    assert await handle(own, None) == []  # type: ignore[arg-type]  # touches nothing
+    assert await handle(own, None, None) == []  # type: ignore[arg-type]  # touches nothing
 
 
 def test_records_with_odd_shapes_are_skipped_not_crashed() -> None:
-    from bus.s3events import records_to_emits
+    from bus.intake.s3events import created_uploads
 
     def created(bucket: Any, obj: Any) -> dict[str, Any]:
         return {"eventName": "s3:ObjectCreated:Put", "s3": {"bucket": bucket, "object": obj}}
 
     odd = [
         "text",
-        created("b", {"key": "uploads/x/a.jpg"}),
+        created("b", {"key": "incoming/x/a.jpg"}),
         created({"name": "b"}, "nope"),
-        created({"name": "b"}, {"key": "uploads/x/..%2F..%2Fevil.jpg"}),  # not an upload key
-        created({"name": "b"}, {"key": "uploads/ok/ev%1Bil%0Aname.JPG"}),
+        created({"name": "b"}, {"key": "incoming/x/..%2F..%2Fevil.jpg"}),  # not an upload key
+        created({"name": "b"}, {"key": "uploads/y/a.jpg"}),  # only the intake writes there
+        created({"name": "other"}, {"key": "incoming/z/a.jpg"}),  # another bucket
+        created({"name": "b"}, {"key": "incoming/ok/ev%1Bil%0Aname.JPG"}),
+        created({"name": "b"}, {"key": "incoming/ok/ev%1Bil%0Aname.JPG"}),  # twice: once
     ]
-    [emit] = records_to_emits(odd, "b")
-    assert emit.image_id == "ok" and emit.data["name"] == "ev_il_name.jpg"
+    assert created_uploads(odd, "b") == ["ok"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bus.embedded import Child
+from bus.ops.embedded import Child
 from tests.support import procs
 from tests.support.images import jpeg
 
@@ -163,8 +163,8 @@ async def test_worker_without_endpoints_explains_what_to_pass(tmp_path: Path) ->
 async def test_gateway_serves_the_api_without_functions_or_new_keys(
     ctx: object, subprocess_env: dict[str, str]
 ) -> None:
-    from bus.context import Context
-    from bus.keys import create_key, list_keys
+    from bus.runtime.context import Context
+    from bus.state.keys import create_key, list_keys
 
     assert isinstance(ctx, Context)
     token, _ = await create_key(ctx.api_keys, "ops", ("read",))

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from bus.context import Context
-from bus.embedded import InstanceLock, remove_run_info, write_private, write_run_info
+from bus.core.settings import Settings
 from bus.gateway.app import build_app
-from bus.settings import Settings
+from bus.ops.local import InstanceLock, remove_run_info, write_private, write_run_info
+from bus.runtime.context import Context
 from tests.support import procs
 from tests.support.images import jpeg, png
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from bus.context import Context
-from bus.envelope import Event, new_id, now_iso
-from bus.function import load
-from bus.streams import declare_consumer
+from bus.core.envelope import Event, new_id, now_iso
+from bus.runtime.context import Context
+from bus.runtime.registry import load
+from bus.runtime.streams import declare_consumer
 from tests.support import procs
 from tests.support.streams import dead_letters, events, eventually
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bus.context import Context
-from bus.function import enabled_names
 from bus.gateway import hooks, images, keys_api, system, uploads
 from bus.gateway.openapi import build_openapi
 from bus.gateway.problems import Handler, json_response, problem_middleware, problem_response
 from bus.gateway.routes import Route, json_body
 from bus.gateway.state import CTX, FUNCTIONS, INDEX, KEYS, STATIC_DIR
-from bus.keys import KeyCache
-from bus.readmodel import ImageIndex
+from bus.runtime.context import Context
+from bus.runtime.registry import enabled_names
+from bus.state.keys import KeyCache
+from bus.state.readmodel import ImageIndex
 
 PUBLIC = None
 _SCOPE = web.AppKey("route_scopes", dict)

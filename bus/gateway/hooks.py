@@ -4,7 +4,7 @@
   the name from ``?filename=`` or a Content-Disposition header;
 - JSON ``{"filename": ..., "data": "<base64>"}``, for senders that can only post JSON;
 - JSON ``{"url": ..., "filename": ...}``: the gateway fetches the image itself, under the
-  rules of :mod:`bus.fetch`, and only when ``ingest.fetch.enabled`` is set.
+  rules of :mod:`bus.intake.fetch`, and only when ``ingest.fetch.enabled`` is set.
 
 Each ends in :func:`bus.intake.accept_upload`, like every other way in, with the origin
 recorded under ``hook`` in the ``uploaded`` event.
@@ -21,13 +21,13 @@ import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from bus.context import Context
-from bus.fetch import FetchError, disposition_filename, fetch_image
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import json_body
 from bus.gateway.state import CTX
 from bus.gateway.uploads import CHUNK, accepted_result
-from bus.intake import Accepted, UploadRejectedError, accept_upload
+from bus.intake.accept import Accepted, UploadRejectedError, accept_upload
+from bus.intake.fetch import FetchError, disposition_filename, fetch_image
+from bus.runtime.context import Context
 
 SOURCE = "hook"
 JSON_SLACK = 64 * 1024  # room for the filename, the keys and whitespace around the data

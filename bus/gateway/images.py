@@ -6,8 +6,8 @@ from aiohttp import web
 
 from bus.gateway.problems import Problem, int_query, json_response
 from bus.gateway.state import CTX, INDEX
-from bus.readmodel import STATUSES, cursor_of
-from bus.store import ObjectMissingError
+from bus.infra.store import ObjectMissingError
+from bus.state.readmodel import STATUSES, cursor_of
 
 MAX_LIMIT = 500
 

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.state import CTX
-from bus.keys import KEY_ID_RE, KeyError_, create_key, list_keys, parse_scopes, revoke_key
+from bus.state.keys import KEY_ID_RE, KeyError_, create_key, list_keys, parse_scopes, revoke_key
 
 
 async def list_api_keys(request: web.Request) -> web.Response:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bus.context import Context
-from bus.keys import KeyCache
-from bus.readmodel import ImageIndex
+from bus.runtime.context import Context
+from bus.state.keys import KeyCache
+from bus.state.readmodel import ImageIndex
 
 CTX = web.AppKey("ctx", Context)
 INDEX = web.AppKey("index", ImageIndex)

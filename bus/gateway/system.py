@@ -11,10 +11,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bus.context import Context
 from bus.gateway.problems import Problem, int_query, json_response, problem_response
 from bus.gateway.state import CTX, FUNCTIONS
-from bus.leases import LedgerUnavailableError, read_devices
+from bus.gpu.leases import LedgerUnavailableError, read_devices
+from bus.runtime.context import Context
 
 log = logging.getLogger("darkroom.gateway")
 

@@ -10,12 +10,12 @@ import orjson
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from bus import subjects
-from bus.envelope import new_id
+from bus.core import subjects
+from bus.core.envelope import new_id
 from bus.gateway.problems import Problem, json_response, problem_response
 from bus.gateway.state import CTX
-from bus.intake import Accepted, UploadRejectedError, accept_upload, complete_presigned
-from bus.media import BY_MIME, accepted_names, safe_name
+from bus.images.media import BY_MIME, accepted_names, safe_name
+from bus.intake.accept import Accepted, UploadRejectedError, accept_upload, complete_presigned
 
 CHUNK = 256 * 1024
 MAX_FILES = 1000

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from bus import subjects
-from bus.context import Context
-from bus.envelope import Event
-from bus.function import Emit, Reject, Spec
-from bus.store import ObjectMissingError
+from bus import Call, Context, Emit, Event, Function, ObjectMissingError, Reject, Spec, subjects
 from functions.caption.palette import colour_tags
 
 SPEC = Spec(
@@ -19,7 +15,7 @@ SPEC = Spec(
 )
 
 
-async def handle(event: Event, ctx: Context) -> list[Emit]:
+async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     if not event.image_id or not subjects.is_safe_id(event.image_id):
         raise Reject("an ingested event needs a valid 'image_id'")
     doc_key = subjects.image_key(event.image_id, subjects.CAPTION_DOC)
@@ -37,3 +33,6 @@ async def handle(event: Event, ctx: Context) -> list[Emit]:
     doc = {"caption": None, "tags": [f"color:{t}" for t in tags], "models": {"tags": "palette"}}
     stored = await ctx.store.put_json(doc_key, doc)
     return [Emit(subjects.CAPTIONED, stored, data=doc)]
+
+
+FUNCTION = Function(SPEC, handle=handle)

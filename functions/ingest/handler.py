@@ -13,11 +13,18 @@ from typing import Any
 
 import orjson
 
-from bus import subjects
-from bus.context import Context
-from bus.envelope import Event
-from bus.function import Emit, Reject, Spec
-from bus.store import ObjectMissingError, TooLargeError
+from bus import (
+    Call,
+    Context,
+    Emit,
+    Event,
+    Function,
+    ObjectMissingError,
+    Reject,
+    Spec,
+    TooLargeError,
+    subjects,
+)
 from functions.ingest.imaging import BadImageError, Options, derive
 
 SPEC = Spec(
@@ -31,7 +38,7 @@ SPEC = Spec(
 MAX_LINEAGE_BYTES = 16 * 1024
 
 
-async def handle(event: Event, ctx: Context) -> list[Emit]:
+async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     if event.object is None or not event.image_id:
         raise Reject(f"a {event.type} event needs 'object' and 'image_id'")
     if not subjects.is_safe_id(event.image_id):
@@ -75,6 +82,9 @@ async def handle(event: Event, ctx: Context) -> list[Emit]:
     }
     stored = await ctx.store.put_json(doc_key, info)
     return [Emit(subjects.INGESTED, stored, data=info)]
+
+
+FUNCTION = Function(SPEC, handle=handle)
 
 
 def _lineage(event: Event) -> dict[str, Any] | None:

@@ -23,9 +23,9 @@ from typing import Any, cast
 
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
-from bus.imagecheck import Limits, UploadRejectedError, check_dimensions, open_image
-from bus.media import JPEG
-from bus.settings import IngestSettings
+from bus.core.settings import IngestSettings
+from bus.images.check import Limits, UploadRejectedError, check_dimensions, open_image
+from bus.images.media import JPEG
 from functions.ingest import placeholder
 
 DRAFT_FRACTION = 0.75  # decode no smaller than this share of the display size

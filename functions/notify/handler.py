@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from bus import subjects
-from bus.context import Context
-from bus.envelope import Event
-from bus.function import Emit, Reject, Spec
-from bus.readmodel import project
+from bus import Call, Context, Emit, Event, Function, Reject, Spec, subjects
+from bus.state.readmodel import project
 
 SPEC = Spec(
     name="notify",
@@ -24,7 +21,7 @@ SPEC = Spec(
 )
 
 
-async def handle(event: Event, ctx: Context) -> list[Emit]:
+async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     if event.type == f"{subjects.FAILED}.{SPEC.name}":
         return []  # projecting our own failure would fail the same way, and loop
     if not event.image_id:
@@ -33,3 +30,6 @@ async def handle(event: Event, ctx: Context) -> list[Emit]:
         raise Reject(f"a {event.type} event needs 'image_id'")
     await project(ctx.images, event)
     return []
+
+
+FUNCTION = Function(SPEC, handle=handle)

@@ -103,13 +103,15 @@ from nats.js.api import (
 )
 from pydantic import SecretStr
 
-from bus.context import Context, open_context
-from bus.embedded import NatsServer, S3Credentials, SeaweedFS
-from bus.envelope import Event, new_id, now_iso
-from bus.function import Emit, Function, Spec
-from bus.runner import FunctionRunner
-from bus.settings import NatsSettings, S3Settings, Settings
-from bus.streams import MAX_ACK_PENDING, duplicate_window
+from bus.core.contract import Emit, Spec
+from bus.core.envelope import Event, new_id, now_iso
+from bus.core.settings import NatsSettings, S3Settings, Settings
+from bus.ops.embedded import NatsServer, S3Credentials, SeaweedFS
+from bus.runtime.call import Call
+from bus.runtime.context import Context, open_context
+from bus.runtime.registry import Function
+from bus.runtime.runner import FunctionRunner
+from bus.runtime.streams import MAX_ACK_PENDING, duplicate_window
 from tests.bench.report import percentile, rounded, run_and_report
 
 TOPICS = ("b0", "b1", "b2", "b3")
@@ -157,8 +159,8 @@ class Chain(Protocol):
     async def stop(self) -> None: ...
 
 
-def _forward(next_topic: str) -> Callable[[Event, Context], Awaitable[list[Emit]]]:
-    async def handle(event: Event, _: Context) -> list[Emit]:
+def _forward(next_topic: str) -> Callable[[Event, Context, Call], Awaitable[list[Emit]]]:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
         return [Emit(next_topic, data=event.data)]
 
     return handle
@@ -175,8 +177,7 @@ class DarkroomChain:
         self._functions = [
             Function(
                 Spec(stage, listens=(TOPICS[i],), emits=(TOPICS[i + 1],), concurrency=concurrency),
-                _forward(TOPICS[i + 1]),
-                "bench",
+                handle=_forward(TOPICS[i + 1]),
             )
             for i, stage in enumerate(STAGES)
         ]

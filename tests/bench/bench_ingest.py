@@ -52,7 +52,7 @@ size (full decode, Lanczos resize, no compression).
 
 Part 2: end to end
 ------------------
-A real ``darkroom up`` (``python -m bus.cli up``, the console script's code) in a temporary
+A real ``darkroom up`` (``python -m bus.ops.cli up``, the console script's code) in a temporary
 data dir and HOME, on free ports (``--port 0``, ``DARKROOM_NATS__EMBEDDED_PORT=0``,
 ``DARKROOM_S3__EMBEDDED_PORT=0``). The gateway URL comes from its banner, the admin key from
 ``<data-dir>/admin.key``, the NATS URL and namespace from ``<data-dir>/run.json``. A core
@@ -115,7 +115,7 @@ import PIL
 from nats.aio.msg import Msg
 from PIL import ExifTags, Image, ImageChops, ImageFilter, ImageOps, ImageStat, features
 
-from bus.settings import IngestSettings
+from bus.core.settings import IngestSettings
 from functions.ingest.imaging import Options as IngestOptions
 from functions.ingest.imaging import derive
 from tests.bench.report import load_average, percentile, rounded, run_and_report, shown

@@ -106,10 +106,10 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from bus.embedded import NatsServer
-from bus.leases import MIB, Device, Holder, Ledger
-from bus.resident import ResidentModels
-from bus.streams import key_value
+from bus.gpu.leases import MIB, Device, Holder, Ledger
+from bus.gpu.resident import ResidentModels
+from bus.ops.embedded import NatsServer
+from bus.runtime.streams import key_value
 from tests.bench.report import load_average, percentile, rounded, run_and_report, shown
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -33,11 +33,11 @@ from typing import Any
 
 import nats
 
-from bus.embedded import NatsServer
-from bus.leases import MIB, Holder, Ledger, discover_devices
-from bus.resident import ResidentModels
-from bus.settings import Settings
-from bus.streams import key_value
+from bus.core.settings import Settings
+from bus.gpu.leases import MIB, Holder, Ledger, discover_devices
+from bus.gpu.resident import ResidentModels
+from bus.ops.embedded import NatsServer
+from bus.runtime.streams import key_value
 
 DEVICE = "cuda:0"
 WIDTH = 8192  # Linear layers of WIDTH x WIDTH

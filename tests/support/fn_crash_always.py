@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-from bus.context import Context
-from bus.envelope import Event
-from bus.function import Emit, Spec
+from bus import Call, Context, Emit, Event, Function, Spec
 
 SPEC = Spec(name="crashalways", listens=("poison",), ack_wait=2.0, max_deliver=2, concurrency=1)
 
 
-async def handle(event: Event, ctx: Context) -> list[Emit]:
+async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     os._exit(17)
+
+
+FUNCTION = Function(SPEC, handle=handle)

@@ -3,10 +3,15 @@ lease; odd ones need no model and finish at once."""
 
 from __future__ import annotations
 
-from bus.context import Context
-from bus.envelope import Event
-from bus.function import Emit, Reject, Spec
-from bus.resident import MB
+from bus import Call, Context, Emit, Event, Function, Model, Placement, Reject, Spec
+from bus.gpu.resident import MB
+
+
+def load_model(placement: Placement) -> bytearray:
+    return bytearray(40 * MB)
+
+
+MODEL = Model("model", estimate_mb=40, load=load_model)
 
 SPEC = Spec(
     name="gpuwork",
@@ -16,14 +21,19 @@ SPEC = Spec(
     ack_wait=10.0,
     max_deliver=3,
     needs_gpu=True,
+    models=(MODEL,),
 )
 
 
-async def handle(event: Event, ctx: Context) -> list[Emit]:
+async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     if ctx.gpu is None:
         raise Reject("no VRAM leases in this context")
     n = int(event.data.get("n", 0))
     if n % 2:
         return [Emit("gdone", data={"n": n, "mb": 0})]
-    async with ctx.gpu.use("model", lambda: bytearray(40 * MB), 40) as model:
-        return [Emit("gdone", data={"n": event.data.get("n"), "mb": len(model) // MB})]
+    async with ctx.gpu.use(MODEL) as model:
+        size = await ctx.run_gpu(len, model)
+        return [Emit("gdone", data={"n": n, "mb": size // MB, "device": ctx.gpu.device})]
+
+
+FUNCTION = Function(SPEC, handle=handle)

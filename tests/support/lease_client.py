@@ -21,7 +21,7 @@ import nats
 import orjson
 from nats.aio.client import Client as NATS
 
-from bus.leases import Device, Holder, Ledger
+from bus.gpu.leases import Device, Holder, Ledger
 
 
 def ledger(kv: Any, spec: dict[str, Any], host: str) -> Ledger:

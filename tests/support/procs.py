@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DARKROOM = [sys.executable, "-m", "bus.cli"]
+DARKROOM = [sys.executable, "-m", "bus.ops.cli"]
 
 
 @dataclass

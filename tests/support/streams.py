@@ -1,4 +1,10 @@
-"""Reading what landed on a subject, for assertions."""
+"""Reading what landed on a subject, and knowing when a function is done, for assertions.
+
+Nothing here waits for a lull. "Nothing more arrived" is shown by a positive signal: the
+function that would have sent it is settled (its consumer has nothing pending and nothing
+un-acked, so every event it was going to publish is stored), then everything stored is
+read up to the stream's end.
+"""
 
 from __future__ import annotations
 
@@ -9,43 +15,47 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bus.context import Context
-from bus.envelope import Event
+from bus.core.envelope import Event, decode
+from bus.runtime.context import Context
 
 
 async def read_subject(
     js: JetStreamContext, subject: str, *, at_least: int = 0, timeout: float = 10.0
-) -> list[Any]:
-    """All stored messages on ``subject`` (waits for ``at_least`` of them, then a short lull)."""
+) -> list[Msg]:
+    """Every message stored on ``subject``, once there are at least ``at_least``.
+
+    Reads to the end of what the stream holds for the subject when the last one is read
+    (its ``num_pending`` is 0). Raises TimeoutError if ``at_least`` never arrive.
+    """
     sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-    found: list[Any] = []
+    found: list[Msg] = []
     deadline = time.monotonic() + timeout
     try:
+        info = await sub.consumer_info()
+        if at_least == 0 and info.num_pending == 0:
+            return found
         while True:
             remaining = deadline - time.monotonic()
-            wait = remaining if len(found) < at_least else 0.3
-            if wait <= 0:
-                break
+            if remaining <= 0:
+                raise TimeoutError(f"{len(found)} of {at_least} message(s) on {subject}")
             try:
-                found.append(await sub.next_msg(timeout=wait))
+                msg = await sub.next_msg(timeout=remaining)
             except TimeoutError:
-                if len(found) >= at_least:
-                    break
-                if time.monotonic() >= deadline:
-                    break
+                continue
+            found.append(msg)
+            if len(found) >= at_least and msg.metadata.num_pending == 0:
+                return found
     finally:
         await sub.unsubscribe()
-    return found
 
 
 async def events(
     ctx: Context, topic: str, *, at_least: int = 0, timeout: float = 10.0
 ) -> list[Event]:
-    from bus.envelope import decode
-
     msgs = await read_subject(ctx.js, ctx.names.subject(topic), at_least=at_least, timeout=timeout)
     return [decode(m.data) for m in msgs]
 
@@ -59,14 +69,32 @@ async def dead_letters(
     return [orjson.loads(m.data) for m in msgs]
 
 
+async def is_settled(ctx: Context, function: str) -> bool:
+    """The function's consumer has nothing pending and nothing delivered but un-acked."""
+    info = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable(function))
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def settled(ctx: Context, *functions: str, timeout: float = 20.0) -> None:
+    """Wait until each function, in order, is settled (see :func:`is_settled`)."""
+    for function in functions:
+        await eventually(
+            lambda f=function: is_settled(ctx, f),  # type: ignore[misc]
+            timeout=timeout,
+            what=f"{function} settled",
+        )
+
+
 async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Wait until ``check()`` (plain or async) is true."""
+    check: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, what: str = "condition"
+) -> Any:
+    """Wait until ``check()`` (plain or async) is truthy; return what it gave."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
-        if await result if inspect.isawaitable(result) else result:
-            return
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

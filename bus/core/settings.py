@@ -1,0 +1,377 @@
+"""One settings object per process: TOML file, then ``DARKROOM_*`` environment, then flags.
+
+Nested keys use ``__`` in the environment: ``DARKROOM_S3__BUCKET=photos`` sets ``s3.bucket``.
+Everything is validated at start; :class:`ConfigError` says which key, what was expected
+and what came.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bus.core.subjects import check_namespace
+
+ENV_PREFIX = "DARKROOM_"
+CONFIG_ENV = "DARKROOM_CONFIG"
+DEFAULT_CONFIG_NAME = "darkroom.toml"
+
+
+class ConfigError(Exception):
+    """Settings are missing or invalid; the message is meant for the user."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "darkroom"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NatsSettings(_Section):
+    url: str | None = Field(
+        default=None, description="nats:// URL(s), comma-separated; unset = embedded server"
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    embedded_port: int = Field(default=4222, ge=0, le=65535)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        for part in value.split(","):
+            scheme = urlsplit(part.strip()).scheme
+            if scheme not in ("nats", "tls", "ws", "wss"):
+                raise ValueError(f"expected nats://host:port, got {part.strip()!r}")
+        return value
+
+    @property
+    def servers(self) -> list[str]:
+        return [p.strip() for p in (self.url or "").split(",") if p.strip()]
+
+
+class S3Settings(_Section):
+    endpoint: str | None = Field(
+        default=None, description="http(s)://host:port of an S3 server; unset = embedded"
+    )
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    region: str | None = None
+    bucket: str = Field(default="darkroom", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    io_threads: int = Field(default=16, ge=1, le=256)
+    upload_streams: int = Field(
+        default=32, ge=1, le=1024, description="uploads streamed at once per gateway"
+    )
+    embedded_port: int = Field(default=8333, ge=0, le=55535)
+    public_url: str | None = Field(
+        default=None,
+        description="http(s)://host:port browsers reach S3 at, for presigned uploads; "
+        "unset = endpoint",
+    )
+
+    @field_validator("endpoint", "public_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected http(s)://host:port, got {value!r}")
+        return value
+
+    @property
+    def secure(self) -> bool:
+        return (self.endpoint or "").startswith("https://")
+
+    @property
+    def host_port(self) -> str:
+        parts = urlsplit(self.endpoint or "")
+        return parts.netloc.rsplit("@", 1)[-1]
+
+
+class StreamSettings(_Section):
+    max_age_days: float = Field(default=30.0, gt=0, description="event history kept for replay")
+    max_bytes: int = Field(default=-1, ge=-1, description="-1 = no size limit")
+    replicas: int = Field(default=1, ge=1, le=5)
+    dlq_max_age_days: float = Field(default=90.0, gt=0)
+
+
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    static_dir: Path | None = Field(
+        default=None, description="built frontend; unset = frontend/build or the bundled page"
+    )
+
+
+class FetchSettings(_Section):
+    """Fetching an image by URL for ``POST /api/hooks/ingest`` (off unless enabled)."""
+
+    enabled: bool = False
+    allow_hosts: tuple[str, ...] = Field(
+        default=(), description="host names that may be fetched; '*.example.com' covers subdomains"
+    )
+    allow_networks: tuple[IPvAnyNetwork, ...] = Field(
+        default=(),
+        description="private networks (CIDR) that may be reached anyway, e.g. a NAS on the LAN",
+    )
+    timeout_s: float = Field(default=20.0, gt=0, le=600)
+
+
+class IngestSettings(_Section):
+    """Limits every upload is checked against, and what ingest derives from it."""
+
+    max_upload_mb: int = Field(default=200, ge=1, le=100_000)
+    max_pixels: int = Field(
+        default=150_000_000, ge=1, description="decoded pixels, from the header"
+    )
+    max_frames: int = Field(default=1000, ge=1, description="frames of an animation")
+    display_px: int = Field(default=2048, ge=64, le=16383, description="long edge of display.webp")
+    thumb_px: tuple[int, ...] = Field(default=(1024, 256), min_length=1)
+    webp_quality: int = Field(default=80, ge=1, le=100)
+    original_gps: Literal["keep", "strip"] = Field(
+        default="keep",
+        description="strip: store JPEG originals without their GPS position (losslessly); "
+        "renditions never carry EXIF either way",
+    )
+    fetch: FetchSettings = FetchSettings()
+
+    @field_validator("thumb_px")
+    @classmethod
+    def _check_thumbs(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 16 <= px <= 4096 for px in value):
+            raise ValueError("thumbnail sizes must be between 16 and 4096 pixels")
+        return tuple(sorted(set(value), reverse=True))
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+
+class GpuSettings(_Section):
+    """VRAM leases for the GPU functions (see bus/gpu/leases.py for what each mode means)."""
+
+    mode: Literal["low", "balanced", "high"] = Field(
+        default="balanced",
+        description="low: unload after use; balanced: stay resident while there is room; "
+        "high: stay resident and preload",
+    )
+    cpu_capacity_mb: int = Field(
+        default=8192, ge=1, description="capacity of the CPU device (no CUDA, or tests)"
+    )
+    reserve_mb: int | None = Field(
+        default=None, ge=0, description="headroom never leased; unset = the mode's reserve"
+    )
+    lease_ttl_s: float = Field(
+        default=10.0, ge=1, le=600, description="a lease lapses this long after its last renewal"
+    )
+    idle_ttl_s: float = Field(
+        default=300.0, gt=0, description="balanced mode: unload a model idle this long"
+    )
+    device: str | None = Field(
+        default=None,
+        pattern=r"^(cpu|cuda:\d+)$",
+        description="pin to one device, e.g. 'cuda:1' or 'cpu'; unset = every device found",
+    )
+    host_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="this host's id in the lease ledger; unset = <data_dir>/host-id",
+    )
+
+
+class FunctionSettings(_Section):
+    enabled: bool = True
+    concurrency: int | None = Field(default=None, ge=1, le=4096)
+    listens: tuple[str, ...] | None = Field(
+        default=None, description="topics to consume instead of the function's own"
+    )
+
+
+class Settings(BaseSettings):
+    """All of darkroom's settings (see README "Configuration")."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    namespace: str = "darkroom"
+    profile: Literal["auto", "demo"] = Field(
+        default="auto", description="auto: real models when available, else tiny demo ones"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    nats: NatsSettings = NatsSettings()
+    s3: S3Settings = S3Settings()
+    stream: StreamSettings = StreamSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    ingest: IngestSettings = IngestSettings()
+    gpu: GpuSettings = GpuSettings()
+    functions: dict[str, FunctionSettings] = Field(default_factory=dict)
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        return check_namespace(value)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def function(self, name: str) -> FunctionSettings:
+        return self.functions.get(name, FunctionSettings())
+
+    @property
+    def embedded_nats(self) -> bool:
+        return self.nats.url is None
+
+    @property
+    def embedded_s3(self) -> bool:
+        return self.s3.endpoint is None
+
+
+def _format_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid settings ({origin}):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f"; got {got!r}"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"settings file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
+
+
+def parse_s3_url(url: str) -> dict[str, Any]:
+    """``http://KEY:SECRET@host:9000/bucket`` → the ``s3`` settings it names."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--s3 expects http(s)://[KEY:SECRET@]host:port[/bucket], got {url!r}")
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    out: dict[str, Any] = {"endpoint": f"{parts.scheme}://{netloc}"}
+    if parts.username:
+        out["access_key"] = unquote(parts.username)
+    if parts.password:
+        out["secret_key"] = unquote(parts.password)
+    bucket = parts.path.strip("/")
+    if bucket:
+        out["bucket"] = bucket
+    return out
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The parsed settings file, as the lowest-priority source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def load_settings(
+    config_path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the process's settings: flags win over the environment, which wins over TOML.
+
+    Args:
+        config_path: a TOML file; defaults to ``$DARKROOM_CONFIG`` or ``./darkroom.toml`` if
+            it exists.
+        overrides: nested dict of values from command-line flags; ``None`` values are skipped.
+    """
+    origin = "defaults and environment"
+    data: dict[str, Any] = {}
+    if config_path is None and os.environ.get(CONFIG_ENV):
+        config_path = Path(os.environ[CONFIG_ENV])
+    if config_path is None and Path(DEFAULT_CONFIG_NAME).is_file():
+        config_path = Path(DEFAULT_CONFIG_NAME)
+    if config_path is not None:
+        data = read_toml(config_path)
+        origin = f"{config_path} and environment"
+    _check_environment_names()
+    flags = _drop_none(overrides or {})
+    if flags:
+        origin += " and command-line flags"
+
+    class _Loaded(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _TomlSource(settings_cls, data))
+
+    try:
+        loaded = _Loaded(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origin)) from None
+    except ValueError as exc:  # raised by env parsing, e.g. bad JSON in a nested variable
+        raise ConfigError(f"invalid settings ({origin}): {exc}") from None
+    # Hand out the plain class: no per-call subclass leaks into the rest of the program.
+    return Settings.model_construct(
+        **{name: getattr(loaded, name) for name in Settings.model_fields}
+    )
+
+
+def _check_environment_names() -> None:
+    """Nested typos are rejected by validation; catch top-level ones here."""
+    # URL and API_KEY are the client's (`darkroom upload`), not settings.
+    known = {name.upper() for name in Settings.model_fields} | {"CONFIG", "URL", "API_KEY"}
+    for variable in os.environ:
+        if variable.startswith(ENV_PREFIX):
+            head = variable[len(ENV_PREFIX) :].split("__", 1)[0]
+            if head not in known:
+                raise ConfigError(
+                    f"unknown setting {variable} in the environment; darkroom settings are "
+                    + ", ".join(sorted(f"{ENV_PREFIX}{k}" for k in known))
+                )
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            inner = _drop_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out

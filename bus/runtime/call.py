@@ -1,0 +1,232 @@
+"""One invocation's handle, passed to the handler beside the process-wide context.
+
+It says which attempt this is and by when the handler must finish, carries a logger that
+names the event, reports step progress on the live subject, and tells the handler when
+someone cancelled its job. Progress and cancellation work from any thread, so a diffusers
+step callback running on the GPU thread can report and poll directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bus.core.contract import Cancelled
+from bus.core.envelope import Event, now_iso
+
+PROGRESS_INTERVAL_S = 0.25  # at most this often on the wire, per invocation
+MAX_PREVIEW_BYTES = 256 * 1024
+
+Send = Callable[[str, bytes], Coroutine[Any, Any, None]]
+
+_PREVIEW_TYPES = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG", "image/png"),
+    (b"RIFF", "image/webp"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressUpdate:
+    step: int
+    total: int
+    message: str = ""
+    preview: bytes | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.step >= self.total
+
+
+class _EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes each line with the stage and the event's ids."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        return f"{self.extra['prefix'] if self.extra else ''}: {msg}", kwargs
+
+
+class Progress:
+    """Throttled progress for one invocation: the newest update wins.
+
+    An update is sent at once when the last one went out at least ``interval`` ago, or when
+    it is the final step; otherwise the newest update is sent when the interval is up, so
+    a burst of steps costs a few messages and the last state always arrives.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        send: Send,
+        subject: str,
+        about: dict[str, Any],
+        interval: float = PROGRESS_INTERVAL_S,
+    ) -> None:
+        self._loop = loop
+        self._send = send
+        self._subject = subject
+        self._about = about
+        self._interval = interval
+        self._pending: ProgressUpdate | None = None
+        self._last_sent = -interval
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sent = 0
+
+    def report(self, update: ProgressUpdate) -> None:
+        """Safe from any thread."""
+        if _on_loop(self._loop):
+            self._offer(update)
+        else:
+            self._loop.call_soon_threadsafe(self._offer, update)
+
+    def _offer(self, update: ProgressUpdate) -> None:
+        self._pending = update
+        due = self._last_sent + self._interval - time.monotonic()
+        if due <= 0 or update.final:
+            self._flush()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(due, self._flush)
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        update, self._pending = self._pending, None
+        if update is None:
+            return
+        self._last_sent = time.monotonic()
+        doc: dict[str, Any] = {
+            **self._about,
+            "step": update.step,
+            "total": update.total,
+            "message": update.message,
+            "time": now_iso(),
+        }
+        if update.preview is not None:
+            doc["preview_type"] = _preview_type(update.preview)
+            doc["preview_b64"] = base64.b64encode(update.preview).decode()
+        task = self._loop.create_task(self._send(self._subject, orjson.dumps(doc)))
+        self._tasks.add(task)
+        task.add_done_callback(self._sent)
+        self.sent += 1
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logging.getLogger("darkroom.progress").debug("progress not sent: %s", task.exception())
+
+    def close(self) -> None:
+        """Send what is pending now (the invocation is over)."""
+        if self._pending is not None:
+            self._flush()
+
+
+class Call:
+    """What one handler invocation knows about itself (see the module docstring)."""
+
+    def __init__(
+        self,
+        event: Event,
+        stage: str,
+        *,
+        attempt: int,
+        max_attempts: int,
+        deadline: float,
+        progress: Progress | None = None,
+    ) -> None:
+        self.event = event
+        self.stage = stage
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.deadline = deadline  # time.monotonic() by which the handler must be done
+        ids = " ".join(
+            f"{kind} {value}"
+            for kind, value in (("job", event.job_id), ("image", event.image_id))
+            if value
+        )
+        prefix = f"{stage} [{ids or event.id}]"
+        self.log: logging.LoggerAdapter = _EventLog(  # type: ignore[type-arg]
+            logging.getLogger(f"darkroom.{stage}"), {"prefix": prefix}
+        )
+        self._progress = progress
+        self._cancelled = threading.Event()
+        self._cancel_reason = ""
+
+    # --- attempts and time ---------------------------------------------------------------
+    @property
+    def last_attempt(self) -> bool:
+        """No retry follows if this attempt fails."""
+        return self.attempt >= self.max_attempts
+
+    def remaining_s(self) -> float:
+        """Seconds left before the runner gives up on this invocation."""
+        return self.deadline - time.monotonic()
+
+    # --- progress ------------------------------------------------------------------------
+    def progress(
+        self, step: int, total: int, message: str = "", preview: bytes | None = None
+    ) -> None:
+        """Report step ``step`` of ``total`` (from any thread; throttled, never blocks).
+
+        ``preview`` is a small JPEG, PNG or WebP of the work so far (at most 256 KiB; a
+        bigger one is left out). Progress is ephemeral: it is not stored or replayed.
+        """
+        if total < 1 or not 0 <= step <= total:
+            raise ValueError(
+                f"progress needs 0 <= step <= total and total >= 1, got {step}/{total}"
+            )
+        if preview is not None and len(preview) > MAX_PREVIEW_BYTES:
+            self.log.warning(
+                "progress preview of %d bytes is over %d: sent without it",
+                len(preview),
+                MAX_PREVIEW_BYTES,
+            )
+            preview = None
+        if self._progress is not None:
+            self._progress.report(ProgressUpdate(step, total, message, preview))
+
+    # --- cancellation --------------------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        """Someone cancelled this job (or image): stop soon, raising :class:`Cancelled`."""
+        return self._cancelled.is_set()
+
+    @property
+    def cancel_reason(self) -> str:
+        return self._cancel_reason
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`Cancelled` if the work was cancelled (a handler's poll)."""
+        if self._cancelled.is_set():
+            raise Cancelled(self._cancel_reason or "cancelled")
+
+    def cancel(self, reason: str) -> None:
+        """Flag this invocation as cancelled (the runner does this; safe from any thread)."""
+        self._cancel_reason = reason
+        self._cancelled.set()
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _preview_type(data: bytes) -> str:
+    for magic, mime in _PREVIEW_TYPES:
+        if data.startswith(magic):
+            return mime
+    return "application/octet-stream"

@@ -1,0 +1,136 @@
+"""The Context handed to every handler: connections, the store, the read model, executors.
+
+Built once per process by :func:`open_context` (an async context manager) and passed in;
+nothing lives in module globals. What belongs to one invocation (its attempt, deadline,
+progress and cancellation) is in :class:`bus.runtime.call.Call` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from bus.core.contract import Spec
+from bus.core.settings import Settings
+from bus.core.subjects import Names
+from bus.gpu.resident import ResidentModels, open_resident_models
+from bus.infra.metrics import Metrics
+from bus.infra.nats_conn import check_jetstream, connect
+from bus.infra.store import ObjectStore
+from bus.runtime import streams
+from bus.state.cancels import CancelFlags
+
+T = TypeVar("T")
+START_TIMEOUT_S = 6.0
+
+
+@dataclass
+class Context:
+    settings: Settings
+    names: Names
+    nc: NATS
+    js: JetStreamContext
+    store: ObjectStore
+    images: KeyValue  # read model: one document per image
+    api_keys: KeyValue
+    digests: KeyValue  # sha256 of an original → its image id (duplicate uploads)
+    cancels_kv: KeyValue  # cancellation flags by job or image id
+    cancels: CancelFlags  # this process's mirror of them (started by the first runner)
+    cpu: ThreadPoolExecutor
+    interactive: ThreadPoolExecutor
+    metrics: Metrics
+    log: logging.Logger
+    gpu: ResidentModels | None = None  # GPU functions' models, loaded under VRAM leases
+
+    async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking CPU work off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+
+    async def run_interactive(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU work someone is waiting on (checking an upload) on threads of its own, so
+        it never queues behind a burst of function work in the same process."""
+        return await asyncio.get_running_loop().run_in_executor(self.interactive, fn, *args)
+
+    async def run_gpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking GPU work on the leased device's own thread, never the CPU pool."""
+        if self.gpu is None:
+            raise RuntimeError("this process has no GPU context: only Specs with needs_gpu get one")
+        return await self.gpu.run(fn, *args)
+
+
+@asynccontextmanager
+async def open_context(
+    settings: Settings,
+    specs: list[Spec],
+    client_name: str,
+    metrics: Metrics | None = None,
+    declare: bool = True,
+) -> AsyncIterator[Context]:
+    """Connect to NATS and S3, check versions, declare streams and ``specs``' consumers.
+
+    Both servers must be reachable within a few seconds; otherwise the error names the
+    URL. With ``declare=False`` (admin commands) nothing is created or reconfigured: the
+    deployment must exist already.
+    """
+    if settings.nats.url is None or settings.s3.endpoint is None:
+        raise ValueError("open_context needs resolved NATS and S3 endpoints")
+    servers = settings.nats.servers
+    nc = await connect(servers, name=client_name, timeout=START_TIMEOUT_S)
+    store: ObjectStore | None = None
+    ctx: Context | None = None
+    cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
+    interactive = ThreadPoolExecutor(max_workers=2, thread_name_prefix="interactive")
+    try:
+        js = nc.jetstream(timeout=10.0)
+        await check_jetstream(js, servers)
+        if declare:
+            names = await streams.declare(js, settings, specs)
+        else:
+            names = await streams.check_deployed(js, settings)
+        store = ObjectStore.connect(settings.s3)
+        await store.ensure_bucket(timeout=START_TIMEOUT_S)
+        ctx = Context(
+            settings=settings,
+            names=names,
+            nc=nc,
+            js=js,
+            store=store,
+            images=await js.key_value(names.images_kv),
+            api_keys=await js.key_value(names.keys_kv),
+            digests=await js.key_value(names.digests_kv),
+            cancels_kv=(cancels_kv := await js.key_value(names.cancels_kv)),
+            cancels=CancelFlags(nc, cancels_kv),
+            cpu=cpu,
+            interactive=interactive,
+            metrics=metrics or Metrics(),
+            log=logging.getLogger(f"darkroom.{client_name}"),
+        )
+        if declare and any(spec.needs_gpu for spec in specs):
+            ctx.gpu = await open_resident_models(js, names, settings, client_name)
+        yield ctx
+    finally:
+        if ctx is not None:
+            await ctx.cancels.stop()
+            if ctx.gpu is not None:
+                await ctx.gpu.close()
+        if nc.is_connected:
+            try:
+                await asyncio.wait_for(nc.drain(), 10.0)
+            except Exception:
+                await nc.close()
+        else:
+            await nc.close()
+        if store is not None:
+            store.close()
+        cpu.shutdown(wait=False, cancel_futures=True)
+        interactive.shutdown(wait=False, cancel_futures=True)

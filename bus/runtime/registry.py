@@ -1,0 +1,127 @@
+"""Functions: a :class:`Spec` bound to its handler, found through entry points.
+
+A function module builds one :class:`Function` and names it ``FUNCTION``::
+
+    SPEC = Spec(name="ingest", listens=("uploaded",), emits=("ingested",))
+
+    async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]: ...
+
+    FUNCTION = Function(SPEC, handle=handle)
+
+Binding the handler here is what lets mypy check its signature. Functions are registered
+in the ``darkroom.functions`` entry-point group (``name = "package.module:FUNCTION"``), the
+only way the bus finds them; a third-party package adds one the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from bus.core.contract import Emit, Spec
+from bus.core.envelope import Event
+from bus.core.settings import Settings
+from bus.runtime.call import Call
+from bus.runtime.context import Context
+
+ENTRY_POINT_GROUP = "darkroom.functions"
+ATTRIBUTE = "FUNCTION"
+
+Handler = Callable[[Event, Context, Call], Awaitable[Sequence[Emit]]]
+"""One event in, the events to fire out."""
+
+BatchHandler = Callable[
+    [list[Event], Context, list[Call]], Awaitable[Sequence[Sequence[Emit] | BaseException]]
+]
+"""Up to ``Spec.batch`` events in (``calls[i]`` belongs to ``events[i]``), one result per
+event out: its emits, or the exception it failed with (that event alone fails)."""
+
+Lifespan = Callable[[Context], Awaitable[None]]
+"""``setup`` runs before the first event is fetched, ``teardown`` after the last is settled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A function: its Spec, exactly one of ``handle``/``handle_batch``, and optional hooks.
+
+    ``decode_event`` is for functions fed by foreign payloads (MinIO notifications): it
+    turns one into an :class:`Event`, or returns None for darkroom's own envelope.
+    """
+
+    spec: Spec
+    handle: Handler | None = None
+    handle_batch: BatchHandler | None = None
+    setup: Lifespan | None = None
+    teardown: Lifespan | None = None
+    decode_event: Callable[[bytes], Event | None] | None = None
+
+    def __post_init__(self) -> None:
+        name = self.spec.name
+        if (self.handle is None) == (self.handle_batch is None):
+            raise TypeError(f"function {name!r} needs exactly one of handle and handle_batch")
+        if self.handle is not None and self.spec.batch != 1:
+            raise TypeError(
+                f"function {name!r} has Spec.batch={self.spec.batch}: give it handle_batch"
+            )
+
+    @property
+    def module(self) -> str:
+        """Where the handler is defined (for logs and `darkroom functions`)."""
+        handler = self.handle or self.handle_batch
+        return str(getattr(handler, "__module__", "?"))
+
+
+class UnknownFunctionError(LookupError):
+    pass
+
+
+def _checked(obj: object, where: str) -> Function:
+    if not isinstance(obj, Function):
+        raise TypeError(f"{where} must be a bus.Function, got {type(obj).__name__}")
+    return obj
+
+
+def discover() -> dict[str, Function]:
+    """All functions registered in the ``darkroom.functions`` entry-point group."""
+    found: dict[str, Function] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        fn = _checked(ep.load(), f"entry point {ep.name!r} ({ep.value})")
+        if fn.spec.name != ep.name:
+            raise TypeError(f"entry point {ep.name!r} names a function called {fn.spec.name!r}")
+        found[ep.name] = fn
+    return found
+
+
+def load(name: str) -> Function:
+    """One registered function by name, without importing the others.
+
+    A module path (``mypkg.myfunction``, or ``mypkg.myfunction:OBJECT``) imports that
+    module and takes its ``FUNCTION`` (or the object named): handy while developing a
+    function, before it is packaged with an entry point.
+    """
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+        return _checked(ep.load(), f"entry point {name!r} ({ep.value})")
+    if "." in name or ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UnknownFunctionError(f"cannot import function module {name!r}: {exc}") from None
+        attribute = attribute or ATTRIBUTE
+        if not hasattr(module, attribute):
+            raise UnknownFunctionError(f"module {module_name!r} defines no {attribute}")
+        return _checked(getattr(module, attribute), f"{module_name}:{attribute}")
+    raise UnknownFunctionError(
+        f"no function named {name!r}; registered: {', '.join(registered_names())}"
+    )
+
+
+def registered_names() -> list[str]:
+    return sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def enabled_names(settings: Settings) -> list[str]:
+    """Registered functions not disabled in the settings."""
+    return [name for name in registered_names() if settings.function(name).enabled]

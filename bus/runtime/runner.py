@@ -1,0 +1,643 @@
+"""Runs one function against its durable JetStream consumer.
+
+For each message: decode the envelope, call the handler, publish what it emits (ids
+derived from the input, so replays dedupe), wait for every PubAck, then ack. Retry becomes
+a nak with a delay; Reject, a malformed event, or the last failed delivery becomes a
+dead-letter record plus a ``failed.<stage>`` event, then a term. Cancelled (raised by the
+handler, or found flagged before it ran) becomes a ``cancelled.<stage>`` event and an ack.
+Long handlers get ``in_progress()`` heartbeats. ``drain()`` stops asking for work and
+finishes what started.
+
+Handlers run concurrently, one task per invocation. A batch function's events wait in a
+queue until ``Spec.batch`` of them are there, or ``Spec.batch_wait_s`` has passed since the
+first, and a batch starts only when one of ``concurrency`` invocation slots is free; the
+consumer asks for one batch more than the slots hold, so the next batch forms while the
+current ones run.
+
+Settling is pipelined: one settler task takes every invocation that has finished,
+publishes all their events, waits for all the PubAcks at once, then acks; under load a group
+costs one round trip instead of one per message, and a slow handler never holds up anyone
+else's ack. A handler that runs past ``Spec.timeout`` is cancelled and retried: heartbeats
+keep long work alive, not hung work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.js.errors
+import orjson
+from nats.aio.msg import Msg
+
+from bus.core.contract import Cancelled, Emit, Reject, Retry
+from bus.core.envelope import EnvelopeError, Event, decode, derive_id, now_iso
+from bus.core.subjects import CANCELLED
+from bus.runtime.call import Call, Progress
+from bus.runtime.context import Context
+from bus.runtime.publisher import Publisher
+from bus.runtime.pull import PullConsumer
+from bus.runtime.registry import Function
+from bus.runtime.streams import listen_subjects
+from bus.state.cancels import CancelFlag, targets
+
+log = logging.getLogger("darkroom.runner")
+
+PUBLISH_TIMEOUT_S = 10.0
+MAX_DLQ_PAYLOAD = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Work:
+    msg: Msg
+    started: float  # when it arrived: heartbeats count from here, queued or running
+    event: Event | None = None
+    call: Call | None = None
+    result: Sequence[Emit] | BaseException | None = None
+    beats: int = field(default=0)
+
+
+class FunctionRunner:
+    """One function, one durable consumer, ``concurrency`` handler invocations at a time."""
+
+    def __init__(self, fn: Function, ctx: Context, concurrency: int | None = None) -> None:
+        self.fn = fn
+        self.spec = fn.spec
+        self.ctx = ctx
+        self.concurrency = (
+            concurrency
+            or ctx.settings.function(self.spec.name).concurrency
+            or self.spec.concurrency
+        )
+        self.stage = self.spec.name
+        self._names = ctx.names
+        self._durable = ctx.names.durable(self.stage)
+        batch = self.spec.batch
+        self._consumer = PullConsumer(
+            ctx.nc,
+            ctx.names.stream,
+            self._durable,
+            capacity=self.concurrency if batch == 1 else (self.concurrency + 1) * batch,
+            on_message=self._accept,
+        )
+        self._queued: list[_Work] = []  # batch functions: events waiting to form a batch
+        self._dispatch_scheduled = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._running = 0  # invocations started and not finished
+        self._draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[int, _Work] = {}
+        self._to_settle: list[_Work] = []
+        self._settle_wanted = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._settler: asyncio.Task[None] | None = None
+        self._publisher = Publisher(ctx.nc)
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._set_up = False
+        self._exhausted = PullConsumer(
+            ctx.nc,
+            ctx.names.advisory_stream,
+            ctx.names.exhausted_durable(self.stage),
+            capacity=1,
+            on_message=self._accept_exhausted,
+        )
+        metrics = ctx.metrics
+        self._m_outcome = {
+            outcome: metrics.handled.labels(function=self.stage, outcome=outcome)
+            for outcome in ("ok", "retry", "cancelled", "dead_lettered")
+        }
+        metrics.in_flight.labels(function=self.stage).set_function(lambda: self._consumer.in_flight)
+        self._m_seconds = metrics.handler_seconds.labels(function=self.stage)
+        self.subjects = listen_subjects(ctx.names, self.spec, ctx.settings.function(self.stage))
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Set up (the function's ``setup``, then, in ``high`` mode, its models), then fetch."""
+        if self.fn.setup is not None:
+            await self.fn.setup(self.ctx)
+        self._set_up = True
+        gpu = self.ctx.gpu
+        if self.spec.needs_gpu and gpu is not None:
+            if gpu.residency.preload:
+                for model in self.spec.models:
+                    await gpu.preload(model)
+            gpu.add_pressure_listener(self._vram_pressure)
+        await self.ctx.cancels.start()
+        self.ctx.cancels.add_listener(self._cancel_flagged)
+        await self._publisher.start()
+        self._settler = asyncio.create_task(self._settle_forever(), name=f"settle:{self.stage}")
+        await self._consumer.start()
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeats(), name=f"heartbeats:{self.stage}"
+        )
+        # An event whose last delivery timed out (the worker crashed or hung every time) is
+        # announced only by an advisory, kept in a stream until a worker dead-letters it.
+        await self._exhausted.start()
+
+    def _vram_pressure(self, waiting: bool) -> None:
+        """While a model load waits for VRAM, ask for no more work (backpressure)."""
+        if waiting:
+            self._consumer.pause()
+        else:
+            self._consumer.resume()  # a stopped consumer stays stopped
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop fetching, finish in-flight work (acking it), then stop."""
+        await self._consumer.stop()
+        await self._exhausted.stop()
+        self._draining = True
+        self._dispatch()  # queued events go now, without lingering for more
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._tasks:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        if self._tasks or self._queued:
+            pending = set(self._tasks)
+            for task in pending:
+                task.cancel()
+            log.warning(
+                "%s: %d handler(s) and %d queued event(s) cut short by the drain timeout",
+                self.stage,
+                len(pending),
+                len(self._queued),
+            )
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._forget(self._queued)  # un-acked: redelivered to another worker
+            self._queued = []
+        # Finished handlers still owe their events and acks: let the settler finish.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), PUBLISH_TIMEOUT_S + 5)
+        await self.stop()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+        await self._exhausted.stop()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        for task in (self._heartbeat_task, self._settler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._heartbeat_task = self._settler = None
+        await self._publisher.stop()
+        with contextlib.suppress(ValueError):
+            self.ctx.cancels.remove_listener(self._cancel_flagged)
+        if self.ctx.gpu is not None:
+            with contextlib.suppress(ValueError):
+                self.ctx.gpu.remove_pressure_listener(self._vram_pressure)
+        if self._set_up:
+            self._set_up = False
+            if self.fn.teardown is not None:
+                await self.fn.teardown(self.ctx)
+
+    # --- intake ----------------------------------------------------------------------------
+    def _accept(self, msg: Msg) -> None:
+        work = _Work(msg, time.monotonic())
+        self._active[id(msg)] = work
+        if self.spec.batch == 1:
+            self._spawn([work])
+            return
+        self._queued.append(work)
+        if not self._dispatch_scheduled:
+            # Whatever arrives in the same read is queued before the batch is cut.
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        """Start batches while invocation slots are free: a full one at once, a partial one
+        once the first event in it has waited ``batch_wait_s`` (or while draining)."""
+        self._dispatch_scheduled = False
+        size = self.spec.batch
+        while self._queued and self._running < self.concurrency:
+            wait = self._queued[0].started + self.spec.batch_wait_s - time.monotonic()
+            if len(self._queued) < size and wait > 0 and not self._draining:
+                if self._linger is None:
+                    self._linger = asyncio.get_running_loop().call_later(wait, self._lingered)
+                return
+            batch, self._queued = self._queued[:size], self._queued[size:]
+            self._spawn(batch)
+
+    def _lingered(self) -> None:
+        self._linger = None
+        self._dispatch()
+
+    def _spawn(self, works: list[_Work]) -> None:
+        self._running += 1
+        task = asyncio.create_task(self._process(works))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _forget(self, works: list[_Work]) -> None:
+        """Stop tracking ``works`` without settling them (they will be redelivered)."""
+        for work in works:
+            self._active.pop(id(work.msg), None)
+        self._consumer.release(len(works))
+
+    # --- processing ------------------------------------------------------------------------
+    async def _process(self, works: list[_Work]) -> None:
+        decoded: list[_Work] = []
+        handed_over = False
+        try:
+            for work in works:
+                try:
+                    work.event = self._decode(work.msg.data)
+                    decoded.append(work)
+                except EnvelopeError as exc:
+                    self._active.pop(id(work.msg), None)
+                    reason = f"malformed event: {exc}"
+                    await self._guarded(self._dead_letter(work.msg, None, reason, "malformed"))
+                    self._consumer.release()
+            if decoded:
+                await self._invoke(decoded)
+                self._to_settle.extend(decoded)
+                handed_over = True
+                self._settled.clear()
+                self._settle_wanted.set()
+        finally:
+            # Everything not handed to the settler is left un-acked here (a drain timeout
+            # cancelled us): it is redelivered elsewhere.
+            if not handed_over:
+                self._forget(decoded)
+            self._running -= 1
+            if self._queued:
+                self._dispatch()
+
+    async def _guarded(self, step: Any) -> None:
+        try:
+            await step
+        except Exception:
+            # NATS unreachable, most likely: the message stays un-acked and comes back.
+            log.exception("%s: could not settle a message", self.stage)
+
+    def _decode(self, payload: bytes) -> Event:
+        if self.fn.decode_event is not None:
+            try:
+                event = self.fn.decode_event(payload)
+            except Exception as exc:
+                raise EnvelopeError(f"{self.fn.module}.decode_event failed: {exc!r}") from None
+            if event is not None:
+                return event
+        return decode(payload)
+
+    def _call(self, work: _Work, deadline: float) -> Call:
+        event = work.event
+        assert event is not None
+        target = event.job_id or event.image_id or event.id
+        about = {
+            "stage": self.stage,
+            "event_id": event.id,
+            "job_id": event.job_id,
+            "image_id": event.image_id,
+        }
+        progress = Progress(
+            asyncio.get_running_loop(), self.ctx.nc.publish, self._names.progress(target), about
+        )
+        return Call(
+            event,
+            self.stage,
+            attempt=work.msg.metadata.num_delivered or 1,
+            max_attempts=self.spec.max_deliver,
+            deadline=deadline,
+            progress=progress,
+        )
+
+    async def _invoke(self, works: list[_Work]) -> None:
+        """Run the handler on ``works``, leaving each one's result on it."""
+        deadline = time.monotonic() + self.spec.timeout
+        runnable: list[_Work] = []
+        for work in works:
+            assert work.event is not None
+            # Checked and registered in one step (no await between): a flag set from here
+            # on reaches the call through _cancel_flagged.
+            reason = self.ctx.cancels.reason(work.event)
+            if reason is not None:
+                work.result = Cancelled(reason)
+                continue
+            work.call = self._call(work, deadline)
+            runnable.append(work)
+        if not runnable:
+            return
+        started = time.perf_counter()
+        try:
+            if self.fn.handle is not None:
+                await self._invoke_one(runnable[0])
+            else:
+                await self._invoke_batch(runnable)
+        finally:
+            self._m_seconds.observe(time.perf_counter() - started)
+            for work in runnable:
+                assert work.call is not None
+                work.call.finish()
+
+    async def _invoke_one(self, work: _Work) -> None:
+        assert self.fn.handle is not None and work.event is not None and work.call is not None
+        try:
+            async with asyncio.timeout(self.spec.timeout):
+                work.result = await self.fn.handle(work.event, self.ctx, work.call)
+        except TimeoutError:
+            work.result = Retry(f"the handler ran past its {self.spec.timeout:g} s timeout")
+        except Exception as exc:
+            work.result = exc
+
+    async def _invoke_batch(self, works: list[_Work]) -> None:
+        assert self.fn.handle_batch is not None
+        events = [w.event for w in works if w.event is not None]
+        calls = [w.call for w in works if w.call is not None]
+        results: Sequence[Sequence[Emit] | BaseException]
+        try:
+            async with asyncio.timeout(self.spec.timeout):
+                results = await self.fn.handle_batch(events, self.ctx, calls)
+            if len(results) != len(works):
+                raise RuntimeError(
+                    f"batch handler returned {len(results)} results for {len(works)} events"
+                )
+        except TimeoutError:
+            late = Retry(f"the batch handler ran past its {self.spec.timeout:g} s timeout")
+            results = [late] * len(works)
+        except Exception as exc:
+            results = [exc] * len(works)
+        for work, result in zip(works, results, strict=True):
+            work.result = result
+
+    def _cancel_flagged(self, target: str, flag: CancelFlag) -> None:
+        """A cancel flag appeared: tell every running call it names."""
+        for work in self._active.values():
+            if work.call is not None and work.event is not None and target in targets(work.event):
+                work.call.cancel(flag.reason)
+
+    async def _settle_forever(self) -> None:
+        while True:
+            await self._settle_wanted.wait()
+            self._settle_wanted.clear()
+            while self._to_settle:
+                group, self._to_settle = self._to_settle, []
+                try:
+                    await self._settle_group(group)
+                except Exception:
+                    log.exception("%s: could not settle %d message(s)", self.stage, len(group))
+                finally:
+                    for work in group:
+                        self._active.pop(id(work.msg), None)
+                    self._consumer.release(len(group))
+            self._settled.set()
+
+    async def _settle_group(self, group: list[_Work]) -> None:
+        """Publish every finished invocation's events, await all PubAcks, then ack each."""
+        published: list[tuple[_Work, list[asyncio.Future[None]]]] = []
+        failed: list[tuple[_Work, BaseException]] = []
+        for work in group:
+            assert work.event is not None
+            try:
+                if isinstance(work.result, Cancelled):
+                    cancelled = self._cancelled_event(work.event, work.result.reason)
+                    futures = [await self._send(cancelled)]
+                elif isinstance(work.result, BaseException):
+                    failed.append((work, work.result))
+                    continue
+                else:
+                    futures = await self._publish(work.event, work.result or ())
+            except Exception as exc:
+                failed.append((work, exc))
+                continue
+            published.append((work, futures))
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                for _, futures in published:
+                    for future in futures:
+                        with contextlib.suppress(Exception):
+                            await future  # errors are read per message below
+        except TimeoutError:
+            for _, futures in published:
+                for future in futures:
+                    future.cancel()
+        for work, futures in published:
+            assert work.event is not None
+            error = _first_error(futures)
+            if error is not None:
+                failed.append((work, error))
+                continue
+            try:
+                await work.msg.ack()
+            except Exception:
+                log.exception("%s: could not ack %s", self.stage, work.event.id)
+                continue
+            if isinstance(work.result, Cancelled):
+                self._m_outcome["cancelled"].inc()
+                log.info("%s: cancelled %s (%s)", self.stage, work.event.id, work.result.reason)
+            else:
+                self._m_outcome["ok"].inc()
+                log.debug("%s: done %s", self.stage, work.event.id)
+        # Failures last: dead-lettering takes round trips the successes need not wait for.
+        for work, error in failed:
+            assert work.event is not None
+            await self._guarded(self._fail(work.msg, work.event, error))
+
+    async def _fail(self, msg: Msg, event: Event, exc: BaseException) -> None:
+        if isinstance(exc, Reject):
+            await self._dead_letter(msg, event, exc.reason, "rejected")
+        else:
+            await self._retry_or_give_up(msg, event, exc)
+
+    async def _retry_or_give_up(self, msg: Msg, event: Event, exc: BaseException) -> None:
+        delivered = msg.metadata.num_delivered or 1
+        reason = exc.reason if isinstance(exc, Retry) else f"{type(exc).__name__}: {exc}"
+        if delivered >= self.spec.max_deliver:
+            await self._dead_letter(
+                msg, event, f"gave up after {delivered} attempts: {reason}", "exhausted"
+            )
+            return
+        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
+        if delay is None:
+            delay = self.spec.retry_delay(delivered)
+        if isinstance(exc, Retry):
+            log.info("%s: retry %s in %.1fs (%s)", self.stage, event.id, delay, reason)
+        else:
+            log.warning(
+                "%s: attempt %d/%d for %s failed, retrying in %.1fs",
+                self.stage,
+                delivered,
+                self.spec.max_deliver,
+                event.id,
+                delay,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+        await msg.nak(delay=delay)
+        self._m_outcome["retry"].inc()
+
+    # --- publishing ------------------------------------------------------------------------
+    def build_event(self, parent: Event, emit: Emit, index: int) -> Event:
+        if emit.topic not in self.spec.emits:
+            raise RuntimeError(
+                f"function {self.stage!r} emitted {emit.topic!r}, not in its Spec.emits "
+                f"{self.spec.emits}"
+            )
+        image_id = emit.image_id or parent.image_id
+        job_id = emit.job_id or parent.job_id
+        return Event(
+            id=emit.event_id or derive_id(parent.id, self.stage, emit.topic, index),
+            type=emit.topic,
+            source=f"darkroom/{self.stage}",
+            time=now_iso(),
+            subject=image_id or job_id or "",
+            object=emit.object,
+            image_id=image_id,
+            job_id=job_id,
+            causation_id=parent.id,
+            data=emit.data,
+        )
+
+    def _cancelled_event(self, parent: Event, reason: str) -> Event:
+        return Event(
+            id=derive_id(parent.id, self.stage, CANCELLED),
+            type=f"{CANCELLED}.{self.stage}",
+            source=f"darkroom/{self.stage}",
+            time=now_iso(),
+            subject=parent.job_id or parent.image_id or "",
+            image_id=parent.image_id,
+            job_id=parent.job_id,
+            causation_id=parent.id,
+            data={"stage": self.stage, "reason": reason},
+        )
+
+    async def _publish(self, parent: Event, emits: Sequence[Emit]) -> list[asyncio.Future[None]]:
+        """Send ``emits``; the returned futures resolve once the stream stored them."""
+        return [
+            await self._send(self.build_event(parent, emit, index))
+            for index, emit in enumerate(emits)
+        ]
+
+    async def _send(self, event: Event) -> asyncio.Future[None]:
+        subject = self._names.subject(event.type)
+        return await self._publisher.publish(subject, event.encode(), event.id)
+
+    # --- dead letters ----------------------------------------------------------------------
+    async def _dead_letter(
+        self,
+        msg: Msg | None,
+        event: Event | None,
+        reason: str,
+        kind: str,
+        *,
+        stream_seq: int | None = None,
+        deliveries: int | None = None,
+        subject: str | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        """Record why an event failed, announce ``failed.<stage>``, and term the message."""
+        if msg is not None:
+            stream_seq = msg.metadata.sequence.stream
+            deliveries = msg.metadata.num_delivered
+            subject = msg.subject
+            payload = msg.data
+        log.warning(
+            "%s: dead-lettering stream seq %s (%s): %s", self.stage, stream_seq, kind, reason
+        )
+        record: dict[str, Any] = {
+            "stage": self.stage,
+            "kind": kind,
+            "reason": reason,
+            "stream_seq": stream_seq,
+            "deliveries": deliveries,
+            "subject": subject,
+            "time": now_iso(),
+            "event_id": event.id if event else None,
+            "image_id": event.image_id if event else None,
+            "job_id": event.job_id if event else None,
+        }
+        if event is None and payload is not None:
+            record["payload_b64"] = base64.b64encode(payload[:MAX_DLQ_PAYLOAD]).decode()
+            record["payload_truncated"] = len(payload) > MAX_DLQ_PAYLOAD
+        elif event is not None:
+            record["event"] = orjson.loads(event.encode())
+        js = self.ctx.js
+        await js.publish(
+            self._names.dead_letter(self.stage),
+            orjson.dumps(record),
+            headers={"Nats-Msg-Id": f"dlq-{self.stage}-{stream_seq}"},
+        )
+        failed = Event(
+            id=derive_id(event.id if event else f"seq-{stream_seq}", self.stage, "failed"),
+            type=f"failed.{self.stage}",
+            source=f"darkroom/{self.stage}",
+            time=now_iso(),
+            subject=(event.image_id or event.job_id or "") if event else "",
+            image_id=event.image_id if event else None,
+            job_id=event.job_id if event else None,
+            causation_id=event.id if event else None,
+            data={"stage": self.stage, "kind": kind, "reason": reason, "stream_seq": stream_seq},
+        )
+        await js.publish(
+            self._names.failed(self.stage), failed.encode(), headers={"Nats-Msg-Id": failed.id}
+        )
+        self._m_outcome["dead_lettered"].inc()
+        if msg is not None:
+            await msg.term()
+
+    def _accept_exhausted(self, advisory: Msg) -> None:
+        task = asyncio.create_task(self._on_exhausted(advisory))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_exhausted(self, advisory: Msg) -> None:
+        try:
+            info = orjson.loads(advisory.data)
+            seq = int(info["stream_seq"])
+            try:
+                stored = await self.ctx.js.get_msg(self._names.stream, seq)
+            except nats.js.errors.NotFoundError:
+                await advisory.ack()  # aged out of the stream: nothing left to record
+                return
+            try:
+                event: Event | None = decode(stored.data or b"")
+            except EnvelopeError:
+                event = None
+            await self._dead_letter(
+                None,
+                event,
+                f"no attempt finished within ack_wait ({self.spec.ack_wait:g} s) in "
+                f"{info.get('deliveries')} deliveries: the worker crashed or hung",
+                "timeout",
+                stream_seq=seq,
+                deliveries=info.get("deliveries"),
+                subject=stored.subject,
+                payload=stored.data,
+            )
+            await advisory.ack()
+        except Exception:
+            log.exception("%s: could not dead-letter an exhausted event; will retry", self.stage)
+            with contextlib.suppress(Exception):
+                await advisory.nak(delay=5.0)
+        finally:
+            self._exhausted.release()
+
+    # --- heartbeats ------------------------------------------------------------------------
+    async def _heartbeats(self) -> None:
+        interval = max(0.5, self.spec.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            for work in list(self._active.values()):
+                if now - work.started >= interval * (work.beats + 1):
+                    work.beats += 1
+                    with contextlib.suppress(Exception):
+                        await work.msg.in_progress()
+
+
+def _first_error(futures: list[asyncio.Future[None]]) -> BaseException | None:
+    for future in futures:
+        if future.cancelled():
+            return TimeoutError(f"no PubAck within {PUBLISH_TIMEOUT_S:.0f} s")
+        if future.exception() is not None:
+            return future.exception()
+    return None

@@ -1,0 +1,196 @@
+"""Streams, consumers and KV buckets, declared in one place and applied idempotently.
+
+Every process that starts calls :func:`declare`; concurrent starts converge on the same
+configuration. Existing streams keep subjects that other deployments added.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.kv import KeyValue
+
+from bus.core.contract import Spec
+from bus.core.settings import FunctionSettings, Settings
+from bus.core.subjects import Names
+
+log = logging.getLogger("darkroom.streams")
+
+DAY_S = 86_400.0
+MIN_DUPLICATE_WINDOW_S = 120.0
+MAX_ACK_PENDING = 20_000
+
+
+def duplicate_window(specs: Iterable[Spec]) -> float:
+    """Long enough that a redelivered event's outputs dedupe against the first try."""
+    gaps = [s.longest_redelivery_gap for s in specs]
+    return max([MIN_DUPLICATE_WINDOW_S, *gaps])
+
+
+def listen_subjects(names: Names, spec: Spec, overrides: FunctionSettings) -> list[str]:
+    topics = overrides.listens if overrides.listens else spec.listens
+    return [names.subject(t) for t in topics]
+
+
+async def _put_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        current = await js.stream_info(config.name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(config)
+        log.info("created stream %s", config.name)
+        return
+    existing = list(current.config.subjects or [])
+    wanted = list(config.subjects or [])
+    config.subjects = existing + [s for s in wanted if s not in existing]
+    # Never shrink a window another deployment widened, nor drop replicas: a process
+    # started with default settings must not downgrade a clustered deployment.
+    config.duplicate_window = max(
+        config.duplicate_window or 0.0, current.config.duplicate_window or 0.0
+    )
+    config.num_replicas = max(config.num_replicas or 1, current.config.num_replicas or 1)
+    await js.update_stream(config)
+
+
+async def declare_streams(
+    js: JetStreamContext, names: Names, settings: Settings, specs: list[Spec]
+) -> None:
+    st = settings.stream
+    await _put_stream(
+        js,
+        StreamConfig(
+            name=names.stream,
+            subjects=[names.all_events],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=st.max_age_days * DAY_S,
+            max_bytes=st.max_bytes,
+            num_replicas=st.replicas,
+            duplicate_window=duplicate_window(specs),
+            description="darkroom events: an object landed",
+        ),
+    )
+    await _put_stream(
+        js,
+        StreamConfig(
+            name=names.dlq_stream,
+            subjects=[names.all_dead_letters],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=st.dlq_max_age_days * DAY_S,
+            num_replicas=st.replicas,
+            duplicate_window=MIN_DUPLICATE_WINDOW_S,
+            description="darkroom dead letters: events a function rejected or gave up on",
+        ),
+    )
+    await _put_stream(
+        js,
+        StreamConfig(
+            name=names.advisory_stream,
+            subjects=[names.all_max_deliveries_advisories],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * DAY_S,
+            num_replicas=st.replicas,
+            description="events that used up their deliveries, until they are dead-lettered",
+        ),
+    )
+
+
+async def declare_consumer(
+    js: JetStreamContext, names: Names, spec: Spec, overrides: FunctionSettings
+) -> None:
+    durable = names.durable(spec.name)
+    config = ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        description=f"darkroom function {spec.name}",
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=spec.ack_wait,
+        max_deliver=spec.max_deliver,
+        filter_subjects=listen_subjects(names, spec, overrides),
+        max_ack_pending=MAX_ACK_PENDING,
+        max_waiting=512,
+    )
+    await js.add_consumer(names.stream, config)
+    exhausted = names.exhausted_durable(spec.name)
+    await js.add_consumer(
+        names.advisory_stream,
+        ConsumerConfig(
+            name=exhausted,
+            durable_name=exhausted,
+            description=f"darkroom function {spec.name}: events that used up their deliveries",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_deliver=50,
+            filter_subject=names.max_deliveries_advisory(spec.name),
+        ),
+    )
+
+
+async def key_value(
+    js: JetStreamContext, bucket: str, replicas: int = 1, ttl: float | None = None
+) -> KeyValue:
+    """Open a KV bucket, creating it on first use (``ttl``: entries expire after it)."""
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas, ttl=ttl
+    )
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.BadRequestError:
+        # Created concurrently by another process.
+        return await js.key_value(bucket)
+
+
+class NotDeployedError(Exception):
+    """The streams and buckets do not exist yet on this NATS server."""
+
+
+async def check_deployed(js: JetStreamContext, settings: Settings) -> Names:
+    """Names for a deployment that must already exist (for commands that only read)."""
+    names = Names(settings.namespace)
+    try:
+        await js.stream_info(names.stream)
+        await js.key_value(names.keys_kv)
+        await js.key_value(names.cancels_kv)
+    except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError):
+        raise NotDeployedError(
+            f"no darkroom deployment with namespace {names.namespace!r} on this NATS yet; "
+            "start `darkroom up`, `darkroom gateway` or a worker first"
+        ) from None
+    return names
+
+
+async def declare(js: JetStreamContext, settings: Settings, specs: list[Spec]) -> Names:
+    """Streams, the given functions' consumers and the shared KV buckets."""
+    names = Names(settings.namespace)
+    await declare_streams(js, names, settings, specs)
+    for spec in specs:
+        await declare_consumer(js, names, spec, settings.function(spec.name))
+    await key_value(js, names.images_kv, settings.stream.replicas)
+    await key_value(js, names.keys_kv, settings.stream.replicas)
+    await key_value(js, names.digests_kv, settings.stream.replicas)
+    # A cancel flag must outlive every event it may have to skip.
+    await key_value(
+        js, names.cancels_kv, settings.stream.replicas, ttl=settings.stream.max_age_days * DAY_S
+    )
+    await key_value(js, names.leases_kv, settings.stream.replicas)
+    return names
