@@ -33,6 +33,7 @@ from bus.infra.nats_conn import reconnect_count
 log = logging.getLogger("darkroom.pull")
 
 STATUS = "Status"
+REFUSED_BACKOFF_S = 1.0  # after a refusal (consumer gone, too many waiting), ask again later
 
 
 @dataclass(slots=True)
@@ -69,6 +70,7 @@ class PullConsumer:
         self.in_flight = 0  # delivered, not yet released
         self.paused = False
         self._pull_scheduled = False
+        self._hold_until = 0.0  # no pulls before this (monotonic), after a refusal
         self._reconnects = reconnect_count(nc)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -120,6 +122,8 @@ class PullConsumer:
         # without sending one request per message.
         if self._pull_scheduled or self.paused or self._sub is None:
             return
+        if time.monotonic() < self._hold_until:
+            return  # the watchdog asks again once the hold is over
         free = self.free
         if free >= max(1, self.capacity // 2) or (not self._requests and free > 0):
             self._pull_scheduled = True
@@ -168,10 +172,13 @@ class PullConsumer:
             if request is not None:
                 request.last_seen = time.monotonic()
             return
-        # 404/408: the request ended; 409: it was cut short (max waiting, leadership...).
-        # Either way it delivers nothing more.
-        if status == "409" and msg.headers is not None:
-            log.debug("pull request ended early: %s", msg.headers.get("Description", ""))
+        # 408: the request expired. 404/409: it was refused or cut short (consumer deleted,
+        # too many waiting, leadership change...). Either way it delivers nothing more;
+        # after a refusal, wait a moment instead of asking again in a tight loop.
+        if status != "408":
+            description = msg.headers.get("Description", "") if msg.headers else ""
+            log.debug("pull request ended early: %s %s", status, description)
+            self._hold_until = time.monotonic() + REFUSED_BACKOFF_S
         self._requests.pop(token, None)
         self._maybe_pull()
 
