@@ -501,7 +501,7 @@ def _check_bucket_setup(script: str, env: dict[str, str], target: str, where: st
     for line in adds:
         words = shlex.split(line.strip().removeprefix("if ").removesuffix("; then"))
         assert words[words.index("--event") + 1] == "put", f"{where}: s3:ObjectCreated:* only"
-        assert words[words.index("--prefix") + 1] == subjects.UPLOADS_PREFIX, f"{where}: prefix"
+        assert words[words.index("--prefix") + 1] == subjects.INCOMING_PREFIX, f"{where}: prefix"
         assert "--ignore-existing" in words, f"{where}: must be safe to re-run"
     arns = re.findall(r"arn:minio:sqs::([A-Za-z0-9_-]+):nats", expanded)
     assert arns and {a.upper() for a in arns} == {target}, f"{where}: ARN names target {target}"
@@ -903,7 +903,7 @@ def test_readme_covers_operations() -> None:
         "KEDA",
         "lagThreshold",
         "mc event add",
-        "uploads/",
+        "incoming/",
         "darkroom.s3",
         "nvidia.com/gpu",
     ):

@@ -6,7 +6,7 @@
 - JSON ``{"url": ..., "filename": ...}``: the gateway fetches the image itself, under the
   rules of :mod:`bus.intake.fetch`, and only when ``ingest.fetch.enabled`` is set.
 
-Each ends in :func:`bus.intake.accept_upload`, like every other way in, with the origin
+Each ends in :func:`bus.intake.accept.accept_upload`, like every other way in, with the origin
 recorded under ``hook`` in the ``uploaded`` event.
 """
 

@@ -63,7 +63,7 @@ class Metrics:
         return Gauge(name, documentation, ["host", "device"], registry=self.registry)
 
     def set_gpus(self, devices: Iterable[dict[str, Any]]) -> None:
-        """Replace the GPU gauges with ``devices`` (as from :func:`bus.leases.read_devices`)."""
+        """Replace the GPU gauges with ``devices`` (as from :func:`bus.gpu.leases.read_devices`)."""
         gauges = (self.gpu_capacity_mb, self.gpu_used_mb, self.gpu_leases, self.gpu_queued)
         for gauge in gauges:
             gauge.clear()  # a device gone from the ledger drops out
