@@ -220,11 +220,47 @@ async def test_a_gpu_worker_waiting_for_vram_stops_fetching(settings: Settings) 
             assert info is not None and info.num_pending == 6, "kept fetching while waiting"
             await other.release(hog)
             done = await read_subject(ctx.js, ctx.names.subject("gdone"), at_least=10)
-            assert sorted(orjson.loads(m.data)["data"]["n"] for m in done) == list(range(10))
+            results = [orjson.loads(m.data)["data"] for m in done]
+            assert sorted(r["n"] for r in results) == list(range(10))
+            assert {r["device"] for r in results if r["n"] % 2 == 0} == {"cpu"}
             assert not ctx.gpu.waiting and ctx.gpu.loaded == ["model"]
         finally:
             await runner.drain(timeout=5)
             await other.close()
+
+
+@pytest.mark.s3
+async def test_high_mode_preloads_the_models_a_spec_names_before_fetching(
+    settings: Settings,
+) -> None:
+    gpu = {"cpu_capacity_mb": CAPACITY, "reserve_mb": 0, "mode": "high"}
+    settings = settings.model_copy(update={"gpu": GpuSettings(**gpu)})
+    fn = load("tests.support.fn_gpu")
+    async with open_context(settings, [fn.spec], "gpu-worker") as ctx:
+        assert ctx.gpu is not None and ctx.gpu.loaded == []
+        runner = FunctionRunner(fn, ctx)
+        await runner.start()
+        try:
+            assert ctx.gpu.loaded == ["model"]
+            [lease] = (await ctx.gpu.ledger.snapshot()).leases
+            assert lease.model == "model" and lease.mb == 40
+            assert lease.holder.worker == "gpu-worker"  # status shows who holds what
+        finally:
+            await runner.drain(timeout=5)
+
+
+async def test_gpu_work_runs_on_the_devices_own_thread(caches: Factory) -> None:
+    cache, _ = caches()
+    name = await cache.run(lambda: threading.current_thread().name)
+    assert name.startswith("gpu-cpu")
+    loaded_on: list[str] = []
+
+    def load_here(placement: Placement) -> bytearray:
+        loaded_on.append(f"{threading.current_thread().name} {placement.device}")
+        return bytearray(MB)
+
+    await cache.preload(Model("m", 1, load_here))
+    assert loaded_on[0].startswith("load-cpu") and loaded_on[0].endswith(" cpu")
 
 
 @pytest.mark.s3

@@ -10,7 +10,7 @@ Method
 ------
 One invocation starts a real nats-server (JetStream, file storage) in a temporary directory
 and stops it at the end. The ledger lives in one KV bucket opened with
-``bus.streams.key_value``, as ``darkroom up`` opens it; every case writes a device key of
+``bus.runtime.streams.key_value``, as ``darkroom up`` opens it; every case writes a device key of
 its own (a fresh host id), so each starts from an empty document.
 
 Part 1: lease latency
@@ -51,8 +51,8 @@ one-thread executor, off the event loop, as a worker would.
 
 * ``raw``: holds one model; to switch, it drops it (the memory is freed at once, see
   :class:`Slot`), loads the other in the executor and touches it (``raw_swap_ms``).
-* ``darkroom``: :class:`bus.resident.ResidentModels` in ``balanced`` mode on a
-  :class:`bus.leases.Ledger`, with the same loaders; a switch is one ``async with
+* ``darkroom``: :class:`bus.gpu.resident.ResidentModels` in ``balanced`` mode on a
+  :class:`bus.gpu.leases.Ledger`, with the same loaders; a switch is one ``async with
   use(other)`` block whose body touches the model, timed whole (``darkroom_swap_ms``). The
   cache reads the ledger, finds no room, evicts its idle model (drops it, ``gc.collect()``,
   releases the lease), acquires a lease, loads, measures the footprint and resizes the
@@ -106,6 +106,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
+from bus.core.contract import Model as BusModel
 from bus.gpu.leases import MIB, Device, Holder, Ledger
 from bus.gpu.resident import ResidentModels
 from bus.ops.embedded import NatsServer
@@ -447,14 +448,15 @@ class DarkroomSwapper:
 
     variant = "darkroom"
 
-    def __init__(self, ledger: Ledger, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        self._resident = ResidentModels(ledger, mode="balanced", idle_ttl_s=3600, executor=executor)
+        self._resident = ResidentModels(ledger, mode="balanced", idle_ttl_s=3600)
         self.loads_ms: list[float] = []
 
     async def _use(self, model: Model) -> None:  # keeps no reference past the block
         load = timed(model.load, self.loads_ms)
-        async with self._resident.use(model.name, load, model.estimate_mb) as loaded:
+        declared = BusModel(model.name, model.estimate_mb, lambda placement: load())
+        async with self._resident.use(declared) as loaded:
             touch(loaded)
 
     async def swap(self, model: Model) -> float:
@@ -541,7 +543,7 @@ async def measure_swaps(kv: KeyValue, opts: Options) -> dict[str, Any]:
     holder = Holder.here(fresh_host(), "resident")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader") as executor:
         async with Ledger(kv, cpu_device(capacity), holder) as ledger:
-            raw, dark = RawSwapper(executor), DarkroomSwapper(ledger, executor)
+            raw, dark = RawSwapper(executor), DarkroomSwapper(ledger)
             try:
                 for swapper in (raw, dark):
                     await swapper.swap(models[0])  # the first load is no swap

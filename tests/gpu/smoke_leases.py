@@ -1,11 +1,13 @@
-"""GPU smoke check: do VRAM leases match what torch says the models take on ``cuda:0``?
+"""GPU smoke check: do VRAM leases match what torch says the models take on a GPU?
 
-Run with ``python -m tests.gpu.smoke_leases [--sizes-gb 3 2] [--tolerance 0.05]`` on a
-machine with CUDA and torch. Without torch or CUDA it prints ``skipped: no CUDA`` and exits 0.
+Run with ``python -m tests.gpu.smoke_leases [--device cuda:0] [--sizes-gb 3 2]
+[--tolerance 0.05]`` on a machine with CUDA and torch. Without torch or CUDA it prints
+``skipped: no CUDA`` and exits 0. On a host with several GPUs, ``--device cuda:1`` checks
+that a worker pinned there measures on that device (not on the current one).
 
-It starts a nats-server in a temporary directory, finds ``cuda:0`` the way a worker does
-(:func:`bus.leases.discover_devices`: capacity from ``torch.cuda.mem_get_info``, reserve
-from the ``balanced`` mode), and opens a :class:`bus.resident.ResidentModels` on a ledger
+It starts a nats-server in a temporary directory, finds the device the way a worker does
+(:func:`bus.gpu.leases.discover_devices`: capacity from ``torch.cuda.mem_get_info``, reserve
+from the ``balanced`` mode), and opens a :class:`bus.gpu.resident.ResidentModels` on a ledger
 for it. Then it loads two models through the cache, each a ``torch.nn.Sequential`` of
 8192x8192 fp16 ``Linear`` layers with random weights, built on the GPU, of ``--sizes-gb``
 each. The estimate handed to the cache is 20% high, so the lease shown is the measured
@@ -26,20 +28,19 @@ import importlib
 import importlib.util
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nats
 
+from bus.core.contract import Model, Placement
 from bus.core.settings import Settings
 from bus.gpu.leases import MIB, Holder, Ledger, discover_devices
 from bus.gpu.resident import ResidentModels
 from bus.ops.embedded import NatsServer
 from bus.runtime.streams import key_value
 
-DEVICE = "cuda:0"
 WIDTH = 8192  # Linear layers of WIDTH x WIDTH
 ESTIMATE_FACTOR = 1.2
 BUCKET = "smoke_leases"
@@ -58,17 +59,17 @@ def layer_bytes(torch: Any) -> int:
     return (WIDTH * WIDTH + WIDTH) * itemsize  # weight and bias
 
 
-def build(torch: Any, layers: int) -> Callable[[], Any]:
-    def load() -> Any:
+def build(torch: Any, name: str, layers: int, estimate_mb: int) -> Model:
+    def load(placement: Placement) -> Any:
         with torch.no_grad():
             return torch.nn.Sequential(
                 *(
-                    torch.nn.Linear(WIDTH, WIDTH, device=DEVICE, dtype=torch.float16)
+                    torch.nn.Linear(WIDTH, WIDTH, device=placement.device, dtype=torch.float16)
                     for _ in range(layers)
                 )
             )
 
-    return load
+    return Model(name, estimate_mb, load)
 
 
 def parameter_mb(model: Any) -> float:
@@ -91,10 +92,12 @@ def off_by(ours: float, theirs: float) -> float:
 async def load(torch: Any, resident: ResidentModels, ledger: Ledger, name: str, gb: float) -> Row:
     layers = max(1, round(gb * 1024**3 / layer_bytes(torch)))
     estimate = round(layers * layer_bytes(torch) * ESTIMATE_FACTOR / MIB)
-    before = torch.cuda.memory_allocated(DEVICE)
-    await resident.preload(name, build(torch, layers), estimate)
-    allocated = (torch.cuda.memory_allocated(DEVICE) - before) / MIB
-    async with resident.use(name, build(torch, layers), estimate) as model:
+    device = ledger.device.id
+    before = torch.cuda.memory_allocated(device)
+    model_spec = build(torch, name, layers, estimate)
+    await resident.preload(model_spec)
+    allocated = (torch.cuda.memory_allocated(device) - before) / MIB
+    async with resident.use(model_spec) as model:
         params = parameter_mb(model)
     del model
     leases = [x for x in (await ledger.snapshot()).leases if x.model == name]
@@ -102,13 +105,13 @@ async def load(torch: Any, resident: ResidentModels, ledger: Ledger, name: str, 
     return Row(name, estimate, lease_mb, allocated, params)
 
 
-async def check(torch: Any, sizes_gb: list[float], tolerance: float) -> list[str]:
+async def check(torch: Any, device_id: str, sizes_gb: list[float], tolerance: float) -> list[str]:
     """Load, compare, unload, compare; the problems found (none: all agree)."""
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="smoke-leases-") as tmp:
-        settings = Settings(data_dir=Path(tmp), gpu={"device": DEVICE, "mode": "balanced"})
+        settings = Settings(data_dir=Path(tmp), gpu={"device": device_id, "mode": "balanced"})
         (device,) = discover_devices(settings)
-        name = torch.cuda.get_device_name(DEVICE)
+        name = torch.cuda.get_device_name(device_id)
         print(
             f"{device.id} ({name}): {device.capacity_mb} MB, {device.free_mb} MB free, "
             f"reserve {device.reserve_mb} MB (mode {device.mode})"
@@ -121,7 +124,7 @@ async def check(torch: Any, sizes_gb: list[float], tolerance: float) -> list[str
             async with Ledger(kv, device, Holder.here("smoke", "gpu-smoke")) as ledger:
                 resident = ResidentModels(ledger, mode="balanced", idle_ttl_s=3600)
                 try:
-                    start = torch.cuda.memory_allocated(DEVICE) / MIB
+                    start = torch.cuda.memory_allocated(device_id) / MIB
                     rows = [
                         await load(torch, resident, ledger, f"model-{chr(97 + i)}", gb)
                         for i, gb in enumerate(sizes_gb)
@@ -138,7 +141,7 @@ async def check(torch: Any, sizes_gb: list[float], tolerance: float) -> list[str
                                     f"{label} {theirs:.0f} MB by more than {tolerance:.0%}"
                                 )
                     used = (await ledger.snapshot()).used_mb
-                    grown = torch.cuda.memory_allocated(DEVICE) / MIB - start
+                    grown = torch.cuda.memory_allocated(device_id) / MIB - start
                     print(f"ledger in use {used} MB; torch allocated {grown:,.0f} MB since start")
                     problems += await unload(torch, resident, ledger, rows[0], tolerance)
                 finally:
@@ -152,13 +155,14 @@ async def check(torch: Any, sizes_gb: list[float], tolerance: float) -> list[str
 async def unload(
     torch: Any, resident: ResidentModels, ledger: Ledger, row: Row, tolerance: float
 ) -> list[str]:
+    device = ledger.device.id
     used = (await ledger.snapshot()).used_mb
-    allocated = torch.cuda.memory_allocated(DEVICE) / MIB
-    free = torch.cuda.mem_get_info(DEVICE)[0] / MIB
+    allocated = torch.cuda.memory_allocated(device) / MIB
+    free = torch.cuda.mem_get_info(device)[0] / MIB
     await resident.unload(row.model)
     after = await ledger.snapshot()
-    allocated_after = torch.cuda.memory_allocated(DEVICE) / MIB
-    free_after = torch.cuda.mem_get_info(DEVICE)[0] / MIB
+    allocated_after = torch.cuda.memory_allocated(device) / MIB
+    free_after = torch.cuda.mem_get_info(device)[0] / MIB
     lease_drop, allocated_drop = used - after.used_mb, allocated - allocated_after
     print(
         f"unload {row.model}: ledger {used} -> {after.used_mb} MB (-{lease_drop}), "
@@ -195,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes-gb", type=float, nargs=2, default=[3.0, 2.0], help="the two models' sizes"
     )
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest relative gap")
+    parser.add_argument(
+        "--device",
+        default="cuda:0",
+        help="the GPU to check, e.g. cuda:1 (a worker pinned to it must measure on it)",
+    )
     args = parser.parse_args(argv)
     if min(args.sizes_gb) <= 0 or args.tolerance < 0:
         parser.error("sizes must be > 0 and the tolerance >= 0")
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch is None:
         print("skipped: no CUDA")
         return 0
-    problems = asyncio.run(check(torch, args.sizes_gb, args.tolerance))
+    problems = asyncio.run(check(torch, args.device, args.sizes_gb, args.tolerance))
     for problem in problems:
         print(f"FAIL {problem}")
     print("leases agree with torch" if not problems else f"{len(problems)} disagreement(s)")
