@@ -24,6 +24,7 @@ from bus.core.envelope import Event, now_iso
 
 PROGRESS_INTERVAL_S = 0.25  # at most this often on the wire, per invocation
 MAX_PREVIEW_BYTES = 256 * 1024
+_PROGRESS_LOCK = threading.Lock()
 
 Send = Callable[[str, bytes], Coroutine[Any, Any, None]]
 
@@ -130,7 +131,24 @@ class Progress:
 
 
 class Call:
-    """What one handler invocation knows about itself (see the module docstring)."""
+    """What one handler invocation knows about itself (see the module docstring).
+
+    Cheap to make (the runner makes one per event): the logger and the progress throttle
+    are built on first use.
+    """
+
+    __slots__ = (
+        "_cancel_reason",
+        "_cancelled",
+        "_log",
+        "_make_progress",
+        "_progress",
+        "attempt",
+        "deadline",
+        "event",
+        "max_attempts",
+        "stage",
+    )
 
     def __init__(
         self,
@@ -140,25 +158,35 @@ class Call:
         attempt: int,
         max_attempts: int,
         deadline: float,
-        progress: Progress | None = None,
+        progress: Callable[[Event], Progress] | None = None,
     ) -> None:
         self.event = event
         self.stage = stage
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.deadline = deadline  # time.monotonic() by which the handler must be done
-        ids = " ".join(
-            f"{kind} {value}"
-            for kind, value in (("job", event.job_id), ("image", event.image_id))
-            if value
-        )
-        prefix = f"{stage} [{ids or event.id}]"
-        self.log: logging.LoggerAdapter = _EventLog(  # type: ignore[type-arg]
-            logging.getLogger(f"darkroom.{stage}"), {"prefix": prefix}
-        )
-        self._progress = progress
-        self._cancelled = threading.Event()
+        self._make_progress = progress
+        self._progress: Progress | None = None
+        self._log: logging.LoggerAdapter | None = None  # type: ignore[type-arg]
+        # A plain flag: set once by the runner, read by polls on any thread.
+        self._cancelled = False
         self._cancel_reason = ""
+
+    @property
+    def log(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        """A logger whose lines name the stage and the event's job or image."""
+        if self._log is None:
+            event = self.event
+            ids = " ".join(
+                f"{kind} {value}"
+                for kind, value in (("job", event.job_id), ("image", event.image_id))
+                if value
+            )
+            self._log = _EventLog(
+                logging.getLogger(f"darkroom.{self.stage}"),
+                {"prefix": f"{self.stage} [{ids or event.id}]"},
+            )
+        return self._log
 
     # --- attempts and time ---------------------------------------------------------------
     @property
@@ -190,14 +218,19 @@ class Call:
                 MAX_PREVIEW_BYTES,
             )
             preview = None
-        if self._progress is not None:
-            self._progress.report(ProgressUpdate(step, total, message, preview))
+        if self._progress is None:
+            if self._make_progress is None:
+                return
+            with _PROGRESS_LOCK:  # two threads reporting first at once share one throttle
+                if self._progress is None:
+                    self._progress = self._make_progress(self.event)
+        self._progress.report(ProgressUpdate(step, total, message, preview))
 
     # --- cancellation --------------------------------------------------------------------
     @property
     def cancelled(self) -> bool:
         """Someone cancelled this job (or image): stop soon, raising :class:`Cancelled`."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     @property
     def cancel_reason(self) -> str:
@@ -205,15 +238,16 @@ class Call:
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`Cancelled` if the work was cancelled (a handler's poll)."""
-        if self._cancelled.is_set():
+        if self._cancelled:
             raise Cancelled(self._cancel_reason or "cancelled")
 
     def cancel(self, reason: str) -> None:
-        """Flag this invocation as cancelled (the runner does this; safe from any thread)."""
+        """Flag this invocation as cancelled (the runner does this, on the event loop)."""
         self._cancel_reason = reason
-        self._cancelled.set()
+        self._cancelled = True
 
     def finish(self) -> None:
+        """The invocation is over: send the progress still held back by the throttle."""
         if self._progress is not None:
             self._progress.close()
 

@@ -101,6 +101,7 @@ class FunctionRunner:
         self._publisher = Publisher(ctx.nc)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._set_up = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._exhausted = PullConsumer(
             ctx.nc,
             ctx.names.advisory_stream,
@@ -120,6 +121,7 @@ class FunctionRunner:
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Set up (the function's ``setup``, then, in ``high`` mode, its models), then fetch."""
+        self._loop = asyncio.get_running_loop()
         if self.fn.setup is not None:
             await self.fn.setup(self.ctx)
         self._set_up = True
@@ -290,9 +292,8 @@ class FunctionRunner:
                 return event
         return decode(payload)
 
-    def _call(self, work: _Work, deadline: float) -> Call:
-        event = work.event
-        assert event is not None
+    def _progress(self, event: Event) -> Progress:
+        """The progress throttle of one invocation, made when it first reports."""
         target = event.job_id or event.image_id or event.id
         about = {
             "stage": self.stage,
@@ -300,16 +301,18 @@ class FunctionRunner:
             "job_id": event.job_id,
             "image_id": event.image_id,
         }
-        progress = Progress(
-            asyncio.get_running_loop(), self.ctx.nc.publish, self._names.progress(target), about
-        )
+        assert self._loop is not None, "started runners only"
+        return Progress(self._loop, self.ctx.nc.publish, self._names.progress(target), about)
+
+    def _call(self, work: _Work, deadline: float) -> Call:
+        assert work.event is not None
         return Call(
-            event,
+            work.event,
             self.stage,
             attempt=work.msg.metadata.num_delivered or 1,
             max_attempts=self.spec.max_deliver,
             deadline=deadline,
-            progress=progress,
+            progress=self._progress,
         )
 
     async def _invoke(self, works: list[_Work]) -> None:
