@@ -70,3 +70,16 @@ def test_backoff_is_jittered_and_capped() -> None:
     waits = [backoff_s(n) for n in range(1, 30) for _ in range(20)]
     assert all(0 <= w <= 0.1 for w in waits)
     assert len(set(waits)) > 100, "not jittered"
+
+
+async def test_an_empty_value_is_updated_not_created(ctx: Context) -> None:
+    kv = ctx.digests
+    await kv.put("empty", b"")
+    seen: list[bytes | None] = []
+
+    def change(current: bytes | None) -> bytes:
+        seen.append(current)
+        return b"filled"
+
+    result = await compare_and_set(kv, "empty", change)
+    assert result.written and seen == [b""] and (await kv.get("empty")).value == b"filled"

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from bus import Call, Context, Emit, Function, Spec
 from bus.core.contract import Model, Placement
 from bus.core.envelope import Event, now_iso
 from bus.core.settings import GpuSettings, Settings
@@ -260,7 +261,7 @@ async def test_gpu_work_runs_on_the_devices_own_thread(caches: Factory) -> None:
         return bytearray(MB)
 
     await cache.preload(Model("m", 1, load_here))
-    assert loaded_on[0].startswith("load-cpu") and loaded_on[0].endswith(" cpu")
+    assert loaded_on[0].startswith("gpu-cpu") and loaded_on[0].endswith(" cpu")
 
 
 @pytest.mark.s3
@@ -310,3 +311,28 @@ async def test_a_cancelled_load_gives_its_lease_back(caches: Factory) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cache.loaded == [] and await leased(ledger) == {}
+
+
+@pytest.mark.s3
+async def test_a_failed_start_tears_down_what_it_set_up(settings: Settings) -> None:
+    gpu = {"cpu_capacity_mb": CAPACITY, "reserve_mb": 0, "mode": "high"}
+    settings = settings.model_copy(update={"gpu": GpuSettings(**gpu)})
+    log: list[str] = []
+
+    async def setup(ctx: Context) -> None:
+        log.append("setup")
+
+    async def teardown(ctx: Context) -> None:
+        log.append("teardown")
+
+    async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
+        return []
+
+    huge = Model("huge", CAPACITY * 10, lambda placement: bytearray(MB))
+    spec = Spec("toobig", listens=("x",), needs_gpu=True, models=(huge,))
+    fn = Function(spec, handle=handle, setup=setup, teardown=teardown)
+    async with open_context(settings, [spec], "gpu-worker") as ctx:
+        runner = FunctionRunner(fn, ctx)
+        with pytest.raises(LeaseError, match="huge needs 1000 MB"):
+            await runner.start()  # high mode preloads: the model can never fit
+    assert log == ["setup", "teardown"]

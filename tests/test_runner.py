@@ -14,6 +14,7 @@ import pytest
 
 from bus import Call, Cancelled, Context, Emit, Event, Function, Reject, Retry, Spec
 from bus.core.envelope import new_id, now_iso
+from bus.runtime.call import Progress, ProgressUpdate
 from bus.state.cancels import request_cancel
 from tests.support.streams import dead_letters, events, eventually, settled
 
@@ -514,3 +515,87 @@ def test_a_function_needs_exactly_one_handler_matching_its_batch() -> None:
         Function(Spec("wrong", listens=("a",), batch=4), handle=handle)
     with pytest.raises(ValueError, match="batch_wait_s must be >= 0 and needs batch > 1"):
         Spec("linger", listens=("a",), batch_wait_s=0.1)
+
+
+async def test_a_drain_timeout_starts_nothing_new_and_tears_down_last(
+    ctx: Context, run_function: Any
+) -> None:
+    log: list[str] = []
+
+    async def handle_batch(batch: list[Event], _: Context, calls: list[Call]) -> list[list[Emit]]:
+        log.append(f"start {[e.data['n'] for e in batch]}")
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            log.append("end")
+        return []
+
+    async def teardown(c: Context) -> None:
+        log.append("teardown")
+
+    spec = Spec("stuck", listens=("a",), batch=2, batch_wait_s=5.0, concurrency=1)
+    runner = await run_function(Function(spec, handle_batch=handle_batch, teardown=teardown))
+    for n in range(4):
+        await publish(ctx, make_event("a", n=n))
+
+    async def all_held() -> bool:
+        return (await consumer(ctx, "stuck")).num_ack_pending == 4
+
+    await eventually(all_held, what="every event delivered")
+    assert log == ["start [0, 1]"]
+    await runner.drain(timeout=0.3)
+    # The queued batch [2, 3] must not start once the running one was cut short.
+    assert log == ["start [0, 1]", "end", "teardown"]
+
+
+async def test_a_cancelled_job_that_times_out_on_its_last_attempt_is_not_dead_lettered(
+    ctx: Context, run_function: Any
+) -> None:
+    started = asyncio.Event()
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        started.set()
+        await asyncio.sleep(3600)  # never polls the cancel flag
+        return []
+
+    spec = Spec("deaf", listens=("a",), max_deliver=1, timeout=1.0)
+    await run_function(Function(spec, handle=handle))
+    event = make_event("a", job_id=new_id())
+    await publish(ctx, event)
+    await asyncio.wait_for(started.wait(), 10)
+    assert event.job_id is not None
+    await request_cancel(ctx.cancels_kv, event.job_id, "stop it")
+    await settled(ctx, "deaf")
+    [cancelled] = await events(ctx, "cancelled.deaf", at_least=1)
+    assert cancelled.data["reason"] == "stop it"
+    assert await dead_letters(ctx, "deaf") == []
+    assert await events(ctx, "failed.deaf") == []
+
+
+async def test_progress_after_the_invocation_ended_is_dropped() -> None:
+    sent: list[bytes] = []
+
+    async def send(subject: str, payload: bytes) -> None:
+        sent.append(payload)
+
+    progress = Progress(asyncio.get_running_loop(), send, "p", {}, interval=60.0)
+    progress.report(ProgressUpdate(1, 10))  # the first goes at once
+    progress.report(ProgressUpdate(2, 10))  # held back by the throttle
+    progress.close()  # sends the held one
+    progress.report(ProgressUpdate(3, 10))  # a straggling thread: dropped
+    await asyncio.sleep(0)
+    assert [orjson.loads(p)["step"] for p in sent] == [1, 2]
+
+
+def test_progress_needs_an_id_that_can_name_a_subject() -> None:
+    made: list[Event] = []
+
+    def factory(event: Event) -> None:
+        made.append(event)
+        return None
+
+    event = Event(id="e", type="a", source="t", time=now_iso(), job_id="has.dots")
+    call = Call(event, "s", attempt=1, max_attempts=1, deadline=0.0, progress=factory)
+    call.progress(1, 2)
+    call.progress(2, 2)
+    assert len(made) == 1  # asked once, then progress is off for this call

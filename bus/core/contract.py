@@ -56,7 +56,7 @@ class Placement:
 class Model:
     """A model a GPU function uses, loaded under a VRAM lease on the worker's device.
 
-    ``load`` is blocking (it runs on the device's loading thread) and must put the model on
+    ``load`` is blocking (it runs on the device's own thread) and must put the model on
     ``placement.device``; ``estimate_mb`` is what the lease asks for until the footprint is
     measured after the load.
     """

@@ -604,7 +604,7 @@ class Ledger:
 
         def apply(data: bytes | None) -> bytes | None:
             decided.clear()
-            current = self._empty() if data is None else Snapshot.decode(data, 0)
+            current = self._empty() if not data else Snapshot.decode(data, 0)
             now = time.time()
             live = current.live(now, self.grace_s)
             wanted = change(live, now)

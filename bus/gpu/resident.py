@@ -13,9 +13,10 @@ What stays loaded follows the mode (:data:`bus.gpu.leases.MODES`):
 - ``balanced``: stay loaded until idle for ``idle_ttl_s`` (or evicted to make room);
 - ``high``: stay loaded; the runner preloads each function's models at start.
 
-Two threads of its own serve the device: one loads models, one runs inference
+One thread of its own serves the device: it loads models and runs inference
 (:meth:`ResidentModels.run`, ``ctx.run_gpu``), so GPU work never queues behind the CPU
-pool, and work on one device runs in order.
+pool, work on one device runs in order, and a load's footprint is measured with nothing
+else of this process running on the device.
 
 While a load asks for memory (and above all while it waits for memory held by others),
 pressure listeners are told, so the runner stops fetching new work (backpressure) instead
@@ -32,7 +33,7 @@ import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -88,9 +89,11 @@ def measure_mb(model: Any, cuda_before: int | None = None, device: str = "cpu") 
 def _cuda_allocated(device: str) -> int | None:
     """Bytes torch has allocated on ``device`` (not the current device: a worker pinned to
     cuda:1 must not read cuda:0), or None off CUDA."""
-    torch = sys.modules.get("torch")
-    if torch is None or not device.startswith("cuda") or not torch.cuda.is_available():
+    if not device.startswith("cuda"):
         return None
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0  # torch not imported yet: nothing of ours is on the GPU
     return int(torch.cuda.memory_allocated(device))
 
 
@@ -132,10 +135,8 @@ class ResidentModels:
         self.idle_ttl_s = idle_ttl_s
         self.acquire_timeout_s = acquire_timeout_s
         self._measure = measure
-        token = ledger.device.token
-        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{token}")
-        self._compute: Executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"gpu-{token}"
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"gpu-{ledger.device.token}"
         )
         self._models: dict[str, _Resident] = {}
         self._loading: dict[str, asyncio.Lock] = {}
@@ -170,7 +171,7 @@ class ResidentModels:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking GPU work on this device's own thread, in order with other GPU work."""
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     @contextlib.asynccontextmanager
     async def use(self, model: Model) -> AsyncIterator[Any]:
@@ -218,8 +219,7 @@ class ResidentModels:
             self._models[name].users = 0
             await self.unload(name)
         await self.ledger.close()
-        self._loads.shutdown(wait=False, cancel_futures=True)
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     # --- loading ---------------------------------------------------------------------------
     async def _get(self, model: Model) -> _Resident:
@@ -243,12 +243,17 @@ class ResidentModels:
         lease = await self._acquire(name, mb)
         loop = asyncio.get_running_loop()
         placement = Placement(self.device, offload=self.residency.offload)
-        before = _cuda_allocated(self.device)
-        box: list[Any] = []  # the executor's futures then hold None, never the model
-        loading = loop.run_in_executor(self._loads, lambda: box.append(model.load(placement)))
+        box: list[tuple[Any, int | None]] = []  # the futures then hold None, never the model
+
+        def load_and_measure() -> None:  # on the device's thread: nothing else runs there
+            before = _cuda_allocated(self.device)
+            loaded = model.load(placement)
+            box.append((loaded, self._measure(loaded, before, self.device)))
+
+        loading = loop.run_in_executor(self._thread, load_and_measure)
         try:
             await asyncio.shield(loading)
-            loaded = box.pop()
+            loaded, measured = box.pop()
         except BaseException:
             # A thread cannot be stopped: let the load end, free what it took, then give the
             # lease back, so the memory is never in use without one.
@@ -258,7 +263,6 @@ class ResidentModels:
             await asyncio.shield(asyncio.to_thread(_collect))
             await asyncio.shield(self.ledger.release(lease))
             raise
-        measured = self._measure(loaded, before, self.device)
         if measured is not None and measured > 0 and measured != lease.mb:
             try:
                 lease = await self.ledger.resize(lease, measured)

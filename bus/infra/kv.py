@@ -30,7 +30,7 @@ class CasConflictError(Exception):
 class Versioned:
     """A key's value after :func:`compare_and_set`: what it wrote, or what it found."""
 
-    value: bytes | None  # None: the key is absent (or deleted)
+    value: bytes | None  # None: the key is absent (or deleted); b"": it holds nothing
     revision: int  # 0 when absent
     written: bool
 
@@ -59,14 +59,14 @@ async def compare_and_set(
     for conflicts in range(1, attempts + 1):
         try:
             entry = await kv.get(key)
-            current, revision = entry.value or None, entry.revision or 0
-        except KeyNotFoundError:
+            current, revision = entry.value or b"", entry.revision or 0
+        except KeyNotFoundError:  # absent, or deleted (nats-py reports a marker as missing)
             current, revision = None, 0
         wanted = change(current)
         if wanted is None:
             return Versioned(current, revision, written=False)
         try:
-            if revision and current is not None:
+            if revision:
                 written = await kv.update(key, wanted, last=revision)
             else:
                 written = await kv.create(key, wanted)

@@ -55,6 +55,7 @@ ORIGINAL_NAME_CHARS = 500
 PUBLISH_ATTEMPTS = 3
 IN_FLIGHT_WAIT_S = 30.0  # how long a duplicate waits to see the first upload end
 IN_FLIGHT_POLL_S = 0.05
+MAX_TAKEOVERS = 5  # a stale claim changed under us this often: give up with a 503
 T = TypeVar("T")
 
 __all__ = ["Accepted", "UploadRejectedError", "accept_upload", "complete_presigned"]
@@ -331,8 +332,9 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | 
     """
     mine = _claim_value(image_id, key, "pending")
     deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+    takeovers = 0
     try:
-        while True:
+        while takeovers < MAX_TAKEOVERS:
             found = await compare_and_set(
                 ctx.digests, sha256, lambda current: mine if current is None else None
             )
@@ -353,17 +355,20 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | 
             if stored is not None and subjects.is_safe_id(holder):
                 return _Held(holder, orphan=stored)
             # Nothing was stored: take the claim over, if it is still that stale one.
+            takeovers += 1
             taken = await compare_and_set(
                 ctx.digests, sha256, partial(_take_over, stale=found.value, mine=mine)
             )
             if taken.written:
                 return None
+            # Someone else changed the stale claim first: decide again on what they wrote.
     except (nats.errors.Error, OSError) as exc:
         raise UploadRejectedError(
             503, f"the duplicate check is unavailable ({type(exc).__name__}); try again"
         ) from None
     except CasConflictError:
-        raise UploadRejectedError(503, "the duplicate check kept conflicting; try again") from None
+        pass
+    raise UploadRejectedError(503, "the duplicate check kept conflicting; try again")
 
 
 def _take_over(current: bytes | None, stale: bytes | None, mine: bytes) -> bytes | None:

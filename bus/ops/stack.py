@@ -101,14 +101,24 @@ async def ensure_admin_key(ctx: Context, data_dir: Path) -> tuple[str, bool]:
 async def _start_runners(
     ctx: Context, functions: list[Function], concurrency: int | None = None
 ) -> list[FunctionRunner]:
-    runners = [FunctionRunner(fn, ctx, concurrency) for fn in functions]
-    for runner in runners:
-        await runner.start()
-    return runners
+    """Start each function's runner; if one fails to start, drain those already running."""
+    started: list[FunctionRunner] = []
+    try:
+        for fn in functions:
+            runner = FunctionRunner(fn, ctx, concurrency)
+            await runner.start()  # a failed start has stopped itself
+            started.append(runner)
+    except BaseException:
+        await _drain(started)
+        raise
+    return started
 
 
 async def _drain(runners: list[FunctionRunner], timeout: float = DRAIN_TIMEOUT_S) -> None:
-    await asyncio.gather(*(r.drain(timeout) for r in runners), return_exceptions=True)
+    results = await asyncio.gather(*(r.drain(timeout) for r in runners), return_exceptions=True)
+    for runner, result in zip(runners, results, strict=True):
+        if isinstance(result, BaseException):
+            log.error("%s did not stop cleanly", runner.stage, exc_info=result)
 
 
 async def run_up(settings: Settings, announce: Callable[[str], None] = print) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import threading
 import time
@@ -79,16 +80,23 @@ class Progress:
         self._last_sent = -interval
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.sent = 0
 
     def report(self, update: ProgressUpdate) -> None:
-        """Safe from any thread."""
+        """Safe from any thread. After :meth:`close` (the invocation is over, though a
+        thread of it may still run) updates are dropped."""
+        if self._closed:
+            return
         if _on_loop(self._loop):
             self._offer(update)
-        else:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to tell
             self._loop.call_soon_threadsafe(self._offer, update)
 
     def _offer(self, update: ProgressUpdate) -> None:
+        if self._closed:
+            return
         self._pending = update
         due = self._last_sent + self._interval - time.monotonic()
         if due <= 0 or update.final:
@@ -125,9 +133,10 @@ class Progress:
             logging.getLogger("darkroom.progress").debug("progress not sent: %s", task.exception())
 
     def close(self) -> None:
-        """Send what is pending now (the invocation is over)."""
+        """Send what is pending now (the invocation is over); drop anything later."""
         if self._pending is not None:
             self._flush()
+        self._closed = True
 
 
 class Call:
@@ -158,7 +167,7 @@ class Call:
         attempt: int,
         max_attempts: int,
         deadline: float,
-        progress: Callable[[Event], Progress] | None = None,
+        progress: Callable[[Event], Progress | None] | None = None,
     ) -> None:
         self.event = event
         self.stage = stage
@@ -207,6 +216,7 @@ class Call:
         ``preview`` is a small JPEG, PNG or WebP of the work so far (at most 256 KiB; a
         bigger one is left out). Progress is ephemeral: it is not stored or replayed.
         """
+        step, total, message = int(step), int(total), str(message)  # numpy ints, say
         if total < 1 or not 0 <= step <= total:
             raise ValueError(
                 f"progress needs 0 <= step <= total and total >= 1, got {step}/{total}"
@@ -224,6 +234,13 @@ class Call:
             with _PROGRESS_LOCK:  # two threads reporting first at once share one throttle
                 if self._progress is None:
                     self._progress = self._make_progress(self.event)
+                    if self._progress is None:
+                        self._make_progress = None
+                        self.log.warning(
+                            "progress not sent: the event has no job or image id usable in a "
+                            "subject"
+                        )
+                        return
         self._progress.report(ProgressUpdate(step, total, message, preview))
 
     # --- cancellation --------------------------------------------------------------------

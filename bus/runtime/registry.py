@@ -39,7 +39,8 @@ BatchHandler = Callable[
 event out: its emits, or the exception it failed with (that event alone fails)."""
 
 Lifespan = Callable[[Context], Awaitable[None]]
-"""``setup`` runs before the first event is fetched, ``teardown`` after the last is settled."""
+"""``setup`` runs before the first event is fetched, ``teardown`` once the runner stopped
+(after the last event is settled, or cut short by a drain timeout)."""
 
 
 @dataclass(frozen=True, slots=True)

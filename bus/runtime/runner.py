@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 
 from bus.core.contract import Cancelled, Emit, Reject, Retry
 from bus.core.envelope import EnvelopeError, Event, decode, derive_id, now_iso
-from bus.core.subjects import CANCELLED
+from bus.core.subjects import CANCELLED, is_safe_id
 from bus.runtime.call import Call, Progress
 from bus.runtime.context import Context
 from bus.runtime.publisher import Publisher
@@ -90,7 +90,8 @@ class FunctionRunner:
         self._dispatch_scheduled = False
         self._linger: asyncio.TimerHandle | None = None
         self._running = 0  # invocations started and not finished
-        self._draining = False
+        self._draining = False  # partial batches go without lingering
+        self._stopping = False  # nothing new starts
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[int, _Work] = {}
         self._to_settle: list[_Work] = []
@@ -120,28 +121,36 @@ class FunctionRunner:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Set up (the function's ``setup``, then, in ``high`` mode, its models), then fetch."""
+        """Set up (the function's ``setup``, then, in ``high`` mode, its models), then fetch.
+
+        If any step fails, what was started is stopped (teardown included) and the error
+        is raised.
+        """
         self._loop = asyncio.get_running_loop()
-        if self.fn.setup is not None:
-            await self.fn.setup(self.ctx)
-        self._set_up = True
-        gpu = self.ctx.gpu
-        if self.spec.needs_gpu and gpu is not None:
-            if gpu.residency.preload:
-                for model in self.spec.models:
-                    await gpu.preload(model)
-            gpu.add_pressure_listener(self._vram_pressure)
-        await self.ctx.cancels.start()
-        self.ctx.cancels.add_listener(self._cancel_flagged)
-        await self._publisher.start()
-        self._settler = asyncio.create_task(self._settle_forever(), name=f"settle:{self.stage}")
-        await self._consumer.start()
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeats(), name=f"heartbeats:{self.stage}"
-        )
-        # An event whose last delivery timed out (the worker crashed or hung every time) is
-        # announced only by an advisory, kept in a stream until a worker dead-letters it.
-        await self._exhausted.start()
+        try:
+            if self.fn.setup is not None:
+                await self.fn.setup(self.ctx)
+            self._set_up = True
+            gpu = self.ctx.gpu
+            if self.spec.needs_gpu and gpu is not None:
+                if gpu.residency.preload:
+                    for model in self.spec.models:
+                        await gpu.preload(model)
+                gpu.add_pressure_listener(self._vram_pressure)
+            await self.ctx.cancels.start()
+            self.ctx.cancels.add_listener(self._cancel_flagged)
+            await self._publisher.start()
+            self._settler = asyncio.create_task(self._settle_forever(), name=f"settle:{self.stage}")
+            await self._consumer.start()
+            self._heartbeat_task = asyncio.create_task(
+                self._heartbeats(), name=f"heartbeats:{self.stage}"
+            )
+            # An event whose last delivery timed out (the worker crashed or hung every time)
+            # is announced only by an advisory, kept in a stream until a worker records it.
+            await self._exhausted.start()
+        except BaseException:
+            await self.stop()
+            raise
 
     def _vram_pressure(self, waiting: bool) -> None:
         """While a model load waits for VRAM, ask for no more work (backpressure)."""
@@ -151,7 +160,11 @@ class FunctionRunner:
             self._consumer.resume()  # a stopped consumer stays stopped
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Stop fetching, finish in-flight work (acking it), then stop."""
+        """Stop fetching, finish in-flight work (acking it), then stop.
+
+        Past ``timeout`` the handlers still running are cancelled and the events not yet
+        started are left un-acked: JetStream redelivers them to another worker.
+        """
         await self._consumer.stop()
         await self._exhausted.stop()
         self._draining = True
@@ -160,32 +173,38 @@ class FunctionRunner:
         while self._tasks:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
+                log.warning(
+                    "%s: %d task(s) and %d queued event(s) cut short by the drain timeout",
+                    self.stage,
+                    len(self._tasks),
+                    len(self._queued),
+                )
                 break
             await asyncio.wait(set(self._tasks), timeout=remaining)
-        if self._tasks or self._queued:
-            pending = set(self._tasks)
-            for task in pending:
-                task.cancel()
-            log.warning(
-                "%s: %d handler(s) and %d queued event(s) cut short by the drain timeout",
-                self.stage,
-                len(pending),
-                len(self._queued),
-            )
-            await asyncio.gather(*pending, return_exceptions=True)
-            self._forget(self._queued)  # un-acked: redelivered to another worker
-            self._queued = []
+        await self._halt()
         # Finished handlers still owe their events and acks: let the settler finish.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._settled.wait(), PUBLISH_TIMEOUT_S + 5)
         await self.stop()
 
-    async def stop(self) -> None:
-        await self._consumer.stop()
-        await self._exhausted.stop()
+    async def _halt(self) -> None:
+        """Start nothing more; leave queued events un-acked; cancel what still runs."""
+        self._stopping = True
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        self._forget(self._queued)
+        self._queued = []
+        pending = set(self._tasks)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop at once (see :meth:`drain` for the graceful way); teardown runs last."""
+        await self._consumer.stop()
+        await self._exhausted.stop()
+        await self._halt()
         for task in (self._heartbeat_task, self._settler):
             if task is not None:
                 task.cancel()
@@ -205,6 +224,8 @@ class FunctionRunner:
 
     # --- intake ----------------------------------------------------------------------------
     def _accept(self, msg: Msg) -> None:
+        if self._stopping:
+            return  # never tracked, never acked: redelivered elsewhere
         work = _Work(msg, time.monotonic())
         self._active[id(msg)] = work
         if self.spec.batch == 1:
@@ -221,7 +242,7 @@ class FunctionRunner:
         once the first event in it has waited ``batch_wait_s`` (or while draining)."""
         self._dispatch_scheduled = False
         size = self.spec.batch
-        while self._queued and self._running < self.concurrency:
+        while self._queued and self._running < self.concurrency and not self._stopping:
             wait = self._queued[0].started + self.spec.batch_wait_s - time.monotonic()
             if len(self._queued) < size and wait > 0 and not self._draining:
                 if self._linger is None:
@@ -249,28 +270,31 @@ class FunctionRunner:
     # --- processing ------------------------------------------------------------------------
     async def _process(self, works: list[_Work]) -> None:
         decoded: list[_Work] = []
+        malformed: list[tuple[_Work, str]] = []
+        for work in works:
+            try:
+                work.event = self._decode(work.msg.data)
+                decoded.append(work)
+            except EnvelopeError as exc:
+                malformed.append((work, f"malformed event: {exc}"))
         handed_over = False
         try:
-            for work in works:
-                try:
-                    work.event = self._decode(work.msg.data)
-                    decoded.append(work)
-                except EnvelopeError as exc:
-                    self._active.pop(id(work.msg), None)
-                    reason = f"malformed event: {exc}"
-                    await self._guarded(self._dead_letter(work.msg, None, reason, "malformed"))
-                    self._consumer.release()
             if decoded:
                 await self._invoke(decoded)
                 self._to_settle.extend(decoded)
                 handed_over = True
                 self._settled.clear()
                 self._settle_wanted.set()
+            # After the batch, so a malformed neighbour never delays it.
+            while malformed:
+                work, reason = malformed[0]
+                await self._guarded(self._dead_letter(work.msg, None, reason, "malformed"))
+                malformed.pop(0)
+                self._forget([work])
         finally:
-            # Everything not handed to the settler is left un-acked here (a drain timeout
-            # cancelled us): it is redelivered elsewhere.
-            if not handed_over:
-                self._forget(decoded)
+            # What was neither settled nor handed to the settler (a drain timeout cancelled
+            # us) is left un-acked: it is redelivered elsewhere.
+            self._forget([w for w, _ in malformed] + ([] if handed_over else decoded))
             self._running -= 1
             if self._queued:
                 self._dispatch()
@@ -292,9 +316,12 @@ class FunctionRunner:
                 return event
         return decode(payload)
 
-    def _progress(self, event: Event) -> Progress:
-        """The progress throttle of one invocation, made when it first reports."""
-        target = event.job_id or event.image_id or event.id
+    def _progress(self, event: Event) -> Progress | None:
+        """The progress throttle of one invocation, made when it first reports; None when
+        neither its job id nor its image id can name a subject."""
+        target = next((i for i in (event.job_id, event.image_id) if i and is_safe_id(i)), None)
+        if target is None:
+            return None
         about = {
             "stage": self.stage,
             "event_id": event.id,
@@ -345,11 +372,12 @@ class FunctionRunner:
 
     async def _invoke_one(self, work: _Work) -> None:
         assert self.fn.handle is not None and work.event is not None and work.call is not None
+        limit = asyncio.timeout(self.spec.timeout)
         try:
-            async with asyncio.timeout(self.spec.timeout):
+            async with limit:
                 work.result = await self.fn.handle(work.event, self.ctx, work.call)
-        except TimeoutError:
-            work.result = Retry(f"the handler ran past its {self.spec.timeout:g} s timeout")
+        except TimeoutError as exc:  # ours, or one the handler let through
+            work.result = self._late("handler") if limit.expired() else exc
         except Exception as exc:
             work.result = exc
 
@@ -358,20 +386,29 @@ class FunctionRunner:
         events = [w.event for w in works if w.event is not None]
         calls = [w.call for w in works if w.call is not None]
         results: Sequence[Sequence[Emit] | BaseException]
+        limit = asyncio.timeout(self.spec.timeout)
         try:
-            async with asyncio.timeout(self.spec.timeout):
+            async with limit:
                 results = await self.fn.handle_batch(events, self.ctx, calls)
             if len(results) != len(works):
                 raise RuntimeError(
                     f"batch handler returned {len(results)} results for {len(works)} events"
                 )
-        except TimeoutError:
-            late = Retry(f"the batch handler ran past its {self.spec.timeout:g} s timeout")
-            results = [late] * len(works)
+        except TimeoutError as exc:
+            results = [self._late("batch handler") if limit.expired() else exc] * len(works)
         except Exception as exc:
             results = [exc] * len(works)
         for work, result in zip(works, results, strict=True):
             work.result = result
+
+    def _late(self, what: str) -> Retry:
+        return Retry(f"the {what} ran past its {self.spec.timeout:g} s timeout")
+
+    def _cancel_reason(self, work: _Work) -> str | None:
+        """Why the work's job (or image) was cancelled, or None if it was not."""
+        if work.call is not None and work.call.cancelled:
+            return work.call.cancel_reason or "cancelled"
+        return self.ctx.cancels.reason(work.event) if work.event is not None else None
 
     def _cancel_flagged(self, target: str, flag: CancelFlag) -> None:
         """A cancel flag appeared: tell every running call it names."""
@@ -401,6 +438,12 @@ class FunctionRunner:
         failed: list[tuple[_Work, BaseException]] = []
         for work in group:
             assert work.event is not None
+            if isinstance(work.result, BaseException) and not isinstance(work.result, Cancelled):
+                # A handler that failed (or timed out) after its job was cancelled: the
+                # cancellation is the outcome, not the failure.
+                reason = self._cancel_reason(work)
+                if reason is not None:
+                    work.result = Cancelled(reason)
             try:
                 if isinstance(work.result, Cancelled):
                     cancelled = self._cancelled_event(work.event, work.result.reason)
@@ -456,6 +499,11 @@ class FunctionRunner:
         delivered = msg.metadata.num_delivered or 1
         reason = exc.reason if isinstance(exc, Retry) else f"{type(exc).__name__}: {exc}"
         if delivered >= self.spec.max_deliver:
+            if self.ctx.cancels.reason(event) is not None:
+                # Cancelled, and even announcing that failed: not a failure to dead-letter.
+                log.warning("%s: dropping cancelled %s (%s)", self.stage, event.id, reason)
+                await msg.term()
+                return
             await self._dead_letter(
                 msg, event, f"gave up after {delivered} attempts: {reason}", "exhausted"
             )
@@ -605,6 +653,17 @@ class FunctionRunner:
                 event: Event | None = decode(stored.data or b"")
             except EnvelopeError:
                 event = None
+            reason = self.ctx.cancels.reason(event) if event is not None else None
+            if event is not None and reason is not None:
+                # Its job was cancelled: that is the outcome, whatever kept it from an ack.
+                cancelled = self._cancelled_event(event, reason)
+                await self.ctx.js.publish(
+                    self._names.subject(cancelled.type),
+                    cancelled.encode(),
+                    headers={"Nats-Msg-Id": cancelled.id},
+                )
+                await advisory.ack()
+                return
             await self._dead_letter(
                 None,
                 event,

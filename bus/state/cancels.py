@@ -93,4 +93,7 @@ class CancelFlags:
         if flag is None:
             return
         for listener in list(self._listeners):
-            listener(key, flag)
+            try:
+                listener(key, flag)
+            except Exception:  # one broken listener must not keep the others uninformed
+                log.exception("cancel listener failed on %s", key)
