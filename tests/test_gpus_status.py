@@ -3,7 +3,7 @@ and the Prometheus gauges all show the live leases, their models, sizes and hold
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -12,10 +12,11 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.gateway.app import build_app
-from bus.gpu.leases import Device, Holder, Ledger, read_devices
+from bus.gpu.leases import Device, Holder, Ledger, Snapshot, read_devices
 from bus.runtime.context import Context
 from tests.conftest import unique
 from tests.support import procs
+from tests.support.clock import past
 from tests.support.http import auth
 
 MOVING = {"expires_in_s", "age_s"}  # they change between two reads
@@ -98,11 +99,13 @@ async def test_leases_show_in_status_cli_and_metrics_until_released(
 async def check_listed_until_released(
     gateway: TestClient[Any, Any], admin: str, env: dict[str, str], a: Ledger, b: Ledger
 ) -> None:
+    asked = time.time()
     first = await a.acquire("blip-base", 300, timeout=2)
     await b.acquire("sdxl-turbo", 400, timeout=2)
     host = a.holder.host
 
     [device] = await devices_over_http(gateway, admin)
+    since_asked = time.time() - asked
     assert {k: device[k] for k in device if k not in ("leases", "queue")} == {
         "key": f"{host}.cpu",
         "host": host,
@@ -120,8 +123,14 @@ async def check_listed_until_released(
     assert shown["sdxl-turbo"]["mb"] == 400
     assert shown["blip-base"]["holder"] == {"host": host, "pid": a.holder.pid, "worker": "caption"}
     assert shown["sdxl-turbo"]["holder"]["worker"] == "generate"
-    assert all(0 < x["expires_in_s"] <= 10 for x in device["leases"])
-    assert all(0 <= x["age_s"] < 30 for x in device["leases"])
+    # Granted after `asked` and read before now: the age is at most the time in between.
+    # A lease expires a TTL after its grant or its latest renewal, so at most a TTL from
+    # now, and no earlier than a TTL after `asked`. (Shown rounded to the millisecond.)
+    assert a.ttl_s == b.ttl_s
+    ms = 0.001
+    for x in device["leases"]:
+        assert 0 <= x["age_s"] <= since_asked + ms, x
+        assert a.ttl_s - since_asked - ms <= x["expires_in_s"] <= a.ttl_s + ms, x
 
     cli = await devices_from_cli(env)
     assert without_timing(cli) == without_timing([device])
@@ -156,11 +165,17 @@ async def test_a_lapsed_lease_is_not_shown(
     ctx: Context, gateway: TestClient[Any, Any], admin: str
 ) -> None:
     crashed = await ledger(ctx, unique("h"), "caption", ttl_s=1.0)
-    await crashed.acquire("blip-base", 300, timeout=2)
+    lease = await crashed.acquire("blip-base", 300, timeout=2)
     await crashed.close(release=False)  # stops renewing, like a holder that died
     [device] = await devices_over_http(gateway, admin)
     assert [x["model"] for x in device["leases"]] == ["blip-base"]
-    await asyncio.sleep(1.0 + 0.5 + 0.2)  # TTL + grace
+    # Its last renewal is in the ledger: the lease lapses `grace` after that expiry, and
+    # from then on it must not be shown.
+    entry = await crashed.kv.get(crashed.key)
+    assert entry.value is not None and entry.revision is not None
+    last = Snapshot.decode(entry.value, entry.revision).lease(lease.id)
+    assert last is not None
+    await past(last.expires + crashed.grace_s)
     [device] = await devices_over_http(gateway, admin)
     assert device["leases"] == [] and device["used_mb"] == 0 and device["free_mb"] == 800
     assert (await gauges(gateway, admin))["darkroom_gpu_leases"] == {(device["host"], "cpu"): 0}

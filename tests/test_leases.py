@@ -41,6 +41,7 @@ from bus.gpu.leases import (
 from bus.ops.embedded import NatsServer
 from bus.runtime.context import Context
 from tests.conftest import unique
+from tests.support.clock import past
 
 pytestmark = pytest.mark.nats
 
@@ -48,6 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CAPACITY, RESERVE = 1000, 200  # 800 MB leasable
 TTL = 1.0
 GRACE = 0.5
+# Every KV request of the test buckets is answered within this, or it fails (and a ledger
+# call then raises LedgerUnavailableError): the unit of the upper bounds below.
+KV_TIMEOUT = 2.0
 
 
 @pytest.fixture
@@ -58,7 +62,7 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 
 async def bucket(nc: NATS, history: int = 1) -> KeyValue:
-    return await nc.jetstream(timeout=2).create_key_value(
+    return await nc.jetstream(timeout=KV_TIMEOUT).create_key_value(
         KeyValueConfig(bucket=unique("leases"), history=history)
     )
 
@@ -129,51 +133,65 @@ async def test_grants_within_capacity_and_releases(ledgers: Any) -> None:
 
 async def test_an_impossible_request_fails_at_once(ledgers: Any) -> None:
     ledger = ledgers("a")
+    wait = 30.0
     started = time.monotonic()
     with pytest.raises(LeaseTooLargeError) as caught:
-        await ledger.acquire("huge", 801, timeout=30)
-    assert time.monotonic() - started < 0.2
+        await ledger.acquire("huge", 801, timeout=wait)
+    assert time.monotonic() - started < wait, "it waited out its timeout instead"
     assert "801 MB" in str(caught.value) and "at most 800 MB" in str(caught.value)
-    assert (await ledger.snapshot()).revision == 0  # nothing was written
+    assert (await ledger.snapshot()).revision == 0  # nothing was written: it never queued
 
 
 async def test_waiters_are_served_first_come_first_served(ledgers: Any) -> None:
-    """600, 300, 100 wait behind a full device; 100 would fit first but must not overtake."""
-    owner = ledgers("owner")
-    full = await owner.acquire("big", 800, timeout=1)
-    waiters = {mb: ledgers(f"w{mb}") for mb in (600, 300, 100)}
-    granted: list[Lease] = []
-    tasks = []
+    """600, 300, 100 wait behind a full device; 100 would fit first but must not overtake.
 
-    async def wait_for(mb: int) -> None:
-        granted.append(await waiters[mb].acquire(f"m{mb}", mb, timeout=10))
+    The 100 MB request's own timeout is the proof: it waits it out in a ledger with room for
+    it, and says so, instead of being granted ahead of 300 MB.
+    """
+    # A long TTL: on a starved machine a late heartbeat must not lapse a ticket, which would
+    # send it to the back of the queue.
+    owner = ledgers("owner", ttl_s=10)
+    full = await owner.acquire("big", 800, timeout=1)
+    waiters = {mb: ledgers(f"w{mb}", ttl_s=10) for mb in (600, 300, 100)}
+    patience = {600: 10.0, 300: 10.0, 100: 2.0}
+    loop = asyncio.get_running_loop()
+    asked: dict[int, float] = {}
+    tasks: dict[int, asyncio.Task[Lease]] = {}
 
     async def queued(n: int) -> bool:
         return len((await owner.snapshot()).queue) == n
 
-    async def any_granted() -> bool:
-        return bool(granted)
-
     for n, mb in enumerate(waiters, start=1):
-        tasks.append(asyncio.create_task(wait_for(mb)))
+        asked[mb] = loop.time()
+        tasks[mb] = asyncio.create_task(waiters[mb].acquire(f"m{mb}", mb, patience[mb]))
         await soon(lambda n=n: queued(n))  # arrival order is fixed
     await owner.release(full)
-    await soon(any_granted)
-    await asyncio.sleep(0.3)  # 100 MB fits now, but 300 MB is ahead of it
-    assert [x.mb for x in granted] == [600]
-    await waiters[600].release(granted[0])
-    await asyncio.wait_for(asyncio.gather(*tasks), 5)
-    assert [x.mb for x in granted] == [600, 300, 100]
+    first = await tasks[600]
+    # From here 100 MB fits (600 of 800 MB leased) while 300 MB, ahead of it, does not.
+    gives_up = asked[100] + patience[100]  # no later than the request's own deadline
+    assert loop.time() < gives_up, "600 MB was granted only after the 100 MB request gave up"
+    with pytest.raises(LeaseTimeoutError) as caught:
+        await tasks[100]
+    message = str(caught.value)
+    assert "200 MB free" in message and "1 request(s) queued" in message, message
+    assert not tasks[300].done()  # 600 + 300 MB do not fit: nothing can have granted it
+    await waiters[600].release(first)
+    second = await tasks[300]
+    assert (first.mb, second.mb) == (600, 300)
     assert not (await owner.snapshot()).queue
 
 
 async def test_a_waiter_times_out_with_a_clear_error_and_leaves_no_ticket(ledgers: Any) -> None:
     owner, waiter = ledgers("owner"), ledgers("waiter")
     await owner.acquire("big", 750, timeout=1)
+    wait = 0.5
     started = time.monotonic()
     with pytest.raises(LeaseTimeoutError) as caught:
-        await waiter.acquire("small", 100, timeout=0.5)
-    assert 0.5 <= time.monotonic() - started < 1.5
+        await waiter.acquire("small", 100, timeout=wait)
+    took = time.monotonic() - started
+    # Not before its timeout. After it, at most two ledger changes (a last look, then taking
+    # its ticket out), each a read and a write answered within KV_TIMEOUT.
+    assert wait <= took < wait + 4 * KV_TIMEOUT, f"gave up after {took:.2f} s"
     message = str(caught.value)
     for part in (
         "small (100 MB)",
@@ -207,8 +225,10 @@ async def test_a_cancelled_waiter_leaves_no_ticket(ledgers: Any) -> None:
 async def test_the_heartbeat_keeps_a_lease_alive_past_its_ttl(ledgers: Any) -> None:
     holder, other = ledgers("holder"), ledgers("other")
     lease = await holder.acquire("m", 800, timeout=1)
-    await asyncio.sleep(3 * TTL)
-    assert (await other.snapshot()).lease(lease.id) is not None
+    # Unrenewed, the grant alone lapses at lease.expires + grace; go a TTL past that.
+    await past(lease.expires + other.grace_s + TTL)
+    renewed = (await other.snapshot()).lease(lease.id)
+    assert renewed is not None and renewed.expires > lease.expires
     assert holder.is_held(lease)
 
 
@@ -216,10 +236,16 @@ async def test_a_holder_that_stops_renewing_loses_its_lease(ledgers: Any) -> Non
     holder, other = ledgers("holder"), ledgers("other")
     lease = await holder.acquire("m", 800, timeout=1)
     await holder.close(release=False)  # a stalled process: no more renewals
-    taken = await other.acquire("n", 800, timeout=TTL + GRACE + 1)
+    # It lapses TTL + grace after its last renewal, before now; the waiter looks again at
+    # least every TTL/3, and a look is a read and a write.
+    taken = await other.acquire("n", 800, timeout=TTL + GRACE + TTL / 3 + 2 * KV_TIMEOUT)
     holder.start()  # it wakes up, renews, and finds its lease gone
-    await asyncio.sleep(TTL / 3 + 0.3)
-    assert not holder.is_held(lease)
+
+    async def dropped() -> bool:
+        return not holder.is_held(lease)
+
+    # Its first renewal comes TTL/3 after the start: a read, and no write (nothing of its own).
+    await soon(dropped, timeout=TTL / 3 + KV_TIMEOUT)
     assert [x.id for x in (await other.snapshot()).leases] == [taken.id]
 
 
@@ -240,25 +266,41 @@ async def test_a_killed_holder_lapses_within_ttl_plus_one_heartbeat(
         "hold": 800,
     }
     proc = await spawn(spec)
+    device = Device("cpu", CAPACITY, RESERVE)
+    key = f"{host}.{device.token}"
+
+    async def held() -> Lease:
+        entry = await kv.get(key)
+        assert entry.value is not None and entry.revision is not None
+        [lease] = Snapshot.decode(entry.value, entry.revision).leases
+        return lease
+
+    async def renewed(granted: Lease) -> bool:
+        return (await held()).expires > granted.expires
+
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert line.startswith(b"granted "), line
-        await asyncio.sleep(ttl)  # a few renewals happen first
-        device = Device("cpu", CAPACITY, RESERVE)
+        granted = await held()
+        await soon(lambda: renewed(granted), timeout=2 * ttl)  # it renews before the kill
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        last = await held()  # dead: this renewal is its last
         async with Ledger(kv, device, Holder.here(host, "waiter"), ttl_s=ttl) as waiter:
-            killed = time.monotonic()
-            proc.send_signal(signal.SIGKILL)
-            await waiter.acquire("next", 500, timeout=10)
-            took = time.monotonic() - killed
+            asked = time.time()
+            taken = await waiter.acquire("next", 500, timeout=10)
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
-    # The lease lapses ttl + grace after its last renewal, which came before the kill (and at
-    # most one heartbeat, ttl/3, before it unless the holder was starved): the waiter gets in
-    # then, woken by its own re-check. 0.3 s covers wake-up and a request on a loaded machine.
-    assert ttl / 3 <= took <= ttl + GRACE + 0.3, f"granted {took:.2f} s after the kill"
+    # The ledger's own times: the dead holder's lease lapses `grace` after the expiry of its
+    # last renewal, and the waiter is granted (taken.since) not before that, and within one
+    # re-check (at most ttl/3 apart) of it or of asking, whichever came later.
+    lapsed = last.expires + waiter.grace_s
+    assert lapsed <= taken.since, f"granted {lapsed - taken.since:.2f} s before the lapse"
+    late = taken.since - max(lapsed, asked)
+    assert late <= ttl / 3, f"granted {late:.2f} s after it could have been"
 
 
 async def test_resize_replaces_the_estimate_with_the_measured_size(ledgers: Any) -> None:
@@ -284,13 +326,17 @@ async def test_an_unavailable_ledger_fails_clearly_instead_of_hanging(
     device = Device("cpu", CAPACITY, RESERVE)
     ledger = Ledger(kv, device, Holder.here(unique("h"), "w"), ttl_s=TTL)
     await conn.jetstream().delete_key_value((await kv.status()).bucket)
+    # Each call gives up at its first failed KV request, then clears up with one more: two
+    # requests, each answered (or failed) within KV_TIMEOUT, never its own 30 s.
     started = time.monotonic()
     with pytest.raises(LedgerUnavailableError, match=r"VRAM ledger for cpu .* unavailable"):
         await ledger.acquire("m", 100, timeout=30)
+    assert time.monotonic() - started < 2 * KV_TIMEOUT
     await conn.close()
+    started = time.monotonic()
     with pytest.raises(LedgerUnavailableError, match="ConnectionClosedError"):
         await ledger.acquire("m", 100, timeout=30)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 2 * KV_TIMEOUT
     await ledger.close()
 
 

@@ -548,6 +548,11 @@ class Ledger:
     async def _wait_for_change(self, watcher: KeyValue.KeyWatcher, timeout: float) -> None:
         with contextlib.suppress(nats.errors.TimeoutError):
             await watcher.updates(timeout)  # type: ignore[no-untyped-call]
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # nats-py waits with asyncio.wait_for, which on Python 3.11 can swallow a cancel
+            # that lands together with an update: honour it here.
+            raise asyncio.CancelledError
 
     async def _beat(self) -> None:
         while True:

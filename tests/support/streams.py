@@ -35,9 +35,12 @@ async def read_subject(
     found: list[Msg] = []
     deadline = time.monotonic() + timeout
     try:
+        # Stored when we asked: pushed to us already (delivered) or still to come (pending).
         info = await sub.consumer_info()
-        if at_least == 0 and info.num_pending == 0:
+        stored = (info.num_pending or 0) + (info.delivered.consumer_seq or 0)
+        if stored == 0 and at_least == 0:
             return found
+        at_least = max(at_least, 1)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
