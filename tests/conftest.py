@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from bus.core.settings import Settings
 from bus.gateway.app import build_app
 from bus.ops.embedded import NatsServer, S3Credentials, SeaweedFS
+from bus.ops.pgserver import PostgresServer
 from bus.runtime.context import Context, open_context
 from bus.runtime.registry import Function, load
 from bus.runtime.runner import FunctionRunner
@@ -41,17 +42,32 @@ async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
     await server.stop()
 
 
+@pytest.fixture(scope="session")
+async def postgres_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[PostgresServer]:
+    """The embedded PostgreSQL (with pgvector) on a free port; each test gets a schema."""
+    server = PostgresServer(tmp_path_factory.mktemp("pg"), port=0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
-def settings(nats_server: NatsServer, s3_server: SeaweedFS, tmp_path: Path) -> Settings:
-    """Settings pointing at the session servers, with a namespace and bucket of its own."""
+def settings(
+    nats_server: NatsServer, s3_server: SeaweedFS, postgres_server: PostgresServer, tmp_path: Path
+) -> Settings:
+    """Settings pointing at the session servers, with a namespace (and so a database
+    schema) and a bucket of its own."""
     return Settings(
         data_dir=tmp_path / "data",
         namespace=unique("t"),
         nats={"url": nats_server.url},
+        postgres={"url": SecretStr(postgres_server.url)},
         s3={
             "endpoint": s3_server.url,
             "access_key": s3_server.credentials.access_key,
@@ -72,6 +88,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "DARKROOM_S3__ACCESS_KEY": settings.s3.access_key or "",
         "DARKROOM_S3__SECRET_KEY": settings.s3.secret_key.get_secret_value(),
         "DARKROOM_S3__BUCKET": settings.s3.bucket,
+        "DARKROOM_POSTGRES__URL": settings.postgres.url.get_secret_value()
+        if settings.postgres.url
+        else "",
         "DARKROOM_DATA_DIR": str(settings.data_dir),
     }
 
@@ -83,7 +102,7 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 async def ctx(settings: Settings) -> AsyncIterator[Context]:
-    async with open_context(settings, [], "test") as context:
+    async with open_context(settings, [], "test", database=True) as context:
         yield context
 
 

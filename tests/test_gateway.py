@@ -41,7 +41,8 @@ async def test_health_checks_are_public_everything_else_needs_a_key(
 ) -> None:
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
-    assert ready.status == 200 and (await ready.json())["checks"] == {"nats": "ok", "s3": "ok"}
+    checks = (await ready.json())["checks"]
+    assert ready.status == 200 and checks == {"nats": "ok", "s3": "ok", "postgres": "ok"}
     for path in ("/api/images", "/metrics", "/api/status", "/api/openapi.json"):
         response = await client.get(path)
         assert response.status == 401, path

@@ -17,7 +17,6 @@ from bus.core.envelope import EnvelopeError, Event, ObjectRef, decode, derive_id
 from bus.images.media import safe_name, sniff
 from bus.infra.nats_conn import NatsUnavailableError, check_jetstream
 from bus.runtime.streams import duplicate_window
-from bus.state.readmodel import apply_event
 from tests.support.images import jpeg, png
 
 
@@ -85,40 +84,6 @@ def test_types_are_sniffed_from_bytes() -> None:
     assert sniff(b"GIF89a" + b"\0" * 10).name == "GIF"  # type: ignore[union-attr]
     assert sniff(b"RIFF\0\0\0\0WEBPVP8 ").name == "WebP"  # type: ignore[union-attr]
     assert sniff(b"<html>not an image</html>") is None
-
-
-def ev(topic: str, t: str, **data: Any) -> Event:
-    return Event(id=f"{topic}-{t}", type=topic, source="test", time=t, image_id="img", data=data)
-
-
-LIFE = [
-    ev("uploaded", "2026-01-01T00:00:01Z", name="a.jpg"),
-    ev("ingested", "2026-01-01T00:00:02Z", width=10),
-    ev("captioned", "2026-01-01T00:00:03Z", tags=["color:red"]),
-]
-
-
-@given(st.permutations(LIFE))
-def test_the_read_model_fold_ignores_arrival_order(order: list[Event]) -> None:
-    doc: dict[str, Any] | None = None
-    for event in order:
-        doc = apply_event(doc, event)
-    assert doc is not None
-    assert doc["status"] == "ready" and doc["tags"] == ["color:red"] and doc["name"] == "a.jpg"
-    assert doc["updated"] == "2026-01-01T00:00:03Z"
-
-
-def test_a_failure_shows_until_the_stage_succeeds() -> None:
-    failed = ev(
-        "failed.caption",
-        "2026-01-01T00:00:04Z",
-        stage="caption",
-        reason="model exploded",
-        kind="exhausted",
-    )
-    doc = apply_event(apply_event(apply_event(None, LIFE[0]), LIFE[1]), failed)
-    assert doc["status"] == "failed" and doc["failure"]["reason"] == "model exploded"
-    assert apply_event(doc, LIFE[2])["status"] == "ready"
 
 
 def test_duplicate_window_covers_the_longest_redelivery_gap() -> None:

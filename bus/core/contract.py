@@ -87,6 +87,7 @@ class Spec:
     backoff: tuple[float, ...] = (1.0, 5.0, 30.0)  # delay before retry n (last one repeats)
     timeout: float = 600.0  # longest a handler may run; heartbeats keep it alive till then
     needs_gpu: bool = False
+    needs_db: bool = False  # reads or writes the PostgreSQL read model (ctx.db)
     models: tuple[Model, ...] = ()  # preloaded in "high" mode; shown by `darkroom functions`
 
     def __post_init__(self) -> None:

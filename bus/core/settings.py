@@ -106,6 +106,32 @@ class S3Settings(_Section):
         return parts.netloc.rsplit("@", 1)[-1]
 
 
+class PostgresSettings(_Section):
+    """The read model's database: PostgreSQL 15+ with pgvector (embedded unless ``url``)."""
+
+    url: SecretStr | None = Field(
+        default=None,
+        description="postgresql://user:password@host:port/database; unset = embedded server",
+    )
+    embedded_port: int = Field(default=5432, ge=0, le=65535)
+    pool_size: int = Field(default=10, ge=1, le=200, description="connections per process")
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _check_url(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None or text == "":
+            return None
+        parts = urlsplit(str(text))
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise ValueError(
+                "expected postgresql://user:password@host:port/database, got "
+                f"{parts.scheme or '(no scheme)'}://{parts.hostname or '(no host)'}..."
+            )
+        return value
+
+
 class StreamSettings(_Section):
     max_age_days: float = Field(default=30.0, gt=0, description="event history kept for replay")
     max_bytes: int = Field(default=-1, ge=-1, description="-1 = no size limit")
@@ -223,6 +249,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     nats: NatsSettings = NatsSettings()
     s3: S3Settings = S3Settings()
+    postgres: PostgresSettings = PostgresSettings()
     stream: StreamSettings = StreamSettings()
     gateway: GatewaySettings = GatewaySettings()
     ingest: IngestSettings = IngestSettings()
@@ -249,6 +276,15 @@ class Settings(BaseSettings):
     @property
     def embedded_s3(self) -> bool:
         return self.s3.endpoint is None
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.postgres.url is None
+
+    @property
+    def db_schema(self) -> str:
+        """The PostgreSQL schema holding this namespace's read model (the namespace itself)."""
+        return self.namespace
 
 
 def _format_error(exc: ValidationError, origin: str) -> str:

@@ -100,10 +100,6 @@ class Names:
         return f"{self.namespace}_{function}"
 
     @property
-    def images_kv(self) -> str:
-        return f"{self.namespace}_images"
-
-    @property
     def keys_kv(self) -> str:
         return f"{self.namespace}_keys"
 

@@ -12,11 +12,10 @@ from bus.gateway import hooks, images, keys_api, system, uploads
 from bus.gateway.openapi import build_openapi
 from bus.gateway.problems import Handler, json_response, problem_middleware, problem_response
 from bus.gateway.routes import Route, json_body
-from bus.gateway.state import CTX, FUNCTIONS, INDEX, KEYS, STATIC_DIR
+from bus.gateway.state import CTX, FUNCTIONS, KEYS, STATIC_DIR
 from bus.runtime.context import Context
 from bus.runtime.registry import enabled_names
 from bus.state.keys import KeyCache
-from bus.state.readmodel import ImageIndex
 
 PUBLIC = None
 _SCOPE = web.AppKey("route_scopes", dict)
@@ -166,10 +165,26 @@ def route_table() -> list[Route]:
             query=(
                 ("status", "string", "uploaded, ingested, ready or failed"),
                 ("tag", "string", "only images with this tag"),
-                ("q", "string", "text in the name, caption or tags"),
+                ("approval", "string", "none, pending, approved or rejected"),
+                ("since", "string", "ISO 8601 time: only images at or after it (sort key)"),
+                ("until", "string", "ISO 8601 time: only images before it (sort key)"),
+                ("has_caption", "boolean", "only images with (true) or without a caption"),
+                ("q", "string", "words (or word prefixes) in the name, caption or tags"),
+                ("sort", "string", "created (default) or taken (date taken, else created)"),
+                ("order", "string", "desc (default, newest first) or asc"),
                 ("limit", "integer", "1-500, default 50"),
                 ("cursor", "string", "next_cursor from the previous page"),
             ),
+            responses={"400": "a query parameter is invalid", "503": "the database is down"},
+        ),
+        Route(
+            "GET",
+            "/api/images/counts",
+            images.image_counts,
+            "read",
+            "How many images there are, by status and by approval",
+            "images",
+            responses={"503": "the database is down"},
         ),
         Route(
             "GET",
@@ -365,12 +380,8 @@ def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
 
 async def _read_side(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CTX]
-    index = ImageIndex(ctx.nc, ctx.images)
     keys = KeyCache(ctx.nc, ctx.api_keys)
-    await index.start()
     await keys.start()
-    app[INDEX] = index
     app[KEYS] = keys
     yield
     await keys.stop()
-    await index.stop()

@@ -1,47 +1,95 @@
-"""Reading images: the paged, filtered list, one document, and its stored bytes."""
+"""Reading images: the paged, filtered list, counts, one document, and its stored bytes.
+
+Everything comes from the PostgreSQL read model; the gateway keeps no copy of its own.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from bus.gateway.problems import Problem, int_query, json_response
-from bus.gateway.state import CTX, INDEX
+from bus.gateway.state import CTX
+from bus.infra.postgres import CONNECTION_ERRORS
 from bus.infra.store import ObjectMissingError
-from bus.state.readmodel import STATUSES, cursor_of
+from bus.state.readmodel import ImageQuery, ReadModel, ReadModelError, parse_time
 
 MAX_LIMIT = 500
+T = TypeVar("T")
+
+
+def _read_model(request: web.Request) -> ReadModel:
+    db = request.app[CTX].db
+    if db is None:
+        raise Problem(503, "Service Unavailable", "this gateway has no read model configured")
+    return db
+
+
+async def _db(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except CONNECTION_ERRORS as exc:
+        raise Problem(
+            503,
+            "Service Unavailable",
+            f"the catalogue database is unavailable ({type(exc).__name__})",
+        ) from None
+
+
+def _bool_query(request: web.Request, name: str) -> bool | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise Problem(400, "Bad query parameter", f"{name} must be true or false, got {raw!r}")
+
+
+def image_query(request: web.Request) -> ImageQuery:
+    """The list endpoint's query parameters, checked."""
+    q = request.query
+    try:
+        return ImageQuery(
+            status=q.get("status") or None,
+            tag=q.get("tag") or None,
+            approval=q.get("approval") or None,
+            since=parse_time(q["since"]) if q.get("since") else None,
+            until=parse_time(q["until"]) if q.get("until") else None,
+            has_caption=_bool_query(request, "has_caption"),
+            text=q.get("q") or None,
+            sort=q.get("sort") or "created",
+            order=q.get("order") or "desc",
+            cursor=q.get("cursor") or None,
+            limit=int_query(request, "limit", 50, 1, MAX_LIMIT),
+        )
+    except ReadModelError as exc:
+        raise Problem(400, "Bad query parameter", str(exc)) from None
 
 
 async def list_images(request: web.Request) -> web.Response:
-    status = request.query.get("status")
-    if status is not None and status not in STATUSES:
-        raise Problem(
-            400,
-            "Bad query parameter",
-            f"status must be one of {', '.join(STATUSES)}, got {status!r}",
-        )
-    limit = int_query(request, "limit", 50, 1, MAX_LIMIT)
-    items = request.app[INDEX].query(
-        status=status,
-        tag=request.query.get("tag") or None,
-        text=request.query.get("q") or None,
-        before=request.query.get("cursor") or None,
-        limit=limit,
-    )
-    next_cursor = cursor_of(items[-1]) if len(items) == limit else None
-    return json_response({"items": items, "next_cursor": next_cursor})
+    query = image_query(request)
+    page = await _db(_read_model(request).page(query))
+    return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
-def _doc(request: web.Request) -> dict[str, object]:
+async def image_counts(request: web.Request) -> web.Response:
+    return json_response(await _db(_read_model(request).counts()))
+
+
+async def _doc(request: web.Request) -> dict[str, Any]:
     image_id = request.match_info["image_id"]
-    doc = request.app[INDEX].docs.get(image_id)
+    doc = await _db(_read_model(request).get(image_id))
     if doc is None:
         raise Problem(404, "Not Found", f"no image with id {image_id!r}")
     return doc
 
 
 async def get_image(request: web.Request) -> web.Response:
-    return json_response(_doc(request))
+    return json_response(await _doc(request))
 
 
 async def _stream_object(
@@ -70,7 +118,7 @@ async def _stream_object(
 
 
 async def get_original(request: web.Request) -> web.StreamResponse:
-    doc = _doc(request)
+    doc = await _doc(request)
     original = doc.get("original")
     if not isinstance(original, dict):
         raise Problem(404, "Not Found", "this image has no stored original")
@@ -84,7 +132,7 @@ async def get_original(request: web.Request) -> web.StreamResponse:
 
 async def get_rendition(request: web.Request) -> web.StreamResponse:
     """``display``, or ``thumbnail`` (the smallest; ``?px=`` picks another thumb size)."""
-    doc = _doc(request)
+    doc = await _doc(request)
     ingest = doc.get("ingest")
     renditions = ingest.get("renditions") if isinstance(ingest, dict) else None
     if not isinstance(renditions, dict) or not renditions:

@@ -8,10 +8,8 @@ from aiohttp import web
 
 from bus.runtime.context import Context
 from bus.state.keys import KeyCache
-from bus.state.readmodel import ImageIndex
 
 CTX = web.AppKey("ctx", Context)
-INDEX = web.AppKey("index", ImageIndex)
 KEYS = web.AppKey("keys", KeyCache)
 STATIC_DIR = web.AppKey("static_dir", Path)
 FUNCTIONS = web.AppKey("functions", list)  # names of the enabled functions

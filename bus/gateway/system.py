@@ -34,6 +34,13 @@ async def readyz(request: web.Request) -> web.Response:
         checks["s3"] = "ok"
     except Exception as exc:
         checks["s3"] = f"unreachable: {type(exc).__name__}"
+    if ctx.db is not None:
+        try:
+            async with asyncio.timeout(3.0), ctx.db.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"unreachable: {type(exc).__name__}"
     if all(v == "ok" for v in checks.values()):
         return json_response({"status": "ready", "checks": checks})
     return problem_response(503, "Not ready", "a dependency is unavailable", checks=checks)

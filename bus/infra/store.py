@@ -11,7 +11,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import IO, Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -306,6 +306,20 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    async def list_modified(self, prefix: str) -> dict[str, datetime]:
+        """Every key under ``prefix`` with the time it was last written."""
+
+        def listing() -> dict[str, datetime]:
+            objects = self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return {
+                o.object_name: o.last_modified
+                for o in objects
+                if o.object_name and o.last_modified is not None
+            }
+
+        found: dict[str, datetime] = await self._run(listing)
+        return found
 
     async def list_keys(self, prefix: str) -> list[str]:
         def listing() -> list[str]:

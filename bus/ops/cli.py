@@ -41,6 +41,12 @@ def _endpoints(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--s3", metavar="URL", help="external S3, e.g. http://KEY:SECRET@minio:9000/bucket"
     )
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="external PostgreSQL 15+ with pgvector, e.g. postgresql://USER:PASS@db:5432/darkroom "
+        "(prefer $DARKROOM_POSTGRES__URL: flags show in ps)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     functions = sub.add_parser("functions", help="list registered functions and their specs")
     _common(functions)
+
+    db = sub.add_parser(
+        "db",
+        help="print how to reach the catalogue database with psql",
+        description="Print a psql command for the read model's PostgreSQL (the embedded one of "
+        "a running `darkroom up`, or --postgres), with the namespace's schema on the search "
+        "path. It contains the password: keep the output private.",
+    )
+    _common(db)
+    _endpoints(db)
+    db.add_argument("--url", action="store_true", help="print only the connection URL")
+
+    reindex = sub.add_parser(
+        "reindex",
+        help="rebuild the catalogue database from the store and the event stream",
+        description="Empty the read model of this namespace, then rebuild it: first from the "
+        "objects in the store (originals, ingest.json, caption.json), for images whose events "
+        "have aged out of the stream, then by replaying every lifecycle event still in the "
+        "stream. Safe while darkroom runs: newer events always win over older ones.",
+    )
+    _common(reindex)
+    _endpoints(reindex)
+    reindex.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     _upload_parser(sub)
     return parser
 
@@ -196,6 +225,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["nats"] = {"url": args.nats}
     if getattr(args, "s3", None):
         overrides["s3"] = parse_s3_url(args.s3)
+    if getattr(args, "postgres", None):
+        overrides["postgres"] = {"url": args.postgres}
     return load_settings(args.config, overrides)
 
 
@@ -308,6 +339,36 @@ def _functions(settings: Settings) -> int:
     return 0
 
 
+async def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from urllib.parse import quote
+
+    from bus.ops.stack import resolve_endpoints
+
+    resolved = resolve_endpoints(settings, database=True)
+    assert resolved.postgres.url is not None
+    url = resolved.postgres.url.get_secret_value()
+    if args.url:
+        print(url)
+        return 0
+    options = quote(f"-csearch_path={resolved.db_schema},public", safe="")
+    separator = "&" if "?" in url else "?"
+    print(f"# the read model of namespace {resolved.namespace!r} (schema {resolved.db_schema!r})")
+    print(f'psql "{url}{separator}options={options}"')
+    return 0
+
+
+async def _reindex(args: argparse.Namespace, settings: Settings) -> int:
+    from bus.ops.reindex import reindex
+    from bus.ops.stack import resolve_endpoints
+    from bus.runtime.context import open_context
+
+    resolved = resolve_endpoints(settings, database=True)
+    async with open_context(resolved, [], "reindex", declare=False, database=True) as ctx:
+        summary = await reindex(ctx, progress=not args.quiet)
+    print(summary.describe())
+    return 0
+
+
 def _upload(args: argparse.Namespace, settings: Settings, environ: dict[str, str]) -> int:
     from bus.ops.upload_client import UploadOptions, run_upload
 
@@ -337,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bus.gpu.leases import LeaseError, LedgerUnavailableError
     from bus.infra.nats_conn import NatsUnavailableError
+    from bus.infra.postgres import DatabaseUnavailableError
     from bus.infra.store import StoreUnavailableError
     from bus.ops.embedded import ChildError
     from bus.ops.stack import StartupError, run_gateway, run_up, run_worker
@@ -363,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda: _gpus(args, settings))
         if args.command == "functions":
             return _functions(settings)
+        if args.command == "db":
+            return _run(lambda: _db(args, settings))
+        if args.command == "reindex":
+            return _run(lambda: _reindex(args, settings))
         if args.command == "upload":
             return _upload(args, settings, dict(os.environ))
     except (StartupError, KeyError_, LookupError, NotDeployedError, UploadUsageError) as exc:
@@ -374,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         ChildError,
         UploadFailedError,
         LedgerUnavailableError,
+        DatabaseUnavailableError,
     ) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 1

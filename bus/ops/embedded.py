@@ -114,6 +114,8 @@ class Child:
     """One supervised server process."""
 
     name = "child"
+    stop_signal = signal.SIGTERM
+    run_as: Any = None  # a pwd entry: run the server as this user (set by prepare())
 
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
@@ -126,6 +128,9 @@ class Child:
         self._since_start: list[str] | None = None
         self.stopping = False
 
+    async def prepare(self) -> None:
+        """One-time set-up before each start (creating a data directory, say)."""
+
     def command(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
 
@@ -133,8 +138,10 @@ class Child:
         raise NotImplementedError
 
     async def start(self) -> None:
+        await self.prepare()
         argv, env = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        user = self.run_as
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -143,6 +150,9 @@ class Child:
             env={**os.environ, **env},
             preexec_fn=_death_signal(_prctl()),
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            user=user.pw_uid if user is not None else None,
+            group=user.pw_gid if user is not None else None,
+            extra_groups=[] if user is not None else None,
         )
         self._since_start = []
         self._reader = asyncio.create_task(self._read_output(), name=f"{self.name}-output")
@@ -216,7 +226,7 @@ class Child:
         if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(self.stop_signal)
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
         except TimeoutError:

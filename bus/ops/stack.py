@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from bus.core.settings import Settings
 from bus.gateway.app import build_app
+from bus.infra.postgres import redact
 from bus.ops.embedded import Child, NatsServer, S3Credentials, SeaweedFS, Supervisor
 from bus.ops.local import (
     ADMIN_KEY_FILE,
@@ -23,6 +24,7 @@ from bus.ops.local import (
     write_private,
     write_run_info,
 )
+from bus.ops.pgserver import PostgresServer, embedded_postgres_url
 from bus.ops.signals import Stopper
 from bus.runtime.context import Context, open_context
 from bus.runtime.registry import Function, enabled_names, load
@@ -40,7 +42,12 @@ class StartupError(Exception):
     """Something the user must fix before darkroom can start; the message says what."""
 
 
-def with_endpoints(settings: Settings, nats_url: str | None, s3: dict[str, Any] | None) -> Settings:
+def with_endpoints(
+    settings: Settings,
+    nats_url: str | None = None,
+    s3: dict[str, Any] | None = None,
+    postgres_url: str | None = None,
+) -> Settings:
     """``settings`` pointed at the given servers (``s3``: endpoint, access_key, secret_key)."""
     update: dict[str, Any] = {}
     if nats_url is not None:
@@ -49,21 +56,28 @@ def with_endpoints(settings: Settings, nats_url: str | None, s3: dict[str, Any] 
         update["s3"] = settings.s3.model_copy(
             update={**s3, "secret_key": SecretStr(s3["secret_key"])}
         )
+    if postgres_url is not None:
+        update["postgres"] = settings.postgres.model_copy(update={"url": SecretStr(postgres_url)})
     return settings.model_copy(update=update)
 
 
-def resolve_endpoints(settings: Settings) -> Settings:
-    """For commands beside a running ``darkroom up``: fill in its embedded endpoints."""
-    if not settings.embedded_nats and not settings.embedded_s3:
+def resolve_endpoints(settings: Settings, database: bool = False) -> Settings:
+    """For commands beside a running ``darkroom up``: fill in its embedded endpoints
+    (PostgreSQL's only when ``database``: most workers never touch it)."""
+    embedded = {
+        "NATS": settings.embedded_nats,
+        "S3": settings.embedded_s3,
+        "PostgreSQL": database and settings.embedded_postgres,
+    }
+    if not any(embedded.values()):
         return settings
     info = read_run_info(settings.data_dir)
     if info is None:
-        missing = [
-            n for n, e in (("NATS", settings.embedded_nats), ("S3", settings.embedded_s3)) if e
-        ]
+        missing = [name for name, wanted in embedded.items() if wanted]
         raise StartupError(
-            f"no {' or '.join(missing)} endpoint: pass --nats/--s3 (or DARKROOM_NATS__URL, "
-            f"DARKROOM_S3__ENDPOINT), or start `darkroom up --data-dir {settings.data_dir}` first"
+            f"no {' or '.join(missing)} endpoint: pass --nats/--s3/--postgres (or "
+            "DARKROOM_NATS__URL, DARKROOM_S3__ENDPOINT, DARKROOM_POSTGRES__URL), or start "
+            f"`darkroom up --data-dir {settings.data_dir}` first"
         )
     s3 = None
     if settings.embedded_s3:
@@ -73,7 +87,19 @@ def resolve_endpoints(settings: Settings) -> Settings:
             "access_key": creds.access_key,
             "secret_key": creds.secret_key,
         }
-    return with_endpoints(settings, info["nats_url"] if settings.embedded_nats else None, s3)
+    postgres_url = None
+    if database and settings.embedded_postgres and info.get("postgres_port"):
+        postgres_url = embedded_postgres_url(settings.data_dir, int(info["postgres_port"]))
+    return with_endpoints(
+        settings, info["nats_url"] if settings.embedded_nats else None, s3, postgres_url
+    )
+
+
+def postgres_where(settings: Settings) -> str:
+    """Where the read model is, without the password."""
+    if settings.postgres.url is None:
+        return "(embedded)"
+    return redact(settings.postgres.url.get_secret_value())
 
 
 def enabled_functions(settings: Settings) -> list[Function]:
@@ -162,11 +188,16 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
                 "access_key": creds.access_key,
                 "secret_key": creds.secret_key,
             }
-        resolved = with_endpoints(settings, nats_url, s3)
+        postgres: PostgresServer | None = None
+        if settings.embedded_postgres:
+            postgres = PostgresServer(data_dir, settings.postgres.embedded_port)
+            await postgres.start()
+            children.append(postgres)
+        resolved = with_endpoints(settings, nats_url, s3, postgres.url if postgres else None)
         functions = enabled_functions(resolved)
         supervisor = Supervisor(children, lambda why: stopper.stop(why, exit_code=3))
         supervisor.start()
-        async with open_context(resolved, [f.spec for f in functions], "up") as ctx:
+        async with open_context(resolved, [f.spec for f in functions], "up", database=True) as ctx:
             admin_key, minted = await ensure_admin_key(ctx, data_dir)
             app_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=5.0)
             await app_runner.setup()
@@ -183,6 +214,7 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
                 {
                     "nats_url": resolved.nats.url,
                     "s3_url": resolved.s3.endpoint,
+                    "postgres_port": postgres.port if postgres else None,
                     "gateway_url": gateway_url,
                     "namespace": resolved.namespace,
                 },
@@ -248,6 +280,8 @@ def _banner(
         + ("   embedded nats-server" if "nats-server" in embedded else ""),
         f"  S3           {settings.s3.endpoint}   bucket {settings.s3.bucket}"
         + ("   embedded SeaweedFS" if "seaweedfs" in embedded else ""),
+        f"  PostgreSQL   {postgres_where(settings)}   schema {settings.db_schema}"
+        + ("   embedded (`darkroom db` for psql)" if "postgres" in embedded else ""),
         "  functions    "
         + ", ".join(
             f"{f.spec.name}x{settings.function(f.spec.name).concurrency or f.spec.concurrency}"
@@ -274,10 +308,10 @@ async def run_gateway(settings: Settings) -> int:
     Stateless: run as many as you like behind a load balancer. It never mints keys; create
     them with ``darkroom keys create``.
     """
-    resolved = resolve_endpoints(settings)
+    resolved = resolve_endpoints(settings, database=True)
     stopper = Stopper()
     stopper.install()
-    async with open_context(resolved, [], "gateway") as ctx:
+    async with open_context(resolved, [], "gateway", database=True) as ctx:
         app_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=5.0)
         await app_runner.setup()
         url = await _start_site(app_runner, resolved.gateway.host, resolved.gateway.port)
@@ -294,7 +328,7 @@ async def run_gateway(settings: Settings) -> int:
 async def run_worker(settings: Settings, function_name: str, concurrency: int | None) -> int:
     """Run one function against external (or this machine's running) NATS and S3."""
     fn = load(function_name)
-    resolved = resolve_endpoints(settings)
+    resolved = resolve_endpoints(settings, database=fn.spec.needs_db)
     stopper = Stopper()
     stopper.install()
     async with open_context(resolved, [fn.spec], f"worker-{function_name}") as ctx:

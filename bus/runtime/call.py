@@ -157,6 +157,7 @@ class Call:
         "event",
         "max_attempts",
         "stage",
+        "stream_seq",
     )
 
     def __init__(
@@ -167,10 +168,12 @@ class Call:
         attempt: int,
         max_attempts: int,
         deadline: float,
+        stream_seq: int = 0,
         progress: Callable[[Event], Progress | None] | None = None,
     ) -> None:
         self.event = event
         self.stage = stage
+        self.stream_seq = stream_seq  # the event's place in the stream: newer events, higher
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.deadline = deadline  # time.monotonic() by which the handler must be done

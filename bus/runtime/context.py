@@ -29,6 +29,7 @@ from bus.infra.nats_conn import check_jetstream, connect
 from bus.infra.store import ObjectStore
 from bus.runtime import streams
 from bus.state.cancels import CancelFlags
+from bus.state.readmodel import ReadModel, open_read_model
 
 T = TypeVar("T")
 START_TIMEOUT_S = 6.0
@@ -41,7 +42,6 @@ class Context:
     nc: NATS
     js: JetStreamContext
     store: ObjectStore
-    images: KeyValue  # read model: one document per image
     api_keys: KeyValue
     digests: KeyValue  # sha256 of an original → its image id (duplicate uploads)
     cancels_kv: KeyValue  # cancellation flags by job or image id
@@ -51,6 +51,7 @@ class Context:
     metrics: Metrics
     log: logging.Logger
     gpu: ResidentModels | None = None  # GPU functions' models, loaded under VRAM leases
+    db: ReadModel | None = None  # the catalogue in PostgreSQL (gateway, notify, admin)
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking CPU work off the event loop."""
@@ -75,12 +76,14 @@ async def open_context(
     client_name: str,
     metrics: Metrics | None = None,
     declare: bool = True,
+    database: bool = False,
 ) -> AsyncIterator[Context]:
     """Connect to NATS and S3, check versions, declare streams and ``specs``' consumers.
 
     Both servers must be reachable within a few seconds; otherwise the error names the
     URL. With ``declare=False`` (admin commands) nothing is created or reconfigured: the
-    deployment must exist already.
+    deployment must exist already. ``database`` (or a Spec with ``needs_db``) also opens
+    the PostgreSQL read model, migrating its schema first.
     """
     if settings.nats.url is None or settings.s3.endpoint is None:
         raise ValueError("open_context needs resolved NATS and S3 endpoints")
@@ -105,7 +108,6 @@ async def open_context(
             nc=nc,
             js=js,
             store=store,
-            images=await js.key_value(names.images_kv),
             api_keys=await js.key_value(names.keys_kv),
             digests=await js.key_value(names.digests_kv),
             cancels_kv=(cancels_kv := await js.key_value(names.cancels_kv)),
@@ -115,6 +117,8 @@ async def open_context(
             metrics=metrics or Metrics(),
             log=logging.getLogger(f"darkroom.{client_name}"),
         )
+        if database or any(spec.needs_db for spec in specs):
+            ctx.db = await open_read_model(settings, client_name)
         if declare and any(spec.needs_gpu for spec in specs):
             ctx.gpu = await open_resident_models(js, names, settings, client_name)
         yield ctx
@@ -123,6 +127,8 @@ async def open_context(
             await ctx.cancels.stop()
             if ctx.gpu is not None:
                 await ctx.gpu.close()
+            if ctx.db is not None:
+                await ctx.db.pool.close()
         if nc.is_connected:
             try:
                 await asyncio.wait_for(nc.drain(), 10.0)

@@ -339,6 +339,7 @@ class FunctionRunner:
             attempt=work.msg.metadata.num_delivered or 1,
             max_attempts=self.spec.max_deliver,
             deadline=deadline,
+            stream_seq=work.msg.metadata.sequence.stream,
             progress=self._progress,
         )
 

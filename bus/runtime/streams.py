@@ -185,7 +185,6 @@ async def declare(js: JetStreamContext, settings: Settings, specs: list[Spec]) -
     await declare_streams(js, names, settings, specs)
     for spec in specs:
         await declare_consumer(js, names, spec, settings.function(spec.name))
-    await key_value(js, names.images_kv, settings.stream.replicas)
     await key_value(js, names.keys_kv, settings.stream.replicas)
     await key_value(js, names.digests_kv, settings.stream.replicas)
     # A cancel flag must outlive every event it may have to skip.

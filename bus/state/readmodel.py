@@ -1,154 +1,557 @@
-"""The image read model: one JSON document per image in a NATS KV bucket.
+"""The image read model: a PostgreSQL (+ pgvector) projection of the lifecycle events.
 
-Documents are a projection of events (notify applies them); :func:`apply_event` gives the
-same document whatever order the events arrive in, and :func:`project` writes it with
-compare-and-set so concurrent projectors never lose an update.
+notify projects every event into the ``images`` row of its image (:meth:`ReadModel.project`);
+the gateway pages, filters and reads those rows. The store and the event stream stay the
+source of truth: ``darkroom reindex`` rebuilds everything here from them.
+
+**Order.** Each stage writes its own columns and records the stream sequence of the event
+that wrote them; an upsert only replaces a stage's columns with a newer sequence's. Events
+can therefore arrive in any order, twice, or be replayed, and the row ends the same. Each
+event is one transaction on one row, so concurrent notify workers need no locking of their
+own (and no compare-and-set loop).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
-from nats.aio.client import Client as NATS
-from nats.js.kv import KeyValue
 
 from bus.core import subjects
 from bus.core.envelope import Event
-from bus.infra.kv import compare_and_set
-from bus.infra.kvmirror import KvMirror
+from bus.core.settings import Settings
+from bus.infra.postgres import Migration, open_pool
 
 log = logging.getLogger("darkroom.readmodel")
 
-# Stages of an image's life, in order; the status is the furthest one reached.
-STAGES = (subjects.UPLOADED, subjects.GENERATED, subjects.INGESTED, subjects.CAPTIONED)
-STATUS_BY_STAGE = {
-    subjects.UPLOADED: "uploaded",
-    subjects.GENERATED: "uploaded",  # a generated image starts its life like an upload
-    subjects.INGESTED: "ingested",
-    subjects.CAPTIONED: "ready",
-}
+MIGRATIONS = Path(__file__).with_name("migrations")
 STATUSES = ("uploaded", "ingested", "ready", "failed")
+APPROVALS = ("none", "pending", "approved", "rejected")
+SORTS = {"created": "created", "taken": "taken_or_created"}
+UPLOAD_KEYS = ("sha256", "source", "original_name", "hook", "gps_removed", "lineage", "format")
+MAX_EMBEDDING_DIM = 2000  # pgvector's HNSW limit for the vector type
+EF_SEARCH = 100  # HNSW candidates per query: recall against speed
+_WORD = re.compile(r"[\w-]+")
 
 
-# What a stage produces: a failure of that stage is healed once its output appears.
-STAGE_OUTPUT = {"ingest": subjects.INGESTED, "caption": subjects.CAPTIONED}
+class ReadModelError(ValueError):
+    """An event or a query the read model cannot take; the message says why."""
 
 
-def derive_status(doc: dict[str, Any]) -> str:
-    stages = doc.get("stages", {})
-    failure = doc.get("failure")
-    if failure and STAGE_OUTPUT.get(failure.get("stage", "")) not in stages:
-        return "failed"
-    reached = [s for s in STAGES if s in stages]
-    return STATUS_BY_STAGE[reached[-1]] if reached else "uploaded"
+def migrations() -> list[Migration]:
+    return Migration.load_all(MIGRATIONS)
 
 
-def apply_event(doc: dict[str, Any] | None, event: Event) -> dict[str, Any]:
-    """Fold one event into an image document (pure, order-independent)."""
-    image_id = event.image_id or ""
-    doc = dict(doc) if doc else {"id": image_id, "stages": {}, "tags": []}
-    doc["stages"] = dict(doc.get("stages", {}))
-    topic = event.type
-    if topic in (subjects.UPLOADED, subjects.GENERATED):
-        doc["stages"][topic] = event.time
-        doc["created"] = event.time
-        doc["name"] = event.data.get("name", "")
+async def open_read_model(settings: Settings, client_name: str) -> ReadModel:
+    """Connect to the configured PostgreSQL, migrate the namespace's schema, open a pool."""
+    pg = settings.postgres
+    if pg.url is None:
+        raise ValueError("the read model needs a resolved PostgreSQL URL")
+    pool = await open_pool(
+        pg.url.get_secret_value(),
+        settings.db_schema,
+        migrations(),
+        size=pg.pool_size,
+        timeout=pg.connect_timeout_s,
+        application_name=f"darkroom-{client_name}",
+    )
+    return ReadModel(pool)
+
+
+def parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ReadModelError(f"{text!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def format_time(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageQuery:
+    """One page of the catalogue: filters, a sort, and where the last page ended."""
+
+    status: str | None = None
+    tag: str | None = None
+    approval: str | None = None
+    since: datetime | None = None  # on the sort key, inclusive
+    until: datetime | None = None  # on the sort key, exclusive
+    has_caption: bool | None = None
+    text: str | None = None
+    sort: str = "created"  # or "taken" (falls back to created)
+    order: str = "desc"
+    cursor: str | None = None
+    limit: int = 50
+
+    def __post_init__(self) -> None:
+        if self.status is not None and self.status not in STATUSES:
+            raise ReadModelError(
+                f"status must be one of {', '.join(STATUSES)}, got {self.status!r}"
+            )
+        if self.approval is not None and self.approval not in APPROVALS:
+            raise ReadModelError(
+                f"approval must be one of {', '.join(APPROVALS)}, got {self.approval!r}"
+            )
+        if self.sort not in SORTS:
+            raise ReadModelError(f"sort must be one of {', '.join(SORTS)}, got {self.sort!r}")
+        if self.order not in ("desc", "asc"):
+            raise ReadModelError(f"order must be desc or asc, got {self.order!r}")
+        if self.since and self.until and self.since >= self.until:
+            raise ReadModelError("since must be before until")
+        if self.cursor is not None:
+            decode_cursor(self.cursor)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def encode_cursor(moment: datetime, image_id: str) -> str:
+    return f"{format_time(moment)}|{image_id}"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    moment, sep, image_id = cursor.partition("|")
+    if not sep or not subjects.is_safe_id(image_id):
+        raise ReadModelError(f"cursor {cursor[:80]!r} is not one this API handed out")
+    return parse_time(moment), image_id
+
+
+def _text_query(text: str) -> str | None:
+    """Words of ``text`` as a prefix-matching tsquery (every word must match)."""
+    words = _WORD.findall(text.lower())[:16]
+    return " & ".join(f"{w}:*" for w in words) or None
+
+
+# --- projection -----------------------------------------------------------------------------
+
+
+class ReadModel:
+    """The catalogue in PostgreSQL, over a pool whose connections use the namespace's schema."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def project(self, event: Event, seq: int) -> bool:
+        """Fold ``event`` (stream sequence ``seq``) into its image's row; False when it was
+        older than what the row holds (or not about an image at all)."""
+        image_id = event.image_id
+        if not image_id:
+            return False
+        if not subjects.is_safe_id(image_id):
+            raise ReadModelError(f"image_id {image_id[:80]!r} is not a valid id")
+        moment = parse_time(event.time)
+        topic = event.type
+        async with self.pool.acquire() as conn, conn.transaction():
+            if topic in (subjects.UPLOADED, subjects.GENERATED):
+                changed = await self._uploaded(conn, event, moment, seq)
+            elif topic == subjects.INGESTED:
+                changed = await self._ingested(conn, event, moment, seq)
+            elif topic == subjects.CAPTIONED:
+                changed = await self._captioned(conn, event, moment, seq)
+            elif topic.startswith(subjects.FAILED + "."):
+                changed = await self._failed(conn, event, moment, seq)
+            else:
+                return False
+            if changed is not None:
+                await conn.execute(
+                    "UPDATE image_tags t SET created = i.created, "
+                    "taken_or_created = i.taken_or_created FROM images i "
+                    "WHERE t.image_id = $1 AND i.id = $1 AND "
+                    "(t.created, t.taken_or_created) IS DISTINCT FROM "
+                    "(i.created, i.taken_or_created)",
+                    event.image_id,
+                )
+            return changed is not None
+
+    async def _uploaded(
+        self, conn: asyncpg.Connection, event: Event, moment: datetime, seq: int
+    ) -> asyncpg.Record | None:
+        upload: dict[str, Any] = {k: event.data[k] for k in UPLOAD_KEYS if k in event.data}
         if event.object is not None:
-            doc["original"] = event.object.to_dict()
-        for key in ("sha256", "source", "original_name", "hook", "gps_removed", "lineage"):
-            if key in event.data:
-                doc[key] = event.data[key]
-    elif topic == subjects.INGESTED:
-        doc["stages"][topic] = event.time
-        doc["ingest"] = event.data
-    elif topic == subjects.CAPTIONED:
-        doc["stages"][topic] = event.time
-        doc["caption"] = event.data
-        doc["tags"] = list(event.data.get("tags", []))
-    elif topic.startswith(subjects.FAILED + "."):
-        doc["failure"] = {
-            "stage": event.data.get("stage", topic.split(".", 1)[1]),
-            "reason": event.data.get("reason", ""),
-            "kind": event.data.get("kind", ""),
+            upload["original"] = event.object.to_dict()
+        kind = "generated" if event.type == subjects.GENERATED else "upload"
+        return await _upsert_stage(
+            conn,
+            event,
+            moment,
+            seq,
+            "upload",
+            {
+                "kind": kind,
+                "created": moment,  # an image is as old as its upload, whatever came first
+                "name": str(event.data.get("name", "")),
+                "upload": _json(upload),
+                "uploaded_at": moment,
+            },
+        )
+
+    async def _ingested(
+        self, conn: asyncpg.Connection, event: Event, moment: datetime, seq: int
+    ) -> asyncpg.Record | None:
+        info = event.data
+        exif = info.get("exif")
+        taken = None
+        if isinstance(exif, dict) and isinstance(exif.get("taken_at"), str):
+            try:
+                taken = parse_time(exif["taken_at"])
+            except ReadModelError:
+                taken = None  # a camera's odd date is no reason to refuse the event
+        return await _upsert_stage(
+            conn,
+            event,
+            moment,
+            seq,
+            "ingest",
+            {
+                "ingest": _json(info),
+                "ingested_at": moment,
+                "width": _int_or_none(info.get("width")),
+                "height": _int_or_none(info.get("height")),
+                "taken": taken,
+            },
+        )
+
+    async def _captioned(
+        self, conn: asyncpg.Connection, event: Event, moment: datetime, seq: int
+    ) -> asyncpg.Record | None:
+        data = event.data
+        tags = _tags(data.get("tags"))
+        embeddings = _embeddings(data.get("embeddings"))
+        caption = data.get("caption")
+        row = await _upsert_stage(
+            conn,
+            event,
+            moment,
+            seq,
+            "caption",
+            {
+                "caption": _json({k: v for k, v in data.items() if k != "embeddings"}),
+                "captioned_at": moment,
+                "caption_text": caption if isinstance(caption, str) else None,
+                "tags": [name for name, _ in tags],
+                "nsfw": _nsfw(data.get("nsfw")),
+            },
+        )
+        if row is None:
+            return None
+        await conn.execute("DELETE FROM image_tags WHERE image_id = $1", event.image_id)
+        await conn.executemany(
+            "INSERT INTO image_tags (image_id, tag, score, created, taken_or_created) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            [(event.image_id, name, score, row[0], row[1]) for name, score in tags],
+        )
+        for embedding in embeddings:
+            await self._embed(conn, str(event.image_id), embedding, seq)
+        return row
+
+    async def _failed(
+        self, conn: asyncpg.Connection, event: Event, moment: datetime, seq: int
+    ) -> asyncpg.Record | None:
+        failure = {
+            "stage": str(event.data.get("stage", event.type.split(".", 1)[1])),
+            "reason": str(event.data.get("reason", "")),
+            "kind": str(event.data.get("kind", "")),
             "time": event.time,
         }
+        return await _upsert_stage(conn, event, moment, seq, "failure", {"failure": _json(failure)})
+
+    async def _embed(
+        self, conn: asyncpg.Connection, image_id: str, embedding: _Embedding, seq: int
+    ) -> None:
+        await self.ensure_vector_index(conn, embedding.kind, embedding.model, embedding.dim)
+        await conn.execute(
+            """
+            INSERT INTO image_embeddings AS e (image_id, kind, model, dim, embedding, seq)
+            VALUES ($1, $2, $3, $4, $5::text::vector, $6)
+            ON CONFLICT (image_id, kind) DO UPDATE SET
+                model = EXCLUDED.model, dim = EXCLUDED.dim, embedding = EXCLUDED.embedding,
+                seq = EXCLUDED.seq
+            WHERE e.seq < EXCLUDED.seq
+            """,
+            image_id,
+            embedding.kind,
+            embedding.model,
+            embedding.dim,
+            embedding.text,
+            seq,
+        )
+
+    @staticmethod
+    async def ensure_vector_index(conn: asyncpg.Connection, kind: str, model: str, dim: int) -> str:
+        """The HNSW index for ``model``'s ``kind`` embeddings, made on first use."""
+        name = await conn.fetchval(
+            "SELECT name FROM embedding_indexes WHERE kind = $1 AND model = $2", kind, model
+        )
+        if name is not None:
+            return str(name)
+        name = "image_embeddings_" + hashlib.sha1(f"{kind}\x1f{model}".encode()).hexdigest()[:16]
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+            await conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {name} ON image_embeddings USING hnsw "
+                f"((embedding::vector({dim:d})) vector_cosine_ops) "
+                f"WHERE kind = {_literal(kind)} AND model = {_literal(model)}"
+            )
+            await conn.execute(
+                "INSERT INTO embedding_indexes (kind, model, dim, name) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT DO NOTHING",
+                kind,
+                model,
+                dim,
+                name,
+            )
+        log.info("made vector index %s for %s embeddings of %s (%d dims)", name, kind, model, dim)
+        return name
+
+    async def truncate(self) -> None:
+        """Empty the projection (``darkroom reindex`` refills it)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute("TRUNCATE images, image_tags, image_embeddings CASCADE")
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def get(self, image_id: str) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM images WHERE id = $1", image_id)
+        return None if row is None else document(row)
+
+    async def page(self, query: ImageQuery) -> Page:
+        sql, args = _page_sql(query)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(sql, *args)
+        items = [document(row) for row in rows]
+        next_cursor = None
+        if len(rows) == query.limit:
+            last = rows[-1]
+            next_cursor = encode_cursor(last[SORTS[query.sort]], last["id"])
+        return Page(items, next_cursor)
+
+    async def counts(self) -> dict[str, Any]:
+        async with self.pool.acquire() as conn:
+            by_status = await conn.fetch("SELECT status, count(*) FROM images GROUP BY status")
+            by_approval = await conn.fetch(
+                "SELECT approval, count(*) FROM images GROUP BY approval"
+            )
+        statuses = {s: 0 for s in STATUSES} | {r[0]: r[1] for r in by_status}
+        approvals = {a: 0 for a in APPROVALS} | {r[0]: r[1] for r in by_approval}
+        return {"total": sum(statuses.values()), "status": statuses, "approval": approvals}
+
+    async def similar(
+        self, vector: Sequence[float], kind: str, model: str, limit: int = 20
+    ) -> list[tuple[str, float]]:
+        """The ``limit`` images whose ``kind`` embedding from ``model`` is nearest (cosine)."""
+        dim = len(vector)
+        text = _vector_text(vector)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL hnsw.ef_search = {EF_SEARCH:d}")
+            rows = await conn.fetch(
+                f"SELECT image_id, embedding::vector({dim:d}) <=> $1::text::vector({dim:d}) "
+                "FROM image_embeddings WHERE kind = $2 AND model = $3 "
+                f"ORDER BY embedding::vector({dim:d}) <=> $1::text::vector({dim:d}) LIMIT $4",
+                text,
+                kind,
+                model,
+                limit,
+            )
+        return [(r[0], float(r[1])) for r in rows]
+
+
+JSONB_COLUMNS = frozenset({"upload", "ingest", "caption", "failure"})
+
+
+async def _upsert_stage(
+    conn: asyncpg.Connection,
+    event: Event,
+    moment: datetime,
+    seq: int,
+    stage: str,
+    values: dict[str, Any],
+) -> asyncpg.Record | None:
+    """Write one stage's columns (``values``) of the event's image, unless the row already
+    holds that stage from a newer event (``<stage>_seq``); the row is created if needed.
+
+    Returns the row's sort keys when it was written, None when the event was older.
+    """
+    values = dict(values)
+    # A new row is as old as its first event; only the upload stage moves ``created``.
+    updates = ["created"] if values.pop("created", None) is not None else []
+    columns = [*values, f"{stage}_seq"]
+    updates += columns
+    args: list[Any] = [event.image_id, moment, *values.values(), seq]
+    placeholders = [
+        f"${n}::jsonb" if column in JSONB_COLUMNS else f"${n}"
+        for n, column in enumerate(columns, start=3)
+    ]
+    sql = (
+        f"INSERT INTO images AS i (id, created, updated, {', '.join(columns)}) "
+        f"VALUES ($1, $2, $2, {', '.join(placeholders)}) "
+        "ON CONFLICT (id) DO UPDATE SET "
+        + ", ".join(f"{c} = EXCLUDED.{c}" for c in updates)
+        + ", updated = greatest(i.updated, EXCLUDED.updated) "
+        f"WHERE i.{stage}_seq IS NULL OR i.{stage}_seq < EXCLUDED.{stage}_seq "
+        "RETURNING created, taken_or_created"
+    )
+    row: asyncpg.Record | None = await conn.fetchrow(sql, *args)
+    return row
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _page_sql(q: ImageQuery) -> tuple[str, list[Any]]:
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    key = SORTS[q.sort]
+    if q.tag is not None:
+        source = "image_tags t JOIN images i ON i.id = t.image_id"
+        sort_col, id_col = f"t.{key}", "t.image_id"
+        where = [f"t.tag = {arg(q.tag)}"]
     else:
-        return doc
-    doc["updated"] = max(doc.get("updated", ""), event.time)
-    doc["status"] = derive_status(doc)
+        source = "images i"
+        sort_col, id_col = f"i.{key}", "i.id"
+        where = []
+    if q.status is not None:
+        where.append(f"i.status = {arg(q.status)}")
+    if q.approval is not None:
+        where.append(f"i.approval = {arg(q.approval)}")
+    if q.since is not None:
+        where.append(f"{sort_col} >= {arg(q.since)}")
+    if q.until is not None:
+        where.append(f"{sort_col} < {arg(q.until)}")
+    if q.has_caption is not None:
+        where.append(f"i.captioned_at IS {'NOT ' if q.has_caption else ''}NULL")
+    if q.text:
+        tsquery = _text_query(q.text)
+        if tsquery is not None:
+            where.append(f"i.search @@ to_tsquery('simple', {arg(tsquery)})")
+    direction, before = ("DESC", "<") if q.order == "desc" else ("ASC", ">")
+    if q.cursor is not None:
+        moment, image_id = decode_cursor(q.cursor)
+        where.append(f"({sort_col}, {id_col}) {before} ({arg(moment)}, {arg(image_id)})")
+    sql = (
+        f"SELECT i.* FROM {source}"
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + f" ORDER BY {sort_col} {direction}, {id_col} {direction} LIMIT {arg(q.limit)}"
+    )
+    return sql, args
+
+
+def document(row: asyncpg.Record) -> dict[str, Any]:
+    """The API's image document for a row."""
+    stages: dict[str, str | None] = {}
+    if row["uploaded_at"] is not None:
+        topic = subjects.GENERATED if row["kind"] == "generated" else subjects.UPLOADED
+        stages[topic] = format_time(row["uploaded_at"])
+    if row["ingested_at"] is not None:
+        stages[subjects.INGESTED] = format_time(row["ingested_at"])
+    if row["captioned_at"] is not None:
+        stages[subjects.CAPTIONED] = format_time(row["captioned_at"])
+    doc: dict[str, Any] = {
+        "id": row["id"],
+        "status": row["status"],
+        "kind": row["kind"],
+        "name": row["name"],
+        "created": format_time(row["created"]),
+        "updated": format_time(row["updated"]),
+        "taken": format_time(row["taken"]),
+        "stages": stages,
+        "tags": list(row["tags"]),
+        "approval": row["approval"],
+    }
+    if row["upload"] is not None:
+        doc.update(orjson.loads(row["upload"]))
+    for key in ("ingest", "caption", "failure"):
+        if row[key] is not None:
+            doc[key] = orjson.loads(row[key])
     return doc
 
 
-async def project(kv: KeyValue, event: Event) -> dict[str, Any] | None:
-    """Apply ``event`` to its image's document with compare-and-set; None if no image."""
-    if not event.image_id:
-        return None
-    written: list[dict[str, Any]] = []
-
-    def change(data: bytes | None) -> bytes | None:
-        current = orjson.loads(data) if data else None
-        doc = apply_event(current, event)
-        written[:] = [doc]
-        return None if doc == current else orjson.dumps(doc)
-
-    await compare_and_set(kv, event.image_id, change)
-    return written[0]
+# --- event data ----------------------------------------------------------------------------
 
 
-class ImageIndex:
-    """The gateway's in-memory, searchable copy of every image document, fed by a KV watch."""
-
-    def __init__(self, nc: NATS, kv: KeyValue) -> None:
-        self._mirror: KvMirror[dict[str, Any]] = KvMirror(nc, kv, orjson.loads, "images")
-
-    @property
-    def docs(self) -> dict[str, dict[str, Any]]:
-        return self._mirror.items
-
-    async def start(self) -> None:
-        await self._mirror.start()
-
-    async def stop(self) -> None:
-        await self._mirror.stop()
-
-    def query(
-        self,
-        status: str | None = None,
-        tag: str | None = None,
-        text: str | None = None,
-        before: str | None = None,
-        limit: int = 50,
-    ) -> list[dict[str, Any]]:
-        """Newest first; ``before`` is the ``created|id`` cursor of the last item seen."""
-        needle = text.lower() if text else None
-        items = sorted(self.docs.values(), key=_cursor, reverse=True)
-        out = []
-        for doc in items:
-            if before is not None and _cursor(doc) >= before:
-                continue
-            if status and doc.get("status") != status:
-                continue
-            if tag and tag not in doc.get("tags", []):
-                continue
-            if needle and not _matches(doc, needle):
-                continue
-            out.append(doc)
-            if len(out) >= limit:
-                break
-        return out
+@dataclass(frozen=True, slots=True)
+class _Embedding:
+    kind: str
+    model: str
+    dim: int
+    text: str
 
 
-def cursor_of(doc: dict[str, Any]) -> str:
-    return _cursor(doc)
+def _embeddings(raw: Any) -> list[_Embedding]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ReadModelError("'embeddings' must be a list")
+    found = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise ReadModelError("each embedding must be an object")
+        kind, model, vector = item.get("kind"), item.get("model"), item.get("vector")
+        if not isinstance(kind, str) or not kind or not isinstance(model, str) or not model:
+            raise ReadModelError("an embedding needs a 'kind' and a 'model'")
+        if not isinstance(vector, list) or not 1 <= len(vector) <= MAX_EMBEDDING_DIM:
+            raise ReadModelError(
+                f"an embedding's 'vector' must be a list of 1-{MAX_EMBEDDING_DIM} numbers"
+            )
+        found.append(_Embedding(kind, model, len(vector), _vector_text(vector)))
+    return found
 
 
-def _cursor(doc: dict[str, Any]) -> str:
-    return f"{doc.get('created', '')}|{doc.get('id', '')}"
+def _vector_text(vector: Sequence[float]) -> str:
+    try:
+        return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+    except (TypeError, ValueError):
+        raise ReadModelError("a vector must hold numbers only") from None
 
 
-def _matches(doc: dict[str, Any], needle: str) -> bool:
-    caption = (doc.get("caption") or {}).get("caption") or ""
-    haystack = " ".join([doc.get("name", ""), caption, *doc.get("tags", [])]).lower()
-    return needle in haystack
+def _tags(raw: Any) -> list[tuple[str, float | None]]:
+    """Tag names with their scores: ``["a", ...]`` or ``[{"tag": "a", "score": 0.9}, ...]``."""
+    out: dict[str, float | None] = {}
+    for item in raw if isinstance(raw, list) else []:
+        name: Any
+        if isinstance(item, str):
+            name, score = item, None
+        elif isinstance(item, dict):
+            name = item.get("tag") or item.get("name")
+            score = item.get("score")
+        else:
+            continue
+        if isinstance(name, str) and name:
+            out[name[:200]] = float(score) if isinstance(score, (int, float)) else None
+    return list(out.items())
+
+
+def _nsfw(raw: Any) -> float | None:
+    if isinstance(raw, dict):
+        raw = raw.get("score")
+    return float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (for DDL, which takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"

@@ -1,9 +1,17 @@
-"""notify: keep the image read model current from every lifecycle event."""
+"""notify: keep the catalogue (the PostgreSQL read model) current from every lifecycle event.
+
+While the database is unreachable the handler waits for it (the runner's heartbeats keep
+the event alive) rather than spending its retries, so an outage of up to ``Spec.timeout``
+per attempt loses nothing and dead-letters nothing.
+"""
 
 from __future__ import annotations
 
-from bus import Call, Context, Emit, Event, Function, Reject, Spec, subjects
-from bus.state.readmodel import project
+import asyncio
+
+from bus import Call, Context, Emit, Event, Function, Reject, Retry, Spec, subjects
+from bus.infra.postgres import CONNECTION_ERRORS
+from bus.state.readmodel import ReadModelError
 
 SPEC = Spec(
     name="notify",
@@ -18,7 +26,9 @@ SPEC = Spec(
     ack_wait=30.0,
     max_deliver=10,
     backoff=(0.5, 2.0, 10.0),
+    needs_db=True,
 )
+WAIT_STEP_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
@@ -28,8 +38,23 @@ async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
         if event.type.startswith(subjects.FAILED + "."):
             return []  # a failure about no image (e.g. an unreadable event): nothing to show
         raise Reject(f"a {event.type} event needs 'image_id'")
-    await project(ctx.images, event)
-    return []
+    if ctx.db is None:
+        raise Reject("notify runs without a database (open_context(database=True))")
+    waited = 0
+    while True:
+        try:
+            await ctx.db.project(event, call.stream_seq)
+            return []
+        except ReadModelError as exc:
+            raise Reject(str(exc)) from None
+        except CONNECTION_ERRORS as exc:
+            pause = WAIT_STEP_S[min(waited, len(WAIT_STEP_S) - 1)]
+            if call.remaining_s() < pause + 5:
+                raise Retry(f"the database is unavailable: {type(exc).__name__}: {exc}") from None
+            if waited == 0:
+                call.log.warning("database unavailable (%s); waiting for it", exc)
+            waited += 1
+            await asyncio.sleep(pause)
 
 
 FUNCTION = Function(SPEC, handle=handle)

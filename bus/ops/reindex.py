@@ -1,0 +1,200 @@
+"""``darkroom reindex``: rebuild the read model from the store and the event stream.
+
+The read model is a projection, so it can always be thrown away and made again:
+
+1. It is emptied.
+2. **The store** is read first, for images whose events have aged out of the stream
+   (``stream.max_age_days``): each original under ``uploads/`` becomes an ``uploaded``
+   event, each ``images/<id>/ingest.json`` an ``ingested`` one (and, for a generated image,
+   a ``generated`` one naming its original and lineage), each ``caption.json`` a
+   ``captioned`` one. They are projected with stream sequence 0, older than any real event.
+3. **The stream** is replayed from its first event, each one projected with its own
+   sequence, so what the stream still holds overrides what the store suggested.
+
+Notify may keep running meanwhile: the projection keeps the newest state per stage
+whatever the order, and anything it writes after the truncation is either replayed here or
+newer than the replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nats.js.api import DeliverPolicy
+from tqdm import tqdm  # type: ignore[import-untyped]
+
+from bus.core import subjects
+from bus.core.envelope import EnvelopeError, Event, ObjectRef, decode
+from bus.runtime.context import Context
+from bus.state.readmodel import ReadModel, ReadModelError, format_time
+
+STORE_CONCURRENCY = 16
+PROJECTED_TOPICS = (subjects.UPLOADED, subjects.GENERATED, subjects.INGESTED, subjects.CAPTIONED)
+NOTIFY_FAILED = f"{subjects.FAILED}.notify"  # notify's own failures are not the image's
+
+
+@dataclass
+class ReindexSummary:
+    images_in_store: int = 0
+    store_objects: int = 0
+    events: int = 0
+    skipped: int = 0  # events that could not be projected (shown, not fatal)
+    elapsed_s: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"reindexed {self.images_in_store} image(s): {self.store_objects} object(s) read "
+            f"from the store, {self.events} event(s) replayed from the stream"
+            + (f" ({self.skipped} skipped as unreadable)" if self.skipped else "")
+            + f", in {self.elapsed_s:.1f} s"
+        )
+
+
+async def reindex(ctx: Context, progress: bool = True) -> ReindexSummary:
+    """Empty the read model and rebuild it (see the module docstring)."""
+    if ctx.db is None:
+        raise RuntimeError("reindex needs a context opened with database=True")
+    started = time.monotonic()
+    summary = ReindexSummary()
+    await ctx.db.truncate()
+    await _from_store(ctx, ctx.db, summary, progress)
+    await _from_stream(ctx, ctx.db, summary, progress)
+    summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+def _bar(total: int, what: str, show: bool) -> tqdm:
+    return tqdm(total=total, desc=what, unit=" obj", disable=not show, file=sys.stderr)
+
+
+async def _from_store(ctx: Context, db: ReadModel, summary: ReindexSummary, show: bool) -> None:
+    uploads = await ctx.store.list_modified(subjects.UPLOADS_PREFIX)
+    derived = await ctx.store.list_modified(subjects.IMAGES_PREFIX)
+    docs = {
+        key: moment
+        for key, moment in derived.items()
+        if key.rsplit("/", 1)[-1] in (subjects.INGEST_DOC, subjects.CAPTION_DOC)
+    }
+    ids = {subjects.image_id_from_key(k, subjects.UPLOADS_PREFIX) for k in uploads}
+    ids |= {subjects.image_id_from_key(k, subjects.IMAGES_PREFIX) for k in docs}
+    ids.discard(None)
+    summary.images_in_store = len(ids)
+    with _bar(len(uploads) + len(docs), "store", show) as bar:
+
+        async def original(key: str, moment: datetime) -> None:
+            image_id = subjects.image_id_from_key(key, subjects.UPLOADS_PREFIX)
+            ref = await ctx.store.stat(key)
+            if image_id is not None and ref is not None:
+                data = {"name": key.rsplit("/", 1)[-1]}
+                await _project(db, _event(subjects.UPLOADED, image_id, moment, data, ref), 0)
+            bar.update()
+
+        async def document(key: str, moment: datetime) -> None:
+            image_id = subjects.image_id_from_key(key, subjects.IMAGES_PREFIX)
+            if image_id is not None:
+                doc = await ctx.store.get_json(key)
+                if isinstance(doc, dict):
+                    for event in _events_for(key, image_id, moment, doc):
+                        await _project(db, event, 0)
+            bar.update()
+
+        jobs: list[Callable[[], Awaitable[None]]] = [
+            *(_bind(original, k, m) for k, m in uploads.items()),
+            *(_bind(document, k, m) for k, m in docs.items()),
+        ]
+        await _run_bounded(jobs, STORE_CONCURRENCY)
+    summary.store_objects = len(uploads) + len(docs)
+
+
+def _events_for(key: str, image_id: str, moment: datetime, doc: dict[str, Any]) -> list[Event]:
+    if key.endswith("/" + subjects.CAPTION_DOC):
+        return [_event(subjects.CAPTIONED, image_id, moment, doc)]
+    events = [_event(subjects.INGESTED, image_id, moment, doc)]
+    original = doc.get("original")
+    if isinstance(original, dict) and str(original.get("key", "")).startswith(
+        subjects.GENERATED_PREFIX
+    ):
+        ref = ObjectRef(bucket="", key=str(original["key"]), size=int(original.get("bytes", 0)))
+        data = {"name": ref.key.rsplit("/", 1)[-1]}
+        if isinstance(doc.get("lineage"), dict):
+            data["lineage"] = doc["lineage"]
+        events.append(_event(subjects.GENERATED, image_id, moment, data, ref))
+    return events
+
+
+def _event(
+    topic: str,
+    image_id: str,
+    moment: datetime,
+    data: dict[str, Any],
+    ref: ObjectRef | None = None,
+) -> Event:
+    return Event(
+        id=f"reindex-{topic}-{image_id}",
+        type=topic,
+        source="darkroom/reindex",
+        time=format_time(moment) or "",
+        subject=image_id,
+        object=ref,
+        image_id=image_id,
+        data=data,
+    )
+
+
+async def _from_stream(ctx: Context, db: ReadModel, summary: ReindexSummary, show: bool) -> None:
+    sub = await ctx.js.subscribe(
+        ctx.names.all_events, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    try:
+        info = await sub.consumer_info()
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        total = (info.num_pending or 0) + (delivered or 0)
+        with tqdm(total=total, desc="stream", unit=" ev", disable=not show, file=sys.stderr) as bar:
+            seen = 0
+            while seen < total:
+                msg = await sub.next_msg(timeout=30)
+                seen += 1
+                bar.update()
+                try:
+                    event = decode(msg.data)
+                except EnvelopeError:
+                    summary.skipped += 1
+                    continue
+                failure = event.type.startswith(subjects.FAILED + ".")
+                if event.type in PROJECTED_TOPICS or (failure and event.type != NOTIFY_FAILED):
+                    summary.events += 1
+                    if not await _project(db, event, msg.metadata.sequence.stream):
+                        summary.skipped += 1
+    finally:
+        await sub.unsubscribe()
+
+
+async def _project(db: ReadModel, event: Event, seq: int) -> bool:
+    """Project one event; an unreadable one is counted, not fatal (notify dead-lettered it)."""
+    try:
+        await db.project(event, seq)
+    except ReadModelError:
+        return False
+    return True
+
+
+def _bind(
+    fn: Callable[[str, datetime], Awaitable[None]], key: str, moment: datetime
+) -> Callable[[], Awaitable[None]]:
+    return lambda: fn(key, moment)
+
+
+async def _run_bounded(jobs: Iterable[Callable[[], Awaitable[None]]], limit: int) -> None:
+    gate = asyncio.Semaphore(limit)
+
+    async def run(job: Callable[[], Awaitable[None]]) -> None:
+        async with gate:
+            await job()
+
+    await asyncio.gather(*(run(job) for job in jobs))
