@@ -4,7 +4,10 @@ Nothing here starts Docker, Kubernetes or a server: the YAML is parsed and every
 command line (including those deploy/README.md tells operators to run), ``DARKROOM_*``
 variable, consumer name and probe path is checked against the code (``bus.ops.cli``,
 ``bus.core.settings``, ``bus.core.subjects``, the registered functions), so renaming a flag,
-a setting or a function breaks this test instead of a deployment.
+a setting or a function breaks this test instead of a deployment. The PostgreSQL read model
+is checked the same way: every process that opens it (the gateway, workers whose Spec has
+``needs_db``, the admin commands) gets a URL naming the postgres service, from deploy/.env or
+a Secret.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 import yaml
@@ -29,9 +33,10 @@ from bus.core import subjects
 from bus.core.settings import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
 from bus.core.subjects import Names
 from bus.gateway.app import route_table
+from bus.infra.postgres import MIN_SERVER_VERSION
 from bus.ops.cli import build_parser, settings_from_args
 from bus.ops.stack import DRAIN_TIMEOUT_S
-from bus.runtime.registry import registered_names
+from bus.runtime.registry import load, registered_names
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -58,6 +63,7 @@ COMPOSE_SERVICES = frozenset(
         "nats-3",
         "minio",
         "minio-init",
+        "postgres",
         "gateway",
         "worker-ingest",
         "worker-notify",
@@ -66,6 +72,18 @@ COMPOSE_SERVICES = frozenset(
     }
 )
 MIN_NATS = (2, 11)
+# PostgreSQL major version darkroom refuses to run below (bus/infra/postgres.py).
+MIN_POSTGRES = MIN_SERVER_VERSION // 10000
+# Commands that open the read model whatever they run (`worker` does when its function's
+# Spec has needs_db): bus/ops/stack.py run_gateway/run_up, bus/ops/cli.py _db/_reindex.
+DB_COMMANDS = frozenset({"gateway", "up", "db", "reindex"})
+DB_URL_ENV = f"{ENV_PREFIX}POSTGRES__URL"
+POSTGRES_PORT = 5432
+# PostgreSQL's defaults, where the server's command line does not set them.
+PG_MAX_CONNECTIONS = 100
+PG_SUPERUSER_RESERVED = 3
+# Where the postgres images keep the data directory unless PGDATA says otherwise.
+PG_DEFAULT_DATA = "/var/lib/postgresql/data"
 # Room beyond the drain timeout for connection close and process exit.
 GRACE_MARGIN_S = 10
 
@@ -116,14 +134,16 @@ def interpolate(text: str, env: dict[str, str]) -> str:
     return _INTERPOLATION.sub(replace, text)
 
 
-def resolve(node: Any) -> Any:
-    """The compose file as compose sees it with deploy/.env copied from .env.example."""
+def resolve(node: Any, env: dict[str, str] | None = None) -> Any:
+    """The compose file as compose sees it with deploy/.env copied from .env.example (or
+    holding ``env``)."""
+    env = env_example() if env is None else env
     if isinstance(node, str):
-        return interpolate(node, env_example())
+        return interpolate(node, env)
     if isinstance(node, list):
-        return [resolve(item) for item in node]
+        return [resolve(item, env) for item in node]
     if isinstance(node, dict):
-        return {key: resolve(value) for key, value in node.items()}
+        return {key: resolve(value, env) for key, value in node.items()}
     return node
 
 
@@ -131,6 +151,13 @@ def resolve(node: Any) -> Any:
 def compose() -> dict[str, Any]:
     (doc,) = documents(COMPOSE_FILE)
     resolved: dict[str, Any] = resolve(doc)
+    return resolved
+
+
+def compose_with(overrides: dict[str, str]) -> dict[str, Any]:
+    """The compose file resolved with deploy/.env = .env.example plus ``overrides``."""
+    (doc,) = documents(COMPOSE_FILE)
+    resolved: dict[str, Any] = resolve(doc, env_example() | overrides)
     return resolved
 
 
@@ -232,6 +259,20 @@ class Process:
     @property
     def function(self) -> str | None:
         return self.argv[1] if self.argv[:1] == ("worker",) and len(self.argv) > 1 else None
+
+    @property
+    def needs_database(self) -> bool:
+        """Whether the process opens the PostgreSQL read model (and so needs its URL)."""
+        fn = self.function
+        if fn is not None:
+            return function_needs_db(fn)
+        return self.args().command in DB_COMMANDS
+
+
+@cache
+def function_needs_db(name: str) -> bool:
+    # A future function cannot be loaded yet; its Spec will tell once it can.
+    return name in registered_names() and load(name).spec.needs_db
 
 
 def compose_processes() -> list[Process]:
@@ -361,16 +402,31 @@ def test_expected_files_exist() -> None:
         assert (DEPLOY / name).is_file(), f"deploy/{name} is missing"
 
 
+def _is_placeholder(value: str) -> bool:
+    """``change-me...``, or a URL whose password is one (a database URL in a Secret)."""
+    if value.startswith("change-me"):
+        return True
+    parts = urlsplit(value)
+    return bool(parts.scheme and parts.password and parts.password.startswith("change-me"))
+
+
 def test_secrets_are_placeholders() -> None:
     for key, value in env_example().items():
         if re.search(r"PASSWORD|SECRET|ACCESS_KEY|ROOT_USER", key):
             assert value.startswith("change-me"), f".env.example {key} must be a placeholder"
     for secret in of_kind("Secret"):
         for key, value in (secret.get("stringData") or {}).items():
-            assert str(value).startswith("change-me"), (
+            assert _is_placeholder(str(value)), (
                 f"Secret {secret['metadata']['name']} {key}: commit placeholders only"
             )
         assert not secret.get("data"), "commit no real secret data"
+
+
+def test_placeholder_check_sees_real_passwords() -> None:
+    assert _is_placeholder("postgresql://darkroom:change-me-pw@postgres:5432/darkroom")
+    assert not _is_placeholder("postgresql://darkroom:hunter2@postgres:5432/darkroom")
+    assert not _is_placeholder("postgresql://change-me@postgres:5432/darkroom")
+    assert not _is_placeholder("hunter2")
 
 
 # --- compose -------------------------------------------------------------------------------------
@@ -674,7 +730,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
-    for doc in of_kind("Deployment") + of_kind("Job"):
+    for doc in of_kind("Deployment") + of_kind("StatefulSet") + of_kind("Job"):
         yield doc["metadata"]["name"], doc["spec"]["template"]["spec"]
 
 
@@ -694,7 +750,7 @@ def test_k8s_objects_are_well_formed() -> None:
         seen.add(ident)
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == ns, f"{path.name}: {ident} namespace"
-    for doc in of_kind("Deployment"):
+    for doc in of_kind("Deployment") + of_kind("StatefulSet"):
         selector = doc["spec"]["selector"]["matchLabels"]
         labels = doc["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= labels.items(), f"{doc['metadata']['name']}: selector"
@@ -788,6 +844,291 @@ def test_keda_scaledobjects(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         assert all(isinstance(v, str) for v in meta.values()), f"{where}: metadata are strings"
     assert set(scaled) == set(workers), f"no ScaledObject for {sorted(set(workers) - set(scaled))}"
     assert "gateway" not in scaled
+
+
+# --- the read model: PostgreSQL with pgvector ----------------------------------------------------
+
+
+def _pg_major(image: str) -> int:
+    """``pgvector/pgvector:pg17`` (or ``...:0.8.0-pg17``, ``...:pg17-bookworm``) gives 17."""
+    match = re.search(r":(?:[\w.]+-)?pg(\d+)(?:-[\w.]+)?$", image)
+    assert match, f"pin the PostgreSQL image to a major version (pgNN tag): {image}"
+    return int(match.group(1))
+
+
+def _check_pgvector_image(image: str, where: str) -> None:
+    repository = image.split("@", 1)[0].rsplit(":", 1)[0]
+    assert "pgvector" in repository, f"{where}: {image} is not a PostgreSQL image with pgvector"
+    assert _pg_major(image) >= MIN_POSTGRES, f"{where}: darkroom needs PostgreSQL {MIN_POSTGRES}+"
+
+
+def _check_pgdata_on_volume(pgdata: str, mounts: list[str], where: str) -> None:
+    """The data directory lies on one of the volumes mounted at ``mounts``."""
+    data = PurePosixPath(pgdata)
+    assert any(data.is_relative_to(m) for m in mounts), (
+        f"{where}: PGDATA {pgdata} is not on a volume (mounts: {mounts})"
+    )
+
+
+def _check_pg_isready(command: list[str] | str, where: str) -> None:
+    text = command if isinstance(command, str) else " ".join(map(str, command))
+    assert "pg_isready" in text, f"{where}: check the server with pg_isready"
+    # While the image initialises a new data directory it runs a server on the Unix socket
+    # only; asking over TCP keeps the check from passing before the real start.
+    assert re.search(r"-h\s*(127\.0\.0\.1|localhost)\b", text), f"{where}: pg_isready -h 127.0.0.1"
+
+
+def _check_db_url(
+    url: str, hosts: set[str], port: int, server_env: dict[str, str], where: str
+) -> None:
+    """``url`` names the postgres service and the user, password and database it creates."""
+    parts = urlsplit(url)
+    assert parts.scheme in ("postgresql", "postgres"), f"{where}: {DB_URL_ENV} scheme"
+    assert parts.hostname in hosts, (
+        f"{where}: {DB_URL_ENV} names host {parts.hostname!r}, not the postgres service "
+        f"({sorted(hosts)})"
+    )
+    assert (parts.port or POSTGRES_PORT) == port, f"{where}: {DB_URL_ENV} port, expected {port}"
+    assert unquote(parts.username or "") == server_env["POSTGRES_USER"], f"{where}: user"
+    assert unquote(parts.password or "") == server_env["POSTGRES_PASSWORD"], f"{where}: password"
+    assert parts.path.lstrip("/") == server_env.get("POSTGRES_DB", server_env["POSTGRES_USER"]), (
+        f"{where}: database"
+    )
+
+
+def _database_users(processes: list[Process]) -> list[Process]:
+    users = [p for p in processes if p.needs_database]
+    assert "gateway" in {p.name for p in users}, "the gateway opens the read model"
+    return users
+
+
+def test_process_needs_database_follows_the_code() -> None:
+    """The rule the checks below rely on: gateway and notify do, ingest does not."""
+    as_deployed = {p.name: p.needs_database for p in compose_processes()}
+    assert as_deployed["gateway"] and as_deployed["worker-notify"]
+    assert not as_deployed["worker-ingest"] and not as_deployed["worker-caption"]
+    for argv in (("reindex",), ("db", "--url"), ("up",)):
+        assert Process("cli", "", argv, {}, "").needs_database, argv
+    assert not Process("cli", "", ("keys", "list"), {}, "").needs_database
+
+
+def test_compose_postgres_service() -> None:
+    pg = services()["postgres"]
+    _check_pgvector_image(pg["image"], "compose postgres")
+    env = service_env(pg)
+    for key in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert env.get(key), f"compose postgres: set {key}"
+    volumes = compose().get("volumes") or {}
+    mounts = []
+    for volume in pg.get("volumes") or []:
+        source, _, target = str(volume).partition(":")
+        assert source in volumes, f"compose postgres: {source} is not a named volume"
+        mounts.append(target.split(":", 1)[0])
+    _check_pgdata_on_volume(env.get("PGDATA", PG_DEFAULT_DATA), mounts, "compose postgres")
+    _check_pg_isready(pg["healthcheck"]["test"], "compose postgres")
+    assert pg.get("restart") == "unless-stopped"
+
+
+def test_compose_database_users_get_the_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pg = services()["postgres"]
+    networks = pg.get("networks") or {}
+    hosts = {"postgres", str(pg.get("hostname", "postgres"))}
+    for net in networks.values() if isinstance(networks, dict) else []:
+        hosts.update((net or {}).get("aliases", []))
+    for process in _database_users(compose_processes()):
+        settings = effective_settings(process, monkeypatch, tmp_path)
+        assert settings.postgres.url is not None, f"{process.where}: set {DB_URL_ENV}"
+        url = settings.postgres.url.get_secret_value()
+        _check_db_url(url, hosts, POSTGRES_PORT, service_env(pg), process.where)
+        depends = services()[process.name].get("depends_on") or {}
+        assert (depends.get("postgres") or {}).get("condition") == "service_healthy", (
+            f"{process.where}: depend on postgres being healthy"
+        )
+
+
+def test_compose_database_password_comes_from_env_file() -> None:
+    """Resolved with other values in deploy/.env, the server and every URL follow them: the
+    password is never written into compose.yaml, and compose refuses to start without it."""
+    marker = {
+        "POSTGRES_USER": "user-from-env",
+        "POSTGRES_PASSWORD": "password-from-env",
+        "POSTGRES_DB": "db-from-env",
+    }
+    doc = compose_with(marker)
+    server = {k: str(v) for k, v in doc["services"]["postgres"]["environment"].items()}
+    for key, value in marker.items():
+        assert server.get(key) == value, f"compose postgres: {key}: use ${{{key}:?...}}"
+    for process in _database_users(compose_processes()):
+        env = {k: str(v) for k, v in doc["services"][process.name]["environment"].items()}
+        parts = urlsplit(env[DB_URL_ENV])
+        assert parts.password == marker["POSTGRES_PASSWORD"], (
+            f"{process.where}: the URL's password must be ${{POSTGRES_PASSWORD}}"
+        )
+        assert parts.username == marker["POSTGRES_USER"], f"{process.where}: the URL's user"
+        assert parts.path == "/" + marker["POSTGRES_DB"], f"{process.where}: the URL's database"
+    text = COMPOSE_FILE.read_text()
+    assert env_example()["POSTGRES_PASSWORD"] not in text, "a password in compose.yaml"
+    for match in _INTERPOLATION.finditer(text):
+        if match.group(1) == "POSTGRES_PASSWORD":
+            assert match.group(2) == ":?", "no default for POSTGRES_PASSWORD: ${VAR:?message}"
+    password = env_example()["POSTGRES_PASSWORD"]
+    assert quote(password, safe="-._~") == password, (
+        ".env.example POSTGRES_PASSWORD goes into a URL unencoded: keep it URL-safe"
+    )
+
+
+def _env_source(container: dict[str, Any], key: str) -> str | None:
+    """Where a container's ``key`` comes from: "value", "Secret" or "ConfigMap"."""
+    found = None
+    for source in container.get("envFrom") or []:
+        kind = "ConfigMap" if "configMapRef" in source else "Secret"
+        ref = source["configMapRef"] if kind == "ConfigMap" else source["secretRef"]
+        if key in object_env(kind, ref["name"]):
+            found = kind
+    for item in container.get("env") or []:  # env wins over envFrom
+        if item["name"] != key:
+            continue
+        ref = item.get("valueFrom") or {}
+        found = (
+            "value"
+            if "value" in item
+            else "Secret"
+            if "secretKeyRef" in ref
+            else "ConfigMap"
+            if "configMapKeyRef" in ref
+            else str(ref)
+        )
+    return found
+
+
+def _postgres_pod() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The postgres StatefulSet and its (single) container."""
+    sts = named("StatefulSet", "postgres")
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    return sts, container
+
+
+def _postgres_endpoints() -> tuple[set[str], int]:
+    """DNS names of the Services in front of the postgres pods, and the port to dial."""
+    sts, container = _postgres_pod()
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    ports = {p.get("name"): int(p["containerPort"]) for p in container["ports"]}
+    hosts: set[str] = set()
+    dial: set[int] = set()
+    for svc in of_kind("Service"):
+        selector = svc["spec"].get("selector") or {}
+        if not selector or not selector.items() <= labels.items():
+            continue
+        name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+        hosts |= {name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"}
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            pod_port = ports[target] if isinstance(target, str) else int(target)
+            if pod_port == POSTGRES_PORT:
+                # A headless Service's name resolves to the pods: clients dial their port.
+                headless = svc["spec"].get("clusterIP") == "None"
+                dial.add(pod_port if headless else int(port["port"]))
+    assert hosts, "no Service selects the postgres pods"
+    assert len(dial) == 1, f"the postgres Services disagree on the port: {dial}"
+    return hosts, dial.pop()
+
+
+def test_k8s_postgres_statefulset() -> None:
+    sts, container = _postgres_pod()
+    where = "k8s StatefulSet postgres"
+    spec = sts["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert spec.get("replicas", 1) == 1, f"{where}: the image has no replication"
+    governing = named("Service", spec["serviceName"])
+    assert governing["spec"].get("clusterIP") == "None", f"{where}: serviceName is headless"
+    _check_pgvector_image(container["image"], where)
+    assert {p["containerPort"] for p in container["ports"]} == {POSTGRES_PORT}
+    probe = container.get("readinessProbe") or {}
+    assert "exec" in probe, f"{where}: readiness probe"
+    _check_pg_isready(probe["exec"]["command"], f"{where} readinessProbe")
+    env = container_env(container)
+    for key in ("POSTGRES_USER", "POSTGRES_PASSWORD"):
+        assert env.get(key), f"{where}: set {key}"
+    assert _env_source(container, "POSTGRES_PASSWORD") == "Secret", f"{where}: password"
+    claims = {c["metadata"]["name"]: c["spec"] for c in spec.get("volumeClaimTemplates") or []}
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
+    claimed = [path for name, path in mounts.items() if name in claims]
+    pgdata = env.get("PGDATA", PG_DEFAULT_DATA)
+    _check_pgdata_on_volume(pgdata, claimed, f"{where} (volumeClaimTemplates)")
+    # A fresh volume's root may hold lost+found, and initdb wants an empty directory.
+    assert pgdata not in claimed, f"{where}: put PGDATA in a directory inside the volume"
+    for name, claim in claims.items():
+        assert "ReadWriteOnce" in claim["accessModes"], f"{where}: claim {name}"
+        assert claim["resources"]["requests"]["storage"], f"{where}: claim {name} size"
+    resources = container.get("resources") or {}
+    assert {"cpu", "memory"} <= (resources.get("requests") or {}).keys(), f"{where}: requests"
+    # Kubernetes stops with SIGTERM, a "smart" shutdown that waits for every client.
+    stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    assert "pg_ctl" in stop and "-m fast" in stop, f"{where}: preStop fast shutdown"
+
+
+def test_k8s_database_url_comes_from_a_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    hosts, port = _postgres_endpoints()
+    _, server = _postgres_pod()
+    server_env = container_env(server)
+    for process in _database_users(k8s_processes()):
+        (container,) = named("Deployment", process.name)["spec"]["template"]["spec"]["containers"]
+        source = _env_source(container, DB_URL_ENV)
+        assert source == "Secret", f"{process.where}: {DB_URL_ENV} from a Secret, not {source}"
+        settings = effective_settings(process, monkeypatch, tmp_path)
+        assert settings.postgres.url is not None
+        _check_db_url(
+            settings.postgres.url.get_secret_value(), hosts, port, server_env, process.where
+        )
+    for config in of_kind("ConfigMap"):
+        for key, value in (config.get("data") or {}).items():
+            where = f"ConfigMap {config['metadata']['name']} {key}"
+            assert key != DB_URL_ENV and "PASSWORD" not in key, f"{where}: use a Secret"
+            try:
+                password = urlsplit(str(value)).password
+            except ValueError:
+                password = None
+            assert not password, f"{where}: holds a password"
+
+
+def _max_pods(deployment: dict[str, Any]) -> int:
+    """Most pods of a Deployment at once: KEDA's maximum (or replicas) plus the surge."""
+    name = deployment["metadata"]["name"]
+    scaled = [o for o in of_kind("ScaledObject") if o["spec"]["scaleTargetRef"]["name"] == name]
+    most = (
+        scaled[0]["spec"].get("maxReplicaCount", 100) if scaled else deployment["spec"]["replicas"]
+    )
+    strategy = deployment["spec"].get("strategy") or {}
+    if strategy.get("type") == "Recreate":
+        return int(most)
+    surge = str((strategy.get("rollingUpdate") or {}).get("maxSurge", "25%"))
+    extra = -(-int(most) * int(surge[:-1]) // 100) if surge.endswith("%") else int(surge)
+    return int(most) + extra
+
+
+def test_k8s_postgres_has_room_for_every_pool(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every pod that opens the read model, at its most replicas, plus one admin command,
+    fits in max_connections: past it, PostgreSQL refuses connections."""
+    _, server = _postgres_pod()
+    flags = " ".join(map(str, server.get("args") or []))
+    found = re.search(r"max_connections=(\d+)", flags)
+    limit = (int(found.group(1)) if found else PG_MAX_CONNECTIONS) - PG_SUPERUSER_RESERVED
+    total, parts = 0, []
+    users = _database_users(k8s_processes())
+    for process in users:
+        pods = _max_pods(named("Deployment", process.name))
+        pool = effective_settings(process, monkeypatch, tmp_path).postgres.pool_size
+        total += pods * pool
+        parts.append(f"{process.name} {pods}x{pool}")
+    admin = effective_settings(users[0], monkeypatch, tmp_path).postgres.pool_size
+    total += admin  # `darkroom reindex` run inside a gateway pod
+    assert total <= limit, f"{' + '.join(parts)} + admin {admin} > {limit} connections"
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
@@ -906,6 +1247,11 @@ def test_readme_covers_operations() -> None:
         "incoming/",
         "darkroom.s3",
         "nvidia.com/gpu",
+        "pgvector",
+        DB_URL_ENV,
+        f"PostgreSQL {MIN_POSTGRES}",
+        "pg_dump",
+        "darkroom reindex",
     ):
         assert needle in text, f"deploy/README.md should cover {needle!r}"
 
@@ -947,9 +1293,12 @@ def readme_commands() -> list[Process]:
             out.append(Process(where, service, tuple(argv), compose_env(service), ""))
         elif words[0] == "kubectl" and "exec" in words:
             target, rest = _after_options(words[words.index("exec") + 1 :])
-            assert rest[:2] == ["--", "darkroom"], f"{where}: run `-- darkroom ...`"
             assert words[words.index("-n") + 1] == of_kind("Namespace")[0]["metadata"]["name"]
             kind, _, name = target.partition("/")
+            if rest[:2] != ["--", "darkroom"]:
+                # Not darkroom (pg_dump in the postgres pod): test_readme_backup_recipes.
+                assert kind not in ("deploy", "deployment"), f"{where}: run `-- darkroom ...`"
+                continue
             assert kind in ("deploy", "deployment"), f"{where}: exec into a Deployment"
             out.append(Process(where, name, tuple(rest[2:]), k8s_env(name), ""))
         else:
@@ -969,18 +1318,60 @@ def test_readme_commands_parse_and_keep_the_deployment_settings(
     the stream replicas of the deployment: a key command connecting with the default
     replicas would reconfigure the streams."""
     admin_key_recipes = set()
+    reindex_recipes = set()
     for process in readme_commands():
         args = process.args()
         assert args.command != "up", f"{process.where}: `up` is for one machine"
         settings = effective_settings(process, monkeypatch, tmp_path)
-        if args.command in ("gateway", "worker", "keys"):
+        tool = process.where.split("`", 1)[1].split()[0]
+        if args.command in ("gateway", "worker", "keys", "db", "reindex"):
             assert not settings.embedded_nats and not settings.embedded_s3, (
                 f"{process.where}: name the external NATS and S3"
             )
             assert settings.stream.replicas == 3, f"{process.where}: DARKROOM_STREAM__REPLICAS"
+        if process.needs_database:
+            assert not settings.embedded_postgres, f"{process.where}: name the PostgreSQL"
         if args.command == "keys" and args.keys_command == "create" and args.scopes == "admin":
-            admin_key_recipes.add(process.where.split("`", 1)[1].split()[0])
+            admin_key_recipes.add(tool)
+        if args.command == "reindex":
+            reindex_recipes.add(tool)
     assert {"docker", "kubectl"} <= admin_key_recipes, (
         "deploy/README.md should show how to create the first admin key with compose and "
         f"with kubectl; it does for {sorted(admin_key_recipes)}"
+    )
+    assert {"docker", "kubectl"} <= reindex_recipes, (
+        "deploy/README.md should show how to rebuild the read model (`darkroom reindex`) with "
+        f"compose and with kubectl; it does for {sorted(reindex_recipes)}"
+    )
+
+
+def test_readme_backup_recipes_name_the_database() -> None:
+    """Each documented pg_dump/pg_restore runs in the postgres service or pod."""
+    recipes = set()
+    for line in _shell_lines(README.read_text()):
+        if not re.search(r"\bpg_(dump|restore)\b", line):
+            continue
+        words = shlex.split(line)
+        where = f"deploy/README.md `{line}`"
+        if words[:2] == ["docker", "compose"]:
+            assert "exec" in words, f"{where}: run it with `docker compose exec`"
+            service, _ = _after_options(words[words.index("exec") + 1 :])
+            assert service in services(), f"{where}: no compose service {service!r}"
+            _check_pgvector_image(services()[service]["image"], where)
+            recipes.add("docker")
+        elif words[0] == "kubectl":
+            assert "exec" in words, f"{where}: run it with `kubectl exec`"
+            target, rest = _after_options(words[words.index("exec") + 1 :])
+            assert rest[:1] == ["--"], f"{where}: `kubectl exec POD -- ...`"
+            kind, _, name = target.rpartition("/")
+            if kind in ("", "pod", "pods"):  # postgres-0: pod 0 of StatefulSet postgres
+                name, _, ordinal = name.rpartition("-")
+                assert ordinal.isdigit(), f"{where}: {target} is no StatefulSet pod"
+            else:
+                assert kind in ("sts", "statefulset"), f"{where}: {target}"
+            (container,) = named("StatefulSet", name)["spec"]["template"]["spec"]["containers"]
+            _check_pgvector_image(container["image"], where)
+            recipes.add("kubectl")
+    assert {"docker", "kubectl"} <= recipes, (
+        f"deploy/README.md should show pg_dump with compose and with kubectl: {sorted(recipes)}"
     )
