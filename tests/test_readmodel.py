@@ -194,6 +194,22 @@ async def test_bad_event_data_is_refused_with_a_reason(db: ReadModel) -> None:
     bad = event("captioned", image_id, 1, embeddings=[{"kind": "image", "vector": [1.0]}])
     with pytest.raises(ReadModelError, match="needs a 'kind' and a 'model'"):
         await db.project(bad, 2)
+    model = unique("model")
+    first = event(
+        "captioned",
+        image_id,
+        2,
+        embeddings=[{"kind": "image", "model": model, "vector": [1.0, 0.0, 0.0]}],
+    )
+    await db.project(first, 3)
+    other = event(
+        "captioned",
+        new_id(),
+        2,
+        embeddings=[{"kind": "image", "model": model, "vector": [1.0, 0.0]}],
+    )
+    with pytest.raises(ReadModelError, match="2-dimensional image embedding, but its earlier"):
+        await db.project(other, 4)
 
 
 # --- queries ------------------------------------------------------------------------------------

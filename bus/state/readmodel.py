@@ -146,6 +146,7 @@ class ReadModel:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._vector_indexes: dict[tuple[str, str], int] = {}  # (kind, model) -> dimensions
 
     async def project(self, event: Event, seq: int) -> bool:
         """Fold ``event`` (stream sequence ``seq``) into its image's row; False when it was
@@ -168,7 +169,9 @@ class ReadModel:
                 changed = await self._failed(conn, event, moment, seq)
             else:
                 return False
-            if changed is not None:
+            if changed is not None and topic != subjects.CAPTIONED:
+                # The sort keys copied to the tags move with the upload's time and the date
+                # taken (a caption writes its tags with the current keys).
                 await conn.execute(
                     "UPDATE image_tags t SET created = i.created, "
                     "taken_or_created = i.taken_or_created FROM images i "
@@ -274,7 +277,16 @@ class ReadModel:
     async def _embed(
         self, conn: asyncpg.Connection, image_id: str, embedding: _Embedding, seq: int
     ) -> None:
-        await self.ensure_vector_index(conn, embedding.kind, embedding.model, embedding.dim)
+        key = (embedding.kind, embedding.model)
+        dim = self._vector_indexes.get(key)
+        if dim is None:
+            dim = await self.ensure_vector_index(conn, *key, embedding.dim)
+            self._vector_indexes[key] = dim
+        if dim != embedding.dim:
+            raise ReadModelError(
+                f"{embedding.model} made a {embedding.dim}-dimensional {embedding.kind} "
+                f"embedding, but its earlier ones had {dim}: name a new model for new sizes"
+            )
         await conn.execute(
             """
             INSERT INTO image_embeddings AS e (image_id, kind, model, dim, embedding, seq)
@@ -293,13 +305,14 @@ class ReadModel:
         )
 
     @staticmethod
-    async def ensure_vector_index(conn: asyncpg.Connection, kind: str, model: str, dim: int) -> str:
-        """The HNSW index for ``model``'s ``kind`` embeddings, made on first use."""
-        name = await conn.fetchval(
-            "SELECT name FROM embedding_indexes WHERE kind = $1 AND model = $2", kind, model
+    async def ensure_vector_index(conn: asyncpg.Connection, kind: str, model: str, dim: int) -> int:
+        """Make the HNSW index for ``model``'s ``kind`` embeddings on first use; returns the
+        dimensions it was made for (a model's embeddings must all have them)."""
+        known = await conn.fetchval(
+            "SELECT dim FROM embedding_indexes WHERE kind = $1 AND model = $2", kind, model
         )
-        if name is not None:
-            return str(name)
+        if known is not None:
+            return int(known)
         name = "image_embeddings_" + hashlib.sha1(f"{kind}\x1f{model}".encode()).hexdigest()[:16]
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
@@ -316,8 +329,11 @@ class ReadModel:
                 dim,
                 name,
             )
+            known = await conn.fetchval(
+                "SELECT dim FROM embedding_indexes WHERE kind = $1 AND model = $2", kind, model
+            )
         log.info("made vector index %s for %s embeddings of %s (%d dims)", name, kind, model, dim)
-        return name
+        return int(known)
 
     async def truncate(self) -> None:
         """Empty the projection (``darkroom reindex`` refills it)."""
