@@ -14,7 +14,13 @@ import asyncpg
 import pytest
 
 from bus.core.envelope import Event, ObjectRef, new_id
-from bus.infra.postgres import DatabaseUnavailableError, Migration, migrate, open_pool
+from bus.infra.postgres import (
+    DatabaseUnavailableError,
+    Migration,
+    check_server,
+    migrate,
+    open_pool,
+)
 from bus.ops.pgserver import PostgresServer
 from bus.runtime.context import Context
 from bus.state.readmodel import (
@@ -269,7 +275,7 @@ async def test_queries_refuse_what_they_cannot_answer() -> None:
         ImageQuery(cursor="garbage")
     with pytest.raises(ReadModelError, match="sort must be one of created, taken"):
         ImageQuery(sort="size")
-    moment, image_id = decode_cursor("2026-01-01T00:00:01.000Z|abc")
+    moment, image_id = decode_cursor("created.desc|2026-01-01T00:00:01.000000Z|abc")
     assert moment == T0 + timedelta(seconds=1) and image_id == "abc"
 
 
@@ -303,3 +309,122 @@ async def test_similar_images_by_vector(db: ReadModel) -> None:
     assert nearest[0][0] == target and nearest[0][1] == pytest.approx(0.0, abs=1e-6)
     assert [d for _, d in nearest] == sorted(d for _, d in nearest)
     assert await db.similar(vector, "image", "another-model") == []
+
+
+async def test_concurrent_writers_on_one_image_end_in_the_newest_state(db: ReadModel) -> None:
+    image_id = new_id()
+    uploaded, ingested, captioned = life(image_id)
+    recaptioned = event("captioned", image_id, 9, caption="a cat", tags=["cat"])
+    deliveries = [(uploaded, 1), (ingested, 2), (captioned, 3), (recaptioned, 4)] * 5
+    random.Random(3).shuffle(deliveries)
+    await asyncio.gather(*(db.project(ev, seq) for ev, seq in deliveries))
+    doc = await db.get(image_id)
+    assert doc is not None and doc["caption"]["caption"] == "a cat" and doc["tags"] == ["cat"]
+    assert doc["status"] == "ready" and doc["updated"] == at(9)
+    assert await all_pages(db, ImageQuery(tag="cat")) == [image_id]
+    assert await all_pages(db, ImageQuery(tag="dog")) == []
+
+
+async def test_a_new_model_arriving_under_load_does_not_deadlock(db: ReadModel) -> None:
+    known, fresh = unique("known"), unique("fresh")
+
+    def captioned(image_id: str) -> Event:
+        return event(
+            "captioned",
+            image_id,
+            3,
+            tags=[],
+            embeddings=[
+                {"kind": "image", "model": known, "vector": [1.0, 0.5, 0.25]},
+                {"kind": "text", "model": fresh, "vector": [0.5, 0.5]},
+            ],
+        )
+
+    first = new_id()
+    earlier = [{"kind": "image", "model": known, "vector": [1.0, 0.0, 0.0]}]
+    await db.project(event("captioned", first, 3, embeddings=earlier), 1)
+    ids = [new_id() for _ in range(16)]
+    results = await asyncio.gather(
+        *(db.project(captioned(i), 2) for i in ids), return_exceptions=True
+    )
+    assert results == [True] * 16
+    assert len(await db.similar([0.5, 0.5], "text", fresh, limit=20)) == 16
+
+
+async def test_pages_in_either_order_with_ties_and_by_date_taken(db: ReadModel) -> None:
+    same = 50.0
+    ids = []
+    for n in range(7):  # seven images uploaded in the same millisecond
+        image_id = new_id()
+        taken = f"2024-0{n % 3 + 1}-01T00:00:00Z"
+        await apply(
+            db,
+            [
+                event("uploaded", image_id, same, name=f"{n}.jpg"),
+                event("ingested", image_id, same + 1, exif={"taken_at": taken}),
+            ],
+            first_seq=n * 2 + 1,
+        )
+        ids.append(image_id)
+    desc = await all_pages(db, ImageQuery(limit=2))
+    asc = await all_pages(db, ImageQuery(order="asc", limit=3))
+    assert len(desc) == 7 and asc == list(reversed(desc))
+    assert desc == sorted(ids, reverse=True)  # ties broken by id
+    by_taken = await all_pages(db, ImageQuery(sort="taken", limit=2))
+    taken = [(await db.get(i) or {})["taken"] for i in by_taken]
+    assert taken == sorted(taken, reverse=True)
+    assert await all_pages(db, ImageQuery(sort="taken", order="asc", limit=4)) == list(
+        reversed(by_taken)
+    )
+
+
+async def test_cursors_keep_microseconds_and_their_sort(db: ReadModel) -> None:
+    base = T0 + timedelta(days=400)
+    ids = []
+    for micro in (123456, 123400, 123300):  # within one millisecond
+        image_id = new_id()
+        moment = base + timedelta(microseconds=micro)
+        ev = event("uploaded", image_id, 0)
+        await db.project(
+            Event(ev.id, ev.type, ev.source, moment.isoformat(), image_id=image_id, data={}), 1
+        )
+        ids.append(image_id)
+    window = {"since": base, "until": base + timedelta(seconds=1)}
+    assert await all_pages(db, ImageQuery(limit=1, **window)) == ids
+    assert await all_pages(db, ImageQuery(limit=1, order="asc", **window)) == ids[::-1]
+    page = await db.page(ImageQuery(limit=1, **window))
+    assert page.next_cursor is not None
+    with pytest.raises(ReadModelError, match="this cursor is for sort/order created/desc"):
+        ImageQuery(cursor=page.next_cursor, sort="taken")
+    with pytest.raises(ReadModelError, match="q has no words"):
+        ImageQuery(text="?!")
+
+
+async def test_data_the_database_refuses_is_a_reason_not_a_retry(db: ReadModel) -> None:
+    bad_name = event("uploaded", new_id(), 1, name="nul\x00byte.jpg")
+    with pytest.raises(ReadModelError, match="the database refused this uploaded event"):
+        await db.project(bad_name, 1)
+
+
+class _FakeServer:
+    """Answers the two questions check_server asks (a pure unit test of the refusals)."""
+
+    def __init__(self, version: int, shown: str, vector: str | None) -> None:
+        self.answers = {
+            "SHOW server_version_num": str(version),
+            "SHOW server_version": shown,
+        }
+        self.vector = vector
+
+    async def fetchval(self, sql: str) -> str | None:
+        return self.answers.get(sql, self.vector)
+
+
+async def test_an_old_server_or_one_without_pgvector_is_refused_by_name() -> None:
+    url = "postgresql://u:hidden@db:5432/x"
+    with pytest.raises(DatabaseUnavailableError, match=r"is version 14\.9; darkroom needs 15"):
+        await check_server(_FakeServer(140009, "14.9", "0.8.0"), url)  # type: ignore[arg-type]
+    with pytest.raises(DatabaseUnavailableError, match="lacks the pgvector extension") as err:
+        await check_server(_FakeServer(170002, "17.2", None), url)  # type: ignore[arg-type]
+    assert "u:***@db:5432" in str(err.value) and "hidden" not in str(err.value)
+    await check_server(_FakeServer(150000, "15.0", "0.8.0"), url)  # type: ignore[arg-type]

@@ -133,3 +133,45 @@ def test_records_with_odd_shapes_are_skipped_not_crashed() -> None:
         created({"name": "b"}, {"key": "incoming/ok/ev%1Bil%0Aname.JPG"}),  # twice: once
     ]
     assert created_uploads(odd, "b") == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pa/ss@db:5432/x", "postgresql://u:***@db:5432/x"),
+        (
+            "postgresql://u:p@s#s?@db/x?password=zz&sslmode=require",
+            "postgresql://u:***@db/x?password=***&sslmode=require",
+        ),
+        ("postgresql://u:pw@[::1]:5432/x", "postgresql://u:***@[::1]:5432/x"),
+        ("postgresql://u@db/x", "postgresql://u@db/x"),
+        ("nats://n1:4222", "nats://n1:4222"),
+    ],
+)
+def test_passwords_in_urls_are_hidden_whatever_their_characters(url: str, shown: str) -> None:
+    from bus.core.redact import redact_text, redact_url
+
+    assert redact_url(url) == shown
+    assert redact_text(f"could not reach {url} in time") == f"could not reach {shown} in time"
+
+
+def test_a_bad_database_url_is_reported_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bus.core.settings import ConfigError, load_settings
+
+    monkeypatch.setenv("DARKROOM_POSTGRES__URL", "mysql://u:topsecret@db/x")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "postgres.url: expected postgresql://" in str(err.value)
+    assert "topsecret" not in str(err.value)
+
+
+def test_a_lost_password_file_beside_an_existing_cluster_is_explained(tmp_path: Any) -> None:
+    from bus.ops.embedded import ChildError
+    from bus.ops.pgserver import PostgresServer
+
+    (tmp_path / "postgres").mkdir()
+    (tmp_path / "postgres" / "PG_VERSION").write_text("18\n")
+    with pytest.raises(ChildError, match=r"postgres\.json is missing but the cluster"):
+        PostgresServer(tmp_path, port=0)

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bus.core.redact import redact_text
 from bus.core.subjects import check_namespace
 
 ENV_PREFIX = "DARKROOM_"
@@ -36,6 +37,10 @@ class ConfigError(Exception):
 
 
 def default_data_dir() -> Path:
+    """``~/.local/share/darkroom``, or ``/var/lib/darkroom`` for root: root's home is closed
+    to the unprivileged user the embedded PostgreSQL must run as."""
+    if os.geteuid() == 0 and not os.environ.get("XDG_DATA_HOME"):
+        return Path("/var/lib/darkroom")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "darkroom"
 
@@ -292,7 +297,8 @@ def _format_error(exc: ValidationError, origin: str) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         got = err.get("input")
-        shown = "" if isinstance(got, dict) else f"; got {got!r}"
+        secret = any("secret" in str(part) or "password" in str(part) for part in err["loc"])
+        shown = "" if isinstance(got, dict) or secret else f"; got {redact_text(repr(got))}"
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"  {where}: {msg}{shown}")
     return "\n".join(lines)

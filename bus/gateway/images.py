@@ -5,14 +5,14 @@ Everything comes from the PostgreSQL read model; the gateway keeps no copy of it
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from bus.gateway.problems import Problem, int_query, json_response
 from bus.gateway.state import CTX
-from bus.infra.postgres import CONNECTION_ERRORS
+from bus.infra.postgres import CONNECTION_ERRORS, STALE_CONNECTION
 from bus.infra.store import ObjectMissingError
 from bus.state.readmodel import ImageQuery, ReadModel, ReadModelError, parse_time
 
@@ -27,15 +27,18 @@ def _read_model(request: web.Request) -> ReadModel:
     return db
 
 
-async def _db(call: Awaitable[T]) -> T:
-    try:
-        return await call
-    except CONNECTION_ERRORS as exc:
-        raise Problem(
-            503,
-            "Service Unavailable",
-            f"the catalogue database is unavailable ({type(exc).__name__})",
-        ) from None
+async def _db(query: Callable[[], Awaitable[T]]) -> T:
+    """Run a read; once more on a fresh connection if the pooled one was dropped (a database
+    restart leaves every idle pooled connection broken), then 503."""
+    for attempt in (1, 2):
+        try:
+            return await query()
+        except CONNECTION_ERRORS as exc:
+            if attempt == 1 and isinstance(exc, STALE_CONNECTION):
+                continue
+            reason = f"the catalogue database is unavailable ({type(exc).__name__})"
+            raise Problem(503, "Service Unavailable", reason) from None
+    raise AssertionError("unreachable")
 
 
 def _bool_query(request: web.Request, name: str) -> bool | None:
@@ -72,17 +75,20 @@ def image_query(request: web.Request) -> ImageQuery:
 
 async def list_images(request: web.Request) -> web.Response:
     query = image_query(request)
-    page = await _db(_read_model(request).page(query))
+    db = _read_model(request)
+    page = await _db(lambda: db.page(query))
     return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
 async def image_counts(request: web.Request) -> web.Response:
-    return json_response(await _db(_read_model(request).counts()))
+    db = _read_model(request)
+    return json_response(await _db(db.counts))
 
 
 async def _doc(request: web.Request) -> dict[str, Any]:
     image_id = request.match_info["image_id"]
-    doc = await _db(_read_model(request).get(image_id))
+    db = _read_model(request)
+    doc = await _db(lambda: db.get(image_id))
     if doc is None:
         raise Problem(404, "Not Found", f"no image with id {image_id!r}")
     return doc

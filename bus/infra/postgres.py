@@ -15,19 +15,23 @@ forty-line loop here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+from bus.core.redact import redact_url
 
 log = logging.getLogger("darkroom.postgres")
 
 MIN_SERVER_VERSION = 150000  # PostgreSQL 15
 MIGRATION_LOCK = 0x6461726B  # "dark": one migrator at a time in a database
+MIGRATION_LOCK_WAIT_S = 60.0
 
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -38,6 +42,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
 )
 """What a query raises while the server is unreachable (as opposed to a bad query)."""
+
+STALE_CONNECTION = (asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError)
+"""What a pooled connection the server dropped raises on its next use: worth one retry."""
 
 
 class DatabaseUnavailableError(Exception):
@@ -67,24 +74,12 @@ class Migration:
         return found
 
 
-def redact(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ""
-    return urlunsplit(parts._replace(netloc=user + host))
-
-
 async def _connect(url: str, timeout: float) -> asyncpg.Connection:
     try:
         return await asyncio.wait_for(asyncpg.connect(url, timeout=timeout), timeout + 1)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailableError(
-            f"PostgreSQL at {redact(url)} is unreachable within {timeout:g} s: "
+            f"PostgreSQL at {redact_url(url)} is unreachable within {timeout:g} s: "
             f"{type(exc).__name__}: {exc}"
         ) from None
 
@@ -95,33 +90,63 @@ async def check_server(conn: asyncpg.Connection, url: str) -> None:
     shown = await conn.fetchval("SHOW server_version")
     if version < MIN_SERVER_VERSION:
         raise DatabaseUnavailableError(
-            f"PostgreSQL at {redact(url)} is version {shown}; darkroom needs 15 or newer"
+            f"PostgreSQL at {redact_url(url)} is version {shown}; darkroom needs 15 or newer"
         )
     vector = await conn.fetchval(
         "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
     )
     if vector is None:
         raise DatabaseUnavailableError(
-            f"PostgreSQL {shown} at {redact(url)} lacks the pgvector extension ('vector' is not "
+            f"PostgreSQL {shown} at {redact_url(url)} lacks the pgvector extension "
+            "('vector' is not "
             "among pg_available_extensions): install pgvector on the server, or use an image "
             "that has it (pgvector/pgvector)"
         )
 
 
-async def migrate(
-    conn: asyncpg.Connection, schema: str, migrations: Sequence[Migration]
-) -> list[int]:
-    """Apply what is missing of ``migrations`` to ``schema``; the versions applied now."""
-    applied_now: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-    try:
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        except asyncpg.InsufficientPrivilegeError:
+async def _lock(conn: asyncpg.Connection, schema: str, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK):
+        if time.monotonic() >= deadline:
             raise DatabaseUnavailableError(
-                "pgvector is installed on the server but this user may not create it: run "
-                "`CREATE EXTENSION vector;` once as a superuser in the database"
-            ) from None
+                f"another process has been migrating this database for {wait_s:g} s "
+                f"(waiting to migrate schema {schema!r}); is a migration stuck?"
+            )
+        await asyncio.sleep(0.2)
+
+
+async def vector_schema(conn: asyncpg.Connection) -> str:
+    """Create pgvector if it is missing (in ``public``); the schema it lives in."""
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public")
+    except asyncpg.InsufficientPrivilegeError:
+        raise DatabaseUnavailableError(
+            "pgvector is installed on the server but this user may not create it: run "
+            "`CREATE EXTENSION vector;` once as a superuser in the database"
+        ) from None
+    return str(
+        await conn.fetchval(
+            "SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'"
+        )
+    )
+
+
+async def migrate(
+    conn: asyncpg.Connection,
+    schema: str,
+    migrations: Sequence[Migration],
+    lock_wait_s: float = MIGRATION_LOCK_WAIT_S,
+) -> list[int]:
+    """Apply what is missing of ``migrations`` to ``schema``; the versions applied now.
+
+    Raises:
+        DatabaseUnavailableError: the lock could not be had in ``lock_wait_s``, pgvector
+            could not be created, or a migration failed (the message says which).
+    """
+    applied_now: list[int] = []
+    await _lock(conn, schema, lock_wait_s)
+    try:
+        extensions = await vector_schema(conn)
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(
             f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
@@ -140,20 +165,31 @@ async def migrate(
                         f"schema {schema!r}; add a new migration instead"
                     )
                 continue
-            async with conn.transaction():
-                await conn.execute(f'SET LOCAL search_path TO "{schema}", public')
-                await conn.execute(m.sql)
-                await conn.execute(
-                    f'INSERT INTO "{schema}".schema_migrations (version, name, checksum) '
-                    "VALUES ($1, $2, $3)",
-                    m.version,
-                    m.name,
-                    m.checksum,
-                )
+            try:
+                async with conn.transaction():
+                    await conn.execute(f'SET LOCAL search_path TO "{schema}", "{extensions}"')
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        f'INSERT INTO "{schema}".schema_migrations (version, name, checksum) '
+                        "VALUES ($1, $2, $3)",
+                        m.version,
+                        m.name,
+                        m.checksum,
+                    )
+            except asyncpg.PostgresError as exc:
+                raise DatabaseUnavailableError(
+                    f"migration {m.version:04d}_{m.name} failed on schema {schema!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
             applied_now.append(m.version)
             log.info("applied migration %04d_%s to schema %s", m.version, m.name, schema)
+    except asyncpg.PostgresError as exc:
+        raise DatabaseUnavailableError(
+            f"could not prepare schema {schema!r}: {type(exc).__name__}: {exc}"
+        ) from None
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        with contextlib.suppress(Exception):  # a dead connection drops the lock anyway
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     return applied_now
 
 
@@ -175,6 +211,7 @@ async def open_pool(
     try:
         await check_server(conn, url)
         await migrate(conn, schema, migrations)
+        extensions = await vector_schema(conn)
     finally:
         await conn.close()
     try:
@@ -186,7 +223,7 @@ async def open_pool(
                 timeout=timeout,
                 command_timeout=60,
                 server_settings={
-                    "search_path": f'"{schema}", public',
+                    "search_path": f'"{schema}", "{extensions}"',
                     "application_name": application_name,
                 },
             ),
@@ -194,7 +231,7 @@ async def open_pool(
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailableError(
-            f"PostgreSQL at {redact(url)}: could not open a pool: {type(exc).__name__}: {exc}"
+            f"PostgreSQL at {redact_url(url)}: could not open a pool: {type(exc).__name__}: {exc}"
         ) from None
     assert pool is not None
     return pool

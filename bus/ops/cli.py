@@ -29,7 +29,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        help="where embedded servers keep data (default: ~/.local/share/darkroom)",
+        help="where embedded servers keep data (default: ~/.local/share/darkroom; "
+        "/var/lib/darkroom for root)",
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Empty the read model of this namespace, then rebuild it: first from the "
         "objects in the store (originals, ingest.json, caption.json), for images whose events "
         "have aged out of the stream, then by replaying every lifecycle event still in the "
-        "stream. Safe while darkroom runs: newer events always win over older ones.",
+        "stream. It loses nothing while darkroom runs (newer events always win over older "
+        "ones), but the gallery fills up again from empty while it works.",
     )
     _common(reindex)
     _endpoints(reindex)

@@ -99,13 +99,13 @@ def _prctl() -> Any:
 PR_SET_PDEATHSIG = 1
 
 
-def _death_signal(prctl: Any) -> Callable[[], None] | None:
-    """A pre-exec hook so the child gets SIGTERM when darkroom dies, however it dies."""
+def _death_signal(prctl: Any, sig: signal.Signals) -> Callable[[], None] | None:
+    """A pre-exec hook so the child gets ``sig`` when darkroom dies, however it dies."""
     if prctl is None:
         return None
 
     def hook() -> None:  # pragma: no cover - runs in the child before exec
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, sig)
 
     return hook
 
@@ -148,7 +148,7 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **env},
-            preexec_fn=_death_signal(_prctl()),
+            preexec_fn=_death_signal(_prctl(), self.stop_signal),
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
             user=user.pw_uid if user is not None else None,
             group=user.pw_gid if user is not None else None,
@@ -175,7 +175,8 @@ class Child:
         # or the child would block on a full pipe.
         assert self.proc is not None and self.proc.stdout is not None
         pending = b""
-        with self.log_path.open("ab") as out:
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "ab") as out:
             while chunk := await self.proc.stdout.read(65536):
                 out.write(chunk)
                 out.flush()

@@ -52,10 +52,19 @@ class PostgresCredentials:
         )
 
     @classmethod
-    def load_or_create(cls, path: Path) -> PostgresCredentials:
-        if path.exists():
+    def load(cls, path: Path) -> PostgresCredentials:
+        try:
             doc = json.loads(path.read_text())
-            return cls(doc["user"], doc["password"])
+            return cls(str(doc["user"]), str(doc["password"]))
+        except FileNotFoundError:
+            raise ChildError(
+                f"{path} is missing: it holds the embedded PostgreSQL's password"
+            ) from None
+        except (ValueError, KeyError, TypeError):
+            raise ChildError(f"{path} is not a darkroom PostgreSQL credentials file") from None
+
+    @classmethod
+    def create(cls, path: Path) -> PostgresCredentials:
         creds = cls("darkroom", secrets.token_urlsafe(24))
         write_private(path, json.dumps({"user": creds.user, "password": creds.password}))
         return creds
@@ -113,8 +122,7 @@ def _let_reach(path: Path) -> None:
 
 def embedded_postgres_url(data_dir: Path, port: int) -> str:
     """The URL of the embedded server a running ``darkroom up`` started in ``data_dir``."""
-    creds = PostgresCredentials.load_or_create(data_dir / CREDENTIALS_FILE)
-    return creds.url(port)
+    return PostgresCredentials.load(data_dir / CREDENTIALS_FILE).url(port)
 
 
 class PostgresServer(Child):
@@ -126,7 +134,17 @@ class PostgresServer(Child):
     def __init__(self, data_dir: Path, port: int = 5432) -> None:
         super().__init__(data_dir / "logs" / "postgres.log")
         self.pgdata = data_dir / "postgres"
-        self.credentials = PostgresCredentials.load_or_create(data_dir / CREDENTIALS_FILE)
+        creds = data_dir / CREDENTIALS_FILE
+        if creds.exists():
+            self.credentials = PostgresCredentials.load(creds)
+        elif (self.pgdata / "PG_VERSION").exists():
+            raise ChildError(
+                f"{creds} is missing but the cluster in {self.pgdata} exists, with a password "
+                "only that file knew: restore the file, or move the cluster away (the "
+                "catalogue can be rebuilt with `darkroom reindex`)"
+            )
+        else:
+            self.credentials = PostgresCredentials.create(creds)
         self.port = _free_port(port)
         self.run_as: pwd.struct_passwd | None = None
 
@@ -200,9 +218,20 @@ class PostgresServer(Child):
         import asyncpg
 
         c = self.credentials
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=self.port, user=c.user, password=c.password, database="postgres"
-        )
+        try:
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=self.port,
+                user=c.user,
+                password=c.password,
+                database="postgres",
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise ChildError(
+                f"the embedded PostgreSQL started but refuses darkroom's login "
+                f"({type(exc).__name__}: {exc}); is {self.pgdata.parent / CREDENTIALS_FILE} "
+                "the file it was created with?"
+            ) from None
         try:
             exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
             if not exists:

@@ -158,7 +158,12 @@ async def _from_stream(ctx: Context, db: ReadModel, summary: ReindexSummary, sho
         with tqdm(total=total, desc="stream", unit=" ev", disable=not show, file=sys.stderr) as bar:
             seen = 0
             while seen < total:
-                msg = await sub.next_msg(timeout=30)
+                try:
+                    msg = await sub.next_msg(timeout=30)
+                except TimeoutError:
+                    if (await sub.consumer_info()).num_pending == 0:
+                        break  # the rest aged out of the stream while we replayed
+                    continue
                 seen += 1
                 bar.update()
                 try:

@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import SecretStr
 
+from bus.core.redact import redact_url
 from bus.core.settings import Settings
 from bus.gateway.app import build_app
-from bus.infra.postgres import redact
 from bus.ops.embedded import Child, NatsServer, S3Credentials, SeaweedFS, Supervisor
 from bus.ops.local import (
     ADMIN_KEY_FILE,
@@ -88,7 +88,12 @@ def resolve_endpoints(settings: Settings, database: bool = False) -> Settings:
             "secret_key": creds.secret_key,
         }
     postgres_url = None
-    if database and settings.embedded_postgres and info.get("postgres_port"):
+    if database and settings.embedded_postgres:
+        if not info.get("postgres_port"):
+            raise StartupError(
+                "the running `darkroom up` uses an external PostgreSQL: pass --postgres (or "
+                "DARKROOM_POSTGRES__URL) here too"
+            )
         postgres_url = embedded_postgres_url(settings.data_dir, int(info["postgres_port"]))
     return with_endpoints(
         settings, info["nats_url"] if settings.embedded_nats else None, s3, postgres_url
@@ -99,7 +104,7 @@ def postgres_where(settings: Settings) -> str:
     """Where the read model is, without the password."""
     if settings.postgres.url is None:
         return "(embedded)"
-    return redact(settings.postgres.url.get_secret_value())
+    return redact_url(settings.postgres.url.get_secret_value())
 
 
 def enabled_functions(settings: Settings) -> list[Function]:

@@ -38,8 +38,18 @@ APPROVALS = ("none", "pending", "approved", "rejected")
 SORTS = {"created": "created", "taken": "taken_or_created"}
 UPLOAD_KEYS = ("sha256", "source", "original_name", "hook", "gps_removed", "lineage", "format")
 MAX_EMBEDDING_DIM = 2000  # pgvector's HNSW limit for the vector type
-EF_SEARCH = 100  # HNSW candidates per query: recall against speed
+# HNSW: the graph's degree and build effort, and the candidates a query looks at. Chosen
+# with tests/bench/bench_readmodel.py (recall of the top 20 at 10^6 images).
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 128
+EF_SEARCH = 400
 _WORD = re.compile(r"[\w-]+")
+# What the database refuses about an event's data (as opposed to being unreachable).
+BAD_DATA = (
+    asyncpg.exceptions.DataError,  # 22xxx: out of range, bad characters...
+    asyncpg.exceptions._base.DataError,  # the client could not encode a value
+    asyncpg.IntegrityConstraintViolationError,  # 23xxx
+)
 
 
 class ReadModelError(ValueError):
@@ -112,7 +122,9 @@ class ImageQuery:
         if self.since and self.until and self.since >= self.until:
             raise ReadModelError("since must be before until")
         if self.cursor is not None:
-            decode_cursor(self.cursor)
+            decode_cursor(self.cursor, self.sort, self.order)
+        if self.text is not None and _text_query(self.text) is None:
+            raise ReadModelError(f"q has no words to search for: {self.text[:80]!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,15 +133,24 @@ class Page:
     next_cursor: str | None
 
 
-def encode_cursor(moment: datetime, image_id: str) -> str:
-    return f"{format_time(moment)}|{image_id}"
+def encode_cursor(sort: str, order: str, moment: datetime, image_id: str) -> str:
+    """Where a page ended: the sort, its direction, the last row's key (to the microsecond)
+    and id."""
+    exact = moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return f"{sort}.{order}|{exact}|{image_id}"
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    moment, sep, image_id = cursor.partition("|")
-    if not sep or not subjects.is_safe_id(image_id):
+def decode_cursor(cursor: str, sort: str = "created", order: str = "desc") -> tuple[datetime, str]:
+    """The sort key and id a cursor of the same sort and order names."""
+    parts = cursor.split("|")
+    if len(parts) != 3 or not subjects.is_safe_id(parts[2]):
         raise ReadModelError(f"cursor {cursor[:80]!r} is not one this API handed out")
-    return parse_time(moment), image_id
+    if parts[0] != f"{sort}.{order}":
+        raise ReadModelError(
+            f"this cursor is for sort/order {parts[0].replace('.', '/')}, "
+            f"not {sort}/{order}: ask again without it"
+        )
+    return parse_time(parts[1]), parts[2]
 
 
 def _text_query(text: str) -> str | None:
@@ -158,29 +179,39 @@ class ReadModel:
             raise ReadModelError(f"image_id {image_id[:80]!r} is not a valid id")
         moment = parse_time(event.time)
         topic = event.type
-        async with self.pool.acquire() as conn, conn.transaction():
-            if topic in (subjects.UPLOADED, subjects.GENERATED):
-                changed = await self._uploaded(conn, event, moment, seq)
-            elif topic == subjects.INGESTED:
-                changed = await self._ingested(conn, event, moment, seq)
-            elif topic == subjects.CAPTIONED:
-                changed = await self._captioned(conn, event, moment, seq)
-            elif topic.startswith(subjects.FAILED + "."):
-                changed = await self._failed(conn, event, moment, seq)
-            else:
-                return False
-            if changed is not None and topic != subjects.CAPTIONED:
-                # The sort keys copied to the tags move with the upload's time and the date
-                # taken (a caption writes its tags with the current keys).
-                await conn.execute(
-                    "UPDATE image_tags t SET created = i.created, "
-                    "taken_or_created = i.taken_or_created FROM images i "
-                    "WHERE t.image_id = $1 AND i.id = $1 AND "
-                    "(t.created, t.taken_or_created) IS DISTINCT FROM "
-                    "(i.created, i.taken_or_created)",
-                    event.image_id,
-                )
-            return changed is not None
+        embeddings: list[_Embedding] = []
+        if topic == subjects.CAPTIONED:
+            embeddings = _embeddings(event.data.get("embeddings"))
+            for embedding in embeddings:  # before the row's transaction: see _vector_index
+                await self._vector_index(embedding)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if topic in (subjects.UPLOADED, subjects.GENERATED):
+                    changed = await self._uploaded(conn, event, moment, seq)
+                elif topic == subjects.INGESTED:
+                    changed = await self._ingested(conn, event, moment, seq)
+                elif topic == subjects.CAPTIONED:
+                    changed = await self._captioned(conn, event, moment, seq, embeddings)
+                elif topic.startswith(subjects.FAILED + "."):
+                    changed = await self._failed(conn, event, moment, seq)
+                else:
+                    return False
+                if changed is not None and topic != subjects.CAPTIONED:
+                    # The sort keys copied to the tags move with the upload's time and the
+                    # date taken (a caption writes its tags with the current keys).
+                    await conn.execute(
+                        "UPDATE image_tags t SET created = i.created, "
+                        "taken_or_created = i.taken_or_created FROM images i "
+                        "WHERE t.image_id = $1 AND i.id = $1 AND "
+                        "(t.created, t.taken_or_created) IS DISTINCT FROM "
+                        "(i.created, i.taken_or_created)",
+                        image_id,
+                    )
+                return changed is not None
+        except BAD_DATA as exc:
+            raise ReadModelError(
+                f"the database refused this {topic} event: {type(exc).__name__}: {exc}"
+            ) from None
 
     async def _uploaded(
         self, conn: asyncpg.Connection, event: Event, moment: datetime, seq: int
@@ -231,11 +262,15 @@ class ReadModel:
         )
 
     async def _captioned(
-        self, conn: asyncpg.Connection, event: Event, moment: datetime, seq: int
+        self,
+        conn: asyncpg.Connection,
+        event: Event,
+        moment: datetime,
+        seq: int,
+        embeddings: list[_Embedding],
     ) -> asyncpg.Record | None:
         data = event.data
         tags = _tags(data.get("tags"))
-        embeddings = _embeddings(data.get("embeddings"))
         caption = data.get("caption")
         row = await _upsert_stage(
             conn,
@@ -277,16 +312,6 @@ class ReadModel:
     async def _embed(
         self, conn: asyncpg.Connection, image_id: str, embedding: _Embedding, seq: int
     ) -> None:
-        key = (embedding.kind, embedding.model)
-        dim = self._vector_indexes.get(key)
-        if dim is None:
-            dim = await self.ensure_vector_index(conn, *key, embedding.dim)
-            self._vector_indexes[key] = dim
-        if dim != embedding.dim:
-            raise ReadModelError(
-                f"{embedding.model} made a {embedding.dim}-dimensional {embedding.kind} "
-                f"embedding, but its earlier ones had {dim}: name a new model for new sizes"
-            )
         await conn.execute(
             """
             INSERT INTO image_embeddings AS e (image_id, kind, model, dim, embedding, seq)
@@ -304,6 +329,25 @@ class ReadModel:
             seq,
         )
 
+    async def _vector_index(self, embedding: _Embedding) -> None:
+        """Make sure the embedding's model has its index, and that the sizes agree.
+
+        Runs on a connection and in a transaction of its own, before the row's: building
+        the index waits for transactions writing embeddings, so building it inside one of
+        them would deadlock with the others.
+        """
+        key = (embedding.kind, embedding.model)
+        dim = self._vector_indexes.get(key)
+        if dim is None:
+            async with self.pool.acquire() as conn:
+                dim = await self.ensure_vector_index(conn, *key, embedding.dim)
+            self._vector_indexes[key] = dim
+        if dim != embedding.dim:
+            raise ReadModelError(
+                f"{embedding.model} made a {embedding.dim}-dimensional {embedding.kind} "
+                f"embedding, but its earlier ones had {dim}: name a new model for new sizes"
+            )
+
     @staticmethod
     async def ensure_vector_index(conn: asyncpg.Connection, kind: str, model: str, dim: int) -> int:
         """Make the HNSW index for ``model``'s ``kind`` embeddings on first use; returns the
@@ -319,6 +363,7 @@ class ReadModel:
             await conn.execute(
                 f"CREATE INDEX IF NOT EXISTS {name} ON image_embeddings USING hnsw "
                 f"((embedding::vector({dim:d})) vector_cosine_ops) "
+                f"WITH (m = {HNSW_M:d}, ef_construction = {HNSW_EF_CONSTRUCTION:d}) "
                 f"WHERE kind = {_literal(kind)} AND model = {_literal(model)}"
             )
             await conn.execute(
@@ -344,7 +389,7 @@ class ReadModel:
 
     async def get(self, image_id: str) -> dict[str, Any] | None:
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow("SELECT * FROM images WHERE id = $1", image_id)
+            row = await conn.fetchrow(f"SELECT {DOC_COLUMNS} FROM images i WHERE id = $1", image_id)
         return None if row is None else document(row)
 
     async def page(self, query: ImageQuery) -> Page:
@@ -355,27 +400,35 @@ class ReadModel:
         next_cursor = None
         if len(rows) == query.limit:
             last = rows[-1]
-            next_cursor = encode_cursor(last[SORTS[query.sort]], last["id"])
+            next_cursor = encode_cursor(
+                query.sort, query.order, last[SORTS[query.sort]], last["id"]
+            )
         return Page(items, next_cursor)
 
     async def counts(self) -> dict[str, Any]:
         async with self.pool.acquire() as conn:
-            by_status = await conn.fetch("SELECT status, count(*) FROM images GROUP BY status")
-            by_approval = await conn.fetch(
-                "SELECT approval, count(*) FROM images GROUP BY approval"
+            rows = await conn.fetch(
+                "SELECT status, approval, count(*) FROM images "
+                "GROUP BY GROUPING SETS ((status), (approval))"
             )
-        statuses = {s: 0 for s in STATUSES} | {r[0]: r[1] for r in by_status}
-        approvals = {a: 0 for a in APPROVALS} | {r[0]: r[1] for r in by_approval}
+        statuses = {s: 0 for s in STATUSES} | {r[0]: r[2] for r in rows if r[0] is not None}
+        approvals = {a: 0 for a in APPROVALS} | {r[1]: r[2] for r in rows if r[1] is not None}
         return {"total": sum(statuses.values()), "status": statuses, "approval": approvals}
 
     async def similar(
-        self, vector: Sequence[float], kind: str, model: str, limit: int = 20
+        self,
+        vector: Sequence[float],
+        kind: str,
+        model: str,
+        limit: int = 20,
+        ef_search: int = EF_SEARCH,
     ) -> list[tuple[str, float]]:
-        """The ``limit`` images whose ``kind`` embedding from ``model`` is nearest (cosine)."""
+        """The ``limit`` images whose ``kind`` embedding from ``model`` is nearest (cosine);
+        ``ef_search`` trades speed for recall (see the read-model benchmark)."""
         dim = len(vector)
         text = _vector_text(vector)
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL hnsw.ef_search = {EF_SEARCH:d}")
+            await conn.execute(f"SET LOCAL hnsw.ef_search = {max(limit, ef_search):d}")
             rows = await conn.fetch(
                 f"SELECT image_id, embedding::vector({dim:d}) <=> $1::text::vector({dim:d}) "
                 "FROM image_embeddings WHERE kind = $2 AND model = $3 "
@@ -389,6 +442,29 @@ class ReadModel:
 
 
 JSONB_COLUMNS = frozenset({"upload", "ingest", "caption", "failure"})
+# What a document is made of (not the search vector, which is only for filtering).
+DOC_COLUMNS = ", ".join(
+    f"i.{c}"
+    for c in [
+        "id",
+        "kind",
+        "name",
+        "created",
+        "updated",
+        "taken",
+        "taken_or_created",
+        "status",
+        "approval",
+        "tags",
+        "upload",
+        "ingest",
+        "caption",
+        "failure",
+        "uploaded_at",
+        "ingested_at",
+        "captioned_at",
+    ]
+)
 
 
 async def _upsert_stage(
@@ -415,11 +491,9 @@ async def _upsert_stage(
         for n, column in enumerate(columns, start=3)
     ]
     sql = (
-        f"INSERT INTO images AS i (id, created, updated, {', '.join(columns)}) "
-        f"VALUES ($1, $2, $2, {', '.join(placeholders)}) "
-        "ON CONFLICT (id) DO UPDATE SET "
-        + ", ".join(f"{c} = EXCLUDED.{c}" for c in updates)
-        + ", updated = greatest(i.updated, EXCLUDED.updated) "
+        f"INSERT INTO images AS i (id, created, {', '.join(columns)}) "
+        f"VALUES ($1, $2, {', '.join(placeholders)}) "
+        "ON CONFLICT (id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in updates) + " "
         f"WHERE i.{stage}_seq IS NULL OR i.{stage}_seq < EXCLUDED.{stage}_seq "
         "RETURNING created, taken_or_created"
     )
@@ -458,15 +532,13 @@ def _page_sql(q: ImageQuery) -> tuple[str, list[Any]]:
     if q.has_caption is not None:
         where.append(f"i.captioned_at IS {'NOT ' if q.has_caption else ''}NULL")
     if q.text:
-        tsquery = _text_query(q.text)
-        if tsquery is not None:
-            where.append(f"i.search @@ to_tsquery('simple', {arg(tsquery)})")
+        where.append(f"i.search @@ to_tsquery('simple', {arg(_text_query(q.text))})")
     direction, before = ("DESC", "<") if q.order == "desc" else ("ASC", ">")
     if q.cursor is not None:
-        moment, image_id = decode_cursor(q.cursor)
+        moment, image_id = decode_cursor(q.cursor, q.sort, q.order)
         where.append(f"({sort_col}, {id_col}) {before} ({arg(moment)}, {arg(image_id)})")
     sql = (
-        f"SELECT i.* FROM {source}"
+        f"SELECT {DOC_COLUMNS} FROM {source}"
         + (f" WHERE {' AND '.join(where)}" if where else "")
         + f" ORDER BY {sort_col} {direction}, {id_col} {direction} LIMIT {arg(q.limit)}"
     )

@@ -6,7 +6,6 @@ CREATE TABLE images (
     id            text PRIMARY KEY,
     kind          text NOT NULL DEFAULT 'upload' CHECK (kind IN ('upload', 'generated')),
     created       timestamptz NOT NULL,   -- the uploaded/generated event's time
-    updated       timestamptz NOT NULL,   -- the newest event's time
     name          text NOT NULL DEFAULT '',
     upload        jsonb,                  -- what the uploaded/generated event said
     upload_seq    bigint,
@@ -25,6 +24,7 @@ CREATE TABLE images (
     nsfw          real,
     failure       jsonb,                  -- the last failed.<stage> event's data
     failure_seq   bigint,
+    failed_at     timestamptz,
     approval      text NOT NULL DEFAULT 'none'
                   CHECK (approval IN ('none', 'pending', 'approved', 'rejected')),
     search        tsvector NOT NULL DEFAULT ''::tsvector,  -- kept by images_search()
@@ -40,7 +40,11 @@ CREATE TABLE images (
             ELSE 'uploaded'
         END
     ) STORED,
-    taken_or_created timestamptz GENERATED ALWAYS AS (coalesce(taken, created)) STORED
+    taken_or_created timestamptz GENERATED ALWAYS AS (coalesce(taken, created)) STORED,
+    -- The newest stage's time: derived, so it is the same however the row was rebuilt.
+    updated       timestamptz GENERATED ALWAYS AS (
+        greatest(created, uploaded_at, ingested_at, captioned_at, failed_at)
+    ) STORED
 );
 
 CREATE INDEX images_by_created ON images (created DESC, id DESC);
