@@ -42,7 +42,7 @@ MAX_EMBEDDING_DIM = 2000  # pgvector's HNSW limit for the vector type
 # with tests/bench/bench_readmodel.py (recall of the top 20 at 10^6 images).
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 128
-EF_SEARCH = 400
+EF_SEARCH = 200
 _WORD = re.compile(r"[\w-]+")
 # What the database refuses about an event's data (as opposed to being unreachable).
 BAD_DATA = (
