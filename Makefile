@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 ML_STAMP := $(VENV)/.installed-ml
 TORCH ?= torch==2.13.0
 
-.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases install install-ml clean
+.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel install install-ml clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-chain bench-ingest bench-leases
+bench: bench-chain bench-ingest bench-leases bench-readmodel
 
 bench-chain: install
 	$(BIN)/python -m tests.bench.bench_chain $(ARGS)
@@ -57,6 +57,10 @@ bench-ingest: install
 
 bench-leases: install
 	$(BIN)/python -m tests.bench.bench_leases $(ARGS)
+
+# Needs numpy (the ml extra brings it) and about 10 GB of disk for 10^6 images.
+bench-readmodel: install-ml
+	$(BIN)/python -m tests.bench.bench_readmodel $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
