@@ -81,7 +81,6 @@ class Progress:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.sent = 0
 
     def report(self, update: ProgressUpdate) -> None:
         """Safe from any thread. After :meth:`close` (the invocation is over, though a
@@ -125,7 +124,6 @@ class Progress:
         task = self._loop.create_task(self._send(self._subject, orjson.dumps(doc)))
         self._tasks.add(task)
         task.add_done_callback(self._sent)
-        self.sent += 1
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
