@@ -9,8 +9,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import nats.errors
 import orjson
 import pytest
+from nats.aio.msg import Msg
 
 from bus import Call, Cancelled, Context, Emit, Event, Function, Reject, Retry, Spec
 from bus.core.envelope import new_id, now_iso
@@ -284,6 +286,74 @@ async def test_a_handler_past_its_timeout_is_retried_then_dead_lettered(
     [record] = await dead_letters(ctx, "hung", at_least=1, timeout=15)
     assert record["kind"] == "exhausted" and "ran past its 0.5 s timeout" in record["reason"]
     assert len(remaining) == 2 and all(0 < r <= 0.5 for r in remaining)
+
+
+async def silent_subject(ctx: Context) -> str:
+    """A subject with a subscriber that never replies: requests to it time out."""
+
+    async def ignore(msg: Msg) -> None:
+        return None
+
+    subject = f"{ctx.names.namespace}-test.silent"
+    await ctx.nc.subscribe(subject, cb=ignore)
+    return subject
+
+
+@pytest.mark.parametrize("how", ["raised", "request", "batch"])
+async def test_a_nats_timeout_inside_the_handler_is_retried_and_named_as_such(
+    ctx: Context, run_function: Any, how: str
+) -> None:
+    """nats-py's TimeoutError subclasses the builtin one the runner's own deadline raises:
+    a dependency that timed out is a retry with backoff, and the dead letter says NATS."""
+    silent = await silent_subject(ctx)
+    attempts: list[int] = []
+
+    async def wait_on_nats(call: Call) -> None:
+        attempts.append(call.attempt)
+        if how == "request":
+            await ctx.nc.request(silent, b"", timeout=0.2)  # a real request, never answered
+        else:
+            raise nats.errors.TimeoutError  # what a timed-out JetStream publish or KV call raises
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        await wait_on_nats(call)
+        return []
+
+    async def handle_batch(batch: list[Event], _: Context, calls: list[Call]) -> list[list[Emit]]:
+        await wait_on_nats(calls[0])
+        return [[]]
+
+    spec = Spec(
+        "waits", listens=("a",), max_deliver=2, backoff=(0.05,), batch=2 if how == "batch" else 1
+    )
+    fn = (
+        Function(spec, handle_batch=handle_batch)
+        if how == "batch"
+        else Function(spec, handle=handle)
+    )
+    await run_function(fn)
+    await publish(ctx, make_event("a"))
+    [record] = await dead_letters(ctx, "waits", at_least=1, timeout=15)
+    assert attempts == [1, 2]
+    assert record["kind"] == "exhausted" and "ran past" not in record["reason"]
+    assert record["reason"] == "gave up after 2 attempts: NATS TimeoutError: nats: timeout"
+
+
+async def test_a_handler_past_its_timeout_while_waiting_on_nats_is_late(
+    ctx: Context, run_function: Any
+) -> None:
+    silent = await silent_subject(ctx)
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        await ctx.nc.request(silent, b"", timeout=3600)  # the runner's deadline comes first
+        return []
+
+    await run_function(
+        Function(Spec("stuck", listens=("a",), timeout=0.5, max_deliver=1), handle=handle)
+    )
+    await publish(ctx, make_event("a"))
+    [record] = await dead_letters(ctx, "stuck", at_least=1, timeout=15)
+    assert record["reason"] == "gave up after 1 attempts: the handler ran past its 0.5 s timeout"
 
 
 # --- cancellation -----------------------------------------------------------------------------

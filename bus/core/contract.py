@@ -82,7 +82,7 @@ class Spec:
     batch: int = 1  # >1: a batch handler gets up to this many events per call
     batch_wait_s: float = 0.0  # how long a batch may wait for more after its first event
     concurrency: int = 8  # handler invocations in flight per process
-    ack_wait: float = 30.0  # seconds; heartbeats keep long work alive
+    ack_wait: float = 10.0  # a killed worker's events return after this; heartbeats keep live work
     max_deliver: int = 5
     backoff: tuple[float, ...] = (1.0, 5.0, 30.0)  # delay before retry n (last one repeats)
     timeout: float = 600.0  # longest a handler may run; heartbeats keep it alive till then

@@ -5,8 +5,10 @@ derived from the input, so replays dedupe), wait for every PubAck, then ack. Ret
 a nak with a delay; Reject, a malformed event, or the last failed delivery becomes a
 dead-letter record plus a ``failed.<stage>`` event, then a term. Cancelled (raised by the
 handler, or found flagged before it ran) becomes a ``cancelled.<stage>`` event and an ack.
-Long handlers get ``in_progress()`` heartbeats. ``drain()`` stops asking for work and
-finishes what started.
+Every message the runner holds (running, queued for a slot, or settling) gets an
+``in_progress()`` heartbeat three times per ``ack_wait``, so ``ack_wait`` can be short and a
+killed worker's messages come back within seconds. ``drain()`` stops asking for work and
+finishes what started; what it has to give up it naks, so that returns at once.
 
 Handlers run concurrently, one task per invocation. A batch function's events wait in a
 queue until ``Spec.batch`` of them are there, or ``Spec.batch_wait_s`` has passed since the
@@ -162,8 +164,8 @@ class FunctionRunner:
     async def drain(self, timeout: float | None = None) -> None:
         """Stop fetching, finish in-flight work (acking it), then stop.
 
-        Past ``timeout`` the handlers still running are cancelled and the events not yet
-        started are left un-acked: JetStream redelivers them to another worker.
+        Past ``timeout`` the handlers still running are cancelled, and their events and those
+        not yet started are nakked: JetStream redelivers them to another worker at once.
         """
         await self._consumer.stop()
         await self._exhausted.stop()
@@ -174,7 +176,8 @@ class FunctionRunner:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 log.warning(
-                    "%s: %d task(s) and %d queued event(s) cut short by the drain timeout",
+                    "%s: %d task(s) and %d queued event(s) cut short by the drain timeout; "
+                    "handing their events back",
                     self.stage,
                     len(self._tasks),
                     len(self._queued),
@@ -188,13 +191,14 @@ class FunctionRunner:
         await self.stop()
 
     async def _halt(self) -> None:
-        """Start nothing more; leave queued events un-acked; cancel what still runs."""
+        """Start nothing more; hand queued events back; cancel what still runs (its
+        invocations hand their events back as they end)."""
         self._stopping = True
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        self._forget(self._queued)
-        self._queued = []
+        queued, self._queued = self._queued, []
+        await self._hand_back(queued)
         pending = set(self._tasks)
         for task in pending:
             task.cancel()
@@ -262,10 +266,18 @@ class FunctionRunner:
         task.add_done_callback(self._tasks.discard)
 
     def _forget(self, works: list[_Work]) -> None:
-        """Stop tracking ``works`` without settling them (they will be redelivered)."""
+        """Stop tracking ``works`` without settling them."""
         for work in works:
             self._active.pop(id(work.msg), None)
         self._consumer.release(len(works))
+
+    async def _hand_back(self, works: list[_Work]) -> None:
+        """Nak ``works`` without a delay, so another worker gets them now instead of after
+        ``ack_wait``; a nak that cannot be sent leaves that to ``ack_wait``."""
+        self._forget(works)
+        for work in works:
+            with contextlib.suppress(Exception):
+                await work.msg.nak()
 
     # --- processing ------------------------------------------------------------------------
     async def _process(self, works: list[_Work]) -> None:
@@ -292,10 +304,10 @@ class FunctionRunner:
                 malformed.pop(0)
                 self._forget([work])
         finally:
-            # What was neither settled nor handed to the settler (a drain timeout cancelled
-            # us) is left un-acked: it is redelivered elsewhere.
-            self._forget([w for w, _ in malformed] + ([] if handed_over else decoded))
             self._running -= 1
+            # What was neither settled nor handed to the settler (a drain timeout cancelled
+            # us) goes back to the stream, for another worker.
+            await self._hand_back([w for w, _ in malformed] + ([] if handed_over else decoded))
             if self._queued:
                 self._dispatch()
 
@@ -377,7 +389,7 @@ class FunctionRunner:
         try:
             async with limit:
                 work.result = await self.fn.handle(work.event, self.ctx, work.call)
-        except TimeoutError as exc:  # ours, or one the handler let through
+        except TimeoutError as exc:  # ours, or one from a dependency (nats-py's subclass it)
             work.result = self._late("handler") if limit.expired() else exc
         except Exception as exc:
             work.result = exc
@@ -498,7 +510,7 @@ class FunctionRunner:
 
     async def _retry_or_give_up(self, msg: Msg, event: Event, exc: BaseException) -> None:
         delivered = msg.metadata.num_delivered or 1
-        reason = exc.reason if isinstance(exc, Retry) else f"{type(exc).__name__}: {exc}"
+        reason = _describe(exc)
         if delivered >= self.spec.max_deliver:
             if self.ctx.cancels.reason(event) is not None:
                 # Cancelled, and even announcing that failed: not a failure to dead-letter.
@@ -686,7 +698,7 @@ class FunctionRunner:
 
     # --- heartbeats ------------------------------------------------------------------------
     async def _heartbeats(self) -> None:
-        interval = max(0.5, self.spec.ack_wait / 3)
+        interval = heartbeat_interval(self.spec.ack_wait)
         while True:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
@@ -695,6 +707,26 @@ class FunctionRunner:
                     work.beats += 1
                     with contextlib.suppress(Exception):
                         await work.msg.in_progress()
+
+
+def _describe(exc: BaseException) -> str:
+    """A failure in a few words, for logs and dead-letter records.
+
+    nats-py's errors are named as such: its ``TimeoutError`` subclasses the builtin one, so
+    "TimeoutError" alone would read like the runner's own deadline.
+    """
+    if isinstance(exc, Retry):
+        return exc.reason
+    name = type(exc).__name__
+    if type(exc).__module__.split(".")[0] == "nats":
+        name = f"NATS {name}"
+    text = str(exc)
+    return f"{name}: {text}" if text else name
+
+
+def heartbeat_interval(ack_wait: float) -> float:
+    """How often a held message is told to stay in progress: three times per ack_wait."""
+    return max(0.5, ack_wait / 3)
 
 
 def _first_error(futures: list[asyncio.Future[None]]) -> BaseException | None:

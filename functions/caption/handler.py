@@ -10,7 +10,7 @@ SPEC = Spec(
     listens=(subjects.INGESTED,),
     emits=(subjects.CAPTIONED,),
     concurrency=4,
-    ack_wait=120.0,
+    ack_wait=15.0,
     max_deliver=4,
 )
 

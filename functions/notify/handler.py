@@ -23,7 +23,7 @@ SPEC = Spec(
         f"{subjects.FAILED}.>",
     ),
     concurrency=16,
-    ack_wait=30.0,
+    ack_wait=10.0,
     max_deliver=10,
     backoff=(0.5, 2.0, 10.0),
     needs_db=True,
