@@ -14,7 +14,8 @@ from pydantic import SecretStr
 
 from bus.core.settings import Settings
 from bus.gateway.app import build_app
-from bus.ops.embedded import NatsServer, S3Credentials, SeaweedFS
+from bus.infra.nats_auth import Role
+from bus.ops.embedded import NatsCredentials, NatsServer, S3Credentials, SeaweedFS
 from bus.ops.pgserver import PostgresServer
 from bus.runtime.context import Context, open_context
 from bus.runtime.registry import Function, load
@@ -24,8 +25,10 @@ from bus.state.keys import create_key
 
 @pytest.fixture(scope="session")
 async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
-    """nats-server with JetStream on a free port (``--port -1``, read back from its log)."""
-    server = NatsServer(tmp_path_factory.mktemp("nats"), port=0)
+    """nats-server with JetStream on a free port (``--port -1``, read back from its log),
+    authenticated as ``darkroom up`` runs it: tests connect with the gateway role's nkey."""
+    data = tmp_path_factory.mktemp("nats")
+    server = NatsServer(data, port=0, credentials=NatsCredentials.load_or_create(data / "auth"))
     await server.start()
     yield server
     await server.stop()
@@ -53,6 +56,12 @@ async def postgres_server(
     await server.stop()
 
 
+def gateway_seed(server: NatsServer) -> str:
+    """The nkey seed of the test server's gateway role (unrestricted)."""
+    assert server.credentials is not None
+    return server.credentials.seed(Role.GATEWAY)
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
@@ -66,7 +75,7 @@ def settings(
     return Settings(
         data_dir=tmp_path / "data",
         namespace=unique("t"),
-        nats={"url": nats_server.url},
+        nats={"url": nats_server.url, "nkey_seed": SecretStr(gateway_seed(nats_server))},
         postgres={"url": SecretStr(postgres_server.url)},
         s3={
             "endpoint": s3_server.url,
@@ -84,6 +93,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         **os.environ,
         "DARKROOM_NAMESPACE": settings.namespace,
         "DARKROOM_NATS__URL": settings.nats.url or "",
+        "DARKROOM_NATS__NKEY_SEED": settings.nats.nkey_seed.get_secret_value()
+        if settings.nats.nkey_seed
+        else "",
         "DARKROOM_S3__ENDPOINT": settings.s3.endpoint or "",
         "DARKROOM_S3__ACCESS_KEY": settings.s3.access_key or "",
         "DARKROOM_S3__SECRET_KEY": settings.s3.secret_key.get_secret_value(),

@@ -56,7 +56,7 @@ KV_TIMEOUT = 2.0
 
 @pytest.fixture
 async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    conn = await nats.connect(nats_server.url)
+    conn = await nats.connect(nats_server.url, **nats_server.client_options())
     yield conn
     await conn.close()
 
@@ -257,6 +257,7 @@ async def test_a_killed_holder_lapses_within_ttl_plus_one_heartbeat(
     host = unique("h")
     spec = {
         "url": nats_server.url,
+        "connect": nats_server.client_options(),
         "bucket": (await kv.status()).bucket,
         "host": host,
         "worker": "holder",
@@ -321,7 +322,7 @@ async def test_resize_replaces_the_estimate_with_the_measured_size(ledgers: Any)
 async def test_an_unavailable_ledger_fails_clearly_instead_of_hanging(
     nats_server: NatsServer,
 ) -> None:
-    conn = await nats.connect(nats_server.url)
+    conn = await nats.connect(nats_server.url, **nats_server.client_options())
     kv = await bucket(conn)
     device = Device("cpu", CAPACITY, RESERVE)
     ledger = Ledger(kv, device, Holder.here(unique("h"), "w"), ttl_s=TTL)
@@ -356,7 +357,13 @@ def revisions_are_sound(revisions: list[tuple[float, Snapshot]], usable: int) ->
 @pytest.fixture
 async def clients(nats_server: NatsServer) -> AsyncIterator[list[asyncio.subprocess.Process]]:
     """Four ledger client processes, started once and fed one plan per example."""
-    base = {"url": nats_server.url, "capacity_mb": CAPACITY, "reserve_mb": RESERVE, "ttl_s": 2.0}
+    base = {
+        "url": nats_server.url,
+        "connect": nats_server.client_options(),
+        "capacity_mb": CAPACITY,
+        "reserve_mb": RESERVE,
+        "ttl_s": 2.0,
+    }
     procs = [await spawn({**base, "worker": f"w{n}"}) for n in range(4)]
     try:
         for p in procs:

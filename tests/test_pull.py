@@ -17,11 +17,13 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from pydantic import SecretStr
 
+from bus.core.settings import NatsSettings
 from bus.infra.nats_conn import connect, reconnect_count
 from bus.ops.embedded import NatsServer
 from bus.runtime.pull import PullConsumer, _Request
-from tests.conftest import unique
+from tests.conftest import gateway_seed, unique
 from tests.support.streams import eventually
 
 
@@ -84,11 +86,12 @@ async def test_heartbeats_keep_only_their_own_request_alive() -> None:
 
 @contextlib.asynccontextmanager
 async def pulling(
-    url: str, stream: str, *, expires: float = 30.0, heartbeat: float = 5.0
+    server: NatsServer, stream: str, *, expires: float = 30.0, heartbeat: float = 5.0
 ) -> AsyncIterator[tuple[NATS, PullConsumer, asyncio.Queue[Msg]]]:
     """Stream ``stream`` (subjects ``<stream>.>``), a durable consumer "d", and a started
     PullConsumer whose messages are acked and released as they arrive."""
-    nc = await connect([url], name="test-pull", timeout=5)
+    seed = SecretStr(gateway_seed(server)) if server.credentials else None
+    nc = await connect(NatsSettings(url=server.url, nkey_seed=seed), name="test-pull", timeout=5)
     js = nc.jetstream()
     with contextlib.suppress(Exception):
         await js.delete_stream(stream)
@@ -117,9 +120,9 @@ async def pulling(
         await nc.close()
 
 
-async def requests_seen(url: str, stream: str) -> tuple[NATS, list[dict[str, Any]]]:
+async def requests_seen(server: NatsServer, stream: str) -> tuple[NATS, list[dict[str, Any]]]:
     """Watch the pull requests sent for ``stream``/d on the wire (a second connection)."""
-    watcher = await nats.connect(url)
+    watcher = await nats.connect(server.url, **server.client_options())
     seen: list[dict[str, Any]] = []
 
     async def record(msg: Msg) -> None:
@@ -135,9 +138,9 @@ async def test_an_expired_request_is_renewed_and_the_next_message_still_arrives(
     nats_server: NatsServer,
 ) -> None:
     stream = unique("S")
-    watcher, seen = await requests_seen(nats_server.url, stream)
+    watcher, seen = await requests_seen(nats_server, stream)
     try:
-        async with pulling(nats_server.url, stream, expires=1.0, heartbeat=0.4) as (
+        async with pulling(nats_server, stream, expires=1.0, heartbeat=0.4) as (
             nc,
             _,
             received,
@@ -157,7 +160,7 @@ async def test_a_restarted_server_gets_new_requests_and_delivers_again(tmp_path:
     server = NatsServer(tmp_path, port=0)
     await server.start()
     try:
-        async with pulling(server.url, "S", heartbeat=0.5) as (nc, pc, received):
+        async with pulling(server, "S", heartbeat=0.5) as (nc, pc, received):
             js = nc.jetstream()
             await js.publish("S.x", b"before")
             assert (await asyncio.wait_for(received.get(), 10)).data == b"before"

@@ -63,7 +63,7 @@ async def queued(ledger: Ledger, model: str) -> bool:
 
 @pytest.fixture
 async def kv(nats_server: NatsServer) -> AsyncIterator[KeyValue]:
-    conn: NATS = await nats.connect(nats_server.url)
+    conn: NATS = await nats.connect(nats_server.url, **nats_server.client_options())
     yield await conn.jetstream(timeout=2).create_key_value(KeyValueConfig(bucket=unique("leases")))
     await conn.close()
 

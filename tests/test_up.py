@@ -15,6 +15,7 @@ import pytest
 from bus.ops.embedded import Child
 from bus.ops.stack import DRAIN_TIMEOUT_S
 from bus.runtime.context import START_TIMEOUT_S
+from tests.conftest import gateway_seed
 from tests.support import procs
 from tests.support.images import jpeg
 from tests.support.streams import eventually
@@ -150,8 +151,9 @@ async def test_unreachable_s3_fails_fast_naming_the_url(
     tmp_path: Path, nats_server: object
 ) -> None:
     url = nats_server.url  # type: ignore[attr-defined]
+    env = {**up_env(tmp_path), "DARKROOM_NATS__NKEY_SEED": gateway_seed(nats_server)}  # type: ignore[arg-type]
     proc = await procs.start(
-        ["worker", "ingest", "--nats", url, "--s3", "http://k:s@127.0.0.1:1"], up_env(tmp_path)
+        ["worker", "ingest", "--nats", url, "--s3", "http://k:s@127.0.0.1:1"], env
     )
     assert await proc.wait(timeout=30) == 1
     assert "cannot reach S3 at http://127.0.0.1:1" in proc.output

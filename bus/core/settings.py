@@ -21,15 +21,17 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from bus.core.redact import redact_text
+from bus.core.redact import redact_text, redact_url
 from bus.core.subjects import check_namespace
 
 ENV_PREFIX = "DARKROOM_"
 CONFIG_ENV = "DARKROOM_CONFIG"
 DEFAULT_CONFIG_NAME = "darkroom.toml"
+SECRET_WORDS = ("secret", "password", "token", "seed", "url")  # never echo these values
 
 
 class ConfigError(Exception):
@@ -55,6 +57,17 @@ class NatsSettings(_Section):
     )
     connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
     embedded_port: int = Field(default=4222, ge=0, le=65535)
+    # One way to authenticate (or credentials in the URL, nats://user:password@host):
+    user: str | None = Field(default=None, description="user name (with password)")
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(default=None, description="an authorization token")
+    nkey_seed: SecretStr | None = Field(default=None, description="an nkey seed, 'SU...'")
+    creds_file: Path | None = Field(
+        default=None, description="a .creds file (user JWT and nkey seed, decentralised auth)"
+    )
+    tls_ca: Path | None = Field(default=None, description="CA bundle to verify the server by")
+    tls_cert: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    tls_key: Path | None = Field(default=None, description="the client certificate's key")
 
     @field_validator("url")
     @classmethod
@@ -64,8 +77,45 @@ class NatsSettings(_Section):
         for part in value.split(","):
             scheme = urlsplit(part.strip()).scheme
             if scheme not in ("nats", "tls", "ws", "wss"):
-                raise ValueError(f"expected nats://host:port, got {part.strip()!r}")
+                raise ValueError(f"expected nats://host:port, got {redact_url(part.strip())!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> NatsSettings:
+        ways = [
+            name
+            for name, given in (
+                ("user/password", self.user is not None or self.password is not None),
+                ("token", self.token is not None),
+                ("nkey_seed", self.nkey_seed is not None),
+                ("creds_file", self.creds_file is not None),
+            )
+            if given
+        ]
+        if len(ways) > 1:
+            raise ValueError(f"give one way to authenticate to NATS, got {' and '.join(ways)}")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("nats.user and nats.password go together")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("nats.tls_cert and nats.tls_key go together")
+        for name in ("creds_file", "tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.expanduser().is_file():
+                raise ValueError(f"nats.{name}: no such file {path}")
+        return self
+
+    @property
+    def has_credentials(self) -> bool:
+        """Whether a way to authenticate is set (besides credentials inside the URL)."""
+        return any(v is not None for v in (self.user, self.token, self.nkey_seed, self.creds_file))
+
+    @property
+    def uses_tls(self) -> bool:
+        return (
+            self.tls_ca is not None
+            or self.tls_cert is not None
+            or any(s.startswith(("tls://", "wss://")) for s in self.servers)
+        )
 
     @property
     def servers(self) -> list[str]:
@@ -297,7 +347,7 @@ def _format_error(exc: ValidationError, origin: str) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         got = err.get("input")
-        secret = any("secret" in str(part) or "password" in str(part) for part in err["loc"])
+        secret = any(word in str(part) for part in err["loc"] for word in SECRET_WORDS)
         shown = "" if isinstance(got, dict) or secret else f"; got {redact_text(repr(got))}"
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"  {where}: {msg}{shown}")

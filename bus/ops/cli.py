@@ -276,10 +276,12 @@ async def _gpus(args: argparse.Namespace, settings: Settings) -> int:
     import orjson
 
     from bus.gpu.leases import read_devices
+    from bus.infra.nats_auth import Role
     from bus.ops.stack import resolve_endpoints
     from bus.runtime.context import open_context
 
-    async with open_context(resolve_endpoints(settings), [], "cli", declare=False) as ctx:
+    resolved = resolve_endpoints(settings, role=Role.STATUS)
+    async with open_context(resolved, [], "cli", declare=False, intake=False) as ctx:
         devices = await read_devices(ctx.js, ctx.names.leases_kv)
     if args.json:
         print(orjson.dumps({"devices": devices}, option=orjson.OPT_INDENT_2).decode())

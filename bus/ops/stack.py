@@ -15,7 +15,16 @@ from pydantic import SecretStr
 from bus.core.redact import redact_url
 from bus.core.settings import Settings
 from bus.gateway.app import build_app
-from bus.ops.embedded import Child, NatsServer, S3Credentials, SeaweedFS, Supervisor
+from bus.infra.nats_auth import Role
+from bus.infra.nats_conn import where
+from bus.ops.embedded import (
+    Child,
+    NatsCredentials,
+    NatsServer,
+    S3Credentials,
+    SeaweedFS,
+    Supervisor,
+)
 from bus.ops.local import (
     ADMIN_KEY_FILE,
     InstanceLock,
@@ -36,6 +45,7 @@ log = logging.getLogger("darkroom")
 DRAIN_TIMEOUT_S = 60.0
 GIVE_UP_DRAIN_S = 5.0
 S3_CREDENTIALS_FILE = "s3.json"
+NATS_CREDENTIALS_FILE = "nats-auth.json"  # the embedded server's nkey seeds, one per role
 
 
 class StartupError(Exception):
@@ -47,11 +57,16 @@ def with_endpoints(
     nats_url: str | None = None,
     s3: dict[str, Any] | None = None,
     postgres_url: str | None = None,
+    nats_seed: str | None = None,
 ) -> Settings:
-    """``settings`` pointed at the given servers (``s3``: endpoint, access_key, secret_key)."""
+    """``settings`` pointed at the given servers (``s3``: endpoint, access_key, secret_key;
+    ``nats_seed``: the embedded NATS server's nkey seed for this process's role)."""
     update: dict[str, Any] = {}
     if nats_url is not None:
-        update["nats"] = settings.nats.model_copy(update={"url": nats_url})
+        nats: dict[str, Any] = {"url": nats_url}
+        if nats_seed is not None:
+            nats["nkey_seed"] = SecretStr(nats_seed)
+        update["nats"] = settings.nats.model_copy(update=nats)
     if s3 is not None:
         update["s3"] = settings.s3.model_copy(
             update={**s3, "secret_key": SecretStr(s3["secret_key"])}
@@ -61,9 +76,12 @@ def with_endpoints(
     return settings.model_copy(update=update)
 
 
-def resolve_endpoints(settings: Settings, database: bool = False) -> Settings:
+def resolve_endpoints(
+    settings: Settings, database: bool = False, role: Role = Role.GATEWAY
+) -> Settings:
     """For commands beside a running ``darkroom up``: fill in its embedded endpoints
-    (PostgreSQL's only when ``database``: most workers never touch it)."""
+    (PostgreSQL's only when ``database``: most workers never touch it), and the embedded
+    NATS server's credential for ``role``."""
     embedded = {
         "NATS": settings.embedded_nats,
         "S3": settings.embedded_s3,
@@ -95,9 +113,13 @@ def resolve_endpoints(settings: Settings, database: bool = False) -> Settings:
                 "DARKROOM_POSTGRES__URL) here too"
             )
         postgres_url = embedded_postgres_url(settings.data_dir, int(info["postgres_port"]))
-    return with_endpoints(
-        settings, info["nats_url"] if settings.embedded_nats else None, s3, postgres_url
-    )
+    nats_url = nats_seed = None
+    if settings.embedded_nats:
+        nats_url = info["nats_url"]
+        nats_seed = NatsCredentials.load_or_create(settings.data_dir / NATS_CREDENTIALS_FILE).seed(
+            role
+        )
+    return with_endpoints(settings, nats_url, s3, postgres_url, nats_seed)
 
 
 def postgres_where(settings: Settings) -> str:
@@ -177,12 +199,15 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
     children: list[Child] = []
     supervisor: Supervisor | None = None
     try:
-        nats_url = s3 = None
+        nats_url = nats_seed = s3 = None
         if settings.embedded_nats:
-            nats = NatsServer(data_dir, settings.nats.embedded_port)
+            nats_credentials = NatsCredentials.load_or_create(data_dir / NATS_CREDENTIALS_FILE)
+            nats = NatsServer(
+                data_dir, settings.nats.embedded_port, nats_credentials, settings.namespace
+            )
             await nats.start()
             children.append(nats)
-            nats_url = nats.url
+            nats_url, nats_seed = nats.url, nats_credentials.seed(Role.GATEWAY)
         if settings.embedded_s3:
             creds = S3Credentials.load_or_create(data_dir / S3_CREDENTIALS_FILE)
             weed = SeaweedFS(data_dir, creds, settings.s3.embedded_port)
@@ -198,7 +223,9 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
             postgres = PostgresServer(data_dir, settings.postgres.embedded_port)
             await postgres.start()
             children.append(postgres)
-        resolved = with_endpoints(settings, nats_url, s3, postgres.url if postgres else None)
+        resolved = with_endpoints(
+            settings, nats_url, s3, postgres.url if postgres else None, nats_seed
+        )
         functions = enabled_functions(resolved)
         supervisor = Supervisor(children, lambda why: stopper.stop(why, exit_code=3))
         supervisor.start()
@@ -281,9 +308,9 @@ def _banner(
         "",
         "darkroom is up",
         f"  UI and API   {gateway_url}   (OpenAPI: {gateway_url}/api/openapi.json)",
-        f"  NATS         {settings.nats.url}"
-        + ("   embedded nats-server" if "nats-server" in embedded else ""),
-        f"  S3           {settings.s3.endpoint}   bucket {settings.s3.bucket}"
+        f"  NATS         {where(settings.nats.servers)}"
+        + ("   embedded nats-server (nkeys per role)" if "nats-server" in embedded else ""),
+        f"  S3           {redact_url(settings.s3.endpoint or '')}   bucket {settings.s3.bucket}"
         + ("   embedded SeaweedFS" if "seaweedfs" in embedded else ""),
         f"  PostgreSQL   {postgres_where(settings)}   schema {settings.db_schema}"
         + ("   embedded (`darkroom db` for psql)" if "postgres" in embedded else ""),
@@ -321,7 +348,10 @@ async def run_gateway(settings: Settings) -> int:
         await app_runner.setup()
         url = await _start_site(app_runner, resolved.gateway.host, resolved.gateway.port)
         log.info(
-            "gateway listening on %s (NATS %s, S3 %s)", url, resolved.nats.url, resolved.s3.endpoint
+            "gateway listening on %s (NATS %s, S3 %s)",
+            url,
+            where(resolved.nats.servers),
+            redact_url(resolved.s3.endpoint or ""),
         )
         try:
             await stopper.event.wait()
@@ -333,16 +363,19 @@ async def run_gateway(settings: Settings) -> int:
 async def run_worker(settings: Settings, function_name: str, concurrency: int | None) -> int:
     """Run one function against external (or this machine's running) NATS and S3."""
     fn = load(function_name)
-    resolved = resolve_endpoints(settings, database=fn.spec.needs_db)
+    role = Role.GATEWAY if fn.intake else Role.WORKER
+    resolved = resolve_endpoints(settings, database=fn.spec.needs_db, role=role)
     stopper = Stopper()
     stopper.install()
-    async with open_context(resolved, [fn.spec], f"worker-{function_name}") as ctx:
+    async with open_context(
+        resolved, [fn.spec], f"worker-{function_name}", intake=fn.intake
+    ) as ctx:
         runners = await _start_runners(ctx, [fn], concurrency)
         log.info(
             "worker %s started: consumer %s on %s, concurrency %d",
             function_name,
             ctx.names.durable(function_name),
-            resolved.nats.url,
+            where(resolved.nats.servers),
             runners[0].concurrency,
         )
         try:

@@ -42,8 +42,6 @@ class Context:
     nc: NATS
     js: JetStreamContext
     store: ObjectStore
-    api_keys: KeyValue
-    digests: KeyValue  # sha256 of an original → its image id (duplicate uploads)
     cancels_kv: KeyValue  # cancellation flags by job or image id
     cancels: CancelFlags  # this process's mirror of them (started by the first runner)
     cpu: ThreadPoolExecutor
@@ -52,6 +50,22 @@ class Context:
     log: logging.Logger
     gpu: ResidentModels | None = None  # GPU functions' models, loaded under VRAM leases
     db: ReadModel | None = None  # the catalogue in PostgreSQL (gateway, notify, admin)
+    # API keys, and sha256 of an original → its image id (duplicate uploads): only for
+    # processes that authenticate or accept uploads; a worker's NATS role cannot read them.
+    keys_kv: KeyValue | None = None
+    digests_kv: KeyValue | None = None
+
+    @property
+    def api_keys(self) -> KeyValue:
+        if self.keys_kv is None:
+            raise RuntimeError("this process did not open the API keys (open_context(intake=))")
+        return self.keys_kv
+
+    @property
+    def digests(self) -> KeyValue:
+        if self.digests_kv is None:
+            raise RuntimeError("this process did not open the digests (open_context(intake=))")
+        return self.digests_kv
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking CPU work off the event loop."""
@@ -77,18 +91,21 @@ async def open_context(
     metrics: Metrics | None = None,
     declare: bool = True,
     database: bool = False,
+    intake: bool = True,
 ) -> AsyncIterator[Context]:
     """Connect to NATS and S3, check versions, declare streams and ``specs``' consumers.
 
     Both servers must be reachable within a few seconds; otherwise the error names the
     URL. With ``declare=False`` (admin commands) nothing is created or reconfigured: the
     deployment must exist already. ``database`` (or a Spec with ``needs_db``) also opens
-    the PostgreSQL read model, migrating its schema first.
+    the PostgreSQL read model, migrating its schema first. ``intake`` opens the API keys
+    and digests: a worker (``intake=False``) needs neither, and its NATS role may not
+    touch them.
     """
     if settings.nats.url is None or settings.s3.endpoint is None:
         raise ValueError("open_context needs resolved NATS and S3 endpoints")
     servers = settings.nats.servers
-    nc = await connect(servers, name=client_name, timeout=START_TIMEOUT_S)
+    nc = await connect(settings.nats, name=client_name, timeout=START_TIMEOUT_S)
     store: ObjectStore | None = None
     ctx: Context | None = None
     cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
@@ -97,9 +114,9 @@ async def open_context(
         js = nc.jetstream(timeout=10.0)
         await check_jetstream(js, servers)
         if declare:
-            names = await streams.declare(js, settings, specs)
+            names = await streams.declare(js, settings, specs, intake)
         else:
-            names = await streams.check_deployed(js, settings)
+            names = await streams.check_deployed(js, settings, intake)
         store = ObjectStore.connect(settings.s3)
         await store.ensure_bucket(timeout=START_TIMEOUT_S)
         ctx = Context(
@@ -108,8 +125,8 @@ async def open_context(
             nc=nc,
             js=js,
             store=store,
-            api_keys=await js.key_value(names.keys_kv),
-            digests=await js.key_value(names.digests_kv),
+            keys_kv=await js.key_value(names.keys_kv) if intake else None,
+            digests_kv=await js.key_value(names.digests_kv) if intake else None,
             cancels_kv=(cancels_kv := await js.key_value(names.cancels_kv)),
             cancels=CancelFlags(nc, cancels_kv),
             cpu=cpu,

@@ -49,6 +49,8 @@ class Function:
 
     ``decode_event`` is for functions fed by foreign payloads (MinIO notifications): it
     turns one into an :class:`Event`, or returns None for darkroom's own envelope.
+    ``intake`` marks a function that accepts uploads (it announces ``uploaded`` and uses
+    the digests), so it runs with the gateway's NATS role rather than a worker's.
     """
 
     spec: Spec
@@ -57,6 +59,7 @@ class Function:
     setup: Lifespan | None = None
     teardown: Lifespan | None = None
     decode_event: Callable[[bytes], Event | None] | None = None
+    intake: bool = False
 
     def __post_init__(self) -> None:
         name = self.spec.name

@@ -164,13 +164,14 @@ class NotDeployedError(Exception):
     """The streams and buckets do not exist yet on this NATS server."""
 
 
-async def check_deployed(js: JetStreamContext, settings: Settings) -> Names:
+async def check_deployed(js: JetStreamContext, settings: Settings, intake: bool = True) -> Names:
     """Names for a deployment that must already exist (for commands that only read)."""
     names = Names(settings.namespace)
     try:
         await js.stream_info(names.stream)
-        await js.key_value(names.keys_kv)
         await js.key_value(names.cancels_kv)
+        if intake:
+            await js.key_value(names.keys_kv)
     except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError):
         raise NotDeployedError(
             f"no darkroom deployment with namespace {names.namespace!r} on this NATS yet; "
@@ -179,14 +180,18 @@ async def check_deployed(js: JetStreamContext, settings: Settings) -> Names:
     return names
 
 
-async def declare(js: JetStreamContext, settings: Settings, specs: list[Spec]) -> Names:
-    """Streams, the given functions' consumers and the shared KV buckets."""
+async def declare(
+    js: JetStreamContext, settings: Settings, specs: list[Spec], intake: bool = True
+) -> Names:
+    """Streams, the given functions' consumers and the shared KV buckets (the keys and
+    digests only with ``intake``: a worker's NATS role may not touch them)."""
     names = Names(settings.namespace)
     await declare_streams(js, names, settings, specs)
     for spec in specs:
         await declare_consumer(js, names, spec, settings.function(spec.name))
-    await key_value(js, names.keys_kv, settings.stream.replicas)
-    await key_value(js, names.digests_kv, settings.stream.replicas)
+    if intake:
+        await key_value(js, names.keys_kv, settings.stream.replicas)
+        await key_value(js, names.digests_kv, settings.stream.replicas)
     # A cancel flag must outlive every event it may have to skip.
     await key_value(
         js, names.cancels_kv, settings.stream.replicas, ttl=settings.stream.max_age_days * DAY_S

@@ -60,7 +60,7 @@ async def serve(nc: NATS, spec: dict[str, Any]) -> None:
 
 
 async def main(spec: dict[str, Any]) -> None:
-    nc = await nats.connect(spec["url"])
+    nc = await nats.connect(spec["url"], **spec.get("connect", {}))
     try:
         await (hold(nc, spec) if "hold" in spec else serve(nc, spec))
     finally:
