@@ -17,10 +17,17 @@ ADMIN_KEY_FILE = "admin.key"
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only (atomically)."""
+    """Write ``text`` to ``path`` readable by the owner only (atomically).
+
+    The temporary file is always a new one: opening a leftover would keep its mode (and
+    its owner), whatever mode ``open`` is given.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)  # whatever the umask left
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)

@@ -25,14 +25,15 @@ from bus import (
     TooLargeError,
     subjects,
 )
-from functions.ingest.imaging import BadImageError, Options, derive
+from bus.images.budget import DECODE_BUDGET
+from functions.ingest.imaging import BadImageError, Options, decode_cost, derive
 
 SPEC = Spec(
     name="ingest",
     listens=(subjects.UPLOADED, subjects.GENERATED),
     emits=(subjects.INGESTED,),
     concurrency=4,
-    ack_wait=60.0,
+    ack_wait=10.0,
     max_deliver=5,
 )
 MAX_LINEAGE_BYTES = 16 * 1024
@@ -56,7 +57,10 @@ async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     except TooLargeError as exc:
         raise Reject(f"the original is {exc}") from None
     try:
-        derived = await ctx.run_cpu(derive, original, options)
+        # Concurrent decodes share the process's memory: each waits for its share.
+        cost = await ctx.run_cpu(decode_cost, original, options)
+        async with DECODE_BUDGET.hold(cost):
+            derived = await ctx.run_cpu(derive, original, options)
     except BadImageError as exc:
         raise Reject(str(exc)) from None
     refs = await asyncio.gather(

@@ -5,6 +5,10 @@ are ordered as they are (see ``tests/bench/bench_ingest.py`` for the figures):
 
 - A JPEG is decoded at the coarsest DCT scale that still leaves at least 3/4 of the display
   size on the long edge (libjpeg decodes at 1/2, 1/4, 1/8 for a fraction of the cost).
+- Other formats cannot decode smaller: the full-size decode is shrunk by an integer factor
+  a strip at a time, so it is the only full-size image ever held. :func:`decode_cost`
+  says what that peak is, for the handler to fit concurrent decodes in the process's
+  decode budget (:mod:`bus.images.budget`).
 - Colour work (mode, ICC to sRGB) and the EXIF rotation happen on that reduced image, never
   on the full-size original.
 - Each smaller rendition is resized from the previous one, not from the original.
@@ -13,22 +17,33 @@ are ordered as they are (see ``tests/bench/bench_ingest.py`` for the figures):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import statistics
 import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from PIL import ExifTags, Image, ImageCms, UnidentifiedImageError
 
 from bus.core.settings import IngestSettings
-from bus.images.check import Limits, UploadRejectedError, check_dimensions, open_image
+from bus.images.check import Limits, UploadRejectedError, bomb_reason, open_image
 from bus.images.media import JPEG
 from functions.ingest import placeholder
 
+T = TypeVar("T")
 DRAFT_FRACTION = 0.75  # decode no smaller than this share of the display size
+STRIP_PIXELS = 1 << 22  # pixels converted at a time while shrinking a full-size decode
+_SHRUNK_COPIES = 4  # the shrunk image, its colour conversions, the display and thumbnails
+# Decoders that decode into buffers of their own first: how many more full-size RGBA copies
+# each holds at its peak (measured: 40 MP WebP 611 MB; 24 MP AVIF 211 MB, HEIC 167 MB).
+_DECODER_BUFFERS = {"WEBP": 3, "AVIF": 2, "HEIF": 1}
 WEBP_METHOD = 0  # 0 fastest .. 6 smallest; 0 encoded 2.4x faster than 4 at about the same size
 PLACEHOLDER_PX = 32  # blurhash input: more pixels change nothing visible
 _TRANSPOSE = {
@@ -86,14 +101,48 @@ class Derived:
 
 def derive(data: bytes, options: Options) -> Derived:
     """Normalise ``data`` and derive every rendition; raise :class:`BadImageError`."""
-    try:
+    with _refusing():
         return _derive(data, options)
+
+
+def decode_cost(data: bytes, options: Options) -> int:
+    """Bytes :func:`derive` holds at its peak for ``data``, estimated from the header alone.
+
+    The full-size decode (in Pillow's layout: RGB takes 4 bytes a pixel), the buffers of
+    decoders that decode outside Pillow, the strips being shrunk, and the shrunk image
+    with its colour conversions and renditions. Raise :class:`BadImageError` where
+    ``derive`` would refuse the header.
+    """
+    with _refusing():
+        if not data:
+            raise BadImageError("the file is empty")
+        with open_image(io.BytesIO(data), options.limits) as img:
+            fmt = img.format or ""
+            if fmt in JPEG.decoders:
+                img.draft(img.mode, _draft_size(*img.size, options.display_px))
+            width, height = img.size  # after draft: what libjpeg will actually decode
+            mode = img.mode
+    pixels = width * height
+    decoded = pixels * (_pixel_bytes(mode) + 4 * _DECODER_BUFFERS.get(fmt, 0))
+    factor = _shrink_factor(width, height, options.display_px)
+    shrunk = math.ceil(width / factor) * math.ceil(height / factor) * 4
+    strips = STRIP_PIXELS * 4 * 3 if factor > 1 else 0  # a strip, converted, reduced
+    return decoded + strips + _SHRUNK_COPIES * shrunk
+
+
+@contextmanager
+def _refusing() -> Iterator[None]:
+    """Turn whatever a decoder raises on hostile input into :class:`BadImageError`."""
+    try:
+        yield
     except (BadImageError, MemoryError):
         raise
     except UploadRejectedError as exc:
         raise BadImageError(exc.reason) from None
     except UnidentifiedImageError:
         raise BadImageError("not a recognised image") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(bomb_reason(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
         raise BadImageError(f"corrupt or truncated image: {exc}") from None
     except Exception as exc:  # a decoder plugin failing in its own way on hostile input
@@ -103,11 +152,10 @@ def derive(data: bytes, options: Options) -> Derived:
 def _derive(data: bytes, options: Options) -> Derived:
     if not data:
         raise BadImageError("the file is empty")
-    with open_image(io.BytesIO(data)) as img:
+    with open_image(io.BytesIO(data), options.limits) as img:
         fmt = img.format or "unknown"
         width, height = img.size
         frames = int(getattr(img, "n_frames", 1))
-        check_dimensions(width, height, frames, options.limits)
         exif = img.getexif()
         orientation = int(exif.get(ExifTags.Base.Orientation, 1) or 1)
         icc = img.info.get("icc_profile")
@@ -116,8 +164,10 @@ def _derive(data: bytes, options: Options) -> Derived:
             img.draft(img.mode, _draft_size(width, height, options.display_px))
         img.seek(0)
         img.load()
-        decoded = img.copy()  # closing the file releases the decoded frame too
-    colour, profile = _to_srgb(decoded, icc if isinstance(icc, bytes) else None)
+        # Shrunk before the file closes: closing releases the full-size decode, and no
+        # second full-size image is ever made.
+        shrunk = _shrink(img, _shrink_factor(*img.size, options.display_px))
+    colour, profile = _to_srgb(shrunk, icc if isinstance(icc, bytes) else None)
     display = _fit(colour, options.display_px)
     if orientation in _TRANSPOSE:
         display = display.transpose(_TRANSPOSE[orientation])
@@ -147,6 +197,42 @@ def _draft_size(width: int, height: int, display_px: int) -> tuple[int, int]:
     """The smallest size libjpeg may decode to without starving the display rendition."""
     scale = min(1.0, display_px * DRAFT_FRACTION / max(width, height))
     return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+
+
+def _shrink_factor(width: int, height: int, display_px: int) -> int:
+    """The integer factor a decode is shrunk by before any colour work: the most that
+    leaves at least the display size on the long edge."""
+    return max(1, max(width, height) // display_px)
+
+
+def _shrink(img: Image.Image, factor: int) -> Image.Image:
+    """``img`` in 8 bits (:func:`_eight_bit`), box-averaged down by ``factor``: a new image.
+
+    Converted and reduced a strip at a time, so the only full-size image is the decode.
+    (Alpha is premultiplied while averaging: Pillow's ``reduce`` does that for RGBA.)
+    """
+    if factor == 1:  # small: the display or at most twice it on the long edge
+        converted = _eight_bit(img)
+        return converted.copy() if converted is img else converted
+    extrema = cast(tuple[float, float], img.getextrema()) if img.mode == "F" else None
+    width, height = img.size
+    rows = max(1, STRIP_PIXELS // width // factor) * factor  # whole blocks of rows
+    out: Image.Image | None = None
+    for top in range(0, height, rows):
+        strip = _eight_bit(img.crop((0, top, width, min(height, top + rows))), extrema)
+        small = strip.reduce(factor)
+        if out is None:
+            out = Image.new(small.mode, (math.ceil(width / factor), math.ceil(height / factor)))
+        out.paste(small, (0, top // factor))
+    assert out is not None  # height >= 1
+    return out
+
+
+def _pixel_bytes(mode: str) -> int:
+    """Bytes a pixel takes in Pillow's memory (three 8-bit bands take four)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
 
 
 def _fit(img: Image.Image, px: int) -> Image.Image:
@@ -192,12 +278,16 @@ def _to_srgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, str | No
     return img, profile_name
 
 
-def _eight_bit(img: Image.Image) -> Image.Image:
-    """Bring 16-bit, 32-bit and float greyscale down to 8 bits without clipping."""
+def _eight_bit(img: Image.Image, extrema: tuple[float, float] | None = None) -> Image.Image:
+    """Bring 16-bit, 32-bit and float greyscale down to 8 bits without clipping.
+
+    Float images are stretched from ``extrema`` (the whole image's, when ``img`` is a strip
+    of it) or else their own.
+    """
     if img.mode.startswith("I;16") or img.mode == "I":
         return img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     if img.mode == "F":
-        low, high = cast(tuple[float, float], img.getextrema())
+        low, high = extrema or cast(tuple[float, float], img.getextrema())
         span = (high - low) or 1.0
         return img.point(lambda v: (v - low) * (255 / span)).convert("L")
     if img.mode == "P":
@@ -214,27 +304,62 @@ def _eight_bit(img: Image.Image) -> Image.Image:
     raise BadImageError(f"unsupported colour mode {img.mode}")
 
 
-@lru_cache(maxsize=64)
+class _ProfileCache(Generic[T]):
+    """What is built from ICC profiles (names, transforms), least recently used dropped
+    first, keyed by each profile's SHA-256 and never by the profile: an uploaded profile can
+    be megabytes, and a cache keyed by the bytes would keep every one of them alive."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[Hashable, ...], T] = OrderedDict()
+        self._lock = threading.Lock()  # ingest runs on several executor threads
+
+    def get(self, key: tuple[Hashable, ...], build: Callable[[], T]) -> T:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = build()  # outside the lock; two threads may build the same value once each
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+    def keys(self) -> list[tuple[Hashable, ...]]:
+        with self._lock:
+            return list(self._items)
+
+
+_PROFILE_NAMES: _ProfileCache[str] = _ProfileCache(64)
+_TRANSFORMS: _ProfileCache[ImageCms.ImageCmsTransform] = _ProfileCache(32)
+
+
 def _profile_name(icc: bytes) -> str:
-    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    return ImageCms.getProfileDescription(profile).strip() or "unnamed profile"
+    def build() -> str:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.getProfileDescription(profile).strip() or "unnamed profile"
+
+    return _PROFILE_NAMES.get((hashlib.sha256(icc).digest(),), build)
 
 
 def _is_srgb(name: str) -> bool:
     return "srgb" in name.lower().replace(" ", "")
 
 
-@lru_cache(maxsize=32)
 def _transform(icc: bytes, in_mode: str, out_mode: str) -> ImageCms.ImageCmsTransform:
-    # NOCACHE: lcms's per-transform pixel cache is not safe across threads.
-    return ImageCms.buildTransform(
-        ImageCms.ImageCmsProfile(io.BytesIO(icc)),
-        _SRGB,
-        in_mode,
-        out_mode,
-        renderingIntent=ImageCms.Intent.PERCEPTUAL,
-        flags=ImageCms.Flags.NOCACHE,
-    )
+    def build() -> ImageCms.ImageCmsTransform:
+        # NOCACHE: lcms's per-transform pixel cache is not safe across threads.
+        return ImageCms.buildTransform(
+            ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+            _SRGB,
+            in_mode,
+            out_mode,
+            renderingIntent=ImageCms.Intent.PERCEPTUAL,
+            flags=ImageCms.Flags.NOCACHE,
+        )
+
+    return _TRANSFORMS.get((hashlib.sha256(icc).digest(), in_mode, out_mode), build)
 
 
 def _flatten(img: Image.Image) -> Image.Image:
