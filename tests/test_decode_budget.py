@@ -20,7 +20,6 @@ from bus.images.budget import DecodeBudget
 from bus.images.check import Limits, check_file
 from bus.runtime.context import Context
 from bus.runtime.registry import load
-from functions.ingest import handler as ingest_handler
 from functions.ingest.imaging import Options, decode_cost, derive
 from tests.support import corpus
 from tests.support.streams import dead_letters, eventually
@@ -133,12 +132,12 @@ async def ingested(ctx: Context, image_id: str) -> dict[str, Any]:
 @pytest.mark.nats
 @pytest.mark.s3
 async def test_large_pngs_sent_at_once_are_decoded_within_the_budget(
-    ctx: Context, run_function: Any, monkeypatch: pytest.MonkeyPatch
+    ctx: Context, run_function: Any
 ) -> None:
     big = solid_png(6000, 4000)  # 24 MP: ~96 MB decoded
     cost = decode_cost(big, Options.from_settings(ctx.settings.ingest))
     budget = DecodeBudget(cost * 5 // 2)  # room for two decodes at a time
-    monkeypatch.setattr(ingest_handler, "DECODE_BUDGET", budget)
+    ctx.decode_budget = budget
     await run_function(load("ingest"), concurrency=4)
     # Hold all but less than one decode's share, so all four reach the budget together.
     async with budget.hold(budget.capacity - cost + 1):

@@ -224,6 +224,12 @@ class IngestSettings(_Section):
         default=150_000_000, ge=1, description="decoded pixels, from the header"
     )
     max_frames: int = Field(default=1000, ge=1, description="frames of an animation")
+    decode_budget_mb: int = Field(
+        default=1024,
+        ge=64,
+        description="decoded pixels one process holds at once; larger images wait their turn "
+        "(one 150 MP decode takes about 700 MB)",
+    )
     display_px: int = Field(default=2048, ge=64, le=16383, description="long edge of display.webp")
     thumb_px: tuple[int, ...] = Field(default=(1024, 256), min_length=1)
     webp_quality: int = Field(default=80, ge=1, le=100)

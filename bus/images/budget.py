@@ -5,8 +5,8 @@ gives them back when done. Requests are served in arrival order: a large one wai
 not overtaken by small ones, so it cannot starve. A request for more than the whole budget
 is granted all of it, once nothing else holds any: it runs alone instead of never.
 
-Memory belongs to the process, not to a context or an event loop, so there is one budget
-per process (:data:`DECODE_BUDGET`); it works from any event loop and any thread.
+Memory belongs to the process: its Context holds one budget (``ingest.decode_budget_mb``),
+shared by every function in it; it works from any event loop and any thread.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-
-DECODE_BUDGET_BYTES = 1 << 30
-"""The default: 1 GiB of decoded pixels. A 2 GiB ingest worker also holds the interpreter
-and libraries (~200 MB), the compressed originals of the events in flight and the encoded
-renditions. One 150 MP decode with its working copies takes about 0.7 GB of it."""
 
 
 @dataclass(eq=False)
@@ -111,6 +106,3 @@ class DecodeBudget:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():  # cancelled meanwhile: its task gives the grant back
         future.set_result(None)
-
-
-DECODE_BUDGET = DecodeBudget(DECODE_BUDGET_BYTES)

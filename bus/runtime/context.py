@@ -24,6 +24,7 @@ from bus.core.contract import Spec
 from bus.core.settings import Settings
 from bus.core.subjects import Names
 from bus.gpu.resident import ResidentModels, open_resident_models
+from bus.images.budget import DecodeBudget
 from bus.infra.metrics import Metrics
 from bus.infra.nats_conn import check_jetstream, connect
 from bus.infra.store import ObjectStore
@@ -46,6 +47,7 @@ class Context:
     cancels: CancelFlags  # this process's mirror of them (started by the first runner)
     cpu: ThreadPoolExecutor
     interactive: ThreadPoolExecutor
+    decode_budget: DecodeBudget  # decoded pixels this process may hold at once
     metrics: Metrics
     log: logging.Logger
     gpu: ResidentModels | None = None  # GPU functions' models, loaded under VRAM leases
@@ -131,6 +133,7 @@ async def open_context(
             cancels=CancelFlags(nc, cancels_kv),
             cpu=cpu,
             interactive=interactive,
+            decode_budget=DecodeBudget(settings.ingest.decode_budget_mb * 1024 * 1024),
             metrics=metrics or Metrics(),
             log=logging.getLogger(f"darkroom.{client_name}"),
         )

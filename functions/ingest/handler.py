@@ -25,7 +25,6 @@ from bus import (
     TooLargeError,
     subjects,
 )
-from bus.images.budget import DECODE_BUDGET
 from functions.ingest.imaging import BadImageError, Options, decode_cost, derive
 
 SPEC = Spec(
@@ -59,7 +58,7 @@ async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     try:
         # Concurrent decodes share the process's memory: each waits for its share.
         cost = await ctx.run_cpu(decode_cost, original, options)
-        async with DECODE_BUDGET.hold(cost):
+        async with ctx.decode_budget.hold(cost):
             derived = await ctx.run_cpu(derive, original, options)
     except BadImageError as exc:
         raise Reject(str(exc)) from None
