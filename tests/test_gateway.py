@@ -4,14 +4,12 @@ reads, keys, status, dead letters and the OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from aiohttp.typedefs import Handler
 
 from bus.core.envelope import Event, new_id, now_iso
 from bus.gateway.app import build_app, route_table
@@ -308,43 +306,3 @@ async def test_an_upload_that_cannot_be_announced_is_refused_and_not_kept(
     assert response.status == 503
     assert "could not be announced" in (await response.json())["detail"]
     assert await ctx.store.list_keys("uploads/") == []
-
-
-async def test_a_client_that_hangs_up_mid_upload_leaves_nothing_and_no_error(
-    ctx: Context, aiohttp_client: Any, admin: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    app = build_app(ctx)
-    started, finished = asyncio.Event(), asyncio.Event()
-
-    @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Outermost, so it only watches: when the upload's handling begins and ends."""
-        started.set()
-        try:
-            return await handler(request)
-        finally:
-            finished.set()
-
-    app.middlewares.insert(0, observe)
-    client = await aiohttp_client(app)
-    photo = jpeg(1600, 1200)
-    boundary = "xyzzy"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + photo[: len(photo) // 2]
-    head = (
-        f"POST /api/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body) + len(photo)}\r\n\r\n"
-    )
-    _, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(head.encode() + body)
-    await writer.drain()
-    await started.wait()  # the upload is being handled; its body cannot be complete
-    writer.close()  # gone, half-way through the file
-    await finished.wait()  # the handler is done, clean-up and logging included
-    assert await ctx.store.list_keys("uploads/") == []
-    assert (await ctx.js.stream_info(ctx.names.stream)).state.messages == 0, "announced"
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert not errors, [r.getMessage() for r in errors]

@@ -24,7 +24,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bus.core.settings import FetchSettings, IngestSettings, Settings
 from bus.gateway.app import build_app
-from bus.gateway.hooks import decode_base64, json_limit
+from bus.gateway.hooks import json_limit
+from bus.gateway.jsonbody import HookJson, decode_base64
+from bus.gateway.problems import Problem
 from bus.intake.fetch import (
     FetchError,
     PinnedResolver,
@@ -267,7 +269,10 @@ async def test_an_oversize_json_body_is_refused_before_it_is_read(
     )
     assert status == 413 and "at most" in answer
     # No length announced: refused once the bytes read pass the limit, before the end.
-    chunks = b"".join(b"%x\r\n%s\r\n" % (65536, b"A" * 65536) for _ in range(limit // 65536 + 2))
+    opening = b'{"data": "'
+    chunks = b"%x\r\n%s\r\n" % (len(opening), opening) + b"".join(
+        b"%x\r\n%s\r\n" % (65536, b"A" * 65536) for _ in range(limit // 65536 + 2)
+    )
     status, answer = await _raw_exchange(
         client, start + "Transfer-Encoding: chunked\r\n\r\n", chunks
     )
@@ -471,3 +476,61 @@ def test_base64_decoding() -> None:
     for bad in ("A", "abc$", "é123"):
         with pytest.raises(ValueError, match="not valid base64"):
             decode_base64(bad)
+
+
+RAW = bytes(range(256)) * 4 + b"\xfb\xff"
+B64 = base64.b64encode(RAW).decode()
+SLASHES_ESCAPED = B64.replace("/", "\\/")  # as PHP writes it
+LINES_ESCAPED = base64.encodebytes(RAW).decode().replace("\n", "\\n")  # MIME line breaks
+URLSAFE = base64.urlsafe_b64encode(RAW).decode().rstrip("=")
+
+
+def split_hook_json(body: str, size: int) -> tuple[dict[str, Any], bytes | None]:
+    """``body`` fed to HookJson in pieces of ``size`` bytes: its fields and its image."""
+    reader = HookJson(4096)
+    raw = body.encode()
+    for start in range(0, len(raw), size):
+        reader.feed(raw[start : start + size])
+    fields = reader.finish()
+    return fields, None if reader.image is None else b"".join(reader.image)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1 << 20])
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        (f'{{"filename": "a.png", "data": "{B64}"}}', {"filename": "a.png", "data": True}),
+        # Escaped slashes, escaped line breaks, an escaped key.
+        (f'{{"data": "{SLASHES_ESCAPED}", "x": 1}}', {"data": True, "x": 1}),
+        (f'{{"d\\u0061ta" : "{LINES_ESCAPED}"}}', {"data": True}),
+        # "data" as a value, or deeper down, is just a field.
+        (
+            f'{{"filename": "data", "meta": {{"data": "x", "l": ["data"]}}, "data":"{B64}"}}',
+            {"filename": "data", "meta": {"data": "x", "l": ["data"]}, "data": True},
+        ),
+        (f'{{"data": "{URLSAFE}"}}', {"data": True}),
+    ],
+)
+def test_hook_json_decodes_data_the_same_in_any_pieces(
+    body: str, fields: dict[str, Any], size: int
+) -> None:
+    assert split_hook_json(body, size) == (fields, RAW)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ('{"data": "QUJD", "data": "QUJD"}', 422, "given twice"),
+        ('{"data": "QU\tJD"}', 400, "raw control character"),
+        ('{"data": "QUJD', 400, "ends inside"),
+        ('{"data": "QU\\xJD"}', 400, "invalid escape"),
+        ('{"data": "QUJD" "x"}', 400, "unexpected"),
+        ('{"data": "QUJD=A"}', 422, "after its padding"),
+        ('{"url": "' + "u" * 5000 + '"}', 413, "at most 4,096 bytes"),
+        ('[{"data": "QUJD"}]', 400, "must be a JSON object"),
+    ],
+)
+def test_hook_json_refusals(body: str, status: int, detail: str) -> None:
+    with pytest.raises(Problem) as refused:
+        split_hook_json(body, 3)
+    assert refused.value.status == status and detail in refused.value.detail

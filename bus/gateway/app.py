@@ -10,15 +10,27 @@ from aiohttp import web
 
 from bus.gateway import hooks, images, keys_api, system, uploads
 from bus.gateway.openapi import build_openapi
-from bus.gateway.problems import Handler, json_response, problem_middleware, problem_response
-from bus.gateway.routes import Route, json_body
+from bus.gateway.problems import (
+    NOSNIFF,
+    Handler,
+    json_response,
+    problem_middleware,
+    problem_response,
+)
+from bus.gateway.routes import PUBLIC, Route, json_body
+from bus.gateway.server import GatewayRunner
 from bus.gateway.state import CTX, FUNCTIONS, KEYS, STATIC_DIR
 from bus.runtime.context import Context
 from bus.runtime.registry import enabled_names
 from bus.state.keys import KeyCache
 
-PUBLIC = None
 _SCOPE = web.AppKey("route_scopes", dict)
+# The frontend's pages load only their own scripts, styles and images (thumbnails arrive as
+# blob: URLs), run no inline code, and may not be framed.
+FRONTEND_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'self'"
+)
 
 
 def route_table() -> list[Route]:
@@ -148,7 +160,7 @@ def route_table() -> list[Route]:
                 "201": "accepted",
                 "403": "the key lacks the 'upload' scope, fetching is off, "
                 "or the URL's host or address is not allowed",
-                "413": "over the size limit (the image, or a JSON body)",
+                "413": "over a size limit: the image, the JSON body, or its fields besides 'data'",
                 "415": "not a supported image",
                 "422": "corrupt or over a limit, invalid base64 or URL, or the URL redirects",
                 "502": "the URL's server failed or answered an error",
@@ -200,9 +212,11 @@ def route_table() -> list[Route]:
             "/api/images/{image_id}/original",
             images.get_original,
             "read",
-            "The uploaded bytes",
+            "The uploaded bytes, as the type darkroom sniffed from them; downloaded "
+            "(Content-Disposition: attachment) unless ?inline=true",
             "images",
-            responses={"404": "no such image"},
+            query=(("inline", "boolean", "true: show it in the browser instead of downloading"),),
+            responses={"400": "inline is not true or false", "404": "no such image"},
         ),
         Route(
             "GET",
@@ -275,29 +289,38 @@ def _bearer(request: web.Request) -> str | None:
     return None
 
 
+def _unauthorized(detail: str, challenge: str) -> web.Response:
+    response = problem_response(401, "Unauthorized", detail)
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    resource = request.match_info.route.resource
+    """Deny by default: a route runs without a key only if the scope table says PUBLIC."""
+    match = request.match_info
+    if match.http_exception is not None:  # no such path or method: nothing is served
+        raise match.http_exception
+    resource = match.route.resource
     canonical = resource.canonical if resource is not None else ""
-    scopes: dict[tuple[str, str], str | None] = request.app[_SCOPE]
-    key = (request.method, canonical)
-    if key not in scopes:  # static files and unknown paths
-        return await handler(request)
-    needed = scopes[key]
-    if needed is None:
+    scopes: dict[tuple[str, str], str] = request.app[_SCOPE]
+    needed = scopes.get((request.method, canonical))
+    if needed == PUBLIC:
         return await handler(request)
     token = _bearer(request)
     if token is None:
-        response = problem_response(
-            401, "Unauthorized", "send an API key as 'Authorization: Bearer <key>'"
+        return _unauthorized(
+            "send an API key as 'Authorization: Bearer <key>'", 'Bearer realm="darkroom"'
         )
-        response.headers["WWW-Authenticate"] = 'Bearer realm="darkroom"'
-        return response
     record = await request.app[KEYS].authenticate(token)
     if record is None:
-        response = problem_response(401, "Unauthorized", "this API key is unknown or revoked")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="darkroom", error="invalid_token"'
-        return response
+        return _unauthorized(
+            "this API key is unknown or revoked", 'Bearer realm="darkroom", error="invalid_token"'
+        )
+    if needed is None:  # registered outside the route table: no key may call it
+        return problem_response(
+            403, "Forbidden", f"{request.method} {canonical} declares no scope, so no key may"
+        )
     if not record.allows(needed):
         return problem_response(
             403,
@@ -356,26 +379,53 @@ async def static(request: web.Request) -> web.StreamResponse:
     target = await asyncio.to_thread(_static_file, root, rel)
     if target is None:
         return problem_response(404, "Not Found", f"no frontend file for {request.path}")
-    return web.FileResponse(target)
+    return web.FileResponse(target, headers={"Content-Security-Policy": FRONTEND_CSP})
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(NOSNIFF)  # every answer is exactly the type it says
 
 
 def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, problem_middleware, auth_middleware])
     app[CTX] = ctx
     app[STATIC_DIR] = static_dir or ctx.settings.gateway.static_dir or default_static_dir()
-    scopes: dict[tuple[str, str], str | None] = {}
+    scopes: dict[tuple[str, str], str] = {}
     for route in route_table():
-        if route.method == "GET":  # add_get also answers HEAD, with the same scope
-            app.router.add_get(route.path, route.handler)
-            scopes[("HEAD", route.path)] = route.scope
-        else:
-            app.router.add_route(route.method, route.path, route.handler)
-        scopes[(route.method, route.path)] = route.scope
+        _add_route(app, scopes, route.method, route.path, route.handler, route.scope)
+    _add_route(app, scopes, "GET", "/{path:.*}", static, PUBLIC)  # last: it matches any path
     app[_SCOPE] = scopes
     app[FUNCTIONS] = enabled_names(ctx.settings)
-    app.router.add_get("/{path:.*}", static)
+    app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(_read_side)
     return app
+
+
+def _add_route(
+    app: web.Application,
+    scopes: dict[tuple[str, str], str],
+    method: str,
+    path: str,
+    handler: Handler,
+    scope: str,
+) -> None:
+    if method == "GET":  # add_get also answers HEAD, with the same scope
+        added = app.router.add_get(path, handler)
+        methods: tuple[str, ...] = ("GET", "HEAD")
+    else:
+        added = app.router.add_route(method, path, handler)
+        methods = (method,)
+    assert added.resource is not None
+    for each in methods:
+        scopes[(each, added.resource.canonical)] = scope
+
+
+def make_app_runner(app: web.Application) -> web.AppRunner:
+    """The runner for ``app``, with the settings production and the tests share: no access
+    log, 5 s to finish requests on shutdown, handlers not cancelled when a client hangs up
+    (they see the hang-up as an error and clean up), and parser errors answered as
+    problem+json."""
+    return GatewayRunner(app, access_log=None, shutdown_timeout=5.0)
 
 
 async def _read_side(app: web.Application) -> AsyncIterator[None]:

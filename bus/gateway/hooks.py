@@ -2,7 +2,8 @@
 
 - raw image bytes (any content type but application/json), streamed as they arrive;
   the name from ``?filename=`` or a Content-Disposition header;
-- JSON ``{"filename": ..., "data": "<base64>"}``, for senders that can only post JSON;
+- JSON ``{"filename": ..., "data": "<base64>"}``, for senders that can only post JSON,
+  decoded as it arrives (:mod:`bus.gateway.jsonbody`), so the image is held once;
 - JSON ``{"url": ..., "filename": ...}``: the gateway fetches the image itself, under the
   rules of :mod:`bus.intake.fetch`, and only when ``ingest.fetch.enabled`` is set.
 
@@ -12,15 +13,15 @@ recorded under ``hook`` in the ``uploaded`` event.
 
 from __future__ import annotations
 
-import base64
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bus.gateway.jsonbody import HookJson
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import json_body
 from bus.gateway.state import CTX
@@ -31,7 +32,6 @@ from bus.runtime.context import Context
 
 SOURCE = "hook"
 JSON_SLACK = 64 * 1024  # room for the filename, the keys and whitespace around the data
-_URLSAFE = str.maketrans("-_", "+/")
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 OPENAPI_BODY: dict[str, Any] = {
@@ -84,20 +84,6 @@ async def ingest_hook(request: web.Request) -> web.Response:
     return json_response(result, status=result["status"])
 
 
-def decode_base64(text: str) -> bytes:
-    """Standard or URL-safe base64, padding optional, whitespace ignored.
-
-    Raise :class:`ValueError` saying what is wrong. CPU work for big images: run it off the
-    loop.
-    """
-    compact = "".join(text.split()).translate(_URLSAFE).rstrip("=")
-    compact += "=" * (-len(compact) % 4)
-    try:
-        return base64.b64decode(compact, validate=True)
-    except ValueError as exc:  # binascii.Error, or characters outside ASCII
-        raise ValueError(f"'data' is not valid base64: {exc}") from None
-
-
 def json_limit(max_bytes: int) -> int:
     """The largest JSON body taken: a base64 image at the size limit, plus some slack."""
     return math.ceil(max_bytes * 4 / 3) + JSON_SLACK
@@ -117,8 +103,9 @@ async def _accept(
         raise Problem(400, "Malformed body", str(exc) or type(exc).__name__) from None
 
 
-async def _read_capped(request: web.Request, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it is known to be over ``limit``."""
+async def _json_body(request: web.Request, limit: int) -> HookJson:
+    """The body read through :class:`HookJson`, refused (413) as soon as it is known to be
+    over ``limit``."""
     too_large = Problem(
         413,
         "Payload Too Large",
@@ -127,22 +114,13 @@ async def _read_capped(request: web.Request, limit: int) -> bytes:
     )
     if request.content_length is not None and request.content_length > limit:
         raise too_large
-    body = bytearray()
+    body = HookJson(JSON_SLACK)
+    size = 0
     async for chunk in request.content.iter_chunked(CHUNK):
-        body += chunk
-        if len(body) > limit:
+        size += len(chunk)
+        if size > limit:
             raise too_large
-    return bytes(body)
-
-
-async def _json_object(ctx: Context, request: web.Request) -> dict[str, Any]:
-    raw = await _read_capped(request, json_limit(ctx.settings.ingest.max_bytes))
-    try:
-        body = await ctx.run_interactive(orjson.loads, raw)
-    except orjson.JSONDecodeError as exc:
-        raise Problem(400, "Malformed JSON", str(exc)) from None
-    if not isinstance(body, dict):
-        raise Problem(400, "Malformed JSON", "the body must be a JSON object")
+        body.feed(chunk)
     return body
 
 
@@ -151,31 +129,28 @@ def _invalid(detail: str) -> Problem:
 
 
 async def _from_json(ctx: Context, request: web.Request) -> tuple[Accepted, str | None]:
-    body = await _json_object(ctx, request)
-    filename = body.get("filename")
+    body = await _json_body(request, json_limit(ctx.settings.ingest.max_bytes))
+    fields = body.finish()
+    filename = fields.get("filename")
     if filename is not None and not isinstance(filename, str):
         raise _invalid("'filename' must be a string")
-    data, url = body.pop("data", None), body.get("url")
+    data, url = fields.get("data"), fields.get("url")
     if (data is None) == (url is None):
         raise _invalid("send exactly one of 'data' (the image in base64) and 'url'")
     if data is not None:
-        if not isinstance(data, str):
+        if body.image is None:
             raise _invalid("'data' must be a base64 string")
-        try:
-            decoded = await ctx.run_interactive(decode_base64, data)
-        except ValueError as exc:
-            raise _invalid(str(exc)) from None
-        del data  # the text is as big as the image: let it go before the upload runs
         origin = {"kind": "base64"}
-        return await _accept(ctx, _pieces(decoded), filename, origin), filename
+        return await _accept(ctx, _drain(body.image), filename, origin), filename
     if not isinstance(url, str):
         raise _invalid("'url' must be a string")
     return await _from_url(ctx, url, filename)
 
 
-async def _pieces(data: bytes) -> AsyncIterator[bytes]:
-    for start in range(0, len(data), CHUNK):
-        yield data[start : start + CHUNK]
+async def _drain(pieces: deque[bytes]) -> AsyncIterator[bytes]:
+    """The pieces in order, each let go as it is taken."""
+    while pieces:
+        yield pieces.popleft()
 
 
 async def _from_url(ctx: Context, url: str, filename: str | None) -> tuple[Accepted, str | None]:

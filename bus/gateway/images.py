@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bus.gateway.problems import Problem, int_query, json_response
 from bus.gateway.state import CTX
+from bus.images.media import SNIFF_BYTES, safe_name, sniff
 from bus.infra.postgres import CONNECTION_ERRORS, STALE_CONNECTION
 from bus.infra.store import ObjectMissingError
 from bus.state.readmodel import ImageQuery, ReadModel, ReadModelError, parse_time
@@ -99,24 +100,35 @@ async def get_image(request: web.Request) -> web.Response:
 
 
 async def _stream_object(
-    request: web.Request, key: str, content_type: str, filename: str | None = None
+    request: web.Request, key: str, disposition: tuple[str, str] | None = None
 ) -> web.StreamResponse:
-    store = request.app[CTX].store
-    chunks = store.iter_chunks(key)
+    """Stream a stored object as the type its first bytes show, whatever anyone declared
+    for it (an upload's headers, an event that bypassed the intake).
+
+    ``disposition``: (``inline`` or ``attachment``, the file name to offer).
+    """
+    chunks = request.app[CTX].store.iter_chunks(key)
+    head = b""
     try:
-        first = await anext(chunks, b"")
+        async for chunk in chunks:
+            head += chunk
+            if len(head) >= SNIFF_BYTES:
+                break
     except ObjectMissingError:
         raise Problem(404, "Not Found", f"the stored object {key} is missing") from None
+    kind = sniff(head)
     response = web.StreamResponse(
         headers={
-            "Content-Type": content_type,
+            "Content-Type": kind.mime if kind else "application/octet-stream",
             "Cache-Control": "private, max-age=31536000, immutable",
         }
     )
-    if filename:
-        response.headers["Content-Disposition"] = f'inline; filename="{filename}"'
+    if disposition is not None:
+        how, name = disposition
+        filename = safe_name(name, kind.extension if kind else "bin")
+        response.headers["Content-Disposition"] = f'{how}; filename="{filename}"'
     await response.prepare(request)
-    await response.write(first)
+    await response.write(head)
     async for chunk in chunks:
         await response.write(chunk)
     await response.write_eof()
@@ -124,16 +136,15 @@ async def _stream_object(
 
 
 async def get_original(request: web.Request) -> web.StreamResponse:
+    """The original, downloaded unless ``?inline=true``, so that following a link never
+    shows someone's upload as a page of this origin."""
+    inline = _bool_query(request, "inline")
     doc = await _doc(request)
     original = doc.get("original")
-    if not isinstance(original, dict):
+    if not isinstance(original, dict) or not isinstance(original.get("key"), str):
         raise Problem(404, "Not Found", "this image has no stored original")
-    return await _stream_object(
-        request,
-        original["key"],
-        original.get("content_type", "application/octet-stream"),
-        str(doc.get("name") or "") or None,
-    )
+    how = "inline" if inline else "attachment"
+    return await _stream_object(request, original["key"], (how, str(doc.get("name") or "")))
 
 
 async def get_rendition(request: web.Request) -> web.StreamResponse:
@@ -156,4 +167,4 @@ async def get_rendition(request: web.Request) -> web.StreamResponse:
     found = renditions.get(which)
     if not isinstance(found, dict) or not isinstance(found.get("key"), str):
         raise Problem(404, "Not Found", f"image {doc['id']} has no {which} rendition")
-    return await _stream_object(request, found["key"], "image/webp")
+    return await _stream_object(request, found["key"])

@@ -6,7 +6,7 @@ import orjson
 from aiohttp import web
 
 from bus.gateway.problems import Problem, json_response
-from bus.gateway.state import CTX
+from bus.gateway.state import CTX, KEYS
 from bus.state.keys import KEY_ID_RE, KeyError_, create_key, list_keys, parse_scopes, revoke_key
 
 
@@ -36,6 +36,7 @@ async def create_api_key(request: web.Request) -> web.Response:
     except KeyError_ as exc:
         raise Problem(400, "Bad request body", str(exc)) from None
     token, record = await create_key(request.app[CTX].api_keys, body["name"].strip()[:100], scopes)
+    request.app[KEYS].forget_unknown(record.id)  # usable here at once, before the watch
     return json_response({**record.public(), "key": token}, status=201)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bus.gateway.routes import Route
+from bus.gateway.routes import PUBLIC, Route
 
 PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
@@ -36,7 +36,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
             responses[code] = {"description": desc}
             if not code.startswith("2"):
                 responses[code]["content"] = PROBLEM
-        if route.scope is not None:
+        if route.scope != PUBLIC:
             responses.setdefault(
                 "401", {"description": "missing or unknown API key", "content": PROBLEM}
             )
@@ -49,7 +49,7 @@ def build_openapi(routes: list[Route]) -> dict[str, Any]:
             "tags": [route.tag],
             "operationId": route.handler.__name__,
             "responses": responses,
-            "security": [{"apiKey": [route.scope]}] if route.scope else [],
+            "security": [] if route.scope == PUBLIC else [{"apiKey": [route.scope]}],
         }
         if params:
             operation["parameters"] = params

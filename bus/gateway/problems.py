@@ -11,6 +11,8 @@ from aiohttp import web
 
 log = logging.getLogger("darkroom.gateway")
 PROBLEM_JSON = "application/problem+json"
+# Browsers must take every answer as the type it declares, never guess another.
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -52,9 +54,21 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
-    except Exception:
+    except Exception as exc:
+        if client_gone(request, exc):
+            # Nobody is left to answer, and nothing is wrong with the gateway: a handler
+            # reading the body sees the hang-up as an error, and cleans up as it unwinds.
+            log.info("%s %s: the client hung up (%s)", request.method, request.path, exc)
+            return problem_response(400, "Client hung up", "the connection closed mid-request")
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem_response(500, "Internal Server Error", "the gateway failed; see its log")
+
+
+def client_gone(request: web.BaseRequest, exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the client closing the connection mid-request."""
+    transport = request.transport
+    closed = transport is None or transport.is_closing()
+    return closed and isinstance(exc, ConnectionError | web.RequestPayloadError)
 
 
 def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -9,6 +9,9 @@ from typing import Any
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The scope of a route anyone may call without a key (health checks, the frontend). A route
+# must say so: one the gateway finds no scope for is refused (401), never served.
+PUBLIC = "public"
 
 
 @dataclass(frozen=True)
@@ -16,7 +19,7 @@ class Route:
     method: str
     path: str
     handler: Handler
-    scope: str | None  # None: public (health checks)
+    scope: str  # the key scope it needs (bus.state.keys.SCOPES), or PUBLIC
     summary: str
     tag: str
     query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)

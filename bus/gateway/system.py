@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bus.core.redact import redact_url
 from bus.gateway.problems import Problem, int_query, json_response, problem_response
 from bus.gateway.state import CTX, FUNCTIONS
 from bus.gpu.leases import LedgerUnavailableError, read_devices
@@ -97,7 +98,8 @@ async def status(request: web.Request) -> web.Response:
                 "bytes": stream.state.bytes,
             },
             "dead_letters": dlq.state.messages,
-            "store": {"url": ctx.store.url, "bucket": ctx.store.bucket},
+            # Read keys see this: a password in the endpoint's URL stays hidden.
+            "store": {"url": redact_url(ctx.store.url), "bucket": ctx.store.bucket},
         }
     )
 

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from bus.core.redact import redact_url
 from bus.core.settings import Settings
-from bus.gateway.app import build_app
+from bus.gateway.app import build_app, make_app_runner
 from bus.infra.nats_auth import Role
 from bus.infra.nats_conn import where
 from bus.ops.embedded import (
@@ -231,7 +231,7 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
         supervisor.start()
         async with open_context(resolved, [f.spec for f in functions], "up", database=True) as ctx:
             admin_key, minted = await ensure_admin_key(ctx, data_dir)
-            app_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=5.0)
+            app_runner = make_app_runner(build_app(ctx))
             await app_runner.setup()
             try:
                 gateway_url = await _start_site(
@@ -344,7 +344,7 @@ async def run_gateway(settings: Settings) -> int:
     stopper = Stopper()
     stopper.install()
     async with open_context(resolved, [], "gateway", database=True) as ctx:
-        app_runner = web.AppRunner(build_app(ctx), access_log=None, shutdown_timeout=5.0)
+        app_runner = make_app_runner(build_app(ctx))
         await app_runner.setup()
         url = await _start_site(app_runner, resolved.gateway.host, resolved.gateway.port)
         log.info(

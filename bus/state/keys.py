@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ from bus.infra.kvmirror import KvMirror
 SCOPES = ("read", "upload", "generate", "admin")
 _TOKEN_RE = re.compile(r"^drk_([a-z0-9]{12})_([A-Za-z0-9_-]{20,100})$")
 KEY_ID_RE = re.compile(r"^[a-z0-9]{12}$")
+# How long "no such key" is believed without asking the KV bucket again, and for how many
+# ids: enough that a stream of requests with an unknown key costs one lookup, not one each.
+UNKNOWN_TTL_S = 5.0
+MAX_UNKNOWN = 10_000
 
 
 class KeyError_(ValueError):
@@ -143,11 +148,17 @@ def verify(record: ApiKey | None, token: str) -> bool:
 
 
 class KeyCache:
-    """The gateway's copy of all keys, kept current by a KV watch (revocations apply at once)."""
+    """The gateway's copy of all keys, kept current by a KV watch (revocations apply at once).
+
+    An id neither the copy nor the bucket knows is remembered as unknown for
+    UNKNOWN_TTL_S. A key stored later under that id works as soon as the watch brings it,
+    at the latest after UNKNOWN_TTL_S; :meth:`forget_unknown` makes it work at once.
+    """
 
     def __init__(self, nc: NATS, kv: KeyValue) -> None:
         self._kv = kv
         self._mirror: KvMirror[ApiKey] = KvMirror(nc, kv, ApiKey.decode, "api-keys")
+        self._unknown: dict[str, float] = {}  # key id -> when to ask the bucket again
 
     async def start(self) -> None:
         await self._mirror.start()
@@ -159,10 +170,31 @@ class KeyCache:
         parts = split_token(token)
         if parts is None:
             return None
-        record = self._mirror.items.get(parts[0])
-        if record is None:
+        key_id = parts[0]
+        record = self._mirror.items.get(key_id)
+        if record is None and not self._known_unknown(key_id):
             # A key minted a moment ago elsewhere may not have reached the watch yet.
             with contextlib.suppress(KeyNotFoundError):
-                entry = await self._kv.get(parts[0])
+                entry = await self._kv.get(key_id)
                 record = ApiKey.decode(entry.value) if entry.value else None
+            if record is None:
+                self._remember_unknown(key_id)
         return record if verify(record, token) else None
+
+    def forget_unknown(self, key_id: str) -> None:
+        """A key was just stored under ``key_id``: stop believing it is unknown."""
+        self._unknown.pop(key_id, None)
+
+    def _known_unknown(self, key_id: str) -> bool:
+        until = self._unknown.get(key_id)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._unknown[key_id]
+        return False
+
+    def _remember_unknown(self, key_id: str) -> None:
+        if len(self._unknown) >= MAX_UNKNOWN:
+            del self._unknown[next(iter(self._unknown))]  # the oldest answer goes first
+        self._unknown[key_id] = time.monotonic() + UNKNOWN_TTL_S
