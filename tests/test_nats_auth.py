@@ -20,6 +20,7 @@ from bus.gpu.leases import read_devices
 from bus.infra.nats_auth import Role
 from bus.infra.nats_conn import NatsUnavailableError, connect
 from bus.intake.accept import accept_upload
+from bus.ops.cli import main as cli_main
 from bus.ops.embedded import NatsCredentials, NatsServer
 from bus.ops.local import InstanceLock, write_run_info
 from bus.ops.stack import NATS_CREDENTIALS_FILE, _banner, resolve_endpoints
@@ -256,3 +257,9 @@ def test_the_banner_and_logs_never_show_a_password(settings: Settings) -> None:
     )
     text = _banner(secret, "http://127.0.0.1:8080", [], "key", False, settings.data_dir, [])
     assert "hunter2" not in text and "nats://ops:***@10.0.0.1:4222" in text
+
+
+def test_nats_config_prints_the_deployed_users(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["nats-config"]) == 0
+    deployed = Path(__file__).parents[1] / "deploy" / "nats" / "darkroom-auth.conf"
+    assert capsys.readouterr().out == deployed.read_text()

@@ -147,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoints(db)
     db.add_argument("--url", action="store_true", help="print only the connection URL")
 
+    nats_config = sub.add_parser(
+        "nats-config",
+        help="print the nats-server users for a deployment (one per role)",
+        description="Print the authorization section of a nats-server configuration: one "
+        "user per darkroom role (gateway, worker, status, s3-notify) with exactly the "
+        "permissions that role needs, passwords read from the server's environment "
+        "(NATS_<ROLE>_PASSWORD), for the configured namespace. "
+        "deploy/nats/darkroom-auth.conf is this output for the default one.",
+    )
+    _common(nats_config)
+
     reindex = sub.add_parser(
         "reindex",
         help="rebuild the catalogue database from the store and the event stream",
@@ -427,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda: _keys(args, settings))
         if args.command == "gpus":
             return _run(lambda: _gpus(args, settings))
+        if args.command == "nats-config":
+            from bus.ops.natsconfig import deploy_config
+
+            sys.stdout.write(deploy_config(settings.namespace))
+            return 0
         if args.command == "functions":
             return _functions(settings)
         if args.command == "db":
