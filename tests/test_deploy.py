@@ -47,7 +47,7 @@ from bus.core.settings import (
 from bus.core.subjects import Names
 from bus.gateway.app import route_table
 from bus.gateway.routes import PUBLIC
-from bus.infra.nats_auth import Role, permissions
+from bus.infra.nats_auth import Role, inbox_prefix, permissions
 from bus.infra.nats_conn import NatsUnavailableError, connect, credentials
 from bus.infra.postgres import MIN_SERVER_VERSION
 from bus.ops.cli import build_parser, settings_from_args
@@ -1123,16 +1123,20 @@ def test_nats_reads_the_users_file_as_the_chart_includes_it(tmp_path: Path) -> N
     assert "NATS_WORKER_PASSWORD" in verdict and "is valid" not in verdict, verdict
 
 
-async def _open_as(settings: NatsSettings) -> tuple[NATS, asyncio.Queue[str]]:
-    """A connection with darkroom's connect arguments for ``settings``, and the errors the
-    server reports on it."""
+async def _open_as(settings: NatsSettings, role: Role) -> tuple[NATS, asyncio.Queue[str]]:
+    """A connection with darkroom's connect arguments for ``settings`` and ``role`` (its
+    credentials, its role's reply inbox), and the errors the server reports on it."""
     errors: asyncio.Queue[str] = asyncio.Queue()
 
     async def error_cb(exc: Exception) -> None:
         errors.put_nowait(str(exc))
 
     nc = await nats.connect(
-        settings.servers, error_cb=error_cb, allow_reconnect=False, **credentials(settings)
+        settings.servers,
+        error_cb=error_cb,
+        allow_reconnect=False,
+        inbox_prefix=inbox_prefix(role),
+        **credentials(settings),
     )
     return nc, errors
 
@@ -1174,13 +1178,13 @@ async def test_nats_as_compose_runs_it_keeps_each_role_to_its_work(tmp_path: Pat
             with pytest.raises(NatsUnavailableError, match="refused darkroom's credentials"):
                 await connect(intruder, "intruder", timeout=10)
 
-        gateway_nc, _ = await _open_as(gateway)
+        gateway_nc, _ = await _open_as(gateway, Role.GATEWAY)
         opened.append(gateway_nc)
         gjs = gateway_nc.jetstream()
         await gjs.add_stream(name=names.stream, subjects=[names.all_events])
         keys = await gjs.create_key_value(bucket=names.keys_kv)
 
-        worker_nc, worker_errors = await _open_as(worker)
+        worker_nc, worker_errors = await _open_as(worker, Role.WORKER)
         opened.append(worker_nc)
         ack = await worker_nc.jetstream().publish(names.subject(subjects.INGESTED), b"{}")
         assert ack.stream == names.stream  # its own work goes through
@@ -1195,7 +1199,8 @@ async def test_nats_as_compose_runs_it_keeps_each_role_to_its_work(tmp_path: Pat
             login(
                 minio["MINIO_NOTIFY_NATS_USERNAME_DARKROOM"],
                 minio["MINIO_NOTIFY_NATS_PASSWORD_DARKROOM"],
-            )
+            ),
+            Role.S3_NOTIFY,
         )
         opened.append(notify_nc)
         # MinIO's JetStream publish of a bucket notification, acknowledged by the stream.
@@ -1206,7 +1211,9 @@ async def test_nats_as_compose_runs_it_keeps_each_role_to_its_work(tmp_path: Pat
         await _refused(notify_nc, notify_errors, names.subject(subjects.UPLOADED))
 
         status = users_by_role()[Role.STATUS]
-        status_nc, status_errors = await _open_as(login(status.user, node[status.password_env]))
+        status_nc, status_errors = await _open_as(
+            login(status.user, node[status.password_env]), Role.STATUS
+        )
         opened.append(status_nc)
         await _refused(status_nc, status_errors, names.subject(subjects.INGESTED))
         info = await status_nc.jetstream().stream_info(names.stream)  # what monitoring reads

@@ -13,6 +13,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import RePublish, StreamConfig, StreamSource
 from pydantic import SecretStr
 
 from bus.core.settings import ConfigError, NatsSettings, Settings, load_settings
@@ -64,7 +65,12 @@ class Refusals:
         self.arrived.set()
 
     async def wait_for(self, subject: str) -> None:
-        wanted = f'permissions violation for publish to "{subject.lower()}"'
+        await self._wait(f'permissions violation for publish to "{subject.lower()}"')
+
+    async def wait_for_subscription(self, subject: str) -> None:
+        await self._wait(f'permissions violation for subscription to "{subject.lower()}"')
+
+    async def _wait(self, wanted: str) -> None:
         while not any(wanted in s.lower() for s in self.seen):
             self.arrived.clear()
             await asyncio.wait_for(self.arrived.wait(), 10)
@@ -125,10 +131,35 @@ async def test_a_worker_cannot_write_api_keys_nor_announce_uploads(
         await refusals.wait_for(f"{ns}.uploaded")
         await worker.publish(f"{ns}.s3", b"{}")
         await refusals.wait_for(f"{ns}.s3")
-        # No deleting streams either.
+        # No stream configuration at all: a mirror, a source or a RePublish would read or
+        # write any subject (the server does not check them against the user).
+        wjs = worker.jetstream(timeout=1)
+        events = ns.upper()
+        await gateway.jetstream().add_stream(name=events, subjects=[f"{ns}.>"])
+        for config in (
+            StreamConfig(name="STEAL", mirror=StreamSource(name=f"KV_{ns}_keys")),
+            StreamConfig(
+                name="FORGE",
+                subjects=[f"{ns}-live.x"],
+                republish=RePublish(src=f"{ns}-live.x", dest=f"$KV.{ns}_keys.k_forged"),
+            ),
+        ):
+            with pytest.raises(nats.errors.TimeoutError):
+                await wjs.add_stream(config)
+            await refusals.wait_for(f"$JS.API.STREAM.CREATE.{config.name}")
+        with pytest.raises(nats.errors.TimeoutError):
+            await wjs.update_stream(StreamConfig(name=events, subjects=[f"{ns}.>"], max_msgs=1))
+        await refusals.wait_for(f"$JS.API.STREAM.UPDATE.{events}")
         await worker.publish(f"$JS.API.STREAM.DELETE.KV_{ns}_keys", b"")
         await refusals.wait_for(f"$JS.API.STREAM.DELETE.KV_{ns}_keys")
+        await worker.publish(f"$JS.API.CONSUMER.DELETE.{events}.{ns}_notify", b"")
+        await refusals.wait_for(f"$JS.API.CONSUMER.DELETE.{events}.{ns}_notify")
         assert (await keys.status()).bucket == f"{ns}_keys"
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await keys.get("k_forged")
+        # Nor can it overhear another role's replies (a key read, an ack subject).
+        await worker.subscribe("_INBOX.>")
+        await refusals.wait_for_subscription("_INBOX.>")
     finally:
         await worker.close()
         await gateway.close()
@@ -145,7 +176,7 @@ async def test_workers_run_the_whole_chain_with_only_their_role(
     async with (
         open_context(gateway_settings, [], "gateway", database=True) as gateway,
         open_context(
-            worker_settings, [f.spec for f in functions], "worker", intake=False
+            worker_settings, [f.spec for f in functions], "worker", role=Role.WORKER
         ) as worker,
     ):
         with pytest.raises(RuntimeError, match="did not open the API keys"):
@@ -186,6 +217,11 @@ async def test_the_status_role_reads_but_cannot_write(
         await refusals.wait_for(f"{ns}.ingested")
         await status.publish(f"$KV.{ns}_leases.forged", b"{}")
         await refusals.wait_for(f"$KV.{ns}_leases.forged")
+        # It cannot settle anyone's messages, nor hear other roles' replies.
+        await status.publish(f"$JS.ACK.{ns.upper()}.{ns}_ingest.1.1.1.1.0", b"+TERM")
+        await refusals.wait_for(f"$JS.ACK.{ns.upper()}.{ns}_ingest.1.1.1.1.0")
+        await status.subscribe("_INBOX_worker.>")
+        await refusals.wait_for_subscription("_INBOX_worker.>")
     finally:
         await status.close()
 

@@ -5,13 +5,14 @@ rest:
 
 - ``gateway``: the gateway, ``darkroom up``, the admin commands and the intake functions
   (they announce uploads). Everything.
-- ``worker``: the functions. Their own events, dead letters, progress, the lease ledger
-  and cancel flags; never the API keys or the digests, never an ``uploaded`` or raw S3
-  notification event, and no deleting or purging of streams.
+- ``worker``: the functions. Their consumers, the events they emit, dead letters,
+  progress, the lease ledger, reading cancel flags; never the API keys or the digests,
+  never an ``uploaded`` or raw S3 notification event, and no stream configuration at all.
 - ``status``: read-only monitoring: stream and consumer info, the lease ledger, dead letters.
 - ``s3-notify``: an S3 server's bucket notifications, and nothing else.
 
-The permissions are per namespace: bucket and stream names carry it in one token.
+The permissions are per namespace: bucket and stream names carry it in one token. Replies
+go to a per-role inbox prefix (:func:`inbox_prefix`), so no role overhears another's.
 """
 
 from __future__ import annotations
@@ -35,58 +36,77 @@ class Role(StrEnum):
     S3_NOTIFY = "s3-notify"
 
 
-def _stream_api(stream: str) -> list[str]:
-    """Every JetStream API subject that names ``stream``: ``$JS.API.STREAM.INFO.<s>``,
-    ``$JS.API.STREAM.MSG.GET.<s>``, ``$JS.API.DIRECT.GET.<s>.<subject>``,
-    ``$JS.API.CONSUMER.CREATE.<s>.<name>.<filter>``, ``$JS.API.CONSUMER.MSG.NEXT.<s>.<c>``..."""
-    return [
-        f"$JS.API.*.*.{stream}",
-        f"$JS.API.*.*.{stream}.>",
-        f"$JS.API.*.*.*.{stream}",
-        f"$JS.API.*.*.*.{stream}.>",
-    ]
-
-
 def _kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
+def inbox_prefix(role: Role) -> str:
+    """Where replies to a process of ``role`` go. Each role has its own, so no role can
+    subscribe to another's replies (a KV read, a pulled message and its ack subject). An
+    S3 server's client keeps the usual one, which no darkroom process uses."""
+    if role is Role.S3_NOTIFY:
+        return "_INBOX"
+    return "_INBOX_" + role.value.replace("-", "_")
+
+
 def permissions(role: Role, names: Names) -> dict[str, Any] | None:
-    """The NATS ``permissions`` block for ``role`` (None: unrestricted)."""
-    ns = names.namespace
+    """The NATS ``permissions`` block for ``role`` (None: unrestricted).
+
+    Only the gateway role declares streams and buckets: a stream's configuration can
+    mirror, source or republish any subject, so whoever may create or update one may read
+    or write anything. The other roles get explicit allow lists.
+    """
     if role is Role.GATEWAY:
         return None
+    ns = names.namespace
+    events, advisories = names.stream, names.advisory_stream
+    leases, cancels = _kv_stream(names.leases_kv), _kv_stream(names.cancels_kv)
+    replies = [f"{inbox_prefix(role)}.>"]
     if role is Role.WORKER:
-        secret_buckets = (names.keys_kv, names.digests_kv)
         return {
             "publish": {
                 "allow": [
-                    f"{ns}.>",
+                    f"{ns}.>",  # the events a function emits
                     f"{ns}-dlq.>",
-                    f"{ns}-live.>",
-                    "$JS.ACK.>",
-                    "$JS.FC.>",
-                    "$JS.API.>",
+                    f"{ns}-live.>",  # progress
                     f"$KV.{names.leases_kv}.>",
-                    f"$KV.{names.cancels_kv}.>",
+                    "$JS.API.INFO",
+                    *[f"$JS.API.STREAM.INFO.{s}" for s in (events, advisories, leases, cancels)],
+                    # its durable consumers: declare, inspect, pull, ack
+                    *[
+                        f"$JS.API.CONSUMER.{op}.{s}{tail}"
+                        for s in (events, advisories)
+                        for op in ("CREATE", "INFO")
+                        for tail in ("", ".>")
+                    ],
+                    *[f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.*" for s in (events, advisories)],
+                    *[f"$JS.API.CONSUMER.MSG.NEXT.{s}.*" for s in (events, advisories)],
+                    *[f"$JS.ACK.{s}.>" for s in (events, advisories)],
+                    # an event by sequence (to dead-letter what exhausted its deliveries)
+                    f"$JS.API.STREAM.MSG.GET.{events}",
+                    f"$JS.API.DIRECT.GET.{events}",
+                    f"$JS.API.DIRECT.GET.{events}.>",
+                    # reading and watching the lease ledger and the cancel flags
+                    *[
+                        f"$JS.API.{op}.{s}{tail}"
+                        for s in (leases, cancels)
+                        for op in (
+                            "CONSUMER.CREATE",
+                            "CONSUMER.INFO",
+                            "CONSUMER.DELETE",
+                            "DIRECT.GET",
+                        )
+                        for tail in ("", ".>")
+                    ],
+                    *[f"$JS.API.STREAM.MSG.GET.{s}" for s in (leases, cancels)],
+                    "$JS.FC.>",
                 ],
-                "deny": [
-                    names.subject(subjects.UPLOADED),
-                    names.subject(subjects.S3_EVENTS),
-                    "$JS.API.STREAM.DELETE.>",
-                    "$JS.API.STREAM.PURGE.>",
-                    "$JS.API.STREAM.MSG.DELETE.>",
-                    "$JS.API.STREAM.SNAPSHOT.>",
-                    "$JS.API.STREAM.RESTORE.>",
-                    *[s for b in secret_buckets for s in _stream_api(_kv_stream(b))],
-                ],
+                "deny": [names.subject(subjects.UPLOADED), names.subject(subjects.S3_EVENTS)],
             },
-            "subscribe": {
-                "allow": ["_INBOX.>", f"{ns}.>", f"{ns}-live.>", f"{ns}-dlq.>"],
-            },
+            "subscribe": {"allow": replies},
         }
     if role is Role.STATUS:
-        leases = _kv_stream(names.leases_kv)
+        dlq = names.dlq_stream
         return {
             "publish": {
                 "allow": [
@@ -99,20 +119,20 @@ def permissions(role: Role, names: Names) -> dict[str, Any] | None:
                     "$JS.API.CONSUMER.INFO.*.*",
                     # reading the lease ledger and the dead letters (ordered consumers)
                     *[
-                        f"$JS.API.{op}.{stream}{tail}"
-                        for stream in (leases, names.dlq_stream)
-                        for op in ("CONSUMER.CREATE", "CONSUMER.DELETE", "DIRECT.GET")
+                        f"$JS.API.{op}.{s}{tail}"
+                        for s in (leases, dlq)
+                        for op in ("CONSUMER.CREATE", "CONSUMER.INFO", "DIRECT.GET")
                         for tail in ("", ".>")
                     ],
-                    *[f"$JS.API.CONSUMER.MSG.NEXT.{s}.*" for s in (leases, names.dlq_stream)],
-                    "$JS.ACK.>",
+                    *[f"$JS.API.STREAM.MSG.GET.{s}" for s in (leases, dlq)],
+                    "$JS.FC.>",
                 ],
             },
-            "subscribe": {"allow": ["_INBOX.>"]},
+            "subscribe": {"allow": replies},
         }
-    return {  # S3_NOTIFY: publish notifications, and read the JetStream acknowledgement
+    return {  # S3_NOTIFY
         "publish": {"allow": [names.subject(subjects.S3_EVENTS), "$JS.API.INFO"]},
-        "subscribe": {"allow": ["_INBOX.>"]},
+        "subscribe": {"allow": replies},
     }
 
 

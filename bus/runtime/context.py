@@ -26,6 +26,7 @@ from bus.core.subjects import Names
 from bus.gpu.resident import ResidentModels, open_resident_models
 from bus.images.budget import DecodeBudget
 from bus.infra.metrics import Metrics
+from bus.infra.nats_auth import Role
 from bus.infra.nats_conn import check_jetstream, connect
 from bus.infra.store import ObjectStore
 from bus.runtime import streams
@@ -60,13 +61,13 @@ class Context:
     @property
     def api_keys(self) -> KeyValue:
         if self.keys_kv is None:
-            raise RuntimeError("this process did not open the API keys (open_context(intake=))")
+            raise RuntimeError("this process did not open the API keys (its role has none)")
         return self.keys_kv
 
     @property
     def digests(self) -> KeyValue:
         if self.digests_kv is None:
-            raise RuntimeError("this process did not open the digests (open_context(intake=))")
+            raise RuntimeError("this process did not open the digests (its role has none)")
         return self.digests_kv
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
@@ -93,21 +94,22 @@ async def open_context(
     metrics: Metrics | None = None,
     declare: bool = True,
     database: bool = False,
-    intake: bool = True,
+    role: Role = Role.GATEWAY,
 ) -> AsyncIterator[Context]:
     """Connect to NATS and S3, check versions, declare streams and ``specs``' consumers.
 
     Both servers must be reachable within a few seconds; otherwise the error names the
     URL. With ``declare=False`` (admin commands) nothing is created or reconfigured: the
     deployment must exist already. ``database`` (or a Spec with ``needs_db``) also opens
-    the PostgreSQL read model, migrating its schema first. ``intake`` opens the API keys
-    and digests: a worker (``intake=False``) needs neither, and its NATS role may not
-    touch them.
+    the PostgreSQL read model, migrating its schema first. ``role`` is the process's NATS
+    role: only the gateway's declares streams and buckets and opens the API keys and
+    digests; a worker declares its consumers once a gateway has declared the rest.
     """
     if settings.nats.url is None or settings.s3.endpoint is None:
         raise ValueError("open_context needs resolved NATS and S3 endpoints")
     servers = settings.nats.servers
-    nc = await connect(settings.nats, name=client_name, timeout=START_TIMEOUT_S)
+    nc = await connect(settings.nats, name=client_name, timeout=START_TIMEOUT_S, role=role)
+    gateway = role is Role.GATEWAY
     store: ObjectStore | None = None
     ctx: Context | None = None
     cpu = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
@@ -116,9 +118,9 @@ async def open_context(
         js = nc.jetstream(timeout=10.0)
         await check_jetstream(js, servers)
         if declare:
-            names = await streams.declare(js, settings, specs, intake)
+            names = await streams.declare(js, settings, specs, streams=gateway)
         else:
-            names = await streams.check_deployed(js, settings, intake)
+            names = await streams.check_deployed(js, settings, keys=gateway)
         store = ObjectStore.connect(settings.s3)
         await store.ensure_bucket(timeout=START_TIMEOUT_S)
         ctx = Context(
@@ -127,8 +129,8 @@ async def open_context(
             nc=nc,
             js=js,
             store=store,
-            keys_kv=await js.key_value(names.keys_kv) if intake else None,
-            digests_kv=await js.key_value(names.digests_kv) if intake else None,
+            keys_kv=await js.key_value(names.keys_kv) if gateway else None,
+            digests_kv=await js.key_value(names.digests_kv) if gateway else None,
             cancels_kv=(cancels_kv := await js.key_value(names.cancels_kv)),
             cancels=CancelFlags(nc, cancels_kv),
             cpu=cpu,

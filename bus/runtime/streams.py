@@ -6,7 +6,9 @@ configuration. Existing streams keep subjects that other deployments added.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 import nats.js.errors
@@ -31,6 +33,7 @@ log = logging.getLogger("darkroom.streams")
 DAY_S = 86_400.0
 MIN_DUPLICATE_WINDOW_S = 120.0
 MAX_ACK_PENDING = 20_000
+DEPLOY_WAIT_S = 60.0  # a worker waits this long for a gateway to declare the streams
 
 
 def duplicate_window(specs: Iterable[Spec]) -> float:
@@ -164,34 +167,61 @@ class NotDeployedError(Exception):
     """The streams and buckets do not exist yet on this NATS server."""
 
 
-async def check_deployed(js: JetStreamContext, settings: Settings, intake: bool = True) -> Names:
-    """Names for a deployment that must already exist (for commands that only read)."""
+async def check_deployed(js: JetStreamContext, settings: Settings, keys: bool = True) -> Names:
+    """Names for a deployment that must already exist (for commands that only read, and
+    for workers, whose NATS role may not declare streams); ``keys``: the API keys too."""
     names = Names(settings.namespace)
     try:
         await js.stream_info(names.stream)
+        await js.stream_info(names.advisory_stream)
         await js.key_value(names.cancels_kv)
-        if intake:
+        await js.key_value(names.leases_kv)
+        if keys:
             await js.key_value(names.keys_kv)
     except (nats.js.errors.NotFoundError, nats.js.errors.BucketNotFoundError):
         raise NotDeployedError(
             f"no darkroom deployment with namespace {names.namespace!r} on this NATS yet; "
-            "start `darkroom up`, `darkroom gateway` or a worker first"
+            "start `darkroom up` or `darkroom gateway` first (they declare the streams)"
         ) from None
     return names
 
 
-async def declare(
-    js: JetStreamContext, settings: Settings, specs: list[Spec], intake: bool = True
+async def wait_deployed(
+    js: JetStreamContext, settings: Settings, timeout: float = DEPLOY_WAIT_S
 ) -> Names:
-    """Streams, the given functions' consumers and the shared KV buckets (the keys and
-    digests only with ``intake``: a worker's NATS role may not touch them)."""
+    """:func:`check_deployed`, waiting up to ``timeout`` seconds for a gateway to declare
+    the deployment (workers and the gateway may start in any order)."""
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        try:
+            return await check_deployed(js, settings, keys=False)
+        except NotDeployedError:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                log.info("waiting for a gateway to declare the streams of %r", settings.namespace)
+                said = True
+            await asyncio.sleep(1.0)
+
+
+async def declare(
+    js: JetStreamContext, settings: Settings, specs: list[Spec], streams: bool = True
+) -> Names:
+    """The given functions' consumers, and (with ``streams``: the gateway role's part) the
+    streams and the shared KV buckets. Without it the deployment must exist, or appear
+    within :data:`DEPLOY_WAIT_S`."""
+    if not streams:
+        names = await wait_deployed(js, settings)
+        for spec in specs:
+            await declare_consumer(js, names, spec, settings.function(spec.name))
+        return names
     names = Names(settings.namespace)
     await declare_streams(js, names, settings, specs)
     for spec in specs:
         await declare_consumer(js, names, spec, settings.function(spec.name))
-    if intake:
-        await key_value(js, names.keys_kv, settings.stream.replicas)
-        await key_value(js, names.digests_kv, settings.stream.replicas)
+    await key_value(js, names.keys_kv, settings.stream.replicas)
+    await key_value(js, names.digests_kv, settings.stream.replicas)
     # A cancel flag must outlive every event it may have to skip.
     await key_value(
         js, names.cancels_kv, settings.stream.replicas, ttl=settings.stream.max_age_days * DAY_S
