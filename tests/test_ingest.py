@@ -141,12 +141,15 @@ async def presign(
     return ticket
 
 
-async def put(ticket: dict[str, Any], data: bytes) -> None:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.put(ticket["url"], data=data, headers=ticket["headers"]) as response,
-    ):
-        assert response.status == 200, await response.text()
+async def post_form(ticket: dict[str, Any], data: bytes) -> None:
+    """POST ``data`` with the ticket's form, straight to the store."""
+    body = aiohttp.FormData()
+    for name, value in ticket["fields"].items():
+        body.add_field(name, value)
+    content_type = ticket["fields"]["Content-Type"]
+    body.add_field(ticket["file_field"], data, filename="photo", content_type=content_type)
+    async with aiohttp.ClientSession() as http, http.post(ticket["url"], data=body) as response:
+        assert response.status == 204, await response.text()
 
 
 async def test_presigned_upload_then_complete_runs_the_chain(
@@ -154,10 +157,10 @@ async def test_presigned_upload_then_complete_runs_the_chain(
 ) -> None:
     photo = jpeg(1200, 800, (120, 30, 160))
     ticket = await presign(client, admin, photo)
-    assert ticket["method"] == "PUT" and ticket["headers"] == {"Content-Type": "image/jpeg"}
+    assert ticket["method"] == "POST" and ticket["fields"]["Content-Type"] == "image/jpeg"
     early = await client.post(ticket["complete_url"], headers=auth(admin))
-    assert early.status == 409 and "PUT the file" in (await early.json())["detail"]
-    await put(ticket, photo)
+    assert early.status == 409 and "POST the file" in (await early.json())["detail"]
+    await post_form(ticket, photo)
     done = await client.post(ticket["complete_url"], headers=auth(admin))
     assert done.status == 201
     result = await done.json()
@@ -170,12 +173,14 @@ async def test_presigned_upload_then_complete_runs_the_chain(
     assert doc["original"]["key"] == f"uploads/{ticket['id']}/big_photo.jpg"
     twice = await client.post(ticket["complete_url"], headers=auth(admin))
     assert twice.status == 200 and (await twice.json())["id"] == ticket["id"]
-    # PUTting again with the same URL cannot replace the original that was checked.
-    await put(ticket, jpeg(10, 10))
+    # POSTing again with the same form cannot replace the original that was checked.
+    await post_form(ticket, jpeg(10, 10))
+    again = await client.post(ticket["complete_url"], headers=auth(admin))
+    assert again.status == 200 and (await again.json())["id"] == ticket["id"]
     assert await ctx.store.get_bytes(doc["original"]["key"]) == photo
     # The same bytes through a second ticket: the first id, and the second object is gone.
     second = await presign(client, admin, photo)
-    await put(second, photo)
+    await post_form(second, photo)
     dup = await client.post(second["complete_url"], headers=auth(admin))
     assert dup.status == 200 and (await dup.json())["id"] == ticket["id"]
     assert await ctx.store.list_keys(f"uploads/{second['id']}/") == []
@@ -196,8 +201,8 @@ async def test_a_copy_is_refused_if_the_object_changed_after_it_was_checked(
 async def test_presigned_garbage_is_refused_and_deleted(
     client: TestClient[Any, Any], admin: str, ctx: Context
 ) -> None:
-    ticket = await presign(client, admin, b"x" * 100)
-    await put(ticket, corpus.truncated_jpeg())
+    ticket = await presign(client, admin, corpus.truncated_jpeg())
+    await post_form(ticket, corpus.truncated_jpeg())
     response = await client.post(ticket["complete_url"], headers=auth(admin))
     assert response.status == 422 and response.content_type == "application/problem+json"
     assert "truncated" in (await response.json())["detail"]

@@ -5,6 +5,7 @@ deadline, progress, cancellation), lifespan hooks and draining."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -488,6 +489,17 @@ def test_progress_refuses_impossible_steps() -> None:
     call = Call(make_event("a"), "s", attempt=1, max_attempts=1, deadline=0.0)
     with pytest.raises(ValueError, match="0 <= step <= total"):
         call.progress(3, 2)
+
+
+def test_an_event_id_with_percent_signs_logs_as_it_is(caplog: pytest.LogCaptureFixture) -> None:
+    """An S3 notification's event id holds URL escapes (%2F): the line must still format."""
+    event = Event(id="s3-incoming%2Fx%2Fa.jpg", type="s3", source="minio", time=now_iso())
+    call = Call(event, "s3events", attempt=1, max_attempts=1, deadline=0.0)
+    with caplog.at_level(logging.INFO, logger="darkroom.s3events"):
+        call.log.info("accepted %s (%s)", "x", "new")
+    assert [r.getMessage() for r in caplog.records] == [
+        "s3events [s3-incoming%2Fx%2Fa.jpg]: accepted x (new)"
+    ]
 
 
 # --- lifespan and draining --------------------------------------------------------------------

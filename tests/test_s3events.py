@@ -149,3 +149,28 @@ async def test_the_topic_is_configurable(ctx: Context, run_function: Any) -> Non
     await notify_created(ctx, key, topic="minio.events")
     [uploaded] = await events(ctx, subjects.UPLOADED, at_least=1)
     assert uploaded.image_id == image_id
+
+
+async def test_an_id_completed_before_is_never_announced_again(
+    ctx: Context, run_function: Any
+) -> None:
+    """A presigned form stays valid until it expires: bytes POSTed with it again after the
+    notification completed it are deleted, and neither replace the original nor announce."""
+    await run_function(load("s3events"))
+    image_id = new_id()
+    key = f"incoming/{image_id}/a.jpg"
+    first = jpeg(color=(10, 20, 30))
+    await ctx.store.put_bytes(key, first, "image/jpeg")
+    await notify_created(ctx, key)
+    await events(ctx, subjects.UPLOADED, at_least=1)  # completed
+    await ctx.store.put_bytes(key, jpeg(color=(200, 20, 30)), "image/jpeg")
+    # A sentinel after it in the same notification: once it is announced, the record
+    # before it was handled.
+    sentinel = f"incoming/{new_id()}/sentinel.jpg"
+    await ctx.store.put_bytes(sentinel, jpeg(color=(0, 255, 0)), "image/jpeg")
+    await notify_created(ctx, key, sentinel)
+    uploaded = await events(ctx, subjects.UPLOADED, at_least=2)
+    assert [e.image_id for e in uploaded] == [image_id, sentinel.split("/")[1]]
+    assert await ctx.store.list_keys(f"incoming/{image_id}/") == []
+    assert await ctx.store.get_bytes(f"uploads/{image_id}/a.jpg") == first
+    assert await dead_letters(ctx, "s3events") == []

@@ -140,6 +140,13 @@ class S3Settings(_Section):
         description="http(s)://host:port browsers reach S3 at, for presigned uploads; "
         "unset = endpoint",
     )
+    interactive_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="read timeout of the S3 calls an upload waits on; past it the upload "
+        "answers 503 with Retry-After",
+    )
 
     @field_validator("endpoint", "public_url")
     @classmethod
@@ -237,6 +244,20 @@ class IngestSettings(_Section):
         default="keep",
         description="strip: store JPEG originals without their GPS position (losslessly); "
         "renditions never carry EXIF either way",
+    )
+    incoming_max_age_s: float = Field(
+        default=86_400.0,
+        ge=3600,
+        description="presigned uploads not completed within this are deleted by the sweeper",
+    )
+    pending_claim_s: float = Field(
+        default=600.0,
+        ge=60,
+        description="an upload whose claim stays pending this long is taken to have died; "
+        "the sweeper and re-uploads settle it",
+    )
+    sweep_interval_s: float = Field(
+        default=300.0, gt=0, description="how often the gateway sweeps abandoned uploads"
     )
     fetch: FetchSettings = FetchSettings()
 

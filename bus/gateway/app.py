@@ -107,6 +107,7 @@ def route_table() -> list[Route]:
                 "413": "a file is over the size limit",
                 "415": "not a supported image",
                 "422": "no file accepted",
+                "503": "the store did not answer in time (Retry-After)",
             },
         ),
         Route(
@@ -114,7 +115,7 @@ def route_table() -> list[Route]:
             "/api/uploads/presign",
             uploads.presign,
             "upload",
-            "A presigned URL to PUT one big image straight to the store",
+            "A presigned POST form to upload one big image straight to the store",
             "images",
             body=json_body(
                 ["content_type", "size"],
@@ -125,7 +126,8 @@ def route_table() -> list[Route]:
                 },
             ),
             responses={
-                "201": "PUT the file to 'url' with 'headers', then POST 'complete_url'",
+                "201": "POST 'fields', then the file (field 'file'), to 'url'; then POST "
+                "'complete_url'. The store refuses other keys, types and sizes",
                 "413": "over the size limit",
                 "415": "not a supported image type",
             },
@@ -140,7 +142,8 @@ def route_table() -> list[Route]:
             responses={
                 "200": "identical bytes were uploaded before: their image id",
                 "201": "accepted",
-                "409": "nothing was PUT for this id yet",
+                "409": "nothing was POSTed for this id yet",
+                "503": "the store did not answer in time (Retry-After)",
                 "413": "over the size limit (the object is deleted)",
                 "415": "not a supported image (the object is deleted)",
                 "422": "corrupt, truncated or over a limit (the object is deleted)",

@@ -11,6 +11,7 @@ from aiohttp import web
 
 log = logging.getLogger("darkroom.gateway")
 PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_S = 5  # what a 503 (a dependency unavailable) tells clients to wait
 # Browsers must take every answer as the type it declares, never guess another.
 NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -26,11 +27,15 @@ class Problem(web.HTTPException):
 
 
 def problem_response(status: int, title: str, detail: str = "", **extra: Any) -> web.Response:
+    """A problem+json response; a 503 says when to try again (``Retry-After``)."""
     doc = {"type": "about:blank", "title": title, "status": status}
     if detail:
         doc["detail"] = detail
     doc.update(extra)
-    return web.Response(status=status, body=orjson.dumps(doc), content_type=PROBLEM_JSON)
+    response = web.Response(status=status, body=orjson.dumps(doc), content_type=PROBLEM_JSON)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def json_response(doc: Any, status: int = 200) -> web.Response:

@@ -1,4 +1,7 @@
-"""Uploads: multipart (many files, each streamed), and presigned direct PUTs for big files."""
+"""Uploads: multipart (many files, each streamed), and presigned direct POSTs for big files.
+
+A 503 (the store or NATS unavailable, every upload stream busy) carries ``Retry-After``.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from bus.intake.accept import Accepted, UploadRejectedError, accept_upload, comp
 
 CHUNK = 256 * 1024
 MAX_FILES = 1000
-PRESIGN_EXPIRES = timedelta(minutes=15)
+# The form must be used (the POST begun) within this; completing has no deadline, but the
+# sweeper deletes what was never completed (``ingest.incoming_max_age_s``).
+PRESIGN_EXPIRES = timedelta(minutes=10)
 
 
 async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
@@ -49,6 +54,11 @@ def accepted_result(name: str, accepted: Accepted) -> dict[str, Any]:
         "sha256": accepted.sha256,
         "url": f"/api/images/{accepted.image_id}",
     }
+
+
+def rejected(status: int, detail: str, **extra: Any) -> web.Response:
+    """The problem response for a refused upload (a 503 says when to try again)."""
+    return problem_response(status, "Upload rejected", detail, **extra)
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -85,9 +95,8 @@ async def upload(request: web.Request) -> web.Response:
     if ok == 0:
         first = results[0]
         statuses = {r["status"] for r in results}
-        return problem_response(
+        return rejected(
             first["status"] if len(statuses) == 1 else 422,
-            "Upload rejected",
             first["error"] if len(results) == 1 else "no file was accepted",
             results=results,
         )
@@ -108,7 +117,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 
 async def presign(request: web.Request) -> web.Response:
-    """Hand out a URL the client PUTs one image to, straight into the store."""
+    """Hand out a form the client POSTs one image with, straight into the store.
+
+    The form's policy pins the key, the content type and the size (up to the declared
+    one), and expires in minutes: the S3 server refuses anything else.
+    """
     ctx = request.app[CTX]
     body = await _json_body(request)
     content_type = body.get("content_type")
@@ -133,13 +146,15 @@ async def presign(request: web.Request) -> web.Response:
         raise Problem(422, "Invalid filename", "filename must be a string")
     image_id = new_id()
     key = subjects.incoming_key(image_id, safe_name(filename, kind.extension))
-    url = ctx.store.presigned_put(key, PRESIGN_EXPIRES)
+    url, fields = ctx.store.presigned_post(key, kind.mime, size, PRESIGN_EXPIRES)
     return json_response(
         {
             "id": image_id,
-            "method": "PUT",
+            "method": "POST",
             "url": url,
-            "headers": {"Content-Type": kind.mime},
+            "fields": fields,
+            "file_field": "file",
+            "max_size": size,
             "expires_in": int(PRESIGN_EXPIRES.total_seconds()),
             "complete_url": f"/api/uploads/{image_id}/complete",
         },
@@ -148,7 +163,7 @@ async def presign(request: web.Request) -> web.Response:
 
 
 async def complete(request: web.Request) -> web.Response:
-    """Check the object a presigned PUT stored, and start its processing."""
+    """Check the object a presigned POST stored, and start its processing."""
     ctx = request.app[CTX]
     image_id = request.match_info["image_id"]
     if not subjects.is_safe_id(image_id):
@@ -156,6 +171,6 @@ async def complete(request: web.Request) -> web.Response:
     try:
         accepted = await complete_presigned(ctx, image_id)
     except UploadRejectedError as exc:
-        raise Problem(exc.status, "Upload rejected", exc.reason) from None
+        return rejected(exc.status, exc.reason)
     result = accepted_result(accepted.name, accepted)
     return json_response(result, status=result["status"])

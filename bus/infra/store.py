@@ -3,15 +3,20 @@
 The SDK blocks, so every call runs in a thread pool sized for I/O; long transfers get
 threads of their own. Big objects move in parts, so memory stays flat whatever the size.
 S3 makes an object visible only once it is complete: no half-written result is ever seen.
+
+Calls someone is waiting on (an upload being accepted) go through :attr:`ObjectStore.interactive`:
+the same bucket through a client with short timeouts and no retried reads, so an S3 stall
+fails them within a bound instead of hanging for as long as the stall.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -19,6 +24,7 @@ import orjson
 import urllib3
 from minio import Minio
 from minio.commonconfig import CopySource
+from minio.datatypes import PostPolicy
 from minio.error import S3Error
 
 from bus.core.envelope import ObjectRef
@@ -29,6 +35,8 @@ T = TypeVar("T")
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
 PART_SIZE = 8 * 1024 * 1024
 READ_CHUNK = 256 * 1024
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 60.0  # the functions' calls: patient, and retried
 
 
 class StoreError(Exception):
@@ -64,40 +72,71 @@ class ObjectStore:
         bucket: str,
         executor: ThreadPoolExecutor,
         url: str,
-        http: urllib3.PoolManager | None = None,
+        pools: tuple[urllib3.PoolManager, ...] = (),
         upload_streams: int = 32,
         presigner: Minio | None = None,
+        interactive: Minio | None = None,
+        public_url: str | None = None,
     ) -> None:
         self._client = client
         # Presigned URLs are signed for the host browsers use, which may differ from ours.
         self._presigner = presigner or client
-        self._http = http
+        self._post_url = f"{(public_url or url).rstrip('/')}/{bucket}"
+        self._pools = pools  # the clients' connection pools, cleared on close
         # Streaming uploads run as long as their client sends: they get threads of their
         # own, so slow clients never starve the short calls the functions make.
         self._upload_executor = ThreadPoolExecutor(upload_streams, thread_name_prefix="s3-upload")
-        self._upload_slots = upload_streams
+        self._transfers = asyncio.Semaphore(upload_streams)
         self.bucket = bucket
         self._executor = executor
         self.url = url
+        self._view = False
+        self._interactive = self
+        if interactive is not None:
+            # The same store (executors, transfer slots) through the short-timeout client.
+            view = copy.copy(self)
+            view._client, view._view = interactive, True
+            self._interactive = view._interactive = view
+
+    @property
+    def interactive(self) -> ObjectStore:
+        """This store for calls someone is waiting on: short timeouts, no retried reads.
+
+        In an S3 stall each call fails within about ``s3.interactive_timeout_s`` (with a
+        ``urllib3`` error) instead of hanging; never close it, close the store.
+        """
+        return self._interactive
 
     @classmethod
     def connect(cls, s3: S3Settings) -> ObjectStore:
         """A store for ``s3`` (endpoint and credentials must be set)."""
         if not s3.endpoint or not s3.access_key or s3.secret_key is None:
             raise StoreError("S3 endpoint, access_key and secret_key must all be set")
+
+        def client(http: urllib3.PoolManager) -> Minio:
+            assert s3.secret_key is not None
+            return Minio(
+                s3.host_port,
+                access_key=s3.access_key,
+                secret_key=s3.secret_key.get_secret_value(),
+                secure=s3.secure,
+                # A fixed region avoids a GetBucketLocation round trip before presigning.
+                region=s3.region or "us-east-1",
+                http_client=http,
+            )
+
         http = urllib3.PoolManager(
             maxsize=s3.io_threads,
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
             retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503)),
         )
-        client = Minio(
-            s3.host_port,
-            access_key=s3.access_key,
-            secret_key=s3.secret_key.get_secret_value(),
-            secure=s3.secure,
-            # A fixed region avoids a GetBucketLocation round trip before presigning.
-            region=s3.region or "us-east-1",
-            http_client=http,
+        timeout_s = s3.interactive_timeout_s
+        quick = urllib3.PoolManager(
+            maxsize=s3.io_threads,
+            timeout=urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, timeout_s), read=timeout_s),
+            # One more try to connect; a read that timed out is not tried again (that
+            # would multiply the bound), nor a 5xx (whose Retry-After could be long).
+            retries=urllib3.Retry(total=1, connect=1, read=0, status=0, redirect=0),
         )
         presigner = None
         if s3.public_url and s3.public_url != s3.endpoint:
@@ -110,14 +149,26 @@ class ObjectStore:
                 region=s3.region or "us-east-1",
             )
         executor = ThreadPoolExecutor(max_workers=s3.io_threads, thread_name_prefix="s3")
-        return cls(client, s3.bucket, executor, s3.endpoint, http, s3.upload_streams, presigner)
+        return cls(
+            client(http),
+            s3.bucket,
+            executor,
+            s3.endpoint,
+            (http, quick),
+            s3.upload_streams,
+            presigner,
+            interactive=client(quick),
+            public_url=s3.public_url,
+        )
 
     def close(self) -> None:
+        if self._view:
+            return
         self._upload_executor.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._http is not None:
+        for pool in self._pools:
             # Idle keep-alive connections would otherwise hold up the server's shutdown.
-            self._http.clear()
+            pool.clear()
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -178,13 +229,10 @@ class ObjectStore:
         Raise :class:`StoreBusyError` when every transfer thread is taken, so a crowd of
         slow clients is told to come back instead of queueing without bound.
         """
-        if self._upload_slots <= 0:
+        if self._transfers.locked():
             raise StoreBusyError("every upload stream is busy; try again shortly")
-        self._upload_slots -= 1
-        try:
+        async with self._transfers:
             return await asyncio.get_running_loop().run_in_executor(self._upload_executor, fn)
-        finally:
-            self._upload_slots += 1
 
     async def put_file(self, key: str, fp: IO[bytes], size: int, content_type: str) -> ObjectRef:
         """Upload ``size`` bytes of ``fp`` from its start (multipart past PART_SIZE)."""
@@ -246,9 +294,18 @@ class ObjectStore:
         copied: ObjectRef | None = await self._run(copy)
         return copied
 
-    def presigned_put(self, key: str, expires: timedelta) -> str:
-        """A URL that lets its holder PUT ``key`` until it expires (no I/O: signing)."""
-        return self._presigner.presigned_put_object(self.bucket, key, expires=expires)
+    def presigned_post(
+        self, key: str, content_type: str, max_bytes: int, expires: timedelta
+    ) -> tuple[str, dict[str, str]]:
+        """A form that lets its holder POST one object to ``key`` until it expires (no I/O:
+        signing). The S3 server refuses any other key or content type, an empty body and
+        one over ``max_bytes``. Returns the URL and the fields to send before the file."""
+        policy = PostPolicy(self.bucket, datetime.now(UTC) + expires)
+        policy.add_equals_condition("key", key)
+        policy.add_equals_condition("Content-Type", content_type)
+        policy.add_content_length_range_condition(1, max_bytes)
+        signed = self._presigner.presigned_post_policy(policy)
+        return self._post_url, {"key": key, "Content-Type": content_type, **signed}
 
     async def delete(self, key: str) -> None:
         await self._run(self._client.remove_object, self.bucket, key)

@@ -3,12 +3,13 @@ through the same checks as any other upload.
 
 Wire a MinIO bucket to NATS JetStream with subject ``<namespace>.s3`` (or set
 ``[functions.s3events] listens``) for objects created under ``incoming/``, the prefix the
-presigned URLs of ``POST /api/uploads/presign`` point at. Each created
+presigned forms of ``POST /api/uploads/presign`` point at. Each created
 ``incoming/<id>/<name>`` is then completed exactly as ``POST /api/uploads/<id>/complete``
 would: sniffed, checked, deduplicated, copied to ``uploads/`` and announced, so a browser
-that PUTs straight to the bucket need not call ``complete`` at all (calling it as well is
-harmless). Nothing under ``uploads/`` is announced from a notification: only the intake
-writes there.
+that POSTs straight to the bucket need not call ``complete`` at all (calling it as well is
+harmless, and an id completed before is never announced again: what was POSTed for it
+since is deleted). Nothing under ``uploads/`` is announced from a notification: only the
+intake writes there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ SPEC = Spec(
     name="s3events",
     listens=(subjects.S3_EVENTS,),
     concurrency=8,
-    ack_wait=60.0,
+    ack_wait=10.0,
     max_deliver=5,
 )
 
@@ -98,4 +99,4 @@ def decode_event(payload: bytes) -> Event | None:
     )
 
 
-FUNCTION = Function(SPEC, handle=handle, decode_event=decode_event)
+FUNCTION = Function(SPEC, handle=handle, decode_event=decode_event, intake=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from bus.core.settings import Settings
 from bus.gateway.app import build_app, make_app_runner
 from bus.infra.nats_auth import Role
 from bus.infra.nats_conn import where
+from bus.intake.sweep import run_sweeper
 from bus.ops.embedded import (
     Child,
     NatsCredentials,
@@ -254,10 +256,12 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
             announce(
                 _banner(resolved, gateway_url, functions, admin_key, minted, data_dir, children)
             )
+            sweeper = asyncio.create_task(run_sweeper(ctx), name="sweeper")
             try:
                 await stopper.event.wait()
             finally:
                 log.info("stopping: %s", stopper.reason or "shutting down")
+                await _cancel(sweeper)
                 await app_runner.cleanup()
                 log.debug("gateway stopped")
                 # A server that died for good cannot take acks: don't wait long for them.
@@ -275,6 +279,12 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
     if stopper.exit_code:
         log.error("darkroom stopped: %s", stopper.reason)
     return stopper.exit_code
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _start_site(app_runner: web.AppRunner, host: str, port: int) -> str:
@@ -353,9 +363,12 @@ async def run_gateway(settings: Settings) -> int:
             where(resolved.nats.servers),
             redact_url(resolved.s3.endpoint or ""),
         )
+        # Every gateway sweeps abandoned uploads: each step is idempotent, so several agree.
+        sweeper = asyncio.create_task(run_sweeper(ctx), name="sweeper")
         try:
             await stopper.event.wait()
         finally:
+            await _cancel(sweeper)
             await app_runner.cleanup()
     return 0
 

@@ -52,7 +52,8 @@ class _EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefixes each line with the stage and the event's ids."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        return f"{self.extra['prefix'] if self.extra else ''}: {msg}", kwargs
+        prefix = str(self.extra["prefix"]).replace("%", "%%") if self.extra else ""
+        return f"{prefix}: {msg}", kwargs
 
 
 class Progress:
