@@ -3,19 +3,25 @@ memory by the transform caches, and private files written with a leftover's mode
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import io
 import stat
 import struct
 import tracemalloc
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from PIL import ExifTags, Image
 from PIL.MpoImagePlugin import MpoImageFile
 
 from bus.core.settings import IngestSettings
+from bus.images.check import UploadRejectedError
+from bus.intake.accept import accept_upload
 from bus.intake.gpsstrip import strip_jpeg_gps
 from bus.ops.local import write_private
+from bus.runtime.context import Context
 from functions.ingest import imaging
 from functions.ingest.imaging import Options, derive
 from tests.support import corpus
@@ -101,6 +107,29 @@ def tagged_png(icc: bytes) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (16, 16), (60, 180, 80)).save(out, "PNG", icc_profile=icc)
     return out.getvalue()
+
+
+@pytest.mark.nats
+@pytest.mark.s3
+async def test_an_mpo_whose_gps_cannot_be_removed_is_refused_not_stored(ctx: Context) -> None:
+    """With original_gps = "strip", an MPO whose second picture is missing (its index points
+    past the end) passes the checks, which decode the first picture only; it is refused
+    rather than stored with the location."""
+    whole = stereo_mpo()
+    second = whole.rindex(b"\xff\xd8\xff")  # where the second picture starts
+    truncated = whole[:second]
+    ingest = ctx.settings.ingest.model_copy(update={"original_gps": "strip"})
+    stripping = dataclasses.replace(
+        ctx, settings=ctx.settings.model_copy(update={"ingest": ingest})
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield truncated
+
+    with pytest.raises(UploadRejectedError) as caught:
+        await accept_upload(stripping, chunks(), "stereo.mpo", "test")
+    assert caught.value.status == 422 and "location cannot be removed" in caught.value.reason
+    assert await ctx.store.list_keys("uploads/") == []
 
 
 def test_icc_caches_keep_digests_not_profiles_and_stay_bounded() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -299,3 +300,27 @@ def test_nats_config_prints_the_deployed_users(capsys: pytest.CaptureFixture[str
     assert cli_main(["nats-config"]) == 0
     deployed = Path(__file__).parents[1] / "deploy" / "nats" / "darkroom-auth.conf"
     assert capsys.readouterr().out == deployed.read_text()
+
+
+async def test_a_worker_started_first_waits_for_a_gateway_to_declare_the_streams(
+    settings: Settings, server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest = load("ingest")
+    opened = asyncio.Event()
+
+    async def worker() -> None:
+        worker_settings = as_role(settings, server, Role.WORKER)
+        async with open_context(worker_settings, [ingest.spec], "worker", role=Role.WORKER):
+            opened.set()
+
+    with caplog.at_level(logging.INFO, logger="darkroom.streams"):
+        waiting = asyncio.create_task(worker())
+        await eventually(
+            lambda: any("waiting for a gateway" in r.getMessage() for r in caplog.records),
+            timeout=30,
+            what="the worker waits",
+        )
+        assert not opened.is_set()
+        async with open_context(as_role(settings, server, Role.GATEWAY), [], "gateway"):
+            await asyncio.wait_for(waiting, 30)
+    assert opened.is_set()

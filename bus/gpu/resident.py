@@ -44,6 +44,7 @@ from bus.core.settings import Settings
 from bus.core.subjects import Names
 from bus.gpu.leases import (
     MODES,
+    Device,
     Holder,
     Lease,
     LeaseResizeError,
@@ -332,11 +333,17 @@ class ResidentModels:
 
 
 async def open_resident_models(
-    js: JetStreamContext, names: Names, settings: Settings, worker: str
+    js: JetStreamContext,
+    names: Names,
+    settings: Settings,
+    worker: str,
+    devices: list[Device] | None = None,
 ) -> ResidentModels:
     """The cache for a GPU worker: its device (pinned, else the one with the most room in
-    the ledger now), a started ledger on it, and the mode's residency settings."""
-    devices = await asyncio.to_thread(discover_devices, settings)
+    the ledger now; ``devices``: those found already), a started ledger on it, and the
+    mode's residency settings."""
+    if devices is None:
+        devices = await asyncio.to_thread(discover_devices, settings)
     host = await asyncio.to_thread(host_id, settings.data_dir, settings.gpu.host_id)
     kv = await js.key_value(names.leases_kv)
     holder = Holder.here(host, worker)

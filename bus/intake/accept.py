@@ -252,13 +252,16 @@ async def _apply_gps_policy(ctx: Context, spool: Spool, checked: Checked) -> dic
     stripped = new_spool_file()
 
     def strip() -> bool:
-        try:
-            return strip_jpeg_gps(spool.file, stripped)
-        except NotAJpegError:
-            return False
+        return strip_jpeg_gps(spool.file, stripped)
 
     try:
         removed = await _store_call(ctx.store.interactive.run_transfer(strip))
+    except NotAJpegError as exc:
+        # Refused rather than stored with the location it was configured to drop.
+        stripped.close()
+        raise UploadRejectedError(
+            422, f"the location cannot be removed from this JPEG: {exc}"
+        ) from None
     except BaseException:
         stripped.close()
         raise

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from bus.core.contract import Spec
 from bus.core.settings import Settings
 from bus.core.subjects import Names
+from bus.gpu.leases import discover_devices
 from bus.gpu.resident import ResidentModels, open_resident_models
 from bus.images.budget import DecodeBudget
 from bus.infra.metrics import Metrics
@@ -117,12 +118,16 @@ async def open_context(
     try:
         js = nc.jetstream(timeout=10.0)
         await check_jetstream(js, servers)
+        # What this process can check alone comes first: a worker may then wait a while
+        # for a gateway to declare the streams.
+        store = ObjectStore.connect(settings.s3)
+        await store.ensure_bucket(timeout=START_TIMEOUT_S)
+        gpu = declare and any(spec.needs_gpu for spec in specs)
+        devices = await asyncio.to_thread(discover_devices, settings) if gpu else []
         if declare:
             names = await streams.declare(js, settings, specs, streams=gateway)
         else:
             names = await streams.check_deployed(js, settings, keys=gateway)
-        store = ObjectStore.connect(settings.s3)
-        await store.ensure_bucket(timeout=START_TIMEOUT_S)
         ctx = Context(
             settings=settings,
             names=names,
@@ -141,8 +146,8 @@ async def open_context(
         )
         if database or any(spec.needs_db for spec in specs):
             ctx.db = await open_read_model(settings, client_name)
-        if declare and any(spec.needs_gpu for spec in specs):
-            ctx.gpu = await open_resident_models(js, names, settings, client_name)
+        if gpu:
+            ctx.gpu = await open_resident_models(js, names, settings, client_name, devices)
         yield ctx
     finally:
         if ctx is not None:

@@ -271,13 +271,16 @@ class FunctionRunner:
             self._active.pop(id(work.msg), None)
         self._consumer.release(len(works))
 
-    async def _hand_back(self, works: list[_Work]) -> None:
-        """Nak ``works`` without a delay, so another worker gets them now instead of after
-        ``ack_wait``; a nak that cannot be sent leaves that to ``ack_wait``."""
+    async def _hand_back(self, works: list[_Work], backoff: bool = False) -> None:
+        """Nak ``works`` so another worker gets them now instead of after ``ack_wait`` (with
+        ``backoff``: after the Spec's retry delay, so a runner fault cannot spin); a nak
+        that cannot be sent leaves that to ``ack_wait``."""
         self._forget(works)
         for work in works:
+            delivered = work.msg.metadata.num_delivered or 1
+            delay = self.spec.retry_delay(delivered) if backoff else None
             with contextlib.suppress(Exception):
-                await work.msg.nak()
+                await work.msg.nak(delay=delay)
 
     # --- processing ------------------------------------------------------------------------
     async def _process(self, works: list[_Work]) -> None:
@@ -289,7 +292,7 @@ class FunctionRunner:
                 decoded.append(work)
             except EnvelopeError as exc:
                 malformed.append((work, f"malformed event: {exc}"))
-        handed_over = False
+        handed_over = faulted = False
         try:
             if decoded:
                 await self._invoke(decoded)
@@ -303,11 +306,16 @@ class FunctionRunner:
                 await self._guarded(self._dead_letter(work.msg, None, reason, "malformed"))
                 malformed.pop(0)
                 self._forget([work])
+        except Exception:
+            faulted = True  # a fault of the runner's own, not the handler's: logged below
+            raise
         finally:
             self._running -= 1
             # What was neither settled nor handed to the settler (a drain timeout cancelled
             # us) goes back to the stream, for another worker.
-            await self._hand_back([w for w, _ in malformed] + ([] if handed_over else decoded))
+            await self._hand_back(
+                [w for w, _ in malformed] + ([] if handed_over else decoded), backoff=faulted
+            )
             if self._queued:
                 self._dispatch()
 
