@@ -497,8 +497,10 @@ def test_an_event_id_with_percent_signs_logs_as_it_is(caplog: pytest.LogCaptureF
     call = Call(event, "s3events", attempt=1, max_attempts=1, deadline=0.0)
     with caplog.at_level(logging.INFO, logger="darkroom.s3events"):
         call.log.info("accepted %s (%s)", "x", "new")
+        call.log.warning("no arguments")
     assert [r.getMessage() for r in caplog.records] == [
-        "s3events [s3-incoming%2Fx%2Fa.jpg]: accepted x (new)"
+        "s3events [s3-incoming%2Fx%2Fa.jpg]: accepted x (new)",
+        "s3events [s3-incoming%2Fx%2Fa.jpg]: no arguments",
     ]
 
 

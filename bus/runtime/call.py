@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, MutableMapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +51,12 @@ class ProgressUpdate:
 class _EventLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefixes each line with the stage and the event's ids."""
 
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
-        prefix = str(self.extra["prefix"]).replace("%", "%%") if self.extra else ""
-        return f"{prefix}: {msg}", kwargs
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            prefix = str(self.extra["prefix"]) if self.extra else ""
+            if args:  # the line is %-formatted: a '%' in an event id must stay literal
+                prefix = prefix.replace("%", "%%")
+            self.logger.log(level, f"{prefix}: {msg}", *args, **kwargs)
 
 
 class Progress:

@@ -42,6 +42,22 @@ def duplicate_window(specs: Iterable[Spec]) -> float:
     return max([MIN_DUPLICATE_WINDOW_S, *gaps])
 
 
+def deployment_specs(specs: Iterable[Spec]) -> list[Spec]:
+    """``specs`` and every registered function's: the gateway declares the streams for
+    workers that may start elsewhere (whose roles may not), so it sizes the window for
+    them all."""
+    from bus.runtime.registry import load, registered_names  # it imports the Context, ours
+
+    found = {s.name: s for s in specs}
+    for name in registered_names():
+        if name not in found:
+            try:
+                found[name] = load(name).spec
+            except Exception:  # a broken plugin must not stop the gateway: its worker says why
+                log.warning("function %s cannot be loaded; the duplicate window ignores it", name)
+    return list(found.values())
+
+
 def listen_subjects(names: Names, spec: Spec, overrides: FunctionSettings) -> list[str]:
     topics = overrides.listens if overrides.listens else spec.listens
     return [names.subject(t) for t in topics]
@@ -81,7 +97,7 @@ async def declare_streams(
             max_age=st.max_age_days * DAY_S,
             max_bytes=st.max_bytes,
             num_replicas=st.replicas,
-            duplicate_window=duplicate_window(specs),
+            duplicate_window=duplicate_window(deployment_specs(specs)),
             description="darkroom events: an object landed",
         ),
     )
