@@ -140,10 +140,15 @@ def route_table() -> list[Route]:
             "Check a presigned upload and start processing it",
             "images",
             responses={
-                "200": "identical bytes were uploaded before: their image id",
+                "200": "done before: identical bytes were uploaded before (their image id), "
+                "or this id was completed and announced already (what was POSTed for it "
+                "since is deleted)",
                 "201": "accepted",
-                "409": "nothing was POSTed for this id yet",
-                "503": "the store did not answer in time (Retry-After)",
+                "409": "nothing was POSTed for this id yet, or the object was replaced or "
+                "removed while it was being checked: POST it again, then complete again",
+                "503": "the store or NATS did not answer in time, or another call is "
+                "completing this id right now: retry after Retry-After (answers 200 once "
+                "that call announced it)",
                 "413": "over the size limit (the object is deleted)",
                 "415": "not a supported image (the object is deleted)",
                 "422": "corrupt, truncated or over a limit (the object is deleted)",

@@ -278,7 +278,8 @@ class ObjectStore:
         self, source: str, key: str, etag: str, size: int, content_type: str
     ) -> ObjectRef | None:
         """Server-side copy of ``source`` to ``key`` if ``source`` still has ``etag``;
-        None if it changed meanwhile (so what was checked is exactly what is copied)."""
+        None if it changed or went meanwhile (so what was checked is exactly what is
+        copied, and nothing is copied otherwise)."""
 
         def copy() -> ObjectRef | None:
             try:
@@ -286,7 +287,7 @@ class ObjectStore:
                     self.bucket, key, CopySource(self.bucket, source, match_etag=etag)
                 )
             except S3Error as exc:
-                if exc.code == "PreconditionFailed":
+                if exc.code == "PreconditionFailed" or exc.code in _MISSING_CODES:
                     return None
                 raise
             return ObjectRef(self.bucket, key, size, result.etag or "", content_type)

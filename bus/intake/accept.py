@@ -12,15 +12,19 @@ Every entry point (multipart, presigned POST + complete, webhook, CLI) ends here
    event published. The upload is accepted once the event's PubAck is back; the claim then
    reads "published" and the marker goes.
 
-A rejected upload stores nothing. A failure after the claim takes the claim and the object
-back at once (a presigned upload keeps the client's object, so completing again can work),
-and the client can simply retry (503 answers say when). Whatever a crash, a NATS blip or a
-stalled store leaves half-way keeps its staged marker, and the sweeper
-(:mod:`bus.intake.sweep`) settles it once it is older than ``pending_claim_s``: announced
-after all, the claim is marked "published"; never announced, the original and the claim
-go. Re-uploading the same bytes meanwhile resolves a pending claim the same way instead of
-waiting for it; announcing is never repeated for an image whose event or outputs exist,
-whatever JetStream's duplicate window.
+A rejected upload stores nothing. A failure after the claim takes back exactly what that
+call made, at once: its own pending claim, and the object it stored (a presigned upload
+keeps the client's object, so completing again can work); the client can simply retry (503
+answers say when). Whatever a crash, a NATS blip or a slow or stalled store leaves
+half-way (a write that got no answer may still land) keeps its staged marker, and the
+sweeper (:mod:`bus.intake.sweep`) settles it once it is older than ``pending_claim_s``:
+announced after all, the claim is marked "published"; never announced, the original and
+the claim go. Re-uploading the same bytes meanwhile resolves a pending claim the same way
+instead of waiting for it, and completing an id again resolves its marker (only an
+announced original is answered as done); announcing is never repeated for an image whose
+event or outputs exist, whatever JetStream's duplicate window. A claim only ever changes
+by compare-and-set from the value its writer read, so a sweeper, uploads of the same bytes
+and completes of the same id never undo each other's work.
 
 Every S3 call here goes through the store's interactive client (short timeouts), so a
 stalled store makes an upload fail with a 503 within a bound instead of hanging.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections.abc import AsyncIterator, Awaitable, Collection
 from dataclasses import dataclass
@@ -71,12 +76,14 @@ T = TypeVar("T")
 
 __all__ = [
     "Accepted",
+    "Outcome",
     "Staged",
     "UploadRejectedError",
     "accept_upload",
     "announced",
     "complete_presigned",
     "release_claim",
+    "resolve_staged",
     "settle_claim",
     "staged_originals",
     "unstage",
@@ -122,28 +129,27 @@ async def accept_upload(
     try:
         checked = await ctx.run_interactive(check_file, spool.file, limits)
         extra = {**(extra or {}), **await _apply_gps_policy(ctx, spool, checked)}
+        upload = _Upload(checked, spool.sha256, filename, source, extra)
         image_id = new_id()
         name = safe_name(filename, kind.extension)
         key = subjects.upload_key(image_id, name)
-        held = await _claim(ctx, spool.sha256, image_id, key)
-        if held is not None:
-            if held.orphan is not None:
-                await _announce(
-                    ctx, held.image_id, held.orphan, checked, spool.sha256, filename, source, extra
-                )
-                await unstage(ctx, held.image_id)
+        claim = await _claim(ctx, spool.sha256, image_id, key)
+        if isinstance(claim, _Held):
+            await _adopt_orphan(ctx, claim, upload)
             return Accepted(
-                held.image_id, name, spool.size, kind.mime, spool.sha256, duplicate=True
+                claim.image_id, name, spool.size, kind.mime, spool.sha256, duplicate=True
             )
+        attempt = _Attempt(ctx, spool.sha256, image_id, key, claim)
         try:
             await _stage(ctx, image_id, key, spool.sha256)
-            ref = await _store(ctx, key, spool, kind.mime)
-            await _announce(ctx, image_id, ref, checked, spool.sha256, filename, source, extra)
+            ref = await attempt.write(
+                ctx.store.interactive.put_file(key, spool.file, spool.size, kind.mime)
+            )
+            await _announce(ctx, upload, image_id, ref, claim)
         except BaseException:
             # Not accepted (or cancelled): nothing of it may stay, claim or object.
-            await asyncio.shield(_take_back(ctx, spool.sha256, image_id, key))
+            await asyncio.shield(attempt.take_back())
             raise
-        await unstage(ctx, image_id)
         return Accepted(image_id, name, spool.size, kind.mime, spool.sha256)
     finally:
         spool.close()
@@ -155,18 +161,18 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
     The checked bytes are copied server-side to ``uploads/<id>/`` only if the incoming
     object still has the ETag that was checked, so a client that POSTs again meanwhile
     cannot swap in unchecked bytes; the incoming object is then deleted. Completing again
-    answers the same id (200), and deletes whatever was POSTed for the id since: the
-    presigned form stays valid until it expires, but it never makes a second image. A
-    refused or duplicate object is deleted.
+    answers the same id (200) once it was announced, and deletes whatever was POSTed for
+    the id since: the presigned form stays valid until it expires, but it never makes a
+    second image. While another call is completing the id (or one that died doing so is
+    not stale yet), the answer is a 503 to retry. A refused or duplicate object is deleted.
     """
     store = ctx.store.interactive
     limits = Limits.from_settings(ctx.settings.ingest)
     incoming = await _store_call(store.list_keys(f"{subjects.INCOMING_PREFIX}{image_id}/"))
     done = await _store_call(store.list_keys(f"{subjects.UPLOADS_PREFIX}{image_id}/"))
-    if done:
-        for leftover in incoming:
-            await _store_call(store.delete(leftover))
-        return await _completed_before(ctx, done[0])
+    before, late_writes = await _look_back(ctx, image_id, done, incoming)
+    if before is not None:
+        return before
     if not incoming:
         raise UploadRejectedError(
             409, f"nothing was uploaded for {image_id} yet: POST the file with the form first"
@@ -194,49 +200,86 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
             await _store_call(store.delete(source_key))
             raise
         spool.sha256 = writer.hexdigest()
-        held = await _claim(ctx, spool.sha256, image_id, key)
-        if held is not None and held.image_id != image_id:
+        mime = checked.kind.mime
+        claim = await _claim(ctx, spool.sha256, image_id, key)
+        if isinstance(claim, _Held):
+            if claim.in_flight and claim.image_id == image_id:
+                raise _in_flight(image_id)  # and its incoming object is what that call copies
             await _store_call(store.delete(source_key))
-            if held.orphan is not None:
-                await _announce(
-                    ctx, held.image_id, held.orphan, checked, spool.sha256, name, source, None
-                )
-                await unstage(ctx, held.image_id)
-            return Accepted(
-                held.image_id, name, spool.size, checked.kind.mime, spool.sha256, duplicate=True
-            )
+            await _adopt_orphan(ctx, claim, _Upload(checked, spool.sha256, name, source, {}))
+            return Accepted(claim.image_id, name, spool.size, mime, spool.sha256, duplicate=True)
+        attempt = _Attempt(ctx, spool.sha256, image_id, key, claim, late_writes=late_writes)
         try:
             await _stage(ctx, image_id, key, spool.sha256)
             extra = await _apply_gps_policy(ctx, spool, checked)
             if extra:  # the incoming original still has its location: store the stripped one
-                ref = await _store(ctx, key, spool, checked.kind.mime)
+                ref = await attempt.write(store.put_file(key, spool.file, spool.size, mime))
             else:
-                copied = await _store_call(
-                    store.copy_if_unchanged(source_key, key, etag, spool.size, checked.kind.mime)
+                copied = await attempt.write(
+                    store.copy_if_unchanged(source_key, key, etag, spool.size, mime)
                 )
                 if copied is None:
                     raise UploadRejectedError(
-                        409, "the file was replaced while it was being checked; complete again"
+                        409,
+                        "the file was replaced or removed while it was being checked; "
+                        "complete again",
                     )
                 ref = copied
-            await _announce(ctx, image_id, ref, checked, spool.sha256, name, source, extra)
+            upload = _Upload(checked, spool.sha256, name, source, extra)
+            await _announce(ctx, upload, image_id, ref, claim)
         except BaseException:
             # Our copy goes; the client's incoming object stays, so completing again works.
-            await asyncio.shield(_take_back(ctx, spool.sha256, image_id, key))
+            await asyncio.shield(attempt.take_back())
             raise
-        await unstage(ctx, image_id)
         with contextlib.suppress(Exception):  # done with it; a leftover is only garbage
             await store.delete(source_key)
-        return Accepted(image_id, name, spool.size, checked.kind.mime, spool.sha256)
+        return Accepted(image_id, name, spool.size, mime, spool.sha256)
     finally:
         spool.close()
 
 
-async def _completed_before(ctx: Context, key: str) -> Accepted:
-    """``complete`` for an id whose original is stored already: done before."""
+def _in_flight(image_id: str) -> UploadRejectedError:
+    return UploadRejectedError(
+        503, f"the upload {image_id} is being completed by another call; try again"
+    )
+
+
+async def _look_back(
+    ctx: Context, image_id: str, done: list[str], incoming: list[str]
+) -> tuple[Accepted | None, bool]:
+    """What earlier completes of ``image_id`` left (``done``: what ``uploads/<id>/`` held).
+
+    Returns the answer if one announced the original (done before: 200), else whether a
+    write of one that failed may still land at the key. A staged marker means the original
+    under ``uploads/`` may not be announced: it is settled first, as the sweeper would
+    (whatever its age), and while its call may still announce it this raises a 503.
+    """
+    # Read after the listing: an original listed whose marker is gone was announced.
+    staged = await _available(_staged(ctx, image_id))
+    if staged is not None:
+        was_announced = await _available(announced(ctx, [image_id], staged.at))
+        outcome = await _available(
+            resolve_staged(ctx, staged, image_id in was_announced, time.time())
+        )
+        if outcome is Outcome.HELD:
+            raise _in_flight(image_id)
+        if outcome is not Outcome.SETTLED:  # dropped, or left by a call that failed
+            return None, outcome is Outcome.YOUNG
+        done = [staged.key]
+    if not done:
+        return None, False
+    return await _completed_before(ctx, done[0], incoming), False
+
+
+async def _completed_before(ctx: Context, key: str, leftovers: list[str]) -> Accepted | None:
+    """``complete`` for an id whose original was announced: done before; what was POSTed
+    for it since goes. None if the original vanished meanwhile (a failed call took it
+    back): complete afresh."""
     ref = await _store_call(ctx.store.interactive.stat(key))
     if ref is None:
-        raise UploadRejectedError(409, f"the original {key} vanished; upload it again")
+        return None
+    for leftover in leftovers:
+        await _store_call(ctx.store.interactive.delete(leftover))
     image_id = key.split("/")[1]
     name = key.rsplit("/", 1)[-1]
     return Accepted(image_id, name, ref.size, ref.content_type, "", duplicate=True)
@@ -273,10 +316,6 @@ async def _apply_gps_policy(ctx: Context, spool: Spool, checked: Checked) -> dic
     return {"gps_removed": True}
 
 
-async def _store(ctx: Context, key: str, spool: Spool, mime: str) -> ObjectRef:
-    return await _store_call(ctx.store.interactive.put_file(key, spool.file, spool.size, mime))
-
-
 _STORE_ERRORS = (StoreError, MinioException, OSError, urllib3.exceptions.HTTPError)
 
 
@@ -296,36 +335,56 @@ async def _store_call(call: Awaitable[T]) -> T:
         raise _store_unavailable(exc) from None
 
 
+async def _available(call: Awaitable[T]) -> T:
+    """Await ``call``: an unavailable store or NATS becomes a 503 the client retries."""
+    try:
+        return await _store_call(call)
+    except (nats.errors.Error, CasConflictError) as exc:
+        raise UploadRejectedError(
+            503, f"the upload's state cannot be read ({type(exc).__name__}); try again"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    """What the ``uploaded`` event says of the bytes being accepted, whatever their id."""
+
+    checked: Checked
+    sha256: str
+    filename: str | None
+    source: str
+    extra: dict[str, Any]
+
+    def event(self, image_id: str, ref: ObjectRef) -> Event:
+        return Event(
+            id=subjects.uploaded_event_id(image_id),
+            type=subjects.UPLOADED,
+            source=f"darkroom/{self.source}",
+            time=now_iso(),
+            subject=image_id,
+            object=ref,
+            image_id=image_id,
+            data={
+                **self.extra,
+                "name": ref.key.rsplit("/", 1)[-1],
+                "original_name": (self.filename or "")[:ORIGINAL_NAME_CHARS],
+                "sha256": self.sha256,
+                "source": self.source,
+                "format": self.checked.kind.name,
+                "width": self.checked.width,
+                "height": self.checked.height,
+                "frames": self.checked.frames,
+            },
+        )
+
+
 async def _announce(
-    ctx: Context,
-    image_id: str,
-    ref: ObjectRef,
-    checked: Checked,
-    sha256: str,
-    filename: str | None,
-    source: str,
-    extra: dict[str, Any] | None,
+    ctx: Context, upload: _Upload, image_id: str, ref: ObjectRef, pending: bytes
 ) -> None:
-    event = Event(
-        id=subjects.uploaded_event_id(image_id),
-        type=subjects.UPLOADED,
-        source=f"darkroom/{source}",
-        time=now_iso(),
-        subject=image_id,
-        object=ref,
-        image_id=image_id,
-        data={
-            **(extra or {}),
-            "name": ref.key.rsplit("/", 1)[-1],
-            "original_name": (filename or "")[:ORIGINAL_NAME_CHARS],
-            "sha256": sha256,
-            "source": source,
-            "format": checked.kind.name,
-            "width": checked.width,
-            "height": checked.height,
-            "frames": checked.frames,
-        },
-    )
+    """Publish the ``uploaded`` event; then mark the claim, still ``pending`` as this call
+    wrote it, "published", and only then drop the original's marker. The mark may fail
+    after the event is out: the marker then stays, and the sweeper settles it."""
+    event = upload.event(image_id, ref)
     for attempt in range(1, PUBLISH_ATTEMPTS + 1):
         try:
             await ctx.js.publish(
@@ -345,8 +404,12 @@ async def _announce(
             raise UploadRejectedError(
                 503, f"the upload could not be announced ({type(exc).__name__}); try again"
             ) from None
-    with contextlib.suppress(Exception):  # the claim then reads "published"; harmless if not
-        await ctx.digests.put(sha256, _claim_value(image_id, ref.key, "published"))
+    try:
+        published = await settle_claim(ctx, upload.sha256, pending, image_id, ref.key)
+    except Exception:
+        return
+    if published:
+        await unstage(ctx, image_id)
 
 
 def _claim_value(image_id: str, key: str, state: str) -> bytes:
@@ -354,25 +417,50 @@ def _claim_value(image_id: str, key: str, state: str) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class _Claim:
+    """A digest's claim as stored: which image holds the bytes, where, in what state, since
+    when (epoch seconds). Empty when there is none."""
+
+    image_id: str = ""
+    key: str = ""
+    state: str = ""
+    at: float = 0.0
+
+    @classmethod
+    def parse(cls, value: bytes | None) -> _Claim:
+        doc = orjson.loads(value or b"{}")
+        return cls(
+            str(doc.get("image_id", "")),
+            str(doc.get("key", "")),
+            str(doc.get("state", "")),
+            float(doc.get("at", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class _Held:
-    """Who holds a digest already; ``orphan`` is set when its upload died after storing the
-    original and before announcing it (the original is there, no event ever was)."""
+    """Who holds a digest already. ``in_flight``: its upload is still under way (and may
+    yet fail). ``orphan``: its upload died after storing the original and before
+    announcing it; this call renewed the claim (to ``claim``) to announce that original."""
 
     image_id: str
+    in_flight: bool = False
     orphan: ObjectRef | None = None
+    claim: bytes = b""
 
 
-async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | None:
-    """Claim ``sha256`` for ``image_id``; say who already holds it, if anyone.
+async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> bytes | _Held:
+    """Claim ``sha256`` for ``image_id``: the pending claim written, or who holds it.
 
     A claim still pending is looked at first: announced after all (only its "published"
     mark was lost), it is settled and its id is the answer at once. Otherwise its upload is
     in flight: wait (up to IN_FLIGHT_WAIT_S) to see it end: announced, its id is the
-    answer; failed, this upload takes its place. A claim pending for longer than
-    ``pending_claim_s`` is abandoned: its stored original is announced as the image (once),
-    or, stored nothing, the claim is taken over.
+    answer; failed, this upload takes its place. Another call completing this very id is
+    not waited on. A claim pending for longer than ``pending_claim_s`` is abandoned: its
+    stored original is adopted (the claim renewed, then the original announced, once), or,
+    stored nothing, the claim is taken over; either only if the claim is still exactly the
+    stale one (a sweeper may be dropping it and its original).
     """
-    store = ctx.store.interactive
     mine = _claim_value(image_id, key, "pending")
     deadline = time.monotonic() + IN_FLIGHT_WAIT_S
     stale_after = ctx.settings.ingest.pending_claim_s
@@ -385,44 +473,32 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | 
                 ctx.digests, sha256, lambda current: mine if current is None else None
             )
             if found.written:
-                return None
-            held = orjson.loads(found.value or b"{}")
-            holder, at = str(held.get("image_id", "")), float(held.get("at", 0))
-            if holder == image_id or held.get("state") == "published":
-                return _Held(holder)
+                return mine
+            held = _Claim.parse(found.value)
+            if held.state == "published":
+                return _Held(held.image_id)
+            fresh = time.time() - held.at < stale_after
+            if held.image_id == image_id and fresh:
+                return _Held(image_id, in_flight=True)
             if found.value != looked_at:
                 looked_at = found.value
-                held_key = str(held.get("key", ""))
-                stored = await _store_call(store.stat(held_key)) if held_key else None
-                if stored is not None and subjects.is_safe_id(holder):
-                    if await _store_call(announced(ctx, [holder], at)):
-                        await settle_claim(ctx, sha256, found.value, holder, stored.key)
-                        return _Held(holder)
-                else:
-                    stored = None
-            if time.time() - at < stale_after:
+                stored = await _stored_original(ctx, held)
+                if stored is not None and await _was_announced(ctx, held):
+                    await settle_claim(ctx, sha256, found.value, held.image_id, stored.key)
+                    return _Held(held.image_id)
+            if fresh:
                 if time.monotonic() < deadline:
                     await asyncio.sleep(IN_FLIGHT_POLL_S)
                     continue
-                return _Held(holder)  # still in flight: most likely it will succeed
+                return _Held(held.image_id, in_flight=True)  # most likely it will succeed
             takeovers += 1
-            if stored is not None:
-                # Died after storing, before announcing: these bytes are that image. Renew
-                # the claim first (the sweeper leaves a renewed one alone), then announce.
-                renewed = _claim_value(holder, stored.key, "pending")
-                taken = await compare_and_set(
-                    ctx.digests, sha256, partial(_take_over, stale=found.value, mine=renewed)
-                )
-                if taken.written:
-                    return _Held(holder, orphan=stored)
-                continue
-            # Nothing was stored: take the claim over, if it is still that stale one.
+            new = mine if stored is None else _claim_value(held.image_id, stored.key, "pending")
             taken = await compare_and_set(
-                ctx.digests, sha256, partial(_take_over, stale=found.value, mine=mine)
+                ctx.digests, sha256, partial(_replace, old=found.value, new=new)
             )
-            if taken.written:
-                return None
-            # Someone else changed the stale claim first: decide again on what they wrote.
+            if not taken.written:
+                continue  # changed first (dropped by a sweeper, taken over): decide again
+            return mine if stored is None else _Held(held.image_id, orphan=stored, claim=new)
     except (nats.errors.Error, OSError) as exc:
         raise UploadRejectedError(
             503, f"the duplicate check is unavailable ({type(exc).__name__}); try again"
@@ -432,32 +508,52 @@ async def _claim(ctx: Context, sha256: str, image_id: str, key: str) -> _Held | 
     raise UploadRejectedError(503, "the duplicate check kept conflicting; try again")
 
 
-def _take_over(current: bytes | None, stale: bytes | None, mine: bytes) -> bytes | None:
-    return mine if current is None or current == stale else None
+def _replace(current: bytes | None, old: bytes | None, new: bytes) -> bytes | None:
+    return new if current == old else None
+
+
+async def _was_announced(ctx: Context, held: _Claim) -> bool:
+    return bool(await _store_call(announced(ctx, [held.image_id], held.at)))
+
+
+async def _stored_original(ctx: Context, held: _Claim) -> ObjectRef | None:
+    """The original a pending claim names, if it was stored."""
+    if not held.key or not subjects.is_safe_id(held.image_id):
+        return None
+    return await _store_call(ctx.store.interactive.stat(held.key))
+
+
+async def _adopt_orphan(ctx: Context, held: _Held, upload: _Upload) -> None:
+    """Announce the original of an upload that died before announcing it, if ``held``
+    names one. Its marker is staged afresh first, so a sweeper leaves it alone."""
+    if held.orphan is None:
+        return
+    await _stage(ctx, held.image_id, held.orphan.key, upload.sha256)
+    await _announce(ctx, upload, held.image_id, held.orphan, held.claim)
 
 
 async def settle_claim(
     ctx: Context, sha256: str, pending: bytes | None, image_id: str, key: str
 ) -> bool:
-    """Mark a pending claim whose upload was announced "published", if it is still
-    ``pending``; say whether it was."""
+    """Mark a claim whose upload was announced "published", if it still reads exactly
+    ``pending`` (a newer state is never overwritten); say whether it now reads
+    "published" for ``image_id``."""
     published = _claim_value(image_id, key, "published")
     result = await compare_and_set(
         ctx.digests, sha256, lambda current: published if current == pending else None
     )
-    return result.written
+    now = _Claim.parse(result.value)
+    return now.state == "published" and (now.image_id, now.key) == (image_id, key)
 
 
-async def release_claim(ctx: Context, sha256: str, key: str, pending: bytes | None = None) -> bool:
-    """Drop the claim on ``sha256`` if it is still the one for ``key`` (and still exactly
-    ``pending``, when given); say whether it was dropped."""
+async def release_claim(ctx: Context, sha256: str, pending: bytes) -> bool:
+    """Drop the claim on ``sha256`` if it still reads exactly ``pending`` (compare-and-set
+    on the revision read); say whether it was dropped."""
     try:
         entry = await ctx.digests.get(sha256)
     except nats.js.errors.KeyNotFoundError:
         return False
-    if pending is not None and entry.value != pending:
-        return False
-    if orjson.loads(entry.value or b"{}").get("key") != key:
+    if entry.value != pending:
         return False
     try:
         await ctx.digests.delete(sha256, last=entry.revision)
@@ -466,18 +562,48 @@ async def release_claim(ctx: Context, sha256: str, key: str, pending: bytes | No
     return True
 
 
-async def _take_back(ctx: Context, sha256: str, image_id: str, key: str) -> None:
-    """After a failed upload: drop our claim on ``sha256`` (only if it is still ours) at
-    once, so a retry is not held up, then delete the object we may have stored. The staged
-    marker goes only once the object is known gone: in an S3 stall the sweeper deletes it
-    later (best effort throughout: the caller is already failing)."""
-    with contextlib.suppress(Exception):
-        await release_claim(ctx, sha256, key)
-    try:
-        await ctx.store.interactive.delete(key)
-    except Exception:
-        return
-    await unstage(ctx, image_id)
+@dataclass(slots=True)
+class _Attempt:
+    """This call's hold on a digest while it stores and announces an original: what it
+    made, so that a failure takes back exactly that and nothing of anyone else's."""
+
+    ctx: Context
+    sha256: str
+    image_id: str
+    key: str
+    claim: bytes  # the pending claim this call wrote
+    late_writes: bool = False  # a store write that got no answer may still land at key
+    stored: bool = False  # this call stored the original at key
+
+    async def write(self, call: Awaitable[T]) -> T:
+        """Store the original (a None result: the store declined to). A write that got no
+        answer (a timeout, a cut connection, a cancel) may still land: that is remembered."""
+        try:
+            ref = await call
+        except (MinioException, StoreBusyError) as exc:  # answered, or never sent
+            raise _store_unavailable(exc) from None
+        except BaseException as exc:
+            self.late_writes = True
+            if isinstance(exc, _STORE_ERRORS):
+                raise _store_unavailable(exc) from None
+            raise
+        self.stored = ref is not None
+        return ref
+
+    async def take_back(self) -> None:
+        """After a failure: drop this call's claim at once (a retry is not held up), then
+        the original it stored. The staged marker stays while something may still be or
+        land at the key (a delete that failed, a write with no answer): the sweeper deletes
+        it after ``pending_claim_s``. Best effort throughout: the caller is failing."""
+        with contextlib.suppress(Exception):
+            await release_claim(self.ctx, self.sha256, self.claim)
+        if self.stored or self.late_writes:
+            try:
+                await self.ctx.store.interactive.delete(self.key)
+            except Exception:
+                return
+        if not self.late_writes:
+            await unstage(self.ctx, self.image_id)
 
 
 # --- staged originals ----------------------------------------------------------------------
@@ -533,6 +659,57 @@ async def staged_originals(ctx: Context) -> list[Staged]:
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
     return found
+
+
+async def _staged(ctx: Context, image_id: str) -> Staged | None:
+    """The staged marker of ``image_id``, if it has one."""
+    try:
+        entry = await ctx.digests.get(STAGED_PREFIX + image_id)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return Staged.parse(entry.value or b"")
+
+
+class Outcome(enum.Enum):
+    """What :func:`resolve_staged` made of a staged original."""
+
+    SETTLED = "settled"  # announced: its claim reads "published", its marker is gone
+    ABANDONED = "abandoned"  # never announced, its upload dead: original, claim, marker gone
+    HELD = "held"  # its claim is pending and not stale: its upload may announce it yet
+    YOUNG = "young"  # its upload failed and let go of the claim; a write may still land
+
+
+async def resolve_staged(ctx: Context, staged: Staged, was_announced: bool, now: float) -> Outcome:
+    """Settle a staged original as of ``now`` (epoch seconds).
+
+    Announced after all, its claim is marked "published" and the marker goes. Otherwise
+    its claim decides: still this original's and pending, it goes only once both it and the
+    marker are older than ``pending_claim_s``, and only if unchanged since read (a
+    re-upload adopting the original renews it first); let go of, the marker's age alone
+    decides. Gone, the original and its marker go too.
+    """
+    try:
+        value: bytes | None = (await ctx.digests.get(staged.sha256)).value
+    except nats.js.errors.KeyNotFoundError:
+        value = None
+    claim = _Claim.parse(value)
+    ours = (claim.image_id, claim.key) == (staged.image_id, staged.key)
+    if was_announced or (ours and claim.state == "published"):
+        if ours and claim.state != "published":
+            await settle_claim(ctx, staged.sha256, value, staged.image_id, staged.key)
+        await unstage(ctx, staged.image_id)
+        return Outcome.SETTLED
+    stale_after = ctx.settings.ingest.pending_claim_s
+    if ours and value is not None:
+        if min(now - claim.at, now - staged.at) <= stale_after:
+            return Outcome.HELD
+        if not await release_claim(ctx, staged.sha256, value):
+            return Outcome.HELD  # renewed meanwhile
+    elif now - staged.at <= stale_after:
+        return Outcome.YOUNG
+    await ctx.store.interactive.delete(staged.key)
+    await unstage(ctx, staged.image_id)
+    return Outcome.ABANDONED
 
 
 async def announced(ctx: Context, image_ids: Collection[str], since: float) -> set[str]:
