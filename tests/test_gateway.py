@@ -77,7 +77,7 @@ async def test_scopes_are_enforced_and_revocation_is_immediate(
     bad = await client.post(
         "/api/keys", json={"name": "x", "scopes": ["root"]}, headers=auth(admin)
     )
-    assert bad.status == 400 and "scopes must be" in (await bad.json())["detail"]
+    assert bad.status == 422 and "scopes[0] must be one of 'read'" in (await bad.json())["detail"]
 
 
 async def test_upload_travels_the_whole_chain(client: TestClient[Any, Any], admin: str) -> None:
@@ -253,6 +253,66 @@ async def test_odd_requests_get_clear_problems_not_errors(
     assert bad_key.status == 404 and bad_key.content_type == "application/problem+json"
     odd_limit = await client.get("/api/dead-letters?limit=%C2%B2", headers=auth(admin))
     assert odd_limit.status == 400
+
+
+async def test_a_wrong_method_on_an_api_path_is_405_with_a_true_allow(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    """The frontend's catch-all never answers under /api/ or on the probes, so it never adds
+    its GET to what an API path allows."""
+    for method, path, allowed in (
+        ("OPTIONS", "/api/uploads", "POST"),
+        ("GET", "/api/uploads", "POST"),
+        ("OPTIONS", "/api/keys/abc", "DELETE"),
+        ("PUT", "/api/hooks/ingest", "POST"),
+        ("DELETE", "/api/images/abc/display", "GET,HEAD"),
+        ("POST", "/metrics", "GET,HEAD"),
+        ("OPTIONS", "/healthz", "GET,HEAD"),
+    ):
+        for headers in ({}, auth(admin)):  # the same, with a key or without
+            response = await client.request(method, path, headers=headers)
+            assert response.status == 405, (method, path)
+            assert response.headers["Allow"] == allowed, (method, path)
+            assert response.content_type == "application/problem+json"
+            assert f"allowed: {allowed}" in (await response.json())["detail"]
+    for method in ("GET", "POST", "OPTIONS"):
+        response = await client.request(method, "/api/nothing-here", headers=auth(admin))
+        assert response.status == 404, method
+        assert "no route /api/nothing-here" in (await response.json())["detail"]
+    assert (await client.get("/apiary")).status == 200, "only /api/ itself is the API's"
+
+
+async def test_an_empty_time_range_is_an_empty_page(
+    client: TestClient[Any, Any], admin: str
+) -> None:
+    response = await client.post("/api/uploads", data=form(("a.jpg", jpeg())), headers=auth(admin))
+    [result] = (await response.json())["results"]
+    await wait_status(client, admin, result["id"], "ready")
+    at = "2026-01-01T00:00:00Z"
+    for since, until in ((at, at), ("2026-02-01T00:00:00Z", at)):
+        empty = await client.get(f"/api/images?since={since}&until={until}", headers=auth(admin))
+        assert empty.status == 200 and await empty.json() == {"items": [], "next_cursor": None}
+
+
+async def test_a_body_that_breaks_after_a_file_is_a_400_listing_what_was_kept(
+    client: TestClient[Any, Any], admin: str, ctx: Context
+) -> None:
+    photo = jpeg()
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        + photo
+        + b'\r\n--xyz\r\nContent-Disposition: form-data; name="a\x15b"\r\n\r\nv\r\n--xyz--\r\n'
+    )
+    response = await client.post(
+        "/api/uploads",
+        data=body,
+        headers={**auth(admin), "Content-Type": "multipart/form-data; boundary=xyz"},
+    )
+    assert response.status == 400 and response.content_type == "application/problem+json"
+    problem = await response.json()
+    kept, broken = problem["results"]
+    assert kept["status"] == 201 and broken["status"] == 400
+    assert await ctx.store.list_keys("uploads/") == [f"uploads/{kept['id']}/a.jpg"]
 
 
 async def raw_get(client: TestClient[Any, Any], target: str) -> tuple[int, bytes]:

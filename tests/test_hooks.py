@@ -222,10 +222,11 @@ async def test_bad_json_bodies_get_clear_problems(gateway: Gateway, uploader: st
     cases: list[tuple[Any, int, str]] = [
         ({"data": "not*base64!"}, 422, "not valid base64"),
         ({"data": "QUJDRA=x"}, 422, "not valid base64"),
-        ({"data": 12}, 422, "'data' must be a base64 string"),
+        ({"data": "QUJD\U0001f600"}, 422, "not valid base64"),  # sent as a surrogate pair
+        ({"data": 12}, 422, "data must be a string, got 12"),
         ({"filename": "a.jpg"}, 422, "exactly one of 'data'"),
         ({"data": "QUJD", "url": "https://x.example/a.jpg"}, 422, "exactly one of 'data'"),
-        ({"data": "QUJD", "filename": 7}, 422, "'filename' must be a string"),
+        ({"data": "QUJD", "filename": 7}, 422, "filename must be a string, got 7"),
         (["data"], 400, "must be a JSON object"),
     ]
     for body, status, detail in cases:

@@ -9,6 +9,7 @@ from pathlib import Path
 from aiohttp import web
 
 from bus.gateway import hooks, images, keys_api, system, uploads
+from bus.gateway.contract import endpoint
 from bus.gateway.openapi import build_openapi
 from bus.gateway.problems import (
     NOSNIFF,
@@ -17,14 +18,16 @@ from bus.gateway.problems import (
     problem_middleware,
     problem_response,
 )
-from bus.gateway.routes import PUBLIC, Route, json_body
+from bus.gateway.routes import PUBLIC, Link, Reply, Route
 from bus.gateway.server import GatewayRunner
-from bus.gateway.state import CTX, FUNCTIONS, KEYS, STATIC_DIR
+from bus.gateway.state import CTX, FUNCTIONS, KEYS, OPENAPI, STATIC_DIR
 from bus.runtime.context import Context
 from bus.runtime.registry import enabled_names
 from bus.state.keys import KeyCache
 
 _SCOPE = web.AppKey("route_scopes", dict)
+# Every path the frontend may serve: all but the API's and the probes'.
+FRONTEND_PATHS = r"/{path:(?!(?:api|healthz|readyz|metrics)(?:/|$)).*}"
 # The frontend's pages load only their own scripts, styles and images (thumbnails arrive as
 # blob: URLs), run no inline code, and may not be framed.
 FRONTEND_CSP = (
@@ -35,18 +38,45 @@ FRONTEND_CSP = (
 
 def route_table() -> list[Route]:
     return [
-        Route("GET", "/healthz", system.healthz, PUBLIC, "Liveness: the process is up", "system"),
+        Route(
+            "GET",
+            "/healthz",
+            system.healthz,
+            PUBLIC,
+            "Liveness: the process is up",
+            "system",
+            responses={200: Reply("alive", system.Health)},
+        ),
         Route(
             "GET",
             "/readyz",
             system.readyz,
             PUBLIC,
-            "Readiness: NATS and S3 reachable",
+            "Readiness: NATS, S3 and PostgreSQL reachable",
             "system",
-            responses={"503": "a dependency is unavailable"},
+            responses={
+                200: Reply("ready", system.Ready),
+                503: "a dependency is unavailable (see checks)",
+            },
         ),
-        Route("GET", "/metrics", system.metrics, "read", "Prometheus metrics", "system"),
-        Route("GET", "/api/openapi.json", openapi, "read", "This document", "system"),
+        Route(
+            "GET",
+            "/metrics",
+            system.metrics,
+            "read",
+            "Prometheus metrics",
+            "system",
+            responses={200: Reply("the text exposition format", content=_TEXT)},
+        ),
+        Route(
+            "GET",
+            "/api/openapi.json",
+            openapi,
+            "read",
+            "This document",
+            "system",
+            responses={200: Reply("OpenAPI 3.1", content={"application/json": {"schema": {}}})},
+        ),
         Route(
             "GET",
             "/api/status",
@@ -54,6 +84,7 @@ def route_table() -> list[Route]:
             "read",
             "Consumer lag per function, stream and dead-letter counts",
             "system",
+            responses={200: Reply("the bus now", system.SystemStatus)},
         ),
         Route(
             "GET",
@@ -63,7 +94,10 @@ def route_table() -> list[Route]:
             "Devices in the VRAM lease ledger: capacity, live leases with models, sizes and "
             "holders, queued requests",
             "system",
-            responses={"503": "the lease ledger cannot be read"},
+            responses={
+                200: Reply("every device", system.Devices),
+                503: "the lease ledger cannot be read",
+            },
         ),
         Route(
             "GET",
@@ -72,10 +106,7 @@ def route_table() -> list[Route]:
             "read",
             "Newest dead-letter records first",
             "system",
-            query=(
-                ("stage", "string", "only this function"),
-                ("limit", "integer", "1-200, default 50"),
-            ),
+            responses={200: Reply("dead letters, newest first", system.DeadLetters)},
         ),
         Route(
             "POST",
@@ -85,29 +116,41 @@ def route_table() -> list[Route]:
             "Upload one or more images (multipart/form-data, field 'file')",
             "images",
             body={
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "file": {
-                                    "type": "array",
-                                    "items": {"type": "string", "format": "binary"},
-                                }
-                            },
-                        }
-                    }
-                },
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        # Other fields are ignored, but their names must fit in a header.
+                        "propertyNames": {"pattern": r"^[^\x00-\x08\x0a-\x1f\x7f]*$"},
+                        "properties": {
+                            "file": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"type": "string", "format": "binary"},
+                            }
+                        },
+                    },
+                    "encoding": {"file": {"contentType": "image/*"}},
+                }
             },
             responses={
-                "200": "every file was a duplicate of an earlier upload (see results)",
-                "201": "all files accepted",
-                "207": "some files accepted (see results)",
-                "413": "a file is over the size limit",
-                "415": "not a supported image",
-                "422": "no file accepted",
-                "503": "the store did not answer in time (Retry-After)",
+                200: Reply(
+                    "every file was a duplicate of an earlier upload (see results)",
+                    uploads.UploadResults,
+                    links=_image_links("$response.body#/results/0/id"),
+                ),
+                201: Reply(
+                    "all files accepted",
+                    uploads.UploadResults,
+                    links=_image_links("$response.body#/results/0/id"),
+                ),
+                207: Reply("some files accepted (see results)", uploads.UploadResults),
+                400: "no file part, or a malformed body (its results: the files before the "
+                "break, accepted all the same)",
+                413: "a file is over the size limit, or too many files",
+                415: "not multipart/form-data, or not a supported image",
+                422: "no file accepted (see results)",
+                503: "the store or the bus did not answer in time",
             },
         ),
         Route(
@@ -117,19 +160,15 @@ def route_table() -> list[Route]:
             "upload",
             "A presigned POST form to upload one big image straight to the store",
             "images",
-            body=json_body(
-                ["content_type", "size"],
-                {
-                    "filename": {"type": "string"},
-                    "content_type": {"type": "string", "example": "image/jpeg"},
-                    "size": {"type": "integer", "description": "bytes"},
-                },
-            ),
             responses={
-                "201": "POST 'fields', then the file (field 'file'), to 'url'; then POST "
-                "'complete_url'. The store refuses other keys, types and sizes",
-                "413": "over the size limit",
-                "415": "not a supported image type",
+                201: Reply(
+                    "POST 'fields', then the file (field 'file'), to 'url'; then POST "
+                    "'complete_url'. The store refuses other keys, types and sizes",
+                    uploads.Presigned,
+                    links={"complete": Link(uploads.complete, {"image_id": "$response.body#/id"})},
+                ),
+                413: "over the size limit",
+                415: "not a supported image type",
             },
         ),
         Route(
@@ -140,18 +179,20 @@ def route_table() -> list[Route]:
             "Check a presigned upload and start processing it",
             "images",
             responses={
-                "200": "done before: identical bytes were uploaded before (their image id), "
-                "or this id was completed and announced already (what was POSTed for it "
-                "since is deleted)",
-                "201": "accepted",
-                "409": "nothing was POSTed for this id yet, or the object was replaced or "
-                "removed while it was being checked: POST it again, then complete again",
-                "503": "the store or NATS did not answer in time, or another call is "
-                "completing this id right now: retry after Retry-After (answers 200 once "
-                "that call announced it)",
-                "413": "over the size limit (the object is deleted)",
-                "415": "not a supported image (the object is deleted)",
-                "422": "corrupt, truncated or over a limit (the object is deleted)",
+                200: Reply(
+                    "identical bytes were uploaded before: their image id",
+                    uploads.UploadResult,
+                    links=_image_links("$response.body#/id"),
+                ),
+                201: Reply(
+                    "accepted", uploads.UploadResult, links=_image_links("$response.body#/id")
+                ),
+                404: "not an upload id",
+                409: "nothing was POSTed for this id yet",
+                413: "over the size limit (the object is deleted)",
+                415: "not a supported image (the object is deleted)",
+                422: "corrupt, truncated or over a limit (the object is deleted)",
+                503: "the store did not answer in time",
             },
         ),
         Route(
@@ -159,20 +200,28 @@ def route_table() -> list[Route]:
             "/api/hooks/ingest",
             hooks.ingest_hook,
             "upload",
-            "Webhook for integrations: one image as raw bytes, base64 JSON, or a URL to fetch",
+            "Webhook for integrations: one image as raw bytes (its name in ?filename= or "
+            "Content-Disposition), base64 JSON, or a URL to fetch",
             "images",
-            query=(("filename", "string", "raw bytes: the file's name"),),
-            body=hooks.OPENAPI_BODY,
+            body=hooks.BODY,
             responses={
-                "200": "identical bytes were uploaded before: their image id",
-                "201": "accepted",
-                "403": "the key lacks the 'upload' scope, fetching is off, "
+                200: Reply(
+                    "identical bytes were uploaded before: their image id",
+                    uploads.UploadResult,
+                    links=_image_links("$response.body#/id"),
+                ),
+                201: Reply(
+                    "accepted", uploads.UploadResult, links=_image_links("$response.body#/id")
+                ),
+                400: "malformed JSON or body, or a query parameter is invalid",
+                403: "the key lacks the 'upload' scope, fetching is off, "
                 "or the URL's host or address is not allowed",
-                "413": "over a size limit: the image, the JSON body, or its fields besides 'data'",
-                "415": "not a supported image",
-                "422": "corrupt or over a limit, invalid base64 or URL, or the URL redirects",
-                "502": "the URL's server failed or answered an error",
-                "504": "fetching the URL took longer than ingest.fetch.timeout_s",
+                413: "over a size limit: the image, the JSON body, or its fields besides 'data'",
+                415: "not a supported image",
+                422: "corrupt or over a limit, invalid base64 or URL, or the URL redirects",
+                502: "the URL's server failed or answered an error",
+                503: "the store or the bus did not answer in time",
+                504: "fetching the URL took longer than ingest.fetch.timeout_s",
             },
         ),
         Route(
@@ -182,20 +231,11 @@ def route_table() -> list[Route]:
             "read",
             "Images, newest first",
             "images",
-            query=(
-                ("status", "string", "uploaded, ingested, ready or failed"),
-                ("tag", "string", "only images with this tag"),
-                ("approval", "string", "none, pending, approved or rejected"),
-                ("since", "string", "ISO 8601 time: only images at or after it (sort key)"),
-                ("until", "string", "ISO 8601 time: only images before it (sort key)"),
-                ("has_caption", "boolean", "only images with (true) or without a caption"),
-                ("q", "string", "words (or word prefixes) in the name, caption or tags"),
-                ("sort", "string", "created (default) or taken (date taken, else created)"),
-                ("order", "string", "desc (default, newest first) or asc"),
-                ("limit", "integer", "1-500, default 50"),
-                ("cursor", "string", "next_cursor from the previous page"),
-            ),
-            responses={"400": "a query parameter is invalid", "503": "the database is down"},
+            responses={
+                200: Reply("one page", images.ImagePage),
+                400: "a query parameter is invalid, or the parameters disagree",
+                503: "the database is down",
+            },
         ),
         Route(
             "GET",
@@ -204,7 +244,7 @@ def route_table() -> list[Route]:
             "read",
             "How many images there are, by status and by approval",
             "images",
-            responses={"503": "the database is down"},
+            responses={200: Reply("counts", images.ImageCounts), 503: "the database is down"},
         ),
         Route(
             "GET",
@@ -213,7 +253,11 @@ def route_table() -> list[Route]:
             "read",
             "One image: status, stages, caption, tags",
             "images",
-            responses={"404": "no such image"},
+            responses={
+                200: Reply("the image", images.ImageDoc),
+                404: "no such image",
+                503: "the database is down",
+            },
         ),
         Route(
             "GET",
@@ -223,27 +267,37 @@ def route_table() -> list[Route]:
             "The uploaded bytes, as the type darkroom sniffed from them; downloaded "
             "(Content-Disposition: attachment) unless ?inline=true",
             "images",
-            query=(("inline", "boolean", "true: show it in the browser instead of downloading"),),
-            responses={"400": "inline is not true or false", "404": "no such image"},
+            responses={
+                200: Reply("the original", content=_ORIGINAL),
+                404: "no such image",
+                503: "the database is down",
+            },
         ),
         Route(
             "GET",
             "/api/images/{image_id}/display",
-            images.get_rendition,
+            images.get_display,
             "read",
             "The display rendition: WebP, sRGB, upright, long edge up to 2048 px",
             "images",
-            responses={"404": "not ingested yet"},
+            responses={
+                200: Reply("the display rendition", content=_WEBP),
+                404: "no such image, or not ingested yet",
+                503: "the database is down",
+            },
         ),
         Route(
             "GET",
             "/api/images/{image_id}/thumbnail",
-            images.get_rendition,
+            images.get_thumbnail,
             "read",
             "A WebP thumbnail: the smallest size, or ?px= one of ingest.thumb_px",
             "images",
-            query=(("px", "integer", "thumbnail size, e.g. 1024"),),
-            responses={"404": "not ingested yet, or no such size"},
+            responses={
+                200: Reply("the thumbnail", content=_WEBP),
+                404: "no such image, not ingested yet, or no such size",
+                503: "the database is down",
+            },
         ),
         Route(
             "GET",
@@ -252,6 +306,7 @@ def route_table() -> list[Route]:
             "admin",
             "API keys (never their secrets)",
             "keys",
+            responses={200: Reply("every key", keys_api.KeyList)},
         ),
         Route(
             "POST",
@@ -260,19 +315,15 @@ def route_table() -> list[Route]:
             "admin",
             "Create a key; the response holds the secret once",
             "keys",
-            body=json_body(
-                ["name", "scopes"],
-                {
-                    "name": {"type": "string"},
-                    "scopes": {
-                        "type": "array",
-                        "items": {
-                            "type": "string",
-                            "enum": ["read", "upload", "generate", "admin"],
-                        },
+            responses={
+                201: Reply(
+                    "created",
+                    keys_api.CreatedKey,
+                    links={
+                        "revoke": Link(keys_api.revoke_api_key, {"key_id": "$response.body#/id"})
                     },
-                },
-            ),
+                )
+            },
         ),
         Route(
             "DELETE",
@@ -281,13 +332,32 @@ def route_table() -> list[Route]:
             "admin",
             "Revoke a key",
             "keys",
-            responses={"204": "revoked", "404": "no such key"},
+            responses={204: "revoked", 404: "no such key"},
         ),
     ]
 
 
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+_WEBP = {"image/webp": _BINARY}
+_ORIGINAL = {"image/*": _BINARY, "application/octet-stream": _BINARY}
+
+
+def _image_links(image_id: str) -> dict[str, Link]:
+    """Where an image id leads: the image, its original and its renditions."""
+    return {
+        name: Link(handler, {"image_id": image_id})
+        for name, handler in (
+            ("image", images.get_image),
+            ("original", images.get_original),
+            ("display", images.get_display),
+            ("thumbnail", images.get_thumbnail),
+        )
+    }
+
+
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(build_openapi(route_table()))
+    return json_response(request.app[OPENAPI])
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -381,8 +451,6 @@ def _existing_file(root: Path, rel: str) -> Path | None:
 
 async def static(request: web.Request) -> web.StreamResponse:
     rel = request.match_info.get("path", "")
-    if rel.startswith("api/"):
-        return problem_response(404, "Not Found", f"no API route {request.path}")
     root: Path = request.app[STATIC_DIR]
     target = await asyncio.to_thread(_static_file, root, rel)
     if target is None:
@@ -399,9 +467,12 @@ def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
     app[CTX] = ctx
     app[STATIC_DIR] = static_dir or ctx.settings.gateway.static_dir or default_static_dir()
     scopes: dict[tuple[str, str], str] = {}
-    for route in route_table():
-        _add_route(app, scopes, route.method, route.path, route.handler, route.scope)
-    _add_route(app, scopes, "GET", "/{path:.*}", static, PUBLIC)  # last: it matches any path
+    routes = route_table()
+    app[OPENAPI] = build_openapi(routes, ctx.settings)
+    for route in routes:
+        _add_route(app, scopes, route.method, route.path, endpoint(route), route.scope)
+    # Last, and never under /api/ or on the probes: those answer 404 or 405 themselves.
+    _add_route(app, scopes, "GET", FRONTEND_PATHS, static, PUBLIC)
     app[_SCOPE] = scopes
     app[FUNCTIONS] = enabled_names(ctx.settings)
     app.on_response_prepare.append(_security_headers)

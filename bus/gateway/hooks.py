@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from pydantic import BaseModel, Field
 
+from bus.gateway.contract import validate
 from bus.gateway.jsonbody import HookJson
 from bus.gateway.problems import Problem, json_response
-from bus.gateway.routes import json_body
+from bus.gateway.routes import Content
 from bus.gateway.state import CTX
 from bus.gateway.uploads import CHUNK, accepted_result
 from bus.intake.accept import Accepted, UploadRejectedError, accept_upload
@@ -32,53 +33,43 @@ from bus.runtime.context import Context
 
 SOURCE = "hook"
 JSON_SLACK = 64 * 1024  # room for the filename, the keys and whitespace around the data
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
 
-OPENAPI_BODY: dict[str, Any] = {
-    "required": True,
-    "description": "The image bytes as the body (name in ?filename= or Content-Disposition), "
-    "or JSON with the bytes in base64 ('data'), or JSON with a URL to fetch ('url'; only "
-    "when ingest.fetch.enabled, from ingest.fetch.allow_hosts, never internal addresses).",
-    "content": {
-        "image/*": _BINARY,
-        "application/octet-stream": _BINARY,
-        "application/json": {
-            "schema": {
-                "oneOf": [
-                    json_body(
-                        ["data"],
-                        {
-                            "filename": {"type": "string"},
-                            "data": {
-                                "type": "string",
-                                "contentEncoding": "base64",
-                                "description": "standard or URL-safe base64, padding optional",
-                            },
-                        },
-                    )["content"]["application/json"]["schema"],
-                    json_body(
-                        ["url"],
-                        {
-                            "filename": {"type": "string"},
-                            "url": {"type": "string", "format": "uri", "example": "https://..."},
-                        },
-                    )["content"]["application/json"]["schema"],
-                ]
-            }
-        },
-    },
+
+class HookQuery(BaseModel):
+    filename: str | None = Field(None, description="raw bytes: the file's name")
+
+
+class HookBase64(BaseModel):
+    """The image in base64, for senders that can only post JSON."""
+
+    filename: str | None = None
+    data: str = Field(
+        description="the image: standard or URL-safe base64, padding optional",
+        json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"},
+    )
+
+
+class HookUrl(BaseModel):
+    """A URL for the gateway to fetch the image from: only when ingest.fetch.enabled, from
+    ingest.fetch.allow_hosts, never an internal address."""
+
+    filename: str | None = None
+    url: str = Field(json_schema_extra={"format": "uri", "example": "https://example.com/a.jpg"})
+
+
+BODY: Content = {
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/json": (HookBase64, HookUrl),
 }
 
 
-async def ingest_hook(request: web.Request) -> web.Response:
+async def ingest_hook(request: web.Request, query: HookQuery) -> web.Response:
     """Accept one image from an integration; answer like one entry of a multipart upload."""
     ctx = request.app[CTX]
     if request.content_type == "application/json":
         accepted, name = await _from_json(ctx, request)
     else:
-        name = request.query.get("filename") or disposition_filename(
-            request.headers.get(hdrs.CONTENT_DISPOSITION)
-        )
+        name = query.filename or disposition_filename(request.headers.get(hdrs.CONTENT_DISPOSITION))
         accepted = await _accept(ctx, request.content.iter_chunked(CHUNK), name, {"kind": "bytes"})
     result = accepted_result(name or "", accepted)
     return json_response(result, status=result["status"])
@@ -131,20 +122,20 @@ def _invalid(detail: str) -> Problem:
 async def _from_json(ctx: Context, request: web.Request) -> tuple[Accepted, str | None]:
     body = await _json_body(request, json_limit(ctx.settings.ingest.max_bytes))
     fields = body.finish()
-    filename = fields.get("filename")
-    if filename is not None and not isinstance(filename, str):
-        raise _invalid("'filename' must be a string")
-    data, url = fields.get("data"), fields.get("url")
-    if (data is None) == (url is None):
+    if ("data" in fields) == ("url" in fields):
         raise _invalid("send exactly one of 'data' (the image in base64) and 'url'")
-    if data is not None:
-        if body.image is None:
-            raise _invalid("'data' must be a base64 string")
-        origin = {"kind": "base64"}
-        return await _accept(ctx, _drain(body.image), filename, origin), filename
-    if not isinstance(url, str):
-        raise _invalid("'url' must be a string")
-    return await _from_url(ctx, url, filename)
+    if "url" in fields:
+        by_url = validate(HookUrl, fields, 422, "Invalid hook body", strict=True)
+        return await _from_url(ctx, by_url.url, by_url.filename)
+    # The data string was decoded on the way in (body.image); what stands in its place is
+    # only checked for being a string.
+    stand_in = "" if body.image is not None else fields["data"]
+    by_data = validate(
+        HookBase64, {**fields, "data": stand_in}, 422, "Invalid hook body", strict=True
+    )
+    assert body.image is not None
+    origin = {"kind": "base64"}
+    return await _accept(ctx, _drain(body.image), by_data.filename, origin), by_data.filename
 
 
 async def _drain(pieces: deque[bytes]) -> AsyncIterator[bytes]:

@@ -6,16 +6,19 @@ Everything comes from the PostgreSQL read model; the gateway keeps no copy of it
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from bus.gateway.problems import Problem, int_query, json_response
+from bus.gateway.contract import OneOf, Timestamp
+from bus.gateway.problems import Problem, json_response
 from bus.gateway.state import CTX
 from bus.images.media import SNIFF_BYTES, safe_name, sniff
 from bus.infra.postgres import CONNECTION_ERRORS, STALE_CONNECTION
 from bus.infra.store import ObjectMissingError
-from bus.state.readmodel import ImageQuery, ReadModel, ReadModelError, parse_time
+from bus.state.readmodel import APPROVALS, SORTS, STATUSES, ImageQuery, ReadModel, ReadModelError
 
 MAX_LIMIT = 500
 T = TypeVar("T")
@@ -42,48 +45,109 @@ async def _db(query: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-def _bool_query(request: web.Request, name: str) -> bool | None:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return None
-    if raw.lower() in ("true", "1", "yes"):
-        return True
-    if raw.lower() in ("false", "0", "no"):
-        return False
-    raise Problem(400, "Bad query parameter", f"{name} must be true or false, got {raw!r}")
+def _iso(value: Any) -> Any:
+    """A string as an ISO 8601 time, nothing else (no Unix seconds); without a zone, UTC."""
+    if not isinstance(value, str):
+        return value
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO 8601 time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def image_query(request: web.Request) -> ImageQuery:
-    """The list endpoint's query parameters, checked."""
-    q = request.query
+Moment = Annotated[datetime, BeforeValidator(_iso)]
+
+
+class ImageDoc(BaseModel):
+    """One image as the catalogue has it. Each stage adds its members (``ingest``,
+    ``caption``, ``failure``...) as it finishes; an upload adds what the intake found."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    status: Annotated[str, OneOf(*STATUSES)]
+    kind: str = Field(description="upload or generated")
+    name: str | None
+    created: Timestamp
+    updated: Timestamp
+    taken: Timestamp | None = Field(description="when the photo was taken, if it says")
+    stages: dict[str, Timestamp] = Field(description="when each stage finished")
+    tags: list[str]
+    approval: Annotated[str, OneOf(*APPROVALS)]
+    ingest: dict[str, Any] | None = Field(None, description="sizes, renditions, EXIF...")
+    caption: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = Field(None, description="the stage that failed, and why")
+
+
+class ImagesQuery(BaseModel):
+    status: Annotated[str, OneOf(*STATUSES)] | None = None
+    tag: str | None = Field(None, description="only images with this tag")
+    approval: Annotated[str, OneOf(*APPROVALS)] | None = None
+    since: Moment | None = Field(None, description="only images at or after this (sort key)")
+    until: Moment | None = Field(None, description="only images before this (sort key)")
+    has_caption: bool | None = Field(None, description="only images with (true) or without")
+    q: str | None = Field(
+        None, description="words (or word prefixes, in any script) in name, caption or tags"
+    )
+    sort: Annotated[str, OneOf(*SORTS)] = Field(
+        "created", description="created, or taken (the date taken, else created)"
+    )
+    order: Annotated[str, OneOf("desc", "asc")] = Field("desc", description="desc: newest first")
+    limit: int = Field(50, ge=1, le=MAX_LIMIT)
+    cursor: str | None = Field(None, description="next_cursor from the previous page")
+
+
+class ImagePage(BaseModel):
+    items: list[ImageDoc]
+    next_cursor: str | None = Field(description="the next page's cursor; null on the last page")
+
+
+class ImageCounts(BaseModel):
+    total: int
+    status: dict[str, int] = Field(description="images by status")
+    approval: dict[str, int] = Field(description="images by approval")
+
+
+class OriginalQuery(BaseModel):
+    inline: bool = Field(False, description="true: show it in the browser, not download it")
+
+
+class ThumbnailQuery(BaseModel):
+    px: int | None = Field(None, description="a size of ingest.thumb_px; default the smallest")
+
+
+def image_query(query: ImagesQuery) -> ImageQuery:
+    """The read model's query for the list endpoint's parameters (400 if they disagree)."""
     try:
         return ImageQuery(
-            status=q.get("status") or None,
-            tag=q.get("tag") or None,
-            approval=q.get("approval") or None,
-            since=parse_time(q["since"]) if q.get("since") else None,
-            until=parse_time(q["until"]) if q.get("until") else None,
-            has_caption=_bool_query(request, "has_caption"),
-            text=q.get("q") or None,
-            sort=q.get("sort") or "created",
-            order=q.get("order") or "desc",
-            cursor=q.get("cursor") or None,
-            limit=int_query(request, "limit", 50, 1, MAX_LIMIT),
+            status=query.status,
+            tag=query.tag or None,
+            approval=query.approval,
+            since=query.since,
+            until=query.until,
+            has_caption=query.has_caption,
+            text=query.q or None,
+            sort=query.sort,
+            order=query.order,
+            cursor=query.cursor or None,
+            limit=query.limit,
         )
     except ReadModelError as exc:
         raise Problem(400, "Bad query parameter", str(exc)) from None
 
 
-async def list_images(request: web.Request) -> web.Response:
-    query = image_query(request)
+async def list_images(request: web.Request, query: ImagesQuery) -> web.Response:
+    if query.since and query.until and query.since >= query.until:
+        return json_response({"items": [], "next_cursor": None})  # nothing is in no time
+    checked = image_query(query)
     db = _read_model(request)
-    page = await _db(lambda: db.page(query))
+    page = await _db(lambda: db.page(checked))
     return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
 async def image_counts(request: web.Request) -> web.Response:
     db = _read_model(request)
-    return json_response(await _db(db.counts))
+    return json_response(ImageCounts.model_validate(await _db(db.counts)))
 
 
 async def _doc(request: web.Request) -> dict[str, Any]:
@@ -135,20 +199,27 @@ async def _stream_object(
     return response
 
 
-async def get_original(request: web.Request) -> web.StreamResponse:
+async def get_original(request: web.Request, query: OriginalQuery) -> web.StreamResponse:
     """The original, downloaded unless ``?inline=true``, so that following a link never
     shows someone's upload as a page of this origin."""
-    inline = _bool_query(request, "inline")
     doc = await _doc(request)
     original = doc.get("original")
     if not isinstance(original, dict) or not isinstance(original.get("key"), str):
         raise Problem(404, "Not Found", "this image has no stored original")
-    how = "inline" if inline else "attachment"
+    how = "inline" if query.inline else "attachment"
     return await _stream_object(request, original["key"], (how, str(doc.get("name") or "")))
 
 
-async def get_rendition(request: web.Request) -> web.StreamResponse:
-    """``display``, or ``thumbnail`` (the smallest; ``?px=`` picks another thumb size)."""
+async def get_display(request: web.Request) -> web.StreamResponse:
+    return await _rendition(request, "display")
+
+
+async def get_thumbnail(request: web.Request, query: ThumbnailQuery) -> web.StreamResponse:
+    """The smallest thumbnail, or the ``?px=`` one."""
+    return await _rendition(request, "thumbnail", query.px)
+
+
+async def _rendition(request: web.Request, which: str, px: int | None = None) -> web.StreamResponse:
     doc = await _doc(request)
     ingest = doc.get("ingest")
     renditions = ingest.get("renditions") if isinstance(ingest, dict) else None
@@ -156,11 +227,9 @@ async def get_rendition(request: web.Request) -> web.StreamResponse:
         raise Problem(
             404, "Not Found", f"image {doc['id']} is not ingested yet (status {doc.get('status')})"
         )
-    which = request.path.rsplit("/", 1)[-1]
     if which == "thumbnail":
-        px = request.query.get("px")
         thumbs = sorted(n for n in renditions if n.startswith("thumb-"))
-        which = f"thumb-{px}" if px else min(thumbs, key=lambda n: int(n.split("-")[1]))
+        which = f"thumb-{px}" if px is not None else min(thumbs, key=_px)
         if which not in renditions:
             sizes = ", ".join(n.split("-")[1] for n in thumbs)
             raise Problem(404, "Not Found", f"no {px} px thumbnail; sizes are {sizes}")
@@ -168,3 +237,7 @@ async def get_rendition(request: web.Request) -> web.StreamResponse:
     if not isinstance(found, dict) or not isinstance(found.get("key"), str):
         raise Problem(404, "Not Found", f"image {doc['id']} has no {which} rendition")
     return await _stream_object(request, found["key"])
+
+
+def _px(name: str) -> int:
+    return int(name.split("-")[1])

@@ -27,6 +27,7 @@ _OPEN, _CLOSE = b"{[", b"}]"
 _DATA_STOP = re.compile(rb'["\\\x00-\x1f]')
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 _SPACE = b" \t\r\n\f\v"
+_UNICODE_ESCAPE = re.compile(rb"\\u[0-9A-Fa-f]{4}")
 
 
 class Base64Decoder:
@@ -208,7 +209,12 @@ class HookJson:
 
 
 def _unescape(escape: bytes) -> bytes:
+    """One escape of the data string as UTF-8. A \\uXXXX is taken alone, so half of a
+    surrogate pair comes out as it is: never base64, so the decoder refuses it (422), as it
+    does any other character outside the alphabet."""
+    if _UNICODE_ESCAPE.fullmatch(escape):
+        return chr(int(escape[2:], 16)).encode("utf-8", "surrogatepass")
     try:
         return str(orjson.loads(b'"' + escape + b'"')).encode()
-    except (orjson.JSONDecodeError, UnicodeEncodeError):
+    except orjson.JSONDecodeError:
         raise _malformed("'data' holds an invalid escape sequence") from None

@@ -2,46 +2,55 @@
 
 from __future__ import annotations
 
-import orjson
-from aiohttp import web
+from typing import Annotated
 
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+from bus.gateway.contract import OneOf, Timestamp
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.state import CTX, KEYS
-from bus.state.keys import KEY_ID_RE, KeyError_, create_key, list_keys, parse_scopes, revoke_key
+from bus.state.keys import KEY_ID_RE, SCOPES, create_key, list_keys, revoke_key
+
+MAX_NAME = 100
+
+
+class NewKey(BaseModel):
+    name: str = Field(
+        min_length=1, max_length=MAX_NAME, pattern=r"\S", description="what the key is for"
+    )
+    scopes: list[Annotated[str, OneOf(*SCOPES)]] = Field(min_length=1)
+
+
+class KeyInfo(BaseModel):
+    id: str
+    name: str
+    scopes: list[str]
+    created: Timestamp
+
+
+class CreatedKey(KeyInfo):
+    key: str = Field(description="the secret: shown this once, never again")
+
+
+class KeyList(BaseModel):
+    items: list[KeyInfo]
 
 
 async def list_api_keys(request: web.Request) -> web.Response:
     records = await list_keys(request.app[CTX].api_keys)
-    return json_response({"items": [r.public() for r in records]})
+    return json_response(KeyList.model_validate({"items": [r.public() for r in records]}))
 
 
-async def create_api_key(request: web.Request) -> web.Response:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise Problem(
-            400, "Bad request body", 'expected JSON like {"name": "ci", "scopes": ["read"]}'
-        ) from None
-    if (
-        not isinstance(body, dict)
-        or not isinstance(body.get("name"), str)
-        or not body["name"].strip()
-    ):
-        raise Problem(400, "Bad request body", "'name' must be a non-empty string")
-    scopes_in = body.get("scopes")
-    if not isinstance(scopes_in, list) or not all(isinstance(s, str) for s in scopes_in):
-        raise Problem(400, "Bad request body", "'scopes' must be a list of strings")
-    try:
-        scopes = parse_scopes(scopes_in)
-    except KeyError_ as exc:
-        raise Problem(400, "Bad request body", str(exc)) from None
-    token, record = await create_key(request.app[CTX].api_keys, body["name"].strip()[:100], scopes)
+async def create_api_key(request: web.Request, body: NewKey) -> web.Response:
+    scopes = tuple(dict.fromkeys(body.scopes))
+    token, record = await create_key(request.app[CTX].api_keys, body.name.strip(), scopes)
     request.app[KEYS].forget_unknown(record.id)  # usable here at once, before the watch
-    return json_response({**record.public(), "key": token}, status=201)
+    return json_response(CreatedKey.model_validate({**record.public(), "key": token}), 201)
 
 
 async def revoke_api_key(request: web.Request) -> web.Response:
     key_id = request.match_info["key_id"]
     if not KEY_ID_RE.match(key_id) or not await revoke_key(request.app[CTX].api_keys, key_id):
-        raise Problem(404, "Not Found", f"no API key with id {key_id!r}")
+        raise Problem(404, "Not Found", f"no API key with id {key_id[:80]!r}")
     return web.Response(status=204)

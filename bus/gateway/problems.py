@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("darkroom.gateway")
 PROBLEM_JSON = "application/problem+json"
@@ -15,6 +16,17 @@ RETRY_AFTER_S = 5  # what a 503 (a dependency unavailable) tells clients to wait
 # Browsers must take every answer as the type it declares, never guess another.
 NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ProblemDetails(BaseModel):
+    """What every error answer holds (RFC 9457); some add members, such as an upload's
+    per-file ``results`` or readiness ``checks``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="about:blank: the status code says it all")
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str = Field("", description="what went wrong, and what was expected")
 
 
 class Problem(web.HTTPException):
@@ -39,7 +51,9 @@ def problem_response(status: int, title: str, detail: str = "", **extra: Any) ->
 
 
 def json_response(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")
+    """``doc`` as JSON: a model (its fields left unset are left out), or plain data."""
+    data = doc.model_dump(mode="json", exclude_unset=True) if isinstance(doc, BaseModel) else doc
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
 
 @web.middleware
@@ -52,9 +66,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         text = exc.text or ""
-        response = problem_response(
-            exc.status, exc.reason, text if text != f"{exc.status}: {exc.reason}" else ""
-        )
+        if text == f"{exc.status}: {exc.reason}":  # aiohttp's placeholder: say something useful
+            text = _router_detail(request, exc)
+        response = problem_response(exc.status, exc.reason, text)
         for name in ("Allow", "WWW-Authenticate"):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
@@ -69,23 +83,16 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(500, "Internal Server Error", "the gateway failed; see its log")
 
 
+def _router_detail(request: web.Request, exc: web.HTTPException) -> str:
+    if isinstance(exc, web.HTTPNotFound):
+        return f"no route {request.path[:200]}"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return f"{request.method[:20]} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+    return ""
+
+
 def client_gone(request: web.BaseRequest, exc: BaseException) -> bool:
     """Whether ``exc`` comes from the client closing the connection mid-request."""
     transport = request.transport
     closed = transport is None or transport.is_closing()
     return closed and isinstance(exc, ConnectionError | web.RequestPayloadError)
-
-
-def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise Problem(
-            400, "Bad query parameter", f"{name} must be an integer, got {raw!r}"
-        ) from None
-    if not low <= value <= high:
-        raise Problem(400, "Bad query parameter", f"{name} must be {low}-{high}, got {value}")
-    return value

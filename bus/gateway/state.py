@@ -13,3 +13,4 @@ CTX = web.AppKey("ctx", Context)
 KEYS = web.AppKey("keys", KeyCache)
 STATIC_DIR = web.AppKey("static_dir", Path)
 FUNCTIONS = web.AppKey("functions", list)  # names of the enabled functions
+OPENAPI = web.AppKey("openapi", dict)  # the document, built once per app

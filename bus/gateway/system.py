@@ -10,9 +10,10 @@ import nats.js.errors
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 
 from bus.core.redact import redact_url
-from bus.gateway.problems import Problem, int_query, json_response, problem_response
+from bus.gateway.problems import Problem, json_response, problem_response
 from bus.gateway.state import CTX, FUNCTIONS
 from bus.gpu.leases import LedgerUnavailableError, read_devices
 from bus.runtime.context import Context
@@ -22,8 +23,80 @@ log = logging.getLogger("darkroom.gateway")
 MAX_DEAD_LETTERS = 200
 
 
+class Health(BaseModel):
+    status: str = Field(description="ok")
+
+
+class Ready(BaseModel):
+    status: str = Field(description="ready")
+    checks: dict[str, str] = Field(description="each dependency: ok, or what is wrong")
+
+
+class FunctionLag(BaseModel):
+    function: str
+    deployed: bool = Field(description="false: no consumer yet (no worker has started)")
+    pending: int | None = None
+    ack_pending: int | None = None
+    redelivered: int | None = None
+    waiting_pulls: int | None = None
+
+
+class StreamState(BaseModel):
+    name: str
+    messages: int
+    bytes: int
+
+
+class StoreInfo(BaseModel):
+    url: str = Field(description="the S3 endpoint, any password hidden")
+    bucket: str
+
+
+class SystemStatus(BaseModel):
+    namespace: str
+    profile: str
+    functions: list[FunctionLag]
+    stream: StreamState
+    dead_letters: int
+    store: StoreInfo
+
+
+class Device(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    key: str
+    host: str
+    device: str
+    mode: str
+    capacity_mb: int
+    reserve_mb: int
+    used_mb: int
+    free_mb: int
+    leases: list[dict[str, Any]]
+    queue: list[dict[str, Any]]
+
+
+class Devices(BaseModel):
+    devices: list[Device]
+
+
+class DeadLetter(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    stage: str
+    reason: str
+    dlq_seq: int
+
+
+class DeadLetters(BaseModel):
+    items: list[DeadLetter]
+
+
+class DeadLettersQuery(BaseModel):
+    stage: str | None = Field(None, description="only this function's")
+    limit: int = Field(50, ge=1, le=MAX_DEAD_LETTERS)
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return json_response(Health(status="ok"))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -43,7 +116,7 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception as exc:
             checks["postgres"] = f"unreachable: {type(exc).__name__}"
     if all(v == "ok" for v in checks.values()):
-        return json_response({"status": "ready", "checks": checks})
+        return json_response(Ready(status="ready", checks=checks))
     return problem_response(503, "Not ready", "a dependency is unavailable", checks=checks)
 
 
@@ -87,7 +160,7 @@ async def status(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     stream = await ctx.js.stream_info(ctx.names.stream)
     dlq = await ctx.js.stream_info(ctx.names.dlq_stream)
-    return json_response(
+    doc = SystemStatus.model_validate(
         {
             "namespace": ctx.names.namespace,
             "profile": ctx.settings.profile,
@@ -102,6 +175,7 @@ async def status(request: web.Request) -> web.Response:
             "store": {"url": redact_url(ctx.store.url), "bucket": ctx.store.bucket},
         }
     )
+    return json_response(doc)
 
 
 async def gpus(request: web.Request) -> web.Response:
@@ -114,10 +188,9 @@ async def gpus(request: web.Request) -> web.Response:
     return json_response({"devices": devices})
 
 
-async def dead_letters(request: web.Request) -> web.Response:
+async def dead_letters(request: web.Request, query: DeadLettersQuery) -> web.Response:
     ctx = request.app[CTX]
-    stage = request.query.get("stage")
-    limit = int_query(request, "limit", 50, 1, MAX_DEAD_LETTERS)
+    stage, limit = query.stage, query.limit
     info = await ctx.js.stream_info(ctx.names.dlq_stream)
     items: list[dict[str, Any]] = []
     seq = info.state.last_seq
