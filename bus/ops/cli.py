@@ -171,7 +171,41 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoints(reindex)
     reindex.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     _upload_parser(sub)
+    _models_parser(sub)
     return parser
+
+
+def _models_parser(sub: Any) -> None:
+    from bus.core.settings import MODEL_TASKS
+
+    models = sub.add_parser(
+        "models",
+        help="list the model of each task, or download them ahead of time",
+        description="Each task (caption, tags, embed, nsfw) uses the model named in the "
+        "[models] settings, or a tiny offline demo model (profile demo, or profile auto when "
+        "the real one is neither local, cached nor downloadable).",
+    )
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_sub.add_parser(
+        "list",
+        help="show each task's source, where it resolves, demo or real, cached or not",
+        description="Resolve each task's model as a worker would at start, without "
+        "downloading anything (it may ask the hub whether a model exists, briefly; never "
+        "with HF_HUB_OFFLINE=1).",
+    )
+    listing.add_argument("--profile", choices=["auto", "demo"], help="resolve under this profile")
+    pull = models_sub.add_parser(
+        "pull",
+        help="download the tasks' models into the Hugging Face cache, with progress",
+        description="Download each named task's model (default: all) into the normal "
+        "Hugging Face cache (HF_HOME), so that workers start without waiting for it.",
+    )
+    pull.add_argument(
+        "tasks", nargs="*", metavar="TASK", help=f"{', '.join(MODEL_TASKS)} (default: all)"
+    )
+    pull.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    for p in (listing, pull):
+        _common(p)
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
@@ -384,6 +418,60 @@ async def _reindex(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    from bus.core.settings import MODEL_TASKS
+    from bus.models.catalogue import (
+        ModelUnavailableError,
+        PullError,
+        hub_reachable,
+        pull,
+        resolve,
+    )
+    from bus.models.demo import is_built
+
+    if args.models_command == "pull":
+        unknown = [task for task in args.tasks if task not in MODEL_TASKS]
+        if unknown:
+            print(
+                f"darkroom: no model task {', '.join(map(repr, unknown))}; "
+                f"the tasks are {', '.join(MODEL_TASKS)}",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            for line in pull(settings, args.tasks or MODEL_TASKS, progress=not args.quiet):
+                print(line)
+        except PullError as exc:
+            print(f"darkroom: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    logging.getLogger("darkroom.models").setLevel(logging.ERROR)  # the table says it all
+    print(f"profile {settings.profile}")
+    print(f"{'TASK':<9}{'USES':<6}{'CACHED':<8}{'SOURCE':<46}LOCATION")
+    check = hub_reachable(settings.models.reachability_timeout_s)
+    failed = False
+    for task in MODEL_TASKS:
+        entry = settings.models.entry(task)
+        try:
+            m = resolve(settings, task, check)
+        except ModelUnavailableError as exc:
+            print(f"{task:<9}{'-':<6}{'-':<8}{entry.source:<46}UNAVAILABLE")
+            print("  " + str(exc).replace("\n", "\n  "))
+            failed = True
+            continue
+        if m.demo:
+            built = "yes" if is_built(Path(m.location)) else "no"
+            print(f"{task:<9}{'DEMO':<6}{built:<8}{'demo (tiny, random weights)':<46}{m.location}")
+            if settings.profile != "demo":
+                print(f"  instead of {entry.source}: {m.reason}")
+        else:
+            cached = "yes" if m.cached else "no"
+            shown = m.source + (f"@{m.revision}" if m.revision else "")
+            where = m.location if m.cached else "downloads on first use (or: darkroom models pull)"
+            print(f"{task:<9}{'real':<6}{cached:<8}{shown:<46}{where}")
+    return 2 if failed else 0
+
+
 def _upload(args: argparse.Namespace, settings: Settings, environ: dict[str, str]) -> int:
     from bus.ops.upload_client import UploadOptions, run_upload
 
@@ -451,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda: _reindex(args, settings))
         if args.command == "upload":
             return _upload(args, settings, dict(os.environ))
+        if args.command == "models":
+            return _models(args, settings)
     except (StartupError, KeyError_, LookupError, NotDeployedError, UploadUsageError) as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,232 @@
+"""Tiny demo models, built offline with random weights and loaded like real ones.
+
+Each task gets a model of the same family as its real default, small enough to build in a
+second and to run anywhere, saved with ``save_pretrained`` so it goes through the real
+``from_pretrained`` (and ``generate``) code:
+
+- ``caption``: an Idefics3 VLM (the SmolVLM family) with its processor and chat template;
+- ``tags`` and ``embed``: a SigLIP2 dual encoder with its processor (``EMBED_DIM``-d);
+- ``nsfw``: a ViT image classifier with the labels ``sfw`` and ``nsfw``.
+
+Tokenizers are built from scratch (a word-level vocabulary), so nothing is downloaded.
+Their output is random: results made with them are marked ``demo``.
+
+Building is idempotent: a finished model has :data:`MARKER`, and it is built in a
+temporary sibling directory and renamed into place, so processes that build at once
+never see half a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bus.core.settings import ModelTask
+
+MARKER = "darkroom-demo.json"
+BUILDER_VERSION = 1  # bump when a config below changes: older builds are rebuilt
+EMBED_DIM = 32
+SEED = 0
+
+_VOCABULARY = (
+    "a an the of in on at with and photo picture image cat dog person people car tree sky "
+    "sea water beach mountain city street building house room sofa table food flower bird "
+    "User: Assistant: red green blue yellow black white dark bright old small large night day "
+    "sunset"
+)
+
+_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %} {{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %} {{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def is_built(path: Path) -> bool:
+    """Whether ``path`` holds a finished demo model of this builder's version."""
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("version") == BUILDER_VERSION
+
+
+def ensure_demo(task: ModelTask, path: Path) -> Path:
+    """Build ``task``'s demo model into ``path`` unless it is there already; return ``path``.
+
+    Blocking (a second or two, mostly importing torch): run it off the event loop.
+    """
+    if is_built(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        _BUILDERS[task](staging)
+        meta = {"version": BUILDER_VERSION, "task": task, "demo": True, "seed": SEED}
+        (staging / MARKER).write_text(json.dumps(meta))
+        if path.exists() and not is_built(path):
+            shutil.rmtree(path, ignore_errors=True)  # an older builder's output
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not is_built(path):  # not a concurrent builder that won the race
+                raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+    return path
+
+
+def _tokenizer(specials: list[str], **kwargs: Any) -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate([*specials, *_VOCABULARY.split()])}
+    inner = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=inner, unk_token="<unk>", **kwargs
+    )
+
+
+def _seed() -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+
+
+def build_caption(path: Path) -> None:
+    """A tiny Idefics3 (SmolVLM family) VLM: 32x32 images, 4 image tokens per image."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>"]
+    image_specials = ["<fake_token_around_image>", "<image>", "<global-img>"]
+    tokenizer = _tokenizer(
+        specials + image_specials,
+        pad_token="<pad>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        extra_special_tokens=specials[2:] + image_specials,
+        padding_side="left",  # decoder-only batched generation pads on the left
+        model_max_length=256,
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=4,  # (32 / 8) ** 2 patches / scale_factor ** 2
+        chat_template=_CHAT_TEMPLATE,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = Idefics3Config(
+        image_token_id=ids("<image>"),
+        scale_factor=2,
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 256,
+            "pad_token_id": ids("<pad>"),
+            "bos_token_id": ids("<|im_start|>"),
+            "eos_token_id": ids("<end_of_utterance>"),
+        },
+    )
+    _seed()
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.pad_token_id = ids("<pad>")
+    model.generation_config.eos_token_id = ids("<end_of_utterance>")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def build_siglip(path: Path) -> None:
+    """A tiny SigLIP2: ``EMBED_DIM``-d image and text embeddings.
+
+    The patch size (16), patch count (256) and text length (64) are the real
+    ``siglip2-base-patch16-256`` ones, because ``Siglip2Processor`` applies them by default.
+    """
+    from transformers import Siglip2Config, Siglip2Model, Siglip2Processor
+    from transformers.models.siglip2.image_processing_pil_siglip2 import (
+        Siglip2ImageProcessorPil,
+    )
+
+    tokenizer = _tokenizer(
+        ["<pad>", "<unk>", "</s>"], pad_token="<pad>", eos_token="</s>", model_max_length=64
+    )
+    processor = Siglip2Processor(  # type: ignore[no-untyped-call]
+        image_processor=Siglip2ImageProcessorPil(patch_size=16, max_num_patches=256),
+        tokenizer=tokenizer,
+    )
+    layers = {
+        "hidden_size": EMBED_DIM,
+        "intermediate_size": 2 * EMBED_DIM,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    config = Siglip2Config(
+        text_config={
+            **layers,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 64,
+            "projection_size": EMBED_DIM,
+            "pad_token_id": 0,
+            "bos_token_id": None,
+            "eos_token_id": 2,
+        },
+        vision_config={**layers, "patch_size": 16, "num_patches": 256},
+    )
+    _seed()
+    Siglip2Model(config).save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def build_nsfw(path: Path) -> None:
+    """A tiny ViT classifier with the labels ``sfw`` (0) and ``nsfw`` (1)."""
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    config = ViTConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        id2label={0: "sfw", 1: "nsfw"},
+        label2id={"sfw": 0, "nsfw": 1},
+    )
+    _seed()
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+
+
+_BUILDERS = {
+    "caption": build_caption,
+    "tags": build_siglip,
+    "embed": build_siglip,
+    "nsfw": build_nsfw,
+}

