@@ -59,8 +59,8 @@ async def test_the_document_is_valid_openapi_3_1(
                     assert link["operationId"] in operations, (path, status, link)
                 if int(status) >= 400:
                     assert list(answer["content"]) == ["application/problem+json"], (path, status)
-            if status == "503":
-                assert answer["headers"]["Retry-After"]["required"] is True
+                if status == "503":
+                    assert answer["headers"]["Retry-After"]["required"] is True, path
     size = doc["components"]["schemas"]["PresignRequest"]["properties"]["size"]
     assert size["maximum"] == ctx.settings.ingest.max_bytes, "this deployment's limit"
 

@@ -282,7 +282,7 @@ async def test_a_wrong_method_on_an_api_path_is_405_with_a_true_allow(
     assert (await client.get("/apiary")).status == 200, "only /api/ itself is the API's"
 
 
-async def test_an_empty_time_range_is_an_empty_page(
+async def test_an_empty_time_range_or_a_search_with_no_word_is_an_empty_page(
     client: TestClient[Any, Any], admin: str
 ) -> None:
     response = await client.post("/api/uploads", data=form(("a.jpg", jpeg())), headers=auth(admin))
@@ -292,6 +292,9 @@ async def test_an_empty_time_range_is_an_empty_page(
     for since, until in ((at, at), ("2026-02-01T00:00:00Z", at)):
         empty = await client.get(f"/api/images?since={since}&until={until}", headers=auth(admin))
         assert empty.status == 200 and await empty.json() == {"items": [], "next_cursor": None}
+    assert (await (await client.get("/api/images", headers=auth(admin))).json())["items"]
+    wordless = await client.get("/api/images?q=%21%21%21", headers=auth(admin))
+    assert wordless.status == 200 and await wordless.json() == {"items": [], "next_cursor": None}
 
 
 async def test_a_body_that_breaks_after_a_file_is_a_400_listing_what_was_kept(

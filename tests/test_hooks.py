@@ -226,6 +226,8 @@ async def test_bad_json_bodies_get_clear_problems(gateway: Gateway, uploader: st
         ({"data": 12}, 422, "data must be a string, got 12"),
         ({"filename": "a.jpg"}, 422, "exactly one of 'data'"),
         ({"data": "QUJD", "url": "https://x.example/a.jpg"}, 422, "exactly one of 'data'"),
+        ({"data": "QUJD", "url": 5}, 422, "exactly one of 'data'"),
+        ({"url": "https://x.example/a.jpg", "data": None}, 422, "exactly one of 'data'"),
         ({"data": "QUJD", "filename": 7}, 422, "filename must be a string, got 7"),
         (["data"], 400, "must be a JSON object"),
     ]

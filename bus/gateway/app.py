@@ -180,7 +180,9 @@ def route_table() -> list[Route]:
             "images",
             responses={
                 200: Reply(
-                    "identical bytes were uploaded before: their image id",
+                    "done before: identical bytes were uploaded before (their image id), or "
+                    "this id was completed and announced already (what was POSTed for it "
+                    "since is deleted)",
                     uploads.UploadResult,
                     links=_image_links("$response.body#/id"),
                 ),
@@ -188,11 +190,14 @@ def route_table() -> list[Route]:
                     "accepted", uploads.UploadResult, links=_image_links("$response.body#/id")
                 ),
                 404: "not an upload id",
-                409: "nothing was POSTed for this id yet",
+                409: "nothing was POSTed for this id yet, or the object was replaced or "
+                "removed while it was being checked: POST it again, then complete again",
                 413: "over the size limit (the object is deleted)",
                 415: "not a supported image (the object is deleted)",
                 422: "corrupt, truncated or over a limit (the object is deleted)",
-                503: "the store did not answer in time",
+                503: "the store or NATS did not answer in time, or another call is completing "
+                "this id right now: retry after Retry-After (answers 200 once that call "
+                "announced it)",
             },
         ),
         Route(
@@ -412,7 +417,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "static"
+    route = resource.canonical if resource is not None else "unmatched"
     ctx = request.app[CTX]
     ctx.metrics.http_requests.labels(request.method, route, str(response.status)).inc()
     return response

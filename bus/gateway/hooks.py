@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from bus.gateway.contract import validate
 from bus.gateway.jsonbody import HookJson
@@ -42,6 +42,8 @@ class HookQuery(BaseModel):
 class HookBase64(BaseModel):
     """The image in base64, for senders that can only post JSON."""
 
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["url"]}})
+
     filename: str | None = None
     data: str = Field(
         description="the image: standard or URL-safe base64, padding optional",
@@ -52,6 +54,8 @@ class HookBase64(BaseModel):
 class HookUrl(BaseModel):
     """A URL for the gateway to fetch the image from: only when ingest.fetch.enabled, from
     ingest.fetch.allow_hosts, never an internal address."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["data"]}})
 
     filename: str | None = None
     url: str = Field(json_schema_extra={"format": "uri", "example": "https://example.com/a.jpg"})

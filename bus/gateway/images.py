@@ -18,7 +18,15 @@ from bus.gateway.state import CTX
 from bus.images.media import SNIFF_BYTES, safe_name, sniff
 from bus.infra.postgres import CONNECTION_ERRORS, STALE_CONNECTION
 from bus.infra.store import ObjectMissingError
-from bus.state.readmodel import APPROVALS, SORTS, STATUSES, ImageQuery, ReadModel, ReadModelError
+from bus.state.readmodel import (
+    APPROVALS,
+    SORTS,
+    STATUSES,
+    ImageQuery,
+    ReadModel,
+    ReadModelError,
+    has_words,
+)
 
 MAX_LIMIT = 500
 T = TypeVar("T")
@@ -137,8 +145,9 @@ def image_query(query: ImagesQuery) -> ImageQuery:
 
 
 async def list_images(request: web.Request, query: ImagesQuery) -> web.Response:
-    if query.since and query.until and query.since >= query.until:
-        return json_response({"items": [], "next_cursor": None})  # nothing is in no time
+    nothing = query.since and query.until and query.since >= query.until  # no time
+    if nothing or (query.q and not has_words(query.q)):  # or no word: nothing matches
+        return json_response({"items": [], "next_cursor": None})
     checked = image_query(query)
     db = _read_model(request)
     page = await _db(lambda: db.page(checked))

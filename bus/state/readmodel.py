@@ -153,6 +153,11 @@ def decode_cursor(cursor: str, sort: str = "created", order: str = "desc") -> tu
     return parse_time(parts[1]), parts[2]
 
 
+def has_words(text: str) -> bool:
+    """Whether ``text`` holds a word (in any script) to search for."""
+    return _text_query(text) is not None
+
+
 def _text_query(text: str) -> str | None:
     """Words of ``text`` as a prefix-matching tsquery (every word must match)."""
     words = _WORD.findall(text.lower())[:16]
