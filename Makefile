@@ -28,7 +28,7 @@ $(ML_STAMP): pyproject.toml | $(BIN)/python
 
 install-ml: $(ML_STAMP)
 
-run: install
+run: install-ml
 	$(BIN)/darkroom up $(ARGS)
 
 # The tests build tiny models through the real transformers/diffusers code: the ML stack too.
