@@ -1,0 +1,379 @@
+"""The caption function's models, each run on a whole batch of images at once.
+
+- :class:`NsfwScorer`: Yahoo's open_nsfw (ONNX, through onnxruntime); the demo profile's
+  tiny ViT classifier stands in through :class:`DemoNsfwScorer`.
+- :class:`Siglip`: one vision pass per batch gives unit-norm image embeddings and
+  per-label sigmoid tag scores against the vocabulary's text embeddings (computed once
+  per loaded model); :meth:`Siglip.embed_texts` embeds captions and search queries.
+- :class:`Captioner`: a VLM (SmolVLM2 / Idefics3) generating for the whole batch in one
+  ``generate`` call, left-padded, with ``max_new_tokens`` capped.
+- :class:`CaptionModels`: a :class:`bus.Model` per task, so the handler loads each under
+  a VRAM lease (``ctx.gpu.use``) and runs it on the device's thread (``ctx.run_gpu``).
+
+Everything here blocks: call it through ``ctx.run_gpu`` (or a thread), never on the loop.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from bus import Model, Placement
+from bus.core.settings import ModelTask, Settings
+from bus.models.catalogue import ResolvedModel, resolve_all
+from bus.models.demo import ensure_demo
+
+if TYPE_CHECKING:
+    import torch
+
+Images = Sequence[Image.Image]
+TAGS_FILE = Path(__file__).with_name("tags.txt")
+SHORT_PROMPT = "Describe this image in one short sentence."
+DETAILED_PROMPT = "Describe this image in detail: the subject, the setting, the light."
+
+
+@cache
+def default_vocabulary() -> tuple[str, ...]:
+    """The tags in ``tags.txt``: one a line; blank lines and ``#`` comments skipped."""
+    lines = (line.strip() for line in TAGS_FILE.read_text().splitlines())
+    return tuple(dict.fromkeys(t for t in lines if t and not t.startswith("#")))
+
+
+# --- NSFW ---------------------------------------------------------------------------------
+
+# open_nsfw was trained in Caffe on JPEG files: squash to 256x256, JPEG round trip, centre
+# crop 224, channels as BGR minus the training set's per-channel mean. Its scores move by a
+# few percent without the JPEG step, so it is kept.
+_NSFW_RESIZE = 256
+_NSFW_CROP = 224
+_NSFW_BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
+
+
+def open_nsfw_input(image: Image.Image) -> np.ndarray:
+    """One image as open_nsfw's (224, 224, 3) float32 BGR, mean-subtracted input."""
+    squashed = image.convert("RGB").resize((_NSFW_RESIZE, _NSFW_RESIZE), Image.Resampling.BILINEAR)
+    encoded = io.BytesIO()
+    squashed.save(encoded, format="JPEG")
+    encoded.seek(0)
+    with Image.open(encoded) as decoded:
+        pixels = np.asarray(decoded.convert("RGB"), dtype=np.float32)
+    edge = (_NSFW_RESIZE - _NSFW_CROP) // 2
+    crop = pixels[edge : edge + _NSFW_CROP, edge : edge + _NSFW_CROP]
+    return np.ascontiguousarray(crop[:, :, ::-1]) - _NSFW_BGR_MEAN
+
+
+class NsfwModel(Protocol):
+    def score(self, images: Images) -> list[float]:
+        """P(nsfw) per image, in order."""
+        ...
+
+
+class NsfwScorer:
+    """open_nsfw through onnxruntime: one session run per batch."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        import onnxruntime as ort  # type: ignore[import-untyped]
+
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            index = int(device.partition(":")[2] or 0)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+        self._session = ort.InferenceSession(str(path), providers=providers)
+        self._input = self._session.get_inputs()[0].name
+
+    def score(self, images: Images) -> list[float]:
+        if not images:
+            return []
+        batch = np.stack([open_nsfw_input(image) for image in images])
+        probs = self._session.run(None, {self._input: batch})[0]
+        return [float(p) for p in probs[:, 1]]  # columns: P(sfw), P(nsfw)
+
+
+class DemoNsfwScorer:
+    """The demo profile's tiny random ViT classifier (labels ``sfw``, ``nsfw``)."""
+
+    def __init__(self, location: str, device: str = "cpu", **pretrained: Any) -> None:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        self.device = device
+        self.processor = AutoImageProcessor.from_pretrained(location)  # type: ignore[no-untyped-call]
+        self.model = AutoModelForImageClassification.from_pretrained(
+            location, **_placed(pretrained, device)
+        ).eval()
+        self._nsfw = int(self.model.config.label2id["nsfw"])
+
+    def score(self, images: Images) -> list[float]:
+        import torch
+
+        if not images:
+            return []
+        inputs = self.processor(images=[rgb(i) for i in images], return_tensors="pt")
+        with torch.inference_mode():
+            logits = self.model(**inputs.to(self.device)).logits
+        return [float(p) for p in logits.softmax(-1)[:, self._nsfw].cpu()]
+
+
+def load_nsfw(resolved: ResolvedModel, device: str = "cpu") -> NsfwModel:
+    """The NSFW scorer ``resolved`` names: ONNX weights, or a transformers classifier."""
+    if resolved.format == "onnx":
+        return NsfwScorer(resolved.location, device)
+    return DemoNsfwScorer(resolved.location, device, **resolved.pretrained_kwargs())
+
+
+# --- tags and embeddings (SigLIP) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What one vision pass gives an image: its embedding and its tags above threshold."""
+
+    embedding: list[float]  # unit norm
+    tags: list[tuple[str, float]]  # best first
+
+
+class Siglip:
+    """A SigLIP / SigLIP2 dual encoder for tags (sigmoid per label) and search embeddings."""
+
+    TEMPLATE = "This is a photo of {}."  # SigLIP's zero-shot prompt
+    TEXT_LENGTH = 64  # SigLIP was trained on text padded to 64 tokens
+    TEXT_CHUNK = 256  # vocabulary texts per forward pass
+
+    def __init__(self, location: str, device: str = "cpu", **pretrained: Any) -> None:
+        from transformers import AutoModel, AutoProcessor
+
+        self.device = device
+        self.processor = AutoProcessor.from_pretrained(location)  # type: ignore[no-untyped-call]
+        self.model = AutoModel.from_pretrained(location, **_placed(pretrained, device)).eval()
+        self.dim = int(self.model.config.text_config.projection_size)
+        self._labels: dict[tuple[str, ...], torch.Tensor] = {}
+        self._lock = threading.Lock()  # one vocabulary computation, whichever thread asks
+
+    def embed_images(self, images: Images) -> torch.Tensor:
+        """Unit-norm image embeddings, (N, dim), from one vision forward pass."""
+        import torch
+
+        inputs = self.processor(images=[rgb(i) for i in images], return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model.get_image_features(**inputs.to(self.device))
+        return _unit(out.pooler_output)
+
+    def embed_texts(self, texts: Sequence[str]) -> list[list[float]]:
+        """Unit-norm text embeddings (captions, search queries), one forward pass."""
+        vectors: list[list[float]] = _unit(self._texts(list(texts))).tolist()
+        return vectors
+
+    def label_embeddings(self, vocabulary: Sequence[str]) -> torch.Tensor:
+        """The vocabulary's unit-norm text embeddings, computed once per vocabulary."""
+        import torch
+
+        key = tuple(vocabulary)
+        with self._lock:
+            if key not in self._labels:
+                prompts = [self.TEMPLATE.format(label) for label in key]
+                chunks = range(0, len(prompts), self.TEXT_CHUNK)
+                parts = [self._texts(prompts[i : i + self.TEXT_CHUNK]) for i in chunks]
+                self._labels[key] = _unit(torch.cat(parts))
+            return self._labels[key]
+
+    def analyse(
+        self,
+        images: Images,
+        vocabulary: Sequence[str],
+        threshold: float = 0.1,
+        top_k: int = 10,
+    ) -> list[Analysis]:
+        """Embeddings and tags for a batch: one vision forward pass for all of it.
+
+        A tag's score is SigLIP's sigmoid of the scaled, biased cosine: an independent
+        probability per label, so several tags (or none) can apply to one image.
+        """
+        import torch
+
+        if not images:
+            return []
+        labels = self.label_embeddings(vocabulary)
+        embeddings = self.embed_images(images)
+        with torch.inference_mode():
+            logits = embeddings @ labels.T * self.model.logit_scale.exp() + self.model.logit_bias
+            scores = torch.sigmoid(logits).float().cpu()
+        top = scores.topk(min(top_k, len(vocabulary)), dim=-1)
+        results = []
+        for row, values, indices in zip(
+            embeddings.float().cpu(), top.values, top.indices, strict=True
+        ):
+            tags = [
+                (vocabulary[int(i)], float(v))
+                for v, i in zip(values, indices, strict=True)
+                if float(v) >= threshold
+            ]
+            results.append(Analysis(row.tolist(), tags))
+        return results
+
+    def _texts(self, texts: list[str]) -> torch.Tensor:
+        import torch
+
+        inputs = self.processor(
+            text=texts,
+            padding="max_length",
+            max_length=self.TEXT_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            return self.model.get_text_features(**inputs.to(self.device)).pooler_output  # type: ignore[no-any-return]
+
+
+# --- captions (VLM) ------------------------------------------------------------------------
+
+
+class Captioner:
+    """A chat VLM (SmolVLM2, Idefics3) that captions a batch in one ``generate`` call."""
+
+    def __init__(
+        self, location: str, device: str = "cpu", max_new_tokens: int = 48, **pretrained: Any
+    ) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+        self.processor = AutoProcessor.from_pretrained(location)  # type: ignore[no-untyped-call]
+        # Decoder-only generation over a batch must pad on the left, so every row's prompt
+        # ends where generation starts.
+        self.processor.tokenizer.padding_side = "left"
+        model: Any = AutoModelForImageTextToText.from_pretrained(
+            location, **_placed(pretrained, device)
+        )
+        self.model = model.eval()
+
+    def caption(
+        self,
+        images: Images,
+        prompt: str | Sequence[str] = SHORT_PROMPT,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """One caption per image, in order, greedy and capped at ``max_new_tokens``.
+
+        ``prompt`` is one for all images, or one per image (re-captions that each carry
+        their user's prompt still share the batch).
+        """
+        import torch
+
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(images):
+            raise ValueError(f"one prompt per image: got {len(prompts)} for {len(images)} images")
+        if not images:
+            return []
+        cap = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if cap < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {cap}")
+        texts = [self._chat(p) for p in prompts]
+        inputs = self.processor(
+            text=texts, images=[[rgb(i)] for i in images], padding=True, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=cap, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    def _chat(self, prompt: str) -> str:
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        text: str = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        return text
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB (processors expect three channels; PNGs may carry alpha or a palette)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _placed(pretrained: dict[str, Any], device: str) -> dict[str, Any]:
+    # Loading straight onto the device avoids a second copy in CPU memory, and is the only
+    # way bitsandbytes-quantized weights can be placed.
+    return {**pretrained, "device_map": device}
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    unit: torch.Tensor = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit
+
+
+# --- the facade ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionModels:
+    """A :class:`bus.Model` per task; ``tags`` and ``embed`` share one when their source does.
+
+    ``async with ctx.gpu.use(models.tags) as siglip`` yields a :class:`Siglip`, ``caption``
+    a :class:`Captioner`, ``nsfw`` an :class:`NsfwModel`. ``resolved`` says which model
+    (and whether a demo) each result came from.
+    """
+
+    caption: Model
+    tags: Model
+    embed: Model
+    nsfw: Model
+    resolved: dict[ModelTask, ResolvedModel]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, max_new_tokens: int = 48) -> CaptionModels:
+        """Resolve each task (blocking: it may ask the hub, bounded) into loadable Models."""
+        return cls.from_resolved(resolve_all(settings), max_new_tokens)
+
+    @classmethod
+    def from_resolved(
+        cls, resolved: dict[ModelTask, ResolvedModel], max_new_tokens: int = 48
+    ) -> CaptionModels:
+        tags = _model(resolved["tags"], max_new_tokens)
+        embed = _model(resolved["embed"], max_new_tokens)
+        if _name(resolved["embed"]) == tags.name:
+            embed = tags
+        return cls(
+            caption=_model(resolved["caption"], max_new_tokens),
+            tags=tags,
+            embed=embed,
+            nsfw=_model(resolved["nsfw"], max_new_tokens),
+            resolved=resolved,
+        )
+
+    @property
+    def all(self) -> tuple[Model, ...]:
+        """Each distinct model once, for ``Spec.models``."""
+        return tuple({m.name: m for m in (self.caption, self.tags, self.embed, self.nsfw)}.values())
+
+
+def _name(resolved: ResolvedModel) -> str:
+    """A name that is the same exactly when the same weights load the same way."""
+    kind = {"caption": "vlm", "tags": "siglip", "embed": "siglip", "nsfw": "nsfw"}[resolved.task]
+    if resolved.demo:
+        return f"caption-{kind}:demo"
+    entry = resolved.entry
+    how = f"{entry.dtype},{entry.quantization}"
+    return f"caption-{kind}:{resolved.source}@{resolved.revision or 'local'}[{how}]"
+
+
+def _model(resolved: ResolvedModel, max_new_tokens: int) -> Model:
+    def load(placement: Placement) -> Any:
+        if resolved.demo:
+            ensure_demo(resolved.task, Path(resolved.location))
+        kwargs = resolved.pretrained_kwargs()
+        if resolved.task == "nsfw":
+            return load_nsfw(resolved, placement.device)
+        if resolved.task == "caption":
+            return Captioner(resolved.location, placement.device, max_new_tokens, **kwargs)
+        return Siglip(resolved.location, placement.device, **kwargs)
+
+    return Model(_name(resolved), max(1, resolved.entry.vram_mb), load)

