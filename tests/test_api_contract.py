@@ -21,10 +21,12 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from schemathesis.engine import events, from_schema
 
+from bus.core.subjects import SAFE_ID_PATTERN
 from bus.gateway.app import build_app, make_app_runner, route_table
 from bus.gateway.routes import PUBLIC
 from bus.runtime.context import Context
 from bus.runtime.registry import load
+from bus.state.keys import KEY_ID_RE
 from tests.support.http import auth
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
@@ -61,6 +63,14 @@ async def test_the_document_is_valid_openapi_3_1(
                     assert list(answer["content"]) == ["application/problem+json"], (path, status)
                 if status == "503":
                     assert answer["headers"]["Retry-After"]["required"] is True, path
+    ids = {
+        (param["name"], param["schema"].get("pattern"))
+        for ops in doc["paths"].values()
+        for op in ops.values()
+        for param in op.get("parameters", [])
+        if param["in"] == "path"
+    }
+    assert ids == {("image_id", SAFE_ID_PATTERN), ("key_id", KEY_ID_RE.pattern)}
     size = doc["components"]["schemas"]["PresignRequest"]["properties"]["size"]
     assert size["maximum"] == ctx.settings.ingest.max_bytes, "this deployment's limit"
 

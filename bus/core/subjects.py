@@ -24,7 +24,8 @@ CANCELLED = "cancelled"  # cancelled.<stage>
 S3_EVENTS = "s3"  # default subject for MinIO bucket notifications (Records payloads)
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_SAFE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SAFE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # image and job ids (also in the API document)
+_SAFE_ID_RE = re.compile(SAFE_ID_PATTERN)
 
 
 def check_namespace(namespace: str) -> str:

@@ -11,9 +11,11 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from bus.core.settings import Settings
+from bus.core.subjects import SAFE_ID_PATTERN
 from bus.gateway.contract import SETTING_MAXIMUM
 from bus.gateway.problems import PROBLEM_JSON, RETRY_AFTER_S, ProblemDetails
 from bus.gateway.routes import PUBLIC, ErrorBody, Reply, Route
+from bus.state.keys import KEY_ID_RE
 
 REF = "#/components/schemas/{model}"
 PROBLEM = ErrorBody(PROBLEM_JSON, ProblemDetails)
@@ -125,9 +127,18 @@ def _scalar(prop: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+# What each path parameter may be, so clients (and schemathesis) send ids that can exist.
+PATH_PATTERNS = {"image_id": SAFE_ID_PATTERN, "key_id": KEY_ID_RE.pattern}
+
+
+def _path_schema(name: str) -> dict[str, Any]:
+    pattern = PATH_PATTERNS.get(name)
+    return {"type": "string", **({"pattern": pattern} if pattern else {})}
+
+
 def _operation(route: Route, schemas: _Schemas) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": _path_schema(name)}
         for name in re.findall(r"{(\w+)}", route.path)
     ]
     if route.query_model is not None:
