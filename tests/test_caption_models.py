@@ -5,8 +5,10 @@ demo SigLIP2 and Idefics3 models built offline through the real ``from_pretraine
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -314,9 +316,15 @@ async def test_a_leased_model_runs_on_the_device_thread(
     assert os.path.isdir(tmp_path / "models" / "demo" / "tags")
 
 
-def test_prompts_of_different_lengths_batch_like_each_alone(captioner: Captioner) -> None:
+def test_prompts_of_different_lengths_batch_like_each_alone(data_dir: Path, tmp_path: Path) -> None:
     # Left padding: each row's prompt ends where generation starts, so a padded row
-    # generates what it would alone.
+    # generates what it would alone. A model saved to pad on the right (as most are) must
+    # still be padded on the left by the Captioner.
+    model = tmp_path / "right-padded"
+    shutil.copytree(data_dir / "models" / "demo" / "caption", model)
+    config = model / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": "right"}))
+    captioner = Captioner(str(model), max_new_tokens=6)
     images = photos(3)
     prompts = ["a", "a photo of a cat on the beach at sunset in the city", DETAILED_PROMPT]
     alone = [captioner.caption([i], p)[0] for i, p in zip(images, prompts, strict=True)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ from bus.models.catalogue import (
     ModelUnavailableError,
     PullError,
     demo_dir,
+    hub_reachable,
     pull,
     resolve,
     resolve_all,
@@ -109,6 +111,49 @@ def test_bad_model_settings_say_what_was_expected(tmp_path: Path) -> None:
         settings(tmp_path, models={"caption": {"quantization": "3bit"}})
     with pytest.raises(ConfigError, match="quantization applies to transformers models"):
         settings(tmp_path, models={"nsfw": {"quantization": "8bit"}})
+    for field, value in (("dtype", "float16"), ("revision", "v2")):  # nothing transformers
+        with pytest.raises(ConfigError, match=f"{field} applies to transformers models"):
+            settings(tmp_path, models={"nsfw": {"source": "/m/nsfw.onnx", field: value}})
+
+
+def test_naming_the_default_model_still_falls_back_offline(tmp_path: Path) -> None:
+    """Copying the README's example (the default source) into the settings file must not
+    turn an offline start into an error."""
+    (tmp_path / "darkroom.toml").write_text(f'[models.caption]\nsource = "{SMOLVLM2}"\n')
+    s = settings(tmp_path)
+    assert not s.models.caption.explicit
+    assert resolve(s, "caption").demo
+
+
+def test_one_network_failure_answers_for_every_repository(tmp_path: Path) -> None:
+    """A hub that cannot be reached is asked once, not once per model (each would wait for
+    the timeout): after the first failure the others get no connection."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+
+        def accepted() -> int:
+            count = 0
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    conn, _ = server.accept()
+                    conn.close()  # the request fails at once
+                    count += 1
+            return count
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("HF_HUB_OFFLINE", raising=False)
+            mp.setattr("huggingface_hub.hf_api.api.endpoint", f"http://127.0.0.1:{port}")
+            check = hub_reachable(timeout_s=2.0)
+            assert check("someone/first", "main") is False
+            first = accepted()
+            assert check("someone/second", "main") is False
+            assert check("someone/third", "v1") is False
+            assert first >= 1 and accepted() == 0
 
 
 # --- resolution ---------------------------------------------------------------------------

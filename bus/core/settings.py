@@ -327,17 +327,26 @@ class ModelEntry(_Section):
 
     @model_validator(mode="after")
     def _check_quantization(self) -> ModelEntry:
-        if self.source.startswith(PIP_SOURCE) and self.quantization != "none":
-            raise ValueError(
-                f"quantization applies to transformers models, not {self.source!r}; "
-                f"got {self.quantization!r}, expected 'none'"
-            )
+        packaged = self.source.startswith(PIP_SOURCE) or self.source.endswith(".onnx")
+        if packaged:  # ONNX weights: nothing of transformers' loading applies
+            for name, value, default in (
+                ("quantization", self.quantization, "none"),
+                ("dtype", self.dtype, "auto"),
+                ("revision", self.revision, "main"),
+            ):
+                if value != default:
+                    raise ValueError(
+                        f"{name} applies to transformers models, not {self.source!r}; "
+                        f"got {value!r}, expected {default!r}"
+                    )
         return self
 
     @property
     def explicit(self) -> bool:
-        """Whether the user named this source (an unavailable one is then an error)."""
-        return "source" in self.model_fields_set
+        """Whether the user chose another source than the default (an unavailable one is
+        then an error; naming the default itself still falls back to a demo model)."""
+        default = type(self).model_fields["source"].default
+        return "source" in self.model_fields_set and self.source != default
 
 
 class CaptionModel(ModelEntry):

@@ -135,9 +135,10 @@ def hub_reachable(timeout_s: float) -> Reachable:
     repository or revision). Without network or with ``HF_HUB_OFFLINE=1`` it is False.
     """
     answers: dict[tuple[str, str], bool | None] = {}
+    down = [False]  # one network failure answers for every repository after it
 
     def check(repo: str, revision: str) -> bool | None:
-        if hub_offline():
+        if hub_offline() or down[0]:
             return False
         if (repo, revision) not in answers:
             try:
@@ -156,6 +157,7 @@ def hub_reachable(timeout_s: float) -> Reachable:
             except Exception as exc:  # no network, proxy, TLS, 5xx: all mean "not now"
                 log.debug("hub not reachable for %s: %s", repo, exc)
                 answers[repo, revision] = False
+                down[0] = True
         return answers[repo, revision]
 
     return check

@@ -104,7 +104,9 @@ class DemoNsfwScorer:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         self.device = device
-        self.processor = AutoImageProcessor.from_pretrained(location)  # type: ignore[no-untyped-call]
+        self.processor = AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+            location, revision=pretrained.get("revision")
+        )
         self.model = AutoModelForImageClassification.from_pretrained(
             location, **_placed(pretrained, device)
         ).eval()
@@ -150,7 +152,9 @@ class Siglip:
         from transformers import AutoModel, AutoProcessor
 
         self.device = device
-        self.processor = AutoProcessor.from_pretrained(location)  # type: ignore[no-untyped-call]
+        self.processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+            location, revision=pretrained.get("revision")
+        )
         self.model = AutoModel.from_pretrained(location, **_placed(pretrained, device)).eval()
         self.dim = int(self.model.config.text_config.projection_size)
         self._labels: dict[tuple[str, ...], torch.Tensor] = {}
@@ -221,7 +225,7 @@ class Siglip:
         import torch
 
         inputs = self.processor(
-            text=texts,
+            text=[text.lower() for text in texts],  # SigLIP 2 was trained on lowercased text
             padding="max_length",
             max_length=self.TEXT_LENGTH,
             truncation=True,
@@ -244,7 +248,9 @@ class Captioner:
 
         self.device = device
         self.max_new_tokens = max_new_tokens
-        self.processor = AutoProcessor.from_pretrained(location)  # type: ignore[no-untyped-call]
+        self.processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+            location, revision=pretrained.get("revision")
+        )
         # Decoder-only generation over a batch must pad on the left, so every row's prompt
         # ends where generation starts.
         self.processor.tokenizer.padding_side = "left"
