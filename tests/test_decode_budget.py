@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bus.core import subjects
-from bus.core.envelope import Event, new_id, now_iso
+from bus.core.envelope import new_id
 from bus.core.settings import IngestSettings
 from bus.images.budget import DecodeBudget
 from bus.images.check import Limits, check_file
@@ -22,7 +22,7 @@ from bus.runtime.context import Context
 from bus.runtime.registry import load
 from functions.ingest.imaging import Options, decode_cost, derive
 from tests.support import corpus
-from tests.support.streams import dead_letters, eventually
+from tests.support.streams import announce_stored, dead_letters, eventually
 
 PILLOW_DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's default
 
@@ -107,18 +107,7 @@ def solid_png(width: int, height: int, mode: str = "RGB") -> bytes:
 
 async def publish_generated(ctx: Context, key: str, data: bytes) -> str:
     image_id = f"gen-{new_id()}"
-    ref = await ctx.store.put_bytes(key, data, "image/png")
-    event = Event(
-        id=f"generated-{image_id}",
-        type=subjects.GENERATED,
-        source="darkroom/test",
-        time=now_iso(),
-        subject=image_id,
-        object=ref,
-        image_id=image_id,
-        data={"name": key.rsplit("/", 1)[-1]},
-    )
-    await ctx.js.publish(ctx.names.subject(subjects.GENERATED), event.encode())
+    await announce_stored(ctx, subjects.GENERATED, image_id, key, data, "image/png")
     return image_id
 
 

@@ -11,12 +11,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from bus.core.envelope import Event, new_id, now_iso
+from bus.core import subjects
+from bus.core.envelope import new_id
 from bus.gateway.app import build_app, route_table
 from bus.runtime.context import Context
 from tests.support.http import auth, form
 from tests.support.images import jpeg, png
-from tests.support.streams import settled
+from tests.support.streams import announce_stored, settled
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
@@ -147,20 +148,9 @@ async def test_a_corrupt_original_that_bypassed_the_gateway_fails_visibly(
 ) -> None:
     """A bucket wired straight to NATS skips the gateway's checks: ingest still refuses."""
     image_id = new_id()
-    ref = await ctx.store.put_bytes(
-        f"uploads/{image_id}/broken.jpg", jpeg(800, 600)[:-300], "image/jpeg"
-    )
-    event = Event(
-        id=f"uploaded-{image_id}",
-        type="uploaded",
-        source="darkroom/test",
-        time=now_iso(),
-        subject=image_id,
-        object=ref,
-        image_id=image_id,
-        data={"name": "broken.jpg"},
-    )
-    await ctx.js.publish(ctx.names.subject("uploaded"), event.encode())
+    broken = jpeg(800, 600)[:-300]
+    key = f"uploads/{image_id}/broken.jpg"
+    await announce_stored(ctx, subjects.UPLOADED, image_id, key, broken, "image/jpeg")
     doc = await wait_status(client, admin, image_id, "failed")
     assert doc["failure"]["stage"] == "ingest" and doc["failure"]["kind"] == "rejected"
     assert "corrupt or truncated" in doc["failure"]["reason"]

@@ -22,7 +22,8 @@ from aiohttp.typedefs import Handler
 from nats.js.errors import KeyNotFoundError
 from PIL import Image
 
-from bus.core.envelope import Event, ObjectRef, new_id, now_iso
+from bus.core import subjects
+from bus.core.envelope import new_id
 from bus.core.settings import Settings
 from bus.gateway.app import FRONTEND_CSP, build_app, make_app_runner, route_table
 from bus.gateway.routes import PUBLIC
@@ -31,7 +32,7 @@ from bus.runtime.context import Context, open_context
 from bus.state.keys import UNKNOWN_TTL_S, mint, store_key
 from tests.support.http import auth, form
 from tests.support.images import jpeg, png
-from tests.support.streams import eventually
+from tests.support.streams import announce_stored, eventually
 from tests.test_gateway import wait_status
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
@@ -117,18 +118,8 @@ async def test_a_stored_object_declared_as_html_is_not_served_as_html(
     the gateway goes by the bytes, so even asked to show it inline, no browser renders it."""
     image_id = new_id()
     page = b"<html><script>alert(document.cookie)</script></html>"
-    ref: ObjectRef = await ctx.store.put_bytes(f"uploads/{image_id}/page.html", page, "text/html")
-    event = Event(
-        id=f"uploaded-{image_id}",
-        type="uploaded",
-        source="darkroom/test",
-        time=now_iso(),
-        subject=image_id,
-        object=ref,
-        image_id=image_id,
-        data={"name": "page.html"},
-    )
-    await ctx.js.publish(ctx.names.subject("uploaded"), event.encode())
+    key = f"uploads/{image_id}/page.html"
+    await announce_stored(ctx, subjects.UPLOADED, image_id, key, page, "text/html")
     await wait_status(client, admin, image_id, "failed")  # ingest refuses it, as it must
     got = await client.get(f"/api/images/{image_id}/original?inline=1", headers=auth(admin))
     assert got.status == 200 and await got.read() == page

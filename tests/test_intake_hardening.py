@@ -196,6 +196,16 @@ async def test_a_sweep_lists_the_store_once_whatever_incoming_holds(
 GATE_S = 30.0  # how long a held thread waits for its gate before failing the test
 
 
+async def one_image_made(ctx: Context, ticket: dict[str, Any], sha: str) -> None:
+    """The presigned upload became exactly one image: one original, nothing left in
+    incoming/, its claim published, one uploaded event."""
+    assert await ctx.store.list_keys("uploads/") == [f"uploads/{ticket['id']}/big_photo.jpg"]
+    assert await ctx.store.list_keys("incoming/") == []
+    assert await claim_state(ctx, sha) == "published"
+    [uploaded] = await events(ctx, subjects.UPLOADED, at_least=1)
+    assert uploaded.image_id == ticket["id"]
+
+
 async def test_a_complete_that_lost_the_race_to_a_finished_one_answers_its_result(
     gateway: TestClient[Any, Any], admin: str, ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,12 +241,7 @@ async def test_a_complete_that_lost_the_race_to_a_finished_one_answers_its_resul
     again = await second
     assert again.status == 200, await again.text()
     assert (await again.json())["id"] == ticket["id"]
-    original = f"uploads/{ticket['id']}/big_photo.jpg"
-    assert await ctx.store.list_keys("uploads/") == [original]
-    assert await ctx.store.list_keys("incoming/") == []
-    assert await claim_state(ctx, sha) == "published"
-    [uploaded] = await events(ctx, subjects.UPLOADED, at_least=1)
-    assert uploaded.image_id == ticket["id"]
+    await one_image_made(ctx, ticket, sha)
 
 
 async def test_two_completes_of_one_id_at_once_make_one_image(
@@ -278,11 +283,7 @@ async def test_two_completes_of_one_id_at_once_make_one_image(
     answered.set()
     first = await pending
     assert first.status == 201, await first.text()
-    assert await ctx.store.list_keys("uploads/") == [f"uploads/{ticket['id']}/big_photo.jpg"]
-    assert await ctx.store.list_keys("incoming/") == []
-    assert await claim_state(ctx, sha) == "published"
-    [uploaded] = await events(ctx, subjects.UPLOADED, at_least=1)
-    assert uploaded.image_id == ticket["id"]
+    await one_image_made(ctx, ticket, sha)
 
 
 async def test_an_object_removed_while_it_was_checked_answers_409(

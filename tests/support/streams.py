@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from bus.core.envelope import Event, decode
+from bus.core.envelope import Event, decode, now_iso
 from bus.runtime.context import Context
 
 
@@ -101,3 +101,23 @@ async def eventually(
             return result
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+async def announce_stored(
+    ctx: Context, topic: str, image_id: str, key: str, data: bytes, content_type: str
+) -> Event:
+    """Store ``data`` at ``key`` and publish ``topic`` for it, the way a path that skips
+    the intake does (a bucket wired straight to NATS, the generate function)."""
+    ref = await ctx.store.put_bytes(key, data, content_type)
+    event = Event(
+        id=f"{topic}-{image_id}",
+        type=topic,
+        source="darkroom/test",
+        time=now_iso(),
+        subject=image_id,
+        object=ref,
+        image_id=image_id,
+        data={"name": key.rsplit("/", 1)[-1]},
+    )
+    await ctx.js.publish(ctx.names.subject(topic), event.encode())
+    return event
