@@ -26,6 +26,7 @@ from bus.ops.cli import main as cli_main
 from bus.ops.embedded import NatsCredentials, NatsServer
 from bus.ops.local import InstanceLock, write_run_info
 from bus.ops.stack import NATS_CREDENTIALS_FILE, _banner, resolve_endpoints
+from bus.runtime import services
 from bus.runtime.context import open_context
 from bus.runtime.registry import load
 from bus.runtime.runner import FunctionRunner
@@ -324,3 +325,30 @@ async def test_a_worker_started_first_waits_for_a_gateway_to_declare_the_streams
         async with open_context(as_role(settings, server, Role.GATEWAY), [], "gateway"):
             await asyncio.wait_for(waiting, 30)
     assert opened.is_set()
+
+
+async def test_a_worker_answers_service_requests_only_to_the_requester(
+    settings: Settings, server: NatsServer
+) -> None:
+    """Workers subscribe to their services and may reply (a stream of chunks, too) to a
+    request's reply subject, but not publish into another role's inbox on their own."""
+    ns = settings.namespace
+    gateway = await raw(server, Role.GATEWAY)
+    refusals = Refusals()
+    worker = await raw(server, Role.WORKER, refusals)
+    try:
+
+        async def answer(msg: Any) -> None:
+            for i in range(3):
+                await services.reply_chunk(worker, msg, i)
+            await services.reply_end(worker, msg)
+
+        await worker.subscribe(f"{ns}-rpc.count", queue=f"{ns}-caption", cb=answer)
+        await worker.flush()
+        chunks = [c async for c in services.stream(gateway, f"{ns}-rpc.count", {}, 10, 10)]
+        assert chunks == [0, 1, 2]
+        await worker.publish("_INBOX_gateway.forged", b"{}")
+        await refusals.wait_for("_INBOX_gateway.forged")
+    finally:
+        await worker.close()
+        await gateway.close()

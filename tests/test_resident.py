@@ -335,8 +335,8 @@ async def test_a_failed_start_tears_down_what_it_set_up(settings: Settings) -> N
         return []
 
     huge = Model("huge", CAPACITY * 10, lambda placement: bytearray(MB))
-    spec = Spec("toobig", listens=("x",), needs_gpu=True, models=(huge,))
-    fn = Function(spec, handle=handle, setup=setup, teardown=teardown)
+    spec = Spec("toobig", listens=("x",), needs_gpu=True)
+    fn = Function(spec, handle=handle, setup=setup, teardown=teardown, models=lambda _: [huge])
     async with open_context(settings, [spec], "gpu-worker") as ctx:
         runner = FunctionRunner(fn, ctx)
         with pytest.raises(LeaseError, match="huge needs 1000 MB"):

@@ -688,3 +688,147 @@ def test_progress_needs_an_id_that_can_name_a_subject() -> None:
     call.progress(1, 2)
     call.progress(2, 2)
     assert len(made) == 1  # asked once, then progress is off for this call
+
+
+# --- state, background preparation and services ----------------------------------------------
+
+
+async def test_setup_state_reaches_each_call_and_nothing_is_fetched_until_prepared(
+    ctx: Context, run_function: Any
+) -> None:
+    gate = asyncio.Event()
+    seen: list[Any] = []
+
+    async def setup(c: Context) -> dict[str, str]:
+        return {"model": "m1"}
+
+    async def prepare(c: Context, state: dict[str, str]) -> None:
+        assert state == {"model": "m1"}
+        await gate.wait()  # a download in progress
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        seen.append(call.state)
+        return []
+
+    fn = Function(Spec("prepared", listens=("p",)), handle=handle, setup=setup, prepare=prepare)
+    await publish(ctx, make_event("p"))
+    runner = await run_function(fn)  # returns at once: preparing runs in the background
+    info = await consumer(ctx, "prepared")
+    # Nothing fetched while preparing: the event waits in the stream, not in this process.
+    assert not runner.ready.is_set()
+    assert (info.num_pending, info.num_ack_pending) == (1, 0)
+    gate.set()
+    await asyncio.wait_for(runner.ready.wait(), 10)
+    await settled(ctx, "prepared")
+    assert seen == [{"model": "m1"}]
+
+
+async def test_a_failed_preparation_is_tried_again(
+    ctx: Context, run_function: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bus.runtime.runner.PREPARE_RETRY_S", (0.05,))
+    attempts: list[int] = []
+
+    async def prepare(c: Context, state: None) -> None:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) < 3:
+            raise OSError("the hub is unreachable")
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        return [Emit("q-done")]
+
+    fn = Function(
+        Spec("reprepared", listens=("q",), emits=("q-done",)), handle=handle, prepare=prepare
+    )
+    await publish(ctx, make_event("q"))
+    runner = await run_function(fn)
+    await asyncio.wait_for(runner.ready.wait(), 10)
+    assert attempts == [1, 2, 3]
+    assert len(await events(ctx, "q-done", at_least=1)) == 1
+
+
+async def test_services_answer_once_in_chunks_or_with_an_error(
+    ctx: Context, run_function: Any
+) -> None:
+    from bus.runtime import services
+
+    async def setup(c: Context) -> str:
+        return "state!"
+
+    async def echo(msg: Msg, c: Context, state: str) -> None:
+        doc = services.parse_request(msg)
+        if doc.get("bad"):
+            raise services.ServiceError("'bad' is not allowed", 400, "invalid_request")
+        if doc.get("crash"):
+            raise ZeroDivisionError("boom")
+        await services.reply(c.nc, msg, {"echo": doc["say"], "state": state})
+
+    async def count(msg: Msg, c: Context, state: str) -> None:
+        n = services.parse_request(msg)["n"]
+        for i in range(n):
+            await services.reply_chunk(c.nc, msg, i)
+        await services.reply_end(c.nc, msg)
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        return []
+
+    fn = Function(
+        Spec("serving", listens=("s",)),
+        handle=handle,
+        setup=setup,
+        services={"echo": echo, "count": count},
+    )
+    subject = ctx.names.service
+    with pytest.raises(services.NoResponderError, match="no worker is serving"):
+        await services.request(ctx.nc, subject("echo"), {"say": "hi"}, timeout=5)
+    await run_function(fn)
+    answer = await services.request(ctx.nc, subject("echo"), {"say": "hi"}, timeout=5)
+    assert answer == {"echo": "hi", "state": "state!"}
+    with pytest.raises(services.ServiceError, match="'bad' is not allowed") as refused:
+        await services.request(ctx.nc, subject("echo"), {"bad": True}, timeout=5)
+    assert refused.value.status == 400
+    with pytest.raises(services.ServiceError, match="ZeroDivisionError: boom") as crashed:
+        await services.request(ctx.nc, subject("echo"), {"crash": True}, timeout=5)
+    assert crashed.value.status == 500
+    chunks = [c async for c in services.stream(ctx.nc, subject("count"), {"n": 5}, 5, 5)]
+    assert chunks == [0, 1, 2, 3, 4]
+    with pytest.raises(services.NoResponderError):
+        async for _ in services.stream(ctx.nc, subject("nobody"), {}, 5, 5):
+            pass
+
+
+async def test_a_service_is_not_answered_before_the_function_is_prepared(
+    ctx: Context, run_function: Any
+) -> None:
+    from bus.runtime import services
+
+    gate = asyncio.Event()
+
+    async def prepare(c: Context, state: None) -> None:
+        await gate.wait()
+
+    async def ping(msg: Msg, c: Context, state: None) -> None:
+        await services.reply(c.nc, msg, "pong")
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        return []
+
+    fn = Function(
+        Spec("warming", listens=("w",)), handle=handle, prepare=prepare, services={"ping": ping}
+    )
+    runner = await run_function(fn)
+    with pytest.raises(services.NoResponderError):
+        await services.request(ctx.nc, ctx.names.service("ping"), {}, timeout=5)
+    gate.set()
+    await asyncio.wait_for(runner.ready.wait(), 10)
+    assert await services.request(ctx.nc, ctx.names.service("ping"), {}, timeout=5) == "pong"
+
+
+def test_a_function_with_models_needs_a_gpu_and_services_need_safe_names() -> None:
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        return []
+
+    with pytest.raises(TypeError, match="needs_gpu"):
+        Function(Spec("m", listens=("a",)), handle=handle, models=lambda state: [])
+    with pytest.raises(TypeError, match="not a safe id"):
+        Function(Spec("m", listens=("a",)), handle=handle, services={"a.b": handle})  # type: ignore[dict-item]

@@ -88,7 +88,6 @@ class Spec:
     timeout: float = 600.0  # longest a handler may run; heartbeats keep it alive till then
     needs_gpu: bool = False
     needs_db: bool = False  # reads or writes the PostgreSQL read model (ctx.db)
-    models: tuple[Model, ...] = ()  # preloaded in "high" mode; shown by `darkroom functions`
 
     def __post_init__(self) -> None:
         if not self.listens:
@@ -106,11 +105,6 @@ class Spec:
             raise ValueError(f"function {self.name!r}: ack_wait must be at least 1 s")
         if self.timeout <= 0:
             raise ValueError(f"function {self.name!r}: timeout must be positive")
-        if self.models and not self.needs_gpu:
-            raise ValueError(f"function {self.name!r} declares models, so it needs_gpu")
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"function {self.name!r} declares a model name twice: {names}")
 
     def retry_delay(self, delivered: int) -> float:
         """Delay before the next attempt, after ``delivered`` attempts so far."""

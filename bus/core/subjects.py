@@ -77,6 +77,18 @@ class Names:
         """Plain-NATS subject for ephemeral step progress of one job or image (not stored)."""
         return f"{self.namespace}-live.progress.{work_id}"
 
+    def service(self, name: str) -> str:
+        """Plain-NATS request-reply subject of a function's service (not stored)."""
+        return f"{self.namespace}-rpc.{name}"
+
+    @property
+    def all_services(self) -> str:
+        return f"{self.namespace}-rpc.>"
+
+    def service_group(self, function: str) -> str:
+        """The queue group a function's workers share its service requests in."""
+        return f"{self.namespace}-{function}"
+
     @property
     def all_progress(self) -> str:
         return f"{self.namespace}-live.progress.*"

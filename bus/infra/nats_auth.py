@@ -6,7 +6,8 @@ rest:
 - ``gateway``: the gateway, ``darkroom up``, the admin commands and the intake functions
   (they announce uploads). Everything.
 - ``worker``: the functions. Their consumers, the events they emit, dead letters,
-  progress, the lease ledger, reading cancel flags; never the API keys or the digests,
+  progress, the lease ledger, reading cancel flags, answering requests to their services
+  (only to the requester); never the API keys or the digests,
   never an ``uploaded`` or raw S3 notification event, and no stream configuration at all.
 - ``status``: read-only monitoring: stream and consumer info, the lease ledger, dead letters.
 - ``s3-notify``: an S3 server's bucket notifications, and nothing else.
@@ -27,6 +28,9 @@ import nkeys
 
 from bus.core import subjects
 from bus.core.subjects import Names
+
+SERVICE_REPLIES = 4096  # a streamed chat completion: one chunk per token or so
+SERVICE_REPLY_WINDOW = "10m"
 
 
 class Role(StrEnum):
@@ -103,7 +107,11 @@ def permissions(role: Role, names: Names) -> dict[str, Any] | None:
                 ],
                 "deny": [names.subject(subjects.UPLOADED), names.subject(subjects.S3_EVENTS)],
             },
-            "subscribe": {"allow": replies},
+            # the requests its functions' services answer (queue groups)
+            "subscribe": {"allow": [*replies, names.all_services]},
+            # answering them: only to the reply subject of a request it received, a
+            # stream of chunks at most SERVICE_REPLIES long, for SERVICE_REPLY_WINDOW
+            "allow_responses": {"max": SERVICE_REPLIES, "expires": SERVICE_REPLY_WINDOW},
         }
     if role is Role.STATUS:
         dlq = names.dlq_stream

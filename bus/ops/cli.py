@@ -367,7 +367,7 @@ def _functions(settings: Settings) -> int:
         batch = f"batch {s.batch}" + (
             f" (waits {s.batch_wait_s:g}s to fill)" if s.batch > 1 else ""
         )
-        hooks = [hook for hook in ("setup", "teardown") if getattr(fn, hook) is not None]
+        hooks = [h for h in ("setup", "prepare", "teardown") if getattr(fn, h) is not None]
         print(f"{name}{'' if own.enabled else '  (disabled)'}  [{fn.module}]")
         print(f"  listens   {', '.join(listens)}")
         print(f"  emits     {', '.join(s.emits) or '(nothing)'}")
@@ -377,14 +377,15 @@ def _functions(settings: Settings) -> int:
             f"backoff {', '.join(f'{b:g}s' for b in s.backoff) or 'none'}"
         )
         if s.needs_gpu:
-            models = ", ".join(f"{m.name} (~{m.estimate_mb} MB)" for m in s.models)
+            models = "its models (see: darkroom models list)" if fn.models else "models on demand"
             print(
-                f"  gpu       leases VRAM; models {models or '(loaded on demand)'}; "
-                f"mode {settings.gpu.mode}"
-                + (" preloads them at start" if settings.gpu.mode == "high" and models else "")
+                f"  gpu       leases VRAM for {models}; mode {settings.gpu.mode}"
+                + (", preloaded at start" if settings.gpu.mode == "high" and fn.models else "")
             )
         if hooks:
             print(f"  lifespan  {', '.join(hooks)}")
+        if fn.services:
+            print(f"  serves    {', '.join(sorted(fn.services))} (request-reply)")
     return 0
 
 

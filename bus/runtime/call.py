@@ -159,6 +159,7 @@ class Call:
         "event",
         "max_attempts",
         "stage",
+        "state",
         "stream_seq",
     )
 
@@ -172,8 +173,10 @@ class Call:
         deadline: float,
         stream_seq: int = 0,
         progress: Callable[[Event], Progress | None] | None = None,
+        state: Any = None,
     ) -> None:
         self.event = event
+        self.state = state  # what the function's setup returned (its models...)
         self.stage = stage
         self.stream_seq = stream_seq  # the event's place in the stream: newer events, higher
         self.attempt = attempt

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from bus.core.contract import Emit, Spec
+from nats.aio.msg import Msg
+
+from bus.core.contract import Emit, Model, Spec
 from bus.core.envelope import Event
 from bus.core.settings import Settings
+from bus.core.subjects import is_safe_id
 from bus.runtime.call import Call
 from bus.runtime.context import Context
 
@@ -38,14 +42,36 @@ BatchHandler = Callable[
 """Up to ``Spec.batch`` events in (``calls[i]`` belongs to ``events[i]``), one result per
 event out: its emits, or the exception it failed with (that event alone fails)."""
 
-Lifespan = Callable[[Context], Awaitable[None]]
-"""``setup`` runs before the first event is fetched, ``teardown`` once the runner stopped
-(after the last event is settled, or cut short by a drain timeout)."""
+Setup = Callable[[Context], Awaitable[Any]]
+"""Runs once, before anything is fetched. What it returns is the function's *state* (its
+models, a vocabulary...): every invocation gets it as ``call.state``, and so do
+``prepare``, ``models`` and the services. A failed setup fails the start."""
+
+Prepare = Callable[[Context, Any], Awaitable[None]]
+"""Long preparation after setup (downloading model weights): it runs in the background, so
+the process comes up at once, and the function fetches no event and answers no service
+request until it has finished. A failure is logged and it is tried again, with backoff."""
+
+Teardown = Callable[[Context], Awaitable[None]]
+"""Runs once the runner stopped (after the last event is settled, or cut short by a drain
+timeout)."""
+
+ModelsOf = Callable[[Any], Sequence[Model]]
+"""The Models a GPU function loads, given its state: preloaded in ``high`` mode."""
+
+Service = Callable[[Msg, Context, Any], Awaitable[None]]
+"""A request-reply endpoint a function serves next to its events (``<ns>-rpc.<name>``,
+shared by its workers as a queue group): the message, the context and the function's
+state in; it answers through :mod:`bus.runtime.services`."""
 
 
 @dataclass(frozen=True, slots=True)
 class Function:
     """A function: its Spec, exactly one of ``handle``/``handle_batch``, and optional hooks.
+
+    ``setup``/``prepare``/``teardown`` are its lifespan (see :data:`Setup`); ``models``
+    names what it loads under VRAM leases; ``services`` are request-reply endpoints by name
+    (e.g. the caption function embeds search queries for the gateway).
 
     ``decode_event`` is for functions fed by foreign payloads (MinIO notifications): it
     turns one into an :class:`Event`, or returns None for darkroom's own envelope.
@@ -56,8 +82,11 @@ class Function:
     spec: Spec
     handle: Handler | None = None
     handle_batch: BatchHandler | None = None
-    setup: Lifespan | None = None
-    teardown: Lifespan | None = None
+    setup: Setup | None = None
+    prepare: Prepare | None = None
+    teardown: Teardown | None = None
+    models: ModelsOf | None = None
+    services: Mapping[str, Service] = field(default_factory=dict)
     decode_event: Callable[[bytes], Event | None] | None = None
     intake: bool = False
 
@@ -69,6 +98,11 @@ class Function:
             raise TypeError(
                 f"function {name!r} has Spec.batch={self.spec.batch}: give it handle_batch"
             )
+        if self.models is not None and not self.spec.needs_gpu:
+            raise TypeError(f"function {name!r} declares models, so its Spec needs_gpu")
+        for service in self.services:
+            if not is_safe_id(service):
+                raise TypeError(f"function {name!r}: service name {service!r} is not a safe id")
 
     @property
     def module(self) -> str:

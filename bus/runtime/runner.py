@@ -30,28 +30,31 @@ import base64
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
-from bus.core.contract import Cancelled, Emit, Reject, Retry
+from bus.core.contract import Cancelled, Emit, Model, Reject, Retry
 from bus.core.envelope import EnvelopeError, Event, decode, derive_id, now_iso
 from bus.core.subjects import CANCELLED, is_safe_id
 from bus.runtime.call import Call, Progress
 from bus.runtime.context import Context
 from bus.runtime.publisher import Publisher
 from bus.runtime.pull import PullConsumer
-from bus.runtime.registry import Function
+from bus.runtime.registry import Function, Service
+from bus.runtime.services import ServiceError, reply_error
 from bus.runtime.streams import listen_subjects
 from bus.state.cancels import CancelFlag, targets
 
 log = logging.getLogger("darkroom.runner")
 
 PUBLISH_TIMEOUT_S = 10.0
+PREPARE_RETRY_S = (5.0, 30.0, 120.0, 300.0)  # waits between failed preparations (last repeats)
 MAX_DLQ_PAYLOAD = 64 * 1024
 
 
@@ -104,6 +107,11 @@ class FunctionRunner:
         self._publisher = Publisher(ctx.nc)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._set_up = False
+        self.state: Any = None  # what the function's setup returned (its models...)
+        self.ready = asyncio.Event()  # prepared: fetching events and serving requests
+        self._preparing: asyncio.Task[None] | None = None
+        self._service_subs: list[Subscription] = []
+        self._service_tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exhausted = PullConsumer(
             ctx.nc,
@@ -123,36 +131,116 @@ class FunctionRunner:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Set up (the function's ``setup``, then, in ``high`` mode, its models), then fetch.
+        """Set up, preload the models in ``high`` mode, then fetch; with ``prepare``, the
+        preparation and the preload run in the background and fetching starts once they
+        have finished (:attr:`ready`).
 
-        If any step fails, what was started is stopped (teardown included) and the error
-        is raised.
+        If a step before fetching fails, what was started is stopped (teardown included)
+        and the error is raised.
         """
         self._loop = asyncio.get_running_loop()
         try:
             if self.fn.setup is not None:
-                await self.fn.setup(self.ctx)
+                self.state = await self.fn.setup(self.ctx)
             self._set_up = True
             gpu = self.ctx.gpu
             if self.spec.needs_gpu and gpu is not None:
-                if gpu.residency.preload:
-                    for model in self.spec.models:
-                        await gpu.preload(model)
                 gpu.add_pressure_listener(self._vram_pressure)
             await self.ctx.cancels.start()
             self.ctx.cancels.add_listener(self._cancel_flagged)
             await self._publisher.start()
             self._settler = asyncio.create_task(self._settle_forever(), name=f"settle:{self.stage}")
-            await self._consumer.start()
             self._heartbeat_task = asyncio.create_task(
                 self._heartbeats(), name=f"heartbeats:{self.stage}"
             )
-            # An event whose last delivery timed out (the worker crashed or hung every time)
-            # is announced only by an advisory, kept in a stream until a worker records it.
-            await self._exhausted.start()
+            if self.fn.prepare is not None:
+                self._preparing = asyncio.create_task(
+                    self._prepare_then_fetch(), name=f"prepare:{self.stage}"
+                )
+            else:
+                await self._preload()  # a model that can never fit fails the start
+                await self._fetch()
         except BaseException:
             await self.stop()
             raise
+
+    @property
+    def models(self) -> list[Model]:
+        """The Models this function loads (from its state), in the order it declared them."""
+        return list(self.fn.models(self.state)) if self.fn.models is not None else []
+
+    async def _preload(self) -> None:
+        """In ``high`` mode, load the function's models now, so no event waits for them."""
+        gpu = self.ctx.gpu
+        if gpu is not None and gpu.residency.preload:
+            for model in self.models:
+                await gpu.preload(model)
+
+    async def _fetch(self) -> None:
+        """Start consuming events (and the advisories of exhausted ones) and serving."""
+        await self._consumer.start()
+        # An event whose last delivery timed out (the worker crashed or hung every time)
+        # is announced only by an advisory, kept in a stream until a worker records it.
+        await self._exhausted.start()
+        for name, service in self.fn.services.items():
+            sub = await self.ctx.nc.subscribe(
+                self._names.service(name),
+                queue=self._names.service_group(self.stage),
+                cb=self._serve_callback(name, service),
+            )
+            self._service_subs.append(sub)
+        self.ready.set()
+
+    async def _prepare_then_fetch(self) -> None:
+        """Prepare in the background (downloads), preload, then fetch; a failure is logged
+        and tried again with backoff, the events waiting in the stream meanwhile."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if self.fn.prepare is not None:
+                    await self.fn.prepare(self.ctx, self.state)
+                await self._preload()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = PREPARE_RETRY_S[min(attempt, len(PREPARE_RETRY_S)) - 1]
+                log.error(
+                    "%s: preparing failed (attempt %d), trying again in %.0f s: %s",
+                    self.stage,
+                    attempt,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+        await self._fetch()
+        log.info("%s: prepared; fetching events", self.stage)
+
+    def _serve_callback(self, name: str, service: Service) -> Callable[[Msg], Awaitable[None]]:
+        async def on_request(msg: Msg) -> None:
+            # One task per request: a slow answer never holds up the subscription.
+            task = asyncio.create_task(self._serve(name, service, msg), name=f"rpc:{name}")
+            self._service_tasks.add(task)
+            task.add_done_callback(self._service_tasks.discard)
+
+        return on_request
+
+    async def _serve(self, name: str, service: Service, msg: Msg) -> None:
+        try:
+            await service(msg, self.ctx, self.state)
+        except ServiceError as exc:
+            await self._reply_error(msg, exc)
+        except asyncio.CancelledError:
+            await self._reply_error(msg, ServiceError("the worker is stopping", 503, "stopping"))
+            raise
+        except Exception as exc:
+            log.exception("%s: service %s failed", self.stage, name)
+            await self._reply_error(msg, ServiceError(f"{type(exc).__name__}: {exc}"))
+
+    async def _reply_error(self, msg: Msg, error: ServiceError) -> None:
+        with contextlib.suppress(Exception):  # the connection may be going away too
+            await reply_error(self.ctx.nc, msg, error)
 
     def _vram_pressure(self, waiting: bool) -> None:
         """While a model load waits for VRAM, ask for no more work (backpressure)."""
@@ -167,8 +255,7 @@ class FunctionRunner:
         Past ``timeout`` the handlers still running are cancelled, and their events and those
         not yet started are nakked: JetStream redelivers them to another worker at once.
         """
-        await self._consumer.stop()
-        await self._exhausted.stop()
+        await self._stop_fetching()
         self._draining = True
         self._dispatch()  # queued events go now, without lingering for more
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -184,6 +271,9 @@ class FunctionRunner:
                 )
                 break
             await asyncio.wait(set(self._tasks), timeout=remaining)
+        if self._service_tasks:  # requests being answered finish within what is left
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait(set(self._service_tasks), timeout=remaining)
         await self._halt()
         # Finished handlers still owe their events and acks: let the settler finish.
         with contextlib.suppress(TimeoutError):
@@ -204,10 +294,30 @@ class FunctionRunner:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def stop(self) -> None:
-        """Stop at once (see :meth:`drain` for the graceful way); teardown runs last."""
+    async def _stop_fetching(self) -> None:
+        if self._preparing is not None:
+            self._preparing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._preparing
+            self._preparing = None
         await self._consumer.stop()
         await self._exhausted.stop()
+        subs, self._service_subs = self._service_subs, []
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _stop_services(self) -> None:
+        """Requests being answered get a 503 rather than silence."""
+        tasks = set(self._service_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop at once (see :meth:`drain` for the graceful way); teardown runs last."""
+        await self._stop_fetching()
+        await self._stop_services()
         await self._halt()
         for task in (self._heartbeat_task, self._settler):
             if task is not None:
@@ -361,6 +471,7 @@ class FunctionRunner:
             deadline=deadline,
             stream_seq=work.msg.metadata.sequence.stream,
             progress=self._progress,
+            state=self.state,
         )
 
     async def _invoke(self, works: list[_Work]) -> None:

@@ -21,7 +21,6 @@ SPEC = Spec(
     ack_wait=10.0,
     max_deliver=3,
     needs_gpu=True,
-    models=(MODEL,),
 )
 
 
@@ -36,4 +35,4 @@ async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
         return [Emit("gdone", data={"n": n, "mb": size // MB, "device": ctx.gpu.device})]
 
 
-FUNCTION = Function(SPEC, handle=handle)
+FUNCTION = Function(SPEC, handle=handle, models=lambda _state: [MODEL])
