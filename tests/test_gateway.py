@@ -91,7 +91,7 @@ async def test_upload_travels_the_whole_chain(client: TestClient[Any, Any], admi
     assert result["stored_name"] == "red_photo.jpg" and result["content_type"] == "image/jpeg"
     doc = await wait_status(client, admin, result["id"], "ready")
     assert doc["ingest"]["width"] == 640 and doc["ingest"]["format"] == "JPEG"
-    assert doc["tags"] == ["color:red"]
+    assert "color:red" in doc["tags"]  # the demo SigLIP adds random tags of its own
     assert list(doc["stages"]) == ["uploaded", "ingested", "captioned"]
     got = await client.get(f"/api/images/{result['id']}/original", headers=auth(admin))
     assert got.status == 200 and await got.read() == original

@@ -68,7 +68,7 @@ async def test_up_runs_the_chain_and_a_restart_keeps_everything(tmp_path: Path) 
         assert key in first.output
         assert (data_dir / "admin.key").stat().st_mode & 0o777 == 0o600
         doc = await upload_and_wait(url, key, original, "holiday.jpg")
-        assert doc["status"] == "ready" and doc["tags"] == ["color:blue"]
+        assert doc["status"] == "ready" and "color:blue" in doc["tags"]
     finally:
         first.signal(signal.SIGTERM)
         assert await first.wait(timeout=60) == 0

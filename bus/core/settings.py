@@ -273,6 +273,29 @@ class IngestSettings(_Section):
         return self.max_upload_mb * 1024 * 1024
 
 
+class CaptionSettings(_Section):
+    """What the caption function writes: caption lengths, and which tags it keeps."""
+
+    max_new_tokens: int = Field(
+        default=48,
+        ge=4,
+        le=512,
+        description="longest caption in tokens: a cap, so one image cannot hold up its batch",
+    )
+    tag_threshold: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="tags scoring below this (SigLIP sigmoid) are left out",
+    )
+    max_tags: int = Field(default=12, ge=1, le=100, description="at most this many tags an image")
+    vocabulary: Path | None = Field(
+        default=None,
+        description="a text file of tags, one a line; unset = the built-in list of ~400 "
+        "common photo tags",
+    )
+
+
 class GpuSettings(_Section):
     """VRAM leases for the GPU functions (see bus/gpu/leases.py for what each mode means)."""
 
@@ -417,6 +440,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     gateway: GatewaySettings = GatewaySettings()
     ingest: IngestSettings = IngestSettings()
+    caption: CaptionSettings = CaptionSettings()
     gpu: GpuSettings = GpuSettings()
     models: ModelsSettings = ModelsSettings()
     functions: dict[str, FunctionSettings] = Field(default_factory=dict)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 UPLOADED = "uploaded"
 INGESTED = "ingested"
 CAPTIONED = "captioned"
+RECAPTION = "recaption"  # a user asks for a new caption (a prompt, another model, by hand)
 REQUESTED = "requested"
 GENERATED = "generated"
 FAILED = "failed"  # failed.<stage>
@@ -125,6 +126,11 @@ class Names:
     def cancels_kv(self) -> str:
         """Cancellation flags: a job or image id → why it was cancelled (bus/state/cancels.py)."""
         return f"{self.namespace}_cancels"
+
+    @property
+    def models_kv(self) -> str:
+        """Model readiness: each worker's download progress and state per model (TTL)."""
+        return f"{self.namespace}_models"
 
     @property
     def leases_kv(self) -> str:

@@ -159,7 +159,8 @@ async def image_counts(request: web.Request) -> web.Response:
     return json_response(ImageCounts.model_validate(await _db(db.counts)))
 
 
-async def _doc(request: web.Request) -> dict[str, Any]:
+async def image_doc(request: web.Request) -> dict[str, Any]:
+    """The read model's document of the path's image (404 if there is none)."""
     image_id = request.match_info["image_id"]
     db = _read_model(request)
     doc = await _db(lambda: db.get(image_id))
@@ -169,7 +170,7 @@ async def _doc(request: web.Request) -> dict[str, Any]:
 
 
 async def get_image(request: web.Request) -> web.Response:
-    return json_response(await _doc(request))
+    return json_response(await image_doc(request))
 
 
 async def _stream_object(
@@ -211,7 +212,7 @@ async def _stream_object(
 async def get_original(request: web.Request, query: OriginalQuery) -> web.StreamResponse:
     """The original, downloaded unless ``?inline=true``, so that following a link never
     shows someone's upload as a page of this origin."""
-    doc = await _doc(request)
+    doc = await image_doc(request)
     original = doc.get("original")
     if not isinstance(original, dict) or not isinstance(original.get("key"), str):
         raise Problem(404, "Not Found", "this image has no stored original")
@@ -229,7 +230,7 @@ async def get_thumbnail(request: web.Request, query: ThumbnailQuery) -> web.Stre
 
 
 async def _rendition(request: web.Request, which: str, px: int | None = None) -> web.StreamResponse:
-    doc = await _doc(request)
+    doc = await image_doc(request)
     ingest = doc.get("ingest")
     renditions = ingest.get("renditions") if isinstance(ingest, dict) else None
     if not isinstance(renditions, dict) or not renditions:

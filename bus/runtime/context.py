@@ -96,6 +96,7 @@ async def open_context(
     declare: bool = True,
     database: bool = False,
     role: Role = Role.GATEWAY,
+    gpu: bool = False,
 ) -> AsyncIterator[Context]:
     """Connect to NATS and S3, check versions, declare streams and ``specs``' consumers.
 
@@ -105,6 +106,8 @@ async def open_context(
     the PostgreSQL read model, migrating its schema first. ``role`` is the process's NATS
     role: only the gateway's declares streams and buckets and opens the API keys and
     digests; a worker declares its consumers once a gateway has declared the rest.
+    ``gpu`` (or a Spec with ``needs_gpu``) opens the VRAM leases (``ctx.gpu``), for GPU
+    functions started on this context later.
     """
     if settings.nats.url is None or settings.s3.endpoint is None:
         raise ValueError("open_context needs resolved NATS and S3 endpoints")
@@ -122,7 +125,7 @@ async def open_context(
         # for a gateway to declare the streams.
         store = ObjectStore.connect(settings.s3)
         await store.ensure_bucket(timeout=START_TIMEOUT_S)
-        gpu = declare and any(spec.needs_gpu for spec in specs)
+        gpu = declare and (gpu or any(spec.needs_gpu for spec in specs))
         devices = await asyncio.to_thread(discover_devices, settings) if gpu else []
         if declare:
             names = await streams.declare(js, settings, specs, streams=gateway)

@@ -7,8 +7,8 @@
   per loaded model); :meth:`Siglip.embed_texts` embeds captions and search queries.
 - :class:`Captioner`: a VLM (SmolVLM2 / Idefics3) generating for the whole batch in one
   ``generate`` call, left-padded, with ``max_new_tokens`` capped.
-- :class:`CaptionModels`: a :class:`bus.Model` per task, so the handler loads each under
-  a VRAM lease (``ctx.gpu.use``) and runs it on the device's thread (``ctx.run_gpu``).
+- :class:`CaptionModels`: a :class:`bus.Model` per GPU task, so the handler loads each
+  under a VRAM lease (``ctx.gpu.use``) and runs it on the device's thread (``ctx.run_gpu``).
 
 Everything here blocks: call it through ``ctx.run_gpu`` (or a thread), never on the loop.
 """
@@ -321,17 +321,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class CaptionModels:
-    """A :class:`bus.Model` per task; ``tags`` and ``embed`` share one when their source does.
-
-    ``async with ctx.gpu.use(models.tags) as siglip`` yields a :class:`Siglip`, ``caption``
-    a :class:`Captioner`, ``nsfw`` an :class:`NsfwModel`. ``resolved`` says which model
-    (and whether a demo) each result came from.
+    """A :class:`bus.Model` per GPU task; ``tags`` and ``embed`` share one when their source
+    does. ``async with ctx.gpu.use(models.tags) as siglip`` yields a :class:`Siglip`,
+    ``caption`` a :class:`Captioner`. The NSFW scorer is small and runs on the CPU
+    (:func:`load_nsfw`). ``resolved`` says which model (and whether a demo) each task uses.
     """
 
     caption: Model
     tags: Model
     embed: Model
-    nsfw: Model
     resolved: dict[ModelTask, ResolvedModel]
 
     @classmethod
@@ -343,25 +341,24 @@ class CaptionModels:
     def from_resolved(
         cls, resolved: dict[ModelTask, ResolvedModel], max_new_tokens: int = 48
     ) -> CaptionModels:
-        tags = _model(resolved["tags"], max_new_tokens)
-        embed = _model(resolved["embed"], max_new_tokens)
-        if _name(resolved["embed"]) == tags.name:
+        tags = model_for(resolved["tags"], max_new_tokens)
+        embed = model_for(resolved["embed"], max_new_tokens)
+        if embed.name == tags.name:
             embed = tags
         return cls(
-            caption=_model(resolved["caption"], max_new_tokens),
+            caption=model_for(resolved["caption"], max_new_tokens),
             tags=tags,
             embed=embed,
-            nsfw=_model(resolved["nsfw"], max_new_tokens),
             resolved=resolved,
         )
 
     @property
     def all(self) -> tuple[Model, ...]:
-        """Each distinct model once, for ``Spec.models``."""
-        return tuple({m.name: m for m in (self.caption, self.tags, self.embed, self.nsfw)}.values())
+        """Each distinct model once (what ``high`` mode preloads)."""
+        return tuple({m.name: m for m in (self.caption, self.tags, self.embed)}.values())
 
 
-def _name(resolved: ResolvedModel) -> str:
+def model_name(resolved: ResolvedModel) -> str:
     """A name that is the same exactly when the same weights load the same way."""
     kind = {"caption": "vlm", "tags": "siglip", "embed": "siglip", "nsfw": "nsfw"}[resolved.task]
     if resolved.demo:
@@ -371,15 +368,25 @@ def _name(resolved: ResolvedModel) -> str:
     return f"caption-{kind}:{resolved.source}@{resolved.revision or 'local'}[{how}]"
 
 
-def _model(resolved: ResolvedModel, max_new_tokens: int) -> Model:
+def embedding_model(resolved: ResolvedModel) -> str:
+    """The name an embedding records as its model: the same exactly when the vectors are
+    comparable (the weights; not how they were loaded)."""
+    if resolved.demo:
+        return f"demo:{resolved.task}"
+    return resolved.source + (f"@{resolved.revision}" if resolved.revision else "")
+
+
+def model_for(resolved: ResolvedModel, max_new_tokens: int) -> Model:
+    """A leased GPU model for a caption, tags or embed task."""
+    if resolved.task == "nsfw":
+        raise ValueError("the NSFW scorer runs on the CPU: use load_nsfw")
+
     def load(placement: Placement) -> Any:
         if resolved.demo:
             ensure_demo(resolved.task, Path(resolved.location))
         kwargs = resolved.pretrained_kwargs()
-        if resolved.task == "nsfw":
-            return load_nsfw(resolved, placement.device)
         if resolved.task == "caption":
             return Captioner(resolved.location, placement.device, max_new_tokens, **kwargs)
         return Siglip(resolved.location, placement.device, **kwargs)
 
-    return Model(_name(resolved), max(1, resolved.entry.vram_mb), load)
+    return Model(model_name(resolved), max(1, resolved.entry.vram_mb), load)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import colorsys
-import io
 
 from PIL import Image
 
@@ -36,10 +35,10 @@ def _name(rgb: tuple[int, int, int]) -> str:
     return "red"
 
 
-def colour_tags(image_bytes: bytes) -> list[str]:
-    """Names of the colours covering at least MIN_SHARE of the image, most common first."""
-    with Image.open(io.BytesIO(image_bytes)) as img:
-        small = img.convert("RGB").resize((48, 48), Image.Resampling.BOX)
+def colour_tags(image: Image.Image) -> list[tuple[str, float]]:
+    """Names of the colours covering at least MIN_SHARE of the image with their share,
+    most common first."""
+    small = image.convert("RGB").resize((48, 48), Image.Resampling.BOX)
     quantised = small.quantize(colors=8, method=Image.Quantize.MEDIANCUT)
     palette = quantised.getpalette() or []
     shares: dict[str, int] = {}
@@ -50,4 +49,5 @@ def colour_tags(image_bytes: bytes) -> list[str]:
         shares[name] = shares.get(name, 0) + count
     total = sum(shares.values()) or 1
     ranked = sorted(shares.items(), key=lambda kv: -kv[1])
-    return [name for name, count in ranked if count / total >= MIN_SHARE][:MAX_TAGS]
+    shares_of = [(name, count / total) for name, count in ranked]
+    return [(name, share) for name, share in shares_of if share >= MIN_SHARE][:MAX_TAGS]
