@@ -5,6 +5,7 @@ demo SigLIP2 and Idefics3 models built offline through the real ``from_pretraine
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from bus.models.demo import EMBED_DIM, ensure_demo
 from bus.ops.embedded import NatsServer
 from functions.caption.models import (
     DETAILED_PROMPT,
+    SHORT_PROMPT,
     Captioner,
     CaptionModels,
     DemoNsfwScorer,
@@ -339,3 +341,40 @@ def test_half_precision_models_take_float32_pixels(data_dir: Path) -> None:
     assert len(result.tags) == 2 and len(result.embedding) == EMBED_DIM
     captioner = Captioner(str(demo / "caption"), max_new_tokens=2, dtype=torch.bfloat16)
     assert len(captioner.caption(photos(2))) == 2
+
+
+def tiny_smolvlm(data_dir: Path, into: Path) -> Path:
+    """A SmolVLM2-style directory as the hub has them (a SmolVLMProcessor with its video
+    processor): the demo VLM's weights and tokenizer, relabelled, with SmolVLM's classes."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    demo = tiny_model(data_dir, "caption")
+    shutil.copytree(demo, into)
+    config = json.loads((demo / "config.json").read_text())
+    config["model_type"] = "smolvlm"
+    config["vision_config"]["model_type"] = "smolvlm_vision"
+    for name in ("architectures", "transformers_version"):
+        config.pop(name, None)
+    model = SmolVLMForConditionalGeneration(SmolVLMConfig(**config))
+    model.save_pretrained(into)
+    processor = json.loads((demo / "processor_config.json").read_text())
+    processor["processor_class"] = "SmolVLMProcessor"
+    processor["image_processor"]["image_processor_type"] = "SmolVLMImageProcessor"
+    processor["video_processor"] = {"video_processor_type": "SmolVLMVideoProcessor"}
+    (into / "processor_config.json").write_text(json.dumps(processor))
+    return into
+
+
+def test_a_smolvlm2_captions_without_torchvision(data_dir: Path, tmp_path: Path) -> None:
+    """SmolVLM2's own processor needs torchvision for its video part (not installable beside
+    the CPU torch): the captioner builds it for images only and captions a batch."""
+    from transformers import AutoProcessor
+
+    location = tiny_smolvlm(data_dir, tmp_path / "smolvlm2")
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError, match=r"(?i)torchvision"):
+            AutoProcessor.from_pretrained(location)
+    captioner = Captioner(str(location), max_new_tokens=6)
+    assert type(captioner.model).__name__ == "SmolVLMForConditionalGeneration"
+    captions = captioner.caption(photos(2), [SHORT_PROMPT, DETAILED_PROMPT])
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)

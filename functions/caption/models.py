@@ -244,13 +244,11 @@ class Captioner:
     def __init__(
         self, location: str, device: str = "cpu", max_new_tokens: int = 48, **pretrained: Any
     ) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         self.device = device
         self.max_new_tokens = max_new_tokens
-        self.processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]
-            location, revision=pretrained.get("revision")
-        )
+        self.processor = load_vlm_processor(location, pretrained.get("revision"))
         # Decoder-only generation over a batch must pad on the left, so every row's prompt
         # ends where generation starts.
         self.processor.tokenizer.padding_side = "left"
@@ -295,6 +293,68 @@ class Captioner:
             [{"role": "user", "content": content}], add_generation_prompt=True
         )
         return text
+
+
+def load_vlm_processor(location: str, revision: str | None = None) -> Any:
+    """The VLM's processor; for SmolVLM / SmolVLM2 without torchvision, an images-only one.
+
+    SmolVLM's processor also holds a video processor, and that one needs torchvision, whose
+    PyPI builds do not import beside the CPU build of torch. Captions need images only, so
+    without torchvision the same processor is built without its video part.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(location, revision=revision)
+    if config.model_type == "smolvlm" and not _has_torchvision():
+        return _image_only_smolvlm().from_pretrained(location, revision=revision)
+    return AutoProcessor.from_pretrained(location, revision=revision)  # type: ignore[no-untyped-call]
+
+
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+@cache
+def _image_only_smolvlm() -> Any:
+    from transformers import SmolVLMProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+        """SmolVLM's processor with its image processor and tokenizer only."""
+
+        def __init__(
+            self,
+            image_processor: Any,
+            tokenizer: Any,
+            image_seq_len: int = 169,
+            chat_template: str | None = None,
+            **kwargs: Any,
+        ) -> None:
+            # What SmolVLMProcessor.__init__ sets, without its video processor.
+            self.fake_image_token = getattr(
+                tokenizer, "fake_image_token", "<fake_token_around_image>"
+            )
+            self.image_token = getattr(tokenizer, "image_token", "<image>")
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.end_of_utterance_token = getattr(
+                tokenizer, "end_of_utterance_token", "<end_of_utterance>"
+            )
+            self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
+            self.image_seq_len = image_seq_len
+            self.video_token = getattr(tokenizer, "video_token", "<video>")
+            ProcessorMixin.__init__(  # type: ignore[no-untyped-call]
+                self, image_processor, tokenizer, chat_template=chat_template, **kwargs
+            )
+
+        def apply_chat_template(  # type: ignore[override]
+            self, conversation: Any, chat_template: Any = None, **kwargs: Any
+        ) -> Any:
+            # SmolVLM's own reads the video processor's frame settings: images need none.
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    return ImageOnlySmolVLMProcessor
 
 
 # --- helpers -------------------------------------------------------------------------------
