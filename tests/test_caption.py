@@ -202,7 +202,7 @@ async def test_recaption_with_a_prompt_and_a_manual_caption_each_replace_the_doc
     [
         ({"mode": "manual", "caption": "  "}, "manual caption must be"),
         ({"mode": "model", "prompt": "x" * 501}, "'prompt' must be"),
-        ({"mode": "guess"}, "needs mode 'model' or 'manual'"),
+        ({"mode": "guess"}, "needs mode 'model', 'manual' or 'reembed'"),
         ({"mode": "model", "model": "/no/such/model"}, "is not available"),
     ],
 )
@@ -354,3 +354,48 @@ async def test_captions_are_set_by_hand_or_asked_again_through_the_api(
     assert missing.status == 404
     reader = await make_key("read")
     assert (await client.post(path, json={}, headers=auth(reader))).status == 403
+
+
+async def test_reembedding_after_the_embed_model_changed_keeps_the_words(
+    ctx: Context, run_function: Any, settings: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from bus.runtime.context import open_context
+    from tests.support.tiny_models import tiny_model
+
+    first = await ingested(ctx, webp((200, 150, 20)))
+    image_id = first.image_id or ""
+    old_worker = await run_function(load("caption"))
+    await recaption(ctx, image_id, mode="manual", caption="a yellow wall")
+    before = (await events(ctx, subjects.CAPTIONED, at_least=2, timeout=60))[-1].data
+    assert before["embeddings"][0]["model"] == "demo:embed"
+    await old_worker.drain(timeout=10)  # the worker restarts with a new embed model
+    # Another SigLIP, named by its directory: a different vector space.
+    other = tmp_path / "siglip-b"
+    shutil.copytree(tiny_model(settings.data_dir, "embed"), other)
+    models = settings.models.model_copy(
+        update={"embed": settings.models.embed.model_copy(update={"source": str(other)})}
+    )
+    changed = settings.model_copy(update={"models": models})
+    vision = counting(monkeypatch, Siglip, "embed_images")
+    async with open_context(changed, [], "test-b", gpu=True) as ctx_b:
+        worker = FunctionRunner(load("caption"), ctx_b)
+        await worker.start()
+        try:
+            await recaption(ctx, image_id, mode="reembed")
+            after = (await events(ctx, subjects.CAPTIONED, at_least=3, timeout=60))[-1].data
+            assert {e["kind"]: e["model"] for e in after["embeddings"]} == {
+                "image": str(other),
+                "text": MODEL_NAME,
+            }
+            assert (after["caption"], after["source"]) == ("a yellow wall", "manual")
+            assert after["models"]["caption"]["source"] == "manual"
+            assert after["models"]["embed"]["source"] == str(other)
+            assert vision == [1, 1]  # the tags model's vision pass, and the new embed model's
+            # Done already: asking again only announces what is stored.
+            await recaption(ctx, image_id, mode="reembed")
+            await settled(ctx, "caption")
+            assert vision == [1, 1]
+        finally:
+            await worker.drain(timeout=10)

@@ -1,7 +1,8 @@
 """caption: describe, tag, score and embed every image, a batch at a time.
 
 Consumes ``ingested`` (a new image) and ``recaption`` (a user asks again: with a prompt or
-another caption model, or sets the caption by hand), works on the display rendition and
+another caption model, or sets the caption by hand; or, after the embed model changed,
+``reembed``: new tags and embeddings, the same words), works on the display rendition and
 writes ``images/<id>/caption.json``, then fires ``captioned`` with the document:
 
 - a short and a detailed caption (one ``generate`` call captions the whole batch, both
@@ -66,7 +67,7 @@ class _Job:
 
     event: Event
     image_id: str
-    mode: str  # "ingest" | "model" | "manual"
+    mode: str  # "ingest" | "model" | "manual" | "reembed"
     seq: int = 0  # the event's stream sequence: later requests have higher ones
     prompt: str | None = None
     model: str | None = None
@@ -78,6 +79,7 @@ class _Job:
     captions: tuple[str, str | None] = ("", None)
     caption_identity: dict[str, Any] | None = None  # the captioner used, when not the default
     colours: list[tuple[str, float]] = field(default_factory=list)  # ("color:red", share)
+    previous: dict[str, Any] | None = None  # the stored document (a re-embedding keeps its text)
 
     @property
     def request(self) -> str | None:
@@ -106,7 +108,9 @@ def _job(event: Event) -> _Job:
         if model is not None and (not isinstance(model, str) or not model.strip()):
             raise Reject("'model' must name a caption model")
         return _Job(event, image_id, "model", prompt=prompt and prompt.strip(), model=model)
-    raise Reject(f"a recaption request needs mode 'model' or 'manual', got {mode!r}")
+    if mode == "reembed":
+        return _Job(event, image_id, "reembed")
+    raise Reject(f"a recaption request needs mode 'model', 'manual' or 'reembed', got {mode!r}")
 
 
 async def handle_batch(
@@ -122,8 +126,19 @@ async def handle_batch(
         except Reject as exc:
             results[i] = exc
 
+    # Several events about one image in this batch: the latest one (furthest on in the
+    # stream) decides, and the others announce what it stored.
+    latest: dict[str, int] = {}
+    for i, job in jobs.items():
+        j = latest.get(job.image_id)
+        if j is None or jobs[j].seq < job.seq:
+            latest[job.image_id] = i
+    overtaken = {i: latest[job.image_id] for i, job in jobs.items() if latest[job.image_id] != i}
+    for i in overtaken:
+        del jobs[i]
+
     # A replay (or a request overtaken by a later one): announce what is stored.
-    done = await asyncio.gather(*(_stored(ctx, job) for job in jobs.values()))
+    done = await asyncio.gather(*(_stored(ctx, state, job) for job in jobs.values()))
     for (i, _), emits in zip(list(jobs.items()), done, strict=True):
         if emits is not None:
             results[i] = emits
@@ -156,17 +171,27 @@ async def handle_batch(
         )
         for i, emits in zip(jobs, stored, strict=True):
             results[i] = emits
+    for i, winner in overtaken.items():
+        results[i] = results[winner]
     assert all(r is not None for r in results)
     return [r for r in results if r is not None]
 
 
-async def _stored(ctx: Context, job: _Job) -> list[Emit] | None:
+async def _stored(ctx: Context, state: CaptionState, job: _Job) -> list[Emit] | None:
     key = subjects.image_key(job.image_id, subjects.CAPTION_DOC)
     ref = await ctx.store.stat(key)
     if ref is None:
-        return None
+        # Nothing to re-embed yet: the image's first caption will use the current model.
+        return [] if job.mode == "reembed" else None
     doc = await ctx.store.get_json(key)
     if not isinstance(doc, dict):
+        return None
+    if job.mode == "reembed":
+        current = embedding_model(state.models.resolved["embed"])
+        kinds = {e.get("kind"): e.get("model") for e in doc.get("embeddings") or []}
+        if kinds.get("image") == current:
+            return [Emit(subjects.CAPTIONED, ref, data=doc)]
+        job.previous = doc
         return None
     # A request is done when the stored document answers it, or a later request (one
     # further on in the stream) already replaced it: redelivered late, it must not
@@ -226,7 +251,8 @@ async def _run_models(ctx: Context, state: CaptionState, jobs: list[_Job]) -> di
             embeddings = await _embed_images(ctx, state, images)
             for job, embedding in zip(jobs, embeddings, strict=True):
                 job.embedding = embedding
-        failures = await _caption(ctx, state, [job for job in jobs if job.mode != "manual"])
+        captioned = [job for job in jobs if job.mode in ("ingest", "model")]
+        failures = await _caption(ctx, state, captioned)
     finally:
         scores = await nsfw
     for job, score in zip(jobs, scores, strict=True):
@@ -289,6 +315,9 @@ async def _caption(ctx: Context, state: CaptionState, jobs: list[_Job]) -> dict[
 
 def _caption_text(job: _Job) -> str:
     """What the caption-text embedding is made of: everything said about the image."""
+    if job.previous is not None:
+        short, detailed = str(job.previous.get("caption") or ""), job.previous.get("detailed")
+        return f"{short} {detailed}" if detailed else short
     if job.manual is not None:
         return job.manual
     short, detailed = job.captions
@@ -305,14 +334,28 @@ async def _store(
         models["caption"] = job.caption_identity
     if job.mode == "manual":
         models["caption"] = {"task": "caption", "source": "manual", "revision": None, "demo": False}
+    short: Any
+    detailed: Any
     short, detailed = (job.manual, None) if job.manual is not None else job.captions
+    source: Any = "manual" if job.mode == "manual" else "model"
+    prompt: Any = job.prompt
+    if job.previous is not None:  # re-embedding: the words stay as they were
+        old = job.previous
+        short, detailed, source, prompt = (
+            old.get("caption"),
+            old.get("detailed"),
+            old.get("source", "model"),
+            old.get("prompt"),
+        )
+        if isinstance(old.get("models"), dict) and "caption" in old["models"]:
+            models["caption"] = old["models"]["caption"]
     image_vector = job.embedding if job.embedding is not None else job.analysis.embedding
     doc: dict[str, Any] = {
         "image_id": job.image_id,
         "caption": short,
         "detailed": detailed,
-        "source": "manual" if job.mode == "manual" else "model",
-        "prompt": job.prompt,
+        "source": source,
+        "prompt": prompt,
         "request": job.request,
         "request_seq": job.seq if job.request else None,
         "tags": [
