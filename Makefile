@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 ML_STAMP := $(VENV)/.installed-ml
 TORCH ?= torch==2.13.0
 
-.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel chaos install install-ml clean
+.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel bench-caption chaos install install-ml clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-chain bench-ingest bench-leases bench-readmodel
+bench: bench-chain bench-ingest bench-leases bench-readmodel bench-caption
 
 bench-chain: install
 	$(BIN)/python -m tests.bench.bench_chain $(ARGS)
@@ -62,6 +62,9 @@ bench-leases: install
 # Needs numpy (the ml extra brings it) and about 10 GB of disk for 10^6 images.
 bench-readmodel: install-ml
 	$(BIN)/python -m tests.bench.bench_readmodel $(ARGS)
+
+bench-caption: install-ml
+	$(BIN)/python -m tests.bench.bench_caption $(ARGS)
 
 # Faults on the real stack (worker, nats-server, S3, PostgreSQL, a NATS cluster's leader).
 chaos: install

@@ -289,6 +289,11 @@ class CaptionSettings(_Section):
         description="tags scoring below this (SigLIP sigmoid) are left out",
     )
     max_tags: int = Field(default=12, ge=1, le=100, description="at most this many tags an image")
+    image_splitting: bool = Field(
+        default=False,
+        description="SmolVLM-family captioners: also look at tiles of the image (finer "
+        "detail, up to 17x the work per image); off: the whole image at 512 px",
+    )
     vocabulary: Path | None = Field(
         default=None,
         description="a text file of tags, one a line; unset = the built-in list of ~400 "
@@ -372,14 +377,16 @@ class ModelEntry(_Section):
         return "source" in self.model_fields_set and self.source != default
 
 
+# The estimates are the float32 weights (507 M and 375 M parameters); a load's measured
+# footprint replaces them in the lease.
 class CaptionModel(ModelEntry):
     source: str = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
-    vram_mb: int = Field(default=1500, ge=1)
+    vram_mb: int = Field(default=2000, ge=1)
 
 
 class TagsModel(ModelEntry):
     source: str = "google/siglip2-base-patch16-256"
-    vram_mb: int = Field(default=1000, ge=1)
+    vram_mb: int = Field(default=1500, ge=1)
 
 
 class EmbedModel(TagsModel):

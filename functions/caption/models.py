@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from bus import Model, Placement
-from bus.core.settings import ModelTask, Settings
+from bus.core.settings import CaptionSettings, ModelTask, Settings
 from bus.models.catalogue import ResolvedModel, resolve_all
 from bus.models.demo import ensure_demo
 
@@ -156,6 +156,7 @@ class Siglip:
             location, revision=pretrained.get("revision")
         )
         self.model = AutoModel.from_pretrained(location, **_placed(pretrained, device)).eval()
+        self.components = {"model": self.model}  # what a lease measures off CUDA
         self.dim = int(self.model.config.text_config.projection_size)
         self._labels: dict[tuple[str, ...], torch.Tensor] = {}
         self._lock = threading.Lock()  # one vocabulary computation, whichever thread asks
@@ -242,13 +243,23 @@ class Captioner:
     """A chat VLM (SmolVLM2, Idefics3) that captions a batch in one ``generate`` call."""
 
     def __init__(
-        self, location: str, device: str = "cpu", max_new_tokens: int = 48, **pretrained: Any
+        self,
+        location: str,
+        device: str = "cpu",
+        max_new_tokens: int = 48,
+        image_splitting: bool = False,
+        **pretrained: Any,
     ) -> None:
         from transformers import AutoModelForImageTextToText
 
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.processor = load_vlm_processor(location, pretrained.get("revision"))
+        image_processor: Any = getattr(self.processor, "image_processor", None)
+        if hasattr(image_processor, "do_image_splitting"):
+            # SmolVLM / Idefics3 cut a large image into up to 16 tiles plus the whole: up
+            # to 17x the vision and prefill work of one tile, for finer detail.
+            image_processor.do_image_splitting = image_splitting
         # Decoder-only generation over a batch must pad on the left, so every row's prompt
         # ends where generation starts.
         self.processor.tokenizer.padding_side = "left"
@@ -256,6 +267,7 @@ class Captioner:
             location, **_placed(pretrained, device)
         )
         self.model = model.eval()
+        self.components = {"model": self.model}  # what a lease measures off CUDA
 
     def caption(
         self,
@@ -393,20 +405,21 @@ class CaptionModels:
     resolved: dict[ModelTask, ResolvedModel]
 
     @classmethod
-    def from_settings(cls, settings: Settings, max_new_tokens: int = 48) -> CaptionModels:
+    def from_settings(cls, settings: Settings) -> CaptionModels:
         """Resolve each task (blocking: it may ask the hub, bounded) into loadable Models."""
-        return cls.from_resolved(resolve_all(settings), max_new_tokens)
+        return cls.from_resolved(resolve_all(settings), settings.caption)
 
     @classmethod
     def from_resolved(
-        cls, resolved: dict[ModelTask, ResolvedModel], max_new_tokens: int = 48
+        cls, resolved: dict[ModelTask, ResolvedModel], options: CaptionSettings | None = None
     ) -> CaptionModels:
-        tags = model_for(resolved["tags"], max_new_tokens)
-        embed = model_for(resolved["embed"], max_new_tokens)
+        options = options or CaptionSettings()
+        tags = model_for(resolved["tags"], options)
+        embed = model_for(resolved["embed"], options)
         if embed.name == tags.name:
             embed = tags
         return cls(
-            caption=model_for(resolved["caption"], max_new_tokens),
+            caption=model_for(resolved["caption"], options),
             tags=tags,
             embed=embed,
             resolved=resolved,
@@ -436,7 +449,7 @@ def embedding_model(resolved: ResolvedModel) -> str:
     return resolved.source + (f"@{resolved.revision}" if resolved.revision else "")
 
 
-def model_for(resolved: ResolvedModel, max_new_tokens: int) -> Model:
+def model_for(resolved: ResolvedModel, options: CaptionSettings) -> Model:
     """A leased GPU model for a caption, tags or embed task."""
     if resolved.task == "nsfw":
         raise ValueError("the NSFW scorer runs on the CPU: use load_nsfw")
@@ -446,7 +459,13 @@ def model_for(resolved: ResolvedModel, max_new_tokens: int) -> Model:
             ensure_demo(resolved.task, Path(resolved.location))
         kwargs = resolved.pretrained_kwargs()
         if resolved.task == "caption":
-            return Captioner(resolved.location, placement.device, max_new_tokens, **kwargs)
+            return Captioner(
+                resolved.location,
+                placement.device,
+                options.max_new_tokens,
+                options.image_splitting,
+                **kwargs,
+            )
         return Siglip(resolved.location, placement.device, **kwargs)
 
     return Model(model_name(resolved), max(1, resolved.entry.vram_mb), load)

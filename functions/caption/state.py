@@ -79,7 +79,7 @@ class CaptionState:
     def from_settings(cls, settings: Settings) -> CaptionState:
         """Resolve the models (blocking: it may ask the hub, bounded); downloads nothing."""
         options = settings.caption
-        models = CaptionModels.from_settings(settings, options.max_new_tokens)
+        models = CaptionModels.from_settings(settings)
         vocabulary = (
             read_vocabulary(options.vocabulary) if options.vocabulary else default_vocabulary()
         )
@@ -125,7 +125,7 @@ class CaptionState:
             "caption",
         )
         if model is None:
-            model = model_for(resolved, self.settings.caption.max_new_tokens)
+            model = model_for(resolved, self.settings.caption)
             self._alternatives[source] = model
         return model, resolved
 
