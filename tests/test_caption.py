@@ -262,7 +262,8 @@ async def test_a_search_for_kitten_finds_the_cat_through_the_caption_text_embedd
 
 
 async def test_the_embed_service_refuses_bad_requests(ctx: Context, run_function: Any) -> None:
-    await run_function(load("caption"))
+    runner = await run_function(load("caption"))
+    await asyncio.wait_for(runner.ready.wait(), 60)  # it answers once prepared
     for bad in ({}, {"texts": []}, {"texts": ["ok", 3]}, {"texts": ["x" * 1001]}):
         with pytest.raises(services.ServiceError, match="'texts' must be") as refused:
             await services.request(ctx.nc, ctx.names.service("embed"), bad, timeout=30)

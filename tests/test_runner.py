@@ -515,7 +515,7 @@ async def test_setup_runs_before_the_first_event_and_teardown_after_the_last(
     async def setup(c: Context) -> None:
         log.append("setup")
 
-    async def teardown(c: Context) -> None:
+    async def teardown(c: Context, state: Any) -> None:
         log.append("teardown")
 
     async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
@@ -619,7 +619,7 @@ async def test_a_drain_timeout_starts_nothing_new_and_tears_down_last(
             log.append("end")
         return []
 
-    async def teardown(c: Context) -> None:
+    async def teardown(c: Context, state: Any) -> None:
         log.append("teardown")
 
     spec = Spec("stuck", listens=("a",), batch=2, batch_wait_s=5.0, concurrency=1)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import nats.js.errors
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus.core.redact import redact_url
+from bus.core.settings import MODEL_TASKS, Settings
 from bus.gateway.problems import Problem, json_response, problem_response
 from bus.gateway.state import CTX, FUNCTIONS
 from bus.gpu.leases import LedgerUnavailableError, read_devices
+from bus.models.progress import read_readiness
 from bus.runtime.context import Context
 
 log = logging.getLogger("darkroom.gateway")
@@ -52,6 +54,40 @@ class StoreInfo(BaseModel):
     bucket: str
 
 
+class ModelOnWorker(BaseModel):
+    """A task's model on one worker process, as that worker last reported it."""
+
+    host: str
+    pid: int
+    worker: str = Field(description="the process, e.g. worker-caption, or up")
+    function: str
+    source: str = Field(description="the model it uses: a hub id, a directory, pip:..., or demo")
+    revision: str | None
+    demo: bool = Field(description="a tiny random stand-in: its output means nothing")
+    state: Literal["cached", "downloading", "ready", "failed"] = Field(
+        description="cached: on disk at start; ready: downloaded since; downloading: the "
+        "function takes no events until its models are ready; failed: tried again soon"
+    )
+    bytes_done: int
+    bytes_total: int | None = Field(description="what this download fetches, once known")
+    progress: float | None = Field(
+        description="bytes_done / bytes_total, 0 to 1 (null while the total is unknown)"
+    )
+    error: str | None
+    updated: str = Field(description="when the state or progress last changed")
+
+
+class TaskModels(BaseModel):
+    task: str
+    configured: str = Field(
+        description="the source these settings name (demo under profile demo); a worker "
+        "may use another: a CPU-sized one without CUDA, or a demo model when it is "
+        "unavailable (see workers)"
+    )
+    ready: bool = Field(description="some worker has the model on disk")
+    workers: list[ModelOnWorker] = Field(description="each worker's model and readiness")
+
+
 class SystemStatus(BaseModel):
     namespace: str
     profile: str
@@ -59,6 +95,7 @@ class SystemStatus(BaseModel):
     stream: StreamState
     dead_letters: int
     store: StoreInfo
+    models: list[TaskModels] = Field(description="each model task, and where it is ready")
 
 
 class Device(BaseModel):
@@ -144,6 +181,39 @@ async def consumer_stats(ctx: Context, functions: list[str]) -> list[dict[str, A
     return out
 
 
+async def model_status(ctx: Context) -> list[TaskModels]:
+    """Each model task: what the settings name, and every live worker's readiness."""
+    workers: dict[str, list[ModelOnWorker]] = {task: [] for task in MODEL_TASKS}
+    for entry in await read_readiness(ctx.js, ctx.names.models_kv):
+        done, total = entry.get("bytes_done"), entry.get("bytes_total")
+        progress = min(1.0, done / total) if isinstance(done, int) and total else None
+        try:
+            task = str(entry["task"])
+            found = ModelOnWorker.model_validate({**entry, "progress": progress})
+        except (KeyError, ValidationError):
+            log.warning("ignoring a model readiness entry of another shape: %s", entry)
+            continue
+        workers.setdefault(task, []).append(found)
+    return [
+        TaskModels(
+            task=task,
+            configured=_configured(ctx.settings, task),
+            ready=any(w.state in ("cached", "ready") for w in found),
+            workers=found,
+        )
+        for task, found in workers.items()
+    ]
+
+
+def _configured(settings: Settings, task: str) -> str:
+    if settings.profile == "demo":
+        return "demo"
+    for known in MODEL_TASKS:
+        if known == task:
+            return settings.models.entry(known).source
+    return "-"  # a task another function reports
+
+
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     await consumer_stats(ctx, request.app[FUNCTIONS])
@@ -173,6 +243,7 @@ async def status(request: web.Request) -> web.Response:
             "dead_letters": dlq.state.messages,
             # Read keys see this: a password in the endpoint's URL stays hidden.
             "store": {"url": redact_url(ctx.store.url), "bucket": ctx.store.bucket},
+            "models": await model_status(ctx),
         }
     )
     return json_response(doc)

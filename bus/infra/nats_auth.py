@@ -6,7 +6,8 @@ rest:
 - ``gateway``: the gateway, ``darkroom up``, the admin commands and the intake functions
   (they announce uploads). Everything.
 - ``worker``: the functions. Their consumers, the events they emit, dead letters,
-  progress, the lease ledger, reading cancel flags, answering requests to their services
+  progress, the lease ledger, their models' readiness (the one KV bucket besides the
+  ledger it may write), reading cancel flags, answering requests to their services
   (only to the requester); never the API keys or the digests,
   never an ``uploaded`` or raw S3 notification event, and no stream configuration at all.
 - ``status``: read-only monitoring: stream and consumer info, the lease ledger, dead letters.
@@ -65,6 +66,7 @@ def permissions(role: Role, names: Names) -> dict[str, Any] | None:
     ns = names.namespace
     events, advisories = names.stream, names.advisory_stream
     leases, cancels = _kv_stream(names.leases_kv), _kv_stream(names.cancels_kv)
+    models = _kv_stream(names.models_kv)
     replies = [f"{inbox_prefix(role)}.>"]
     if role is Role.WORKER:
         return {
@@ -74,8 +76,12 @@ def permissions(role: Role, names: Names) -> dict[str, Any] | None:
                     f"{ns}-dlq.>",
                     f"{ns}-live.>",  # progress
                     f"$KV.{names.leases_kv}.>",
+                    f"$KV.{names.models_kv}.>",  # its models' readiness (write only)
                     "$JS.API.INFO",
-                    *[f"$JS.API.STREAM.INFO.{s}" for s in (events, advisories, leases, cancels)],
+                    *[
+                        f"$JS.API.STREAM.INFO.{s}"
+                        for s in (events, advisories, leases, cancels, models)
+                    ],
                     # its durable consumers: declare, inspect, pull, ack
                     *[
                         f"$JS.API.CONSUMER.{op}.{s}{tail}"

@@ -12,17 +12,20 @@ Tokenizers are built from scratch (a word-level vocabulary), so nothing is downl
 Their output is random: results made with them are marked ``demo``.
 
 Building is idempotent: a finished model has :data:`MARKER`, and it is built in a
-temporary sibling directory and renamed into place, so processes that build at once
-never see half a model.
+temporary sibling directory and renamed into place, so a reader never sees half a model.
+Builders take a file lock (``.<task>.lock`` beside it) first, so processes that start at
+once build it once, and one replacing an older build never deletes another's new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,22 +69,33 @@ def ensure_demo(task: ModelTask, path: Path) -> Path:
     if is_built(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        _BUILDERS[task](staging)
-        meta = {"version": BUILDER_VERSION, "task": task, "demo": True, "seed": SEED}
-        (staging / MARKER).write_text(json.dumps(meta))
-        if path.exists() and not is_built(path):
-            shutil.rmtree(path, ignore_errors=True)  # an older builder's output
+    with _locked(path.parent / f".{path.name}.lock"):
+        if is_built(path):  # another process built it while this one waited
+            return path
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
+            _BUILDERS[task](staging)
+            meta = {"version": BUILDER_VERSION, "task": task, "demo": True, "seed": SEED}
+            (staging / MARKER).write_text(json.dumps(meta))
+            if path.exists():
+                shutil.rmtree(path)  # an older builder's output (or a broken one)
             os.rename(staging, path)
-        except OSError:
-            if not is_built(path):  # not a concurrent builder that won the race
-                raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(staging)
     return path
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock`` (created if need be); the kernel drops it
+    if the process dies."""
+    with lock.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _tokenizer(specials: list[str], **kwargs: Any) -> Any:

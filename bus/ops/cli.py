@@ -468,7 +468,11 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
         else:
             cached = "yes" if m.cached else "no"
             shown = m.source + (f"@{m.revision}" if m.revision else "")
-            where = m.location if m.cached else "downloads on first use (or: darkroom models pull)"
+            where = (
+                m.location
+                if m.cached
+                else "downloaded before the function takes events (or: darkroom models pull)"
+            )
             print(f"{task:<9}{'real':<6}{cached:<8}{shown:<46}{where}")
     return 2 if failed else 0
 

@@ -52,9 +52,9 @@ Prepare = Callable[[Context, Any], Awaitable[None]]
 the process comes up at once, and the function fetches no event and answers no service
 request until it has finished. A failure is logged and it is tried again, with backoff."""
 
-Teardown = Callable[[Context], Awaitable[None]]
+Teardown = Callable[[Context, Any], Awaitable[None]]
 """Runs once the runner stopped (after the last event is settled, or cut short by a drain
-timeout)."""
+timeout), with the state setup returned."""
 
 ModelsOf = Callable[[Any], Sequence[Model]]
 """The Models a GPU function loads, given its state: preloaded in ``high`` mode."""

@@ -189,6 +189,8 @@ class FunctionRunner:
                 cb=self._serve_callback(name, service),
             )
             self._service_subs.append(sub)
+        if self._service_subs:  # the server knows the subscriptions before anyone is told
+            await self.ctx.nc.flush()
         self.ready.set()
 
     async def _prepare_then_fetch(self) -> None:
@@ -334,7 +336,7 @@ class FunctionRunner:
         if self._set_up:
             self._set_up = False
             if self.fn.teardown is not None:
-                await self.fn.teardown(self.ctx)
+                await self.fn.teardown(self.ctx, self.state)
 
     # --- intake ----------------------------------------------------------------------------
     def _accept(self, msg: Msg) -> None:

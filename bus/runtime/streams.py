@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 from bus.core.contract import Spec
 from bus.core.settings import FunctionSettings, Settings
 from bus.core.subjects import Names
+from bus.models.progress import READINESS_TTL_S
 
 log = logging.getLogger("darkroom.streams")
 
@@ -243,4 +244,6 @@ async def declare(
         js, names.cancels_kv, settings.stream.replicas, ttl=settings.stream.max_age_days * DAY_S
     )
     await key_value(js, names.leases_kv, settings.stream.replicas)
+    # Model readiness by worker: a dead worker's entries lapse (live ones are rewritten).
+    await key_value(js, names.models_kv, settings.stream.replicas, ttl=READINESS_TTL_S)
     return names

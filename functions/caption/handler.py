@@ -30,6 +30,7 @@ from PIL import Image
 
 from bus import Call, Context, Emit, Event, Function, ObjectMissingError, Reject, Spec, subjects
 from bus.models.catalogue import ModelUnavailableError
+from functions.caption.chat import serve_chat
 from functions.caption.embedding import serve_embed
 from functions.caption.models import (
     DETAILED_PROMPT,
@@ -41,6 +42,7 @@ from functions.caption.models import (
     rgb,
 )
 from functions.caption.palette import colour_tags
+from functions.caption.prepare import prepare, teardown
 from functions.caption.state import CaptionState, gpu_models, setup
 
 SPEC = Spec(
@@ -379,6 +381,8 @@ FUNCTION = Function(
     SPEC,
     handle_batch=handle_batch,
     setup=setup,
+    prepare=prepare,
+    teardown=teardown,
     models=gpu_models,
-    services={"embed": serve_embed},
+    services={"embed": serve_embed, "chat": serve_chat},
 )

@@ -457,15 +457,16 @@ def model_for(resolved: ResolvedModel, options: CaptionSettings) -> Model:
     def load(placement: Placement) -> Any:
         if resolved.demo:
             ensure_demo(resolved.task, Path(resolved.location))
-        kwargs = resolved.pretrained_kwargs()
-        if resolved.task == "caption":
+        local = resolved.on_disk()  # its files: never the hub while the lease is held
+        kwargs = local.pretrained_kwargs()
+        if local.task == "caption":
             return Captioner(
-                resolved.location,
+                local.location,
                 placement.device,
                 options.max_new_tokens,
                 options.image_splitting,
                 **kwargs,
             )
-        return Siglip(resolved.location, placement.device, **kwargs)
+        return Siglip(local.location, placement.device, **kwargs)
 
     return Model(model_name(resolved), max(1, resolved.entry.vram_mb), load)

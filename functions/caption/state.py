@@ -20,6 +20,7 @@ from bus import Context, Model
 from bus.core.settings import Settings
 from bus.models.catalogue import ResolvedModel, resolve
 from bus.models.demo import ensure_demo
+from bus.models.progress import ModelReadiness
 from functions.caption.models import (
     CaptionModels,
     NsfwModel,
@@ -59,7 +60,7 @@ def _nsfw_loader(resolved: ResolvedModel) -> Callable[[], NsfwModel]:
     def build() -> NsfwModel:
         if resolved.demo:
             ensure_demo(resolved.task, Path(resolved.location))
-        return load_nsfw(resolved, "cpu")
+        return load_nsfw(resolved.on_disk(), "cpu")
 
     return build
 
@@ -73,6 +74,7 @@ class CaptionState:
     nsfw: Once[NsfwModel]
     text: TextEmbedder  # caption-text embeddings (MiniLM, CPU)
     vocabulary: tuple[str, ...]
+    readiness: ModelReadiness | None = None  # prepare's: this worker's models in /api/status
     _alternatives: dict[str, Model] = field(default_factory=dict)
 
     @classmethod
