@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bus import Call, Context, Event
+from bus import Call, Context, Event, Reject, Retry
 from bus.core import subjects
 from bus.core.envelope import new_id, now_iso
 from bus.runtime import services
@@ -203,7 +203,7 @@ async def test_recaption_with_a_prompt_and_a_manual_caption_each_replace_the_doc
         ({"mode": "manual", "caption": "  "}, "manual caption must be"),
         ({"mode": "model", "prompt": "x" * 501}, "'prompt' must be"),
         ({"mode": "guess"}, "needs mode 'model', 'manual' or 'reembed'"),
-        ({"mode": "model", "model": "/no/such/model"}, "is not available"),
+        ({"mode": "model", "model": "/no/such/model"}, "not a caption model of this deployment"),
     ],
 )
 async def test_bad_recaption_requests_are_dead_lettered_with_the_reason(
@@ -393,6 +393,8 @@ async def test_reembedding_after_the_embed_model_changed_keeps_the_words(
             assert (after["caption"], after["source"]) == ("a yellow wall", "manual")
             assert after["models"]["caption"]["source"] == "manual"
             assert after["models"]["embed"]["source"] == str(other)
+            # Still the manual caption's place: an older request pending now stays older.
+            assert after["request_seq"] == before["request_seq"]
             assert vision == [1, 1]  # the tags model's vision pass, and the new embed model's
             # Done already: asking again only announces what is stored.
             await recaption(ctx, image_id, mode="reembed")
@@ -400,3 +402,137 @@ async def test_reembedding_after_the_embed_model_changed_keeps_the_words(
             assert vision == [1, 1]
         finally:
             await worker.drain(timeout=10)
+
+
+# --- one batch, several events about one image; broken documents; concurrent batches -----
+
+
+def request_event(image_id: str, **data: Any) -> Event:
+    return Event(
+        id=f"recaption-{new_id()}",
+        type=subjects.RECAPTION,
+        source="test",
+        time=now_iso(),
+        image_id=image_id,
+        data=data,
+    )
+
+
+def call_at(event: Event, seq: int, state: Any) -> Call:
+    """The Call the runner would make for ``event`` delivered at stream position ``seq``."""
+    call = Call(event, "caption", attempt=1, max_attempts=4, deadline=0, stream_seq=seq)
+    call.state = state
+    return call
+
+
+def caption_key(image_id: str | None) -> str:
+    return subjects.image_key(image_id or "", subjects.CAPTION_DOC)
+
+
+async def test_a_broken_caption_document_is_written_again_and_fails_no_neighbour(
+    ctx: Context,
+) -> None:
+    state = await setup(ctx)
+    good = await ingested(ctx, webp((10, 200, 10)))
+    broken = await ingested(ctx, webp((200, 10, 10)))
+    await ctx.store.put_bytes(caption_key(broken.image_id), b"{not json", "application/json")
+    results = await handle_batch(
+        [good, broken], ctx, [call_at(good, 1, state), call_at(broken, 2, state)]
+    )
+    assert not any(isinstance(r, BaseException) for r in results), results
+    assert (await ctx.store.get_json(caption_key(broken.image_id)))["source"] == "model"
+
+
+async def test_a_recaption_naming_a_model_not_on_this_machine_fails_alone(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bus.models.catalogue as catalogue
+    from functions.caption.state import CaptionState
+
+    allowed = ctx.settings.model_copy(
+        update={"caption": ctx.settings.caption.model_copy(update={"alternatives": ("org/vlm",)})}
+    )
+    state = await asyncio.to_thread(CaptionState.from_settings, allowed)
+    # The hub knows the model asked for, but nothing is downloaded for a request.
+    monkeypatch.setattr(catalogue, "hub_reachable", lambda timeout: lambda repo, rev: True)
+    good = await ingested(ctx, webp((10, 200, 10)))
+    other = await ingested(ctx, webp((10, 10, 200)))
+    asked = request_event(other.image_id or "", mode="model", model="org/vlm")
+    unlisted = request_event(other.image_id or "", mode="model", model="org/other")
+    for request, why in ((asked, "not in the Hugging Face cache"), (unlisted, "not a caption")):
+        results = await handle_batch(
+            [good, request], ctx, [call_at(good, 1, state), call_at(request, 3, state)]
+        )
+        assert not isinstance(results[0], BaseException), results[0]
+        assert isinstance(results[1], Reject) and why in str(results[1])
+
+
+async def test_an_image_s_first_caption_and_a_manual_one_are_never_lost_to_a_reembedding(
+    ctx: Context,
+) -> None:
+    state = await setup(ctx)
+    first = await ingested(ctx, webp((10, 200, 10)))
+    image_id = first.image_id or ""
+    reembed = request_event(image_id, mode="reembed")
+    results = await handle_batch(
+        [first, reembed], ctx, [call_at(first, 1, state), call_at(reembed, 2, state)]
+    )
+    assert all(r and not isinstance(r, BaseException) for r in results), results
+    assert (await ctx.store.get_json(caption_key(image_id)))["source"] == "model"
+    manual = request_event(image_id, mode="manual", caption="a cat asleep on a sofa")
+    reembed = request_event(image_id, mode="reembed")
+    await handle_batch(
+        [manual, reembed], ctx, [call_at(manual, 5, state), call_at(reembed, 6, state)]
+    )
+    stored = await ctx.store.get_json(caption_key(image_id))
+    assert (stored["caption"], stored["request_seq"]) == ("a cat asleep on a sofa", 5)
+
+
+async def test_an_image_s_first_caption_is_retried_when_a_request_in_its_batch_fails(
+    ctx: Context,
+) -> None:
+    allowed = ctx.settings.model_copy(
+        update={"caption": ctx.settings.caption.model_copy(update={"alternatives": ("/no/vlm",)})}
+    )
+    from functions.caption.state import CaptionState
+
+    state = await asyncio.to_thread(CaptionState.from_settings, allowed)
+    first = await ingested(ctx, webp((10, 200, 10)))
+    bad = request_event(first.image_id or "", mode="model", model="/no/vlm")
+    results = await handle_batch(
+        [first, bad], ctx, [call_at(first, 1, state), call_at(bad, 2, state)]
+    )
+    assert isinstance(results[1], Reject)
+    assert isinstance(results[0], Retry)  # it comes back alone, not dead-lettered with it
+
+
+async def test_an_older_request_finishing_later_never_overwrites_a_newer_caption(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches at once (concurrency 2, or two workers): an older re-caption still
+    generating when a newer manual caption is stored must not write over it."""
+    import threading
+
+    from functions.caption.state import CaptionState
+
+    state = await setup(ctx)
+    first = await ingested(ctx, webp((10, 200, 10)))
+    image_id = first.image_id or ""
+    await handle_batch([first], ctx, [call_at(first, 1, state)])
+    newer_stored = threading.Event()
+    real = CaptionState.caption_model
+
+    def slow(self: Any, source: Any) -> Any:
+        newer_stored.wait(60)
+        return real(self, source)
+
+    monkeypatch.setattr(CaptionState, "caption_model", slow)
+    older = request_event(image_id, mode="model", prompt="describe the lighting")
+    newer = request_event(image_id, mode="manual", caption="a cat asleep on a sofa")
+    pending = asyncio.ensure_future(handle_batch([older], ctx, [call_at(older, 10, state)]))
+    await handle_batch([newer], ctx, [call_at(newer, 11, state)])
+    newer_stored.set()
+    [emits] = await pending
+    stored = await ctx.store.get_json(caption_key(image_id))
+    assert (stored["request_seq"], stored["caption"]) == (11, "a cat asleep on a sofa")
+    assert not isinstance(emits, BaseException) and emits[0].data == stored

@@ -345,12 +345,15 @@ async def test_a_worker_answers_service_requests_only_to_the_requester(
                 await services.reply_chunk(worker, msg, i)
             await services.reply_end(worker, msg)
 
-        await worker.subscribe(f"{ns}-rpc.count", queue=f"{ns}-caption", cb=answer)
+        await worker.subscribe(f"{ns}-rpc.count", queue=f"{ns}.caption", cb=answer)
         await worker.flush()
         chunks = [c async for c in services.stream(gateway, f"{ns}-rpc.count", {}, 10, 10)]
         assert chunks == [0, 1, 2]
         await worker.publish("_INBOX_gateway.forged", b"{}")
         await refusals.wait_for("_INBOX_gateway.forged")
+        # Only in a queue group: a plain subscription would read every request.
+        await worker.subscribe(f"{ns}-rpc.count")
+        await refusals.wait_for_subscription(f"{ns}-rpc.count")
     finally:
         await worker.close()
         await gateway.close()

@@ -832,3 +832,45 @@ def test_a_function_with_models_needs_a_gpu_and_services_need_safe_names() -> No
         Function(Spec("m", listens=("a",)), handle=handle, models=lambda state: [])
     with pytest.raises(TypeError, match="not a safe id"):
         Function(Spec("m", listens=("a",)), handle=handle, services={"a.b": handle})  # type: ignore[dict-item]
+
+
+async def test_a_failed_start_of_fetching_after_preparing_is_tried_again(
+    ctx: Context, run_function: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bus.runtime import services
+
+    monkeypatch.setattr("bus.runtime.runner.PREPARE_RETRY_S", (0.05,))
+    prepared: list[int] = []
+    real_subscribe = ctx.nc.subscribe
+    refused: list[str] = []
+
+    async def subscribe(subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject == ctx.names.service("ping") and not refused:
+            refused.append(subject)
+            raise nats.errors.TimeoutError  # the server did not answer in time, once
+        return await real_subscribe(subject, *args, **kwargs)
+
+    monkeypatch.setattr(ctx.nc, "subscribe", subscribe)
+
+    async def prepare(c: Context, state: None) -> None:
+        prepared.append(1)
+
+    async def ping(msg: Msg, c: Context, state: None) -> None:
+        await services.reply(c.nc, msg, "pong")
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        return [Emit("r-done")]
+
+    fn = Function(
+        Spec("refetched", listens=("r",), emits=("r-done",)),
+        handle=handle,
+        prepare=prepare,
+        services={"ping": ping},
+    )
+    await publish(ctx, make_event("r"))
+    runner = await run_function(fn)
+    await asyncio.wait_for(runner.ready.wait(), 10)
+    assert refused and prepared == [1]  # prepared once; fetching started again
+    assert await services.request(ctx.nc, ctx.names.service("ping"), {}, timeout=5) == "pong"
+    await settled(ctx, "refetched")
+    assert len(await events(ctx, "r-done", at_least=1)) == 1

@@ -289,6 +289,11 @@ class CaptionSettings(_Section):
         description="tags scoring below this (SigLIP sigmoid) are left out",
     )
     max_tags: int = Field(default=12, ge=1, le=100, description="at most this many tags an image")
+    alternatives: tuple[str, ...] = Field(
+        default=(),
+        description="other caption models a re-caption request may name (hub ids already "
+        "downloaded on the workers, or local directories); unset: only the configured one",
+    )
     image_splitting: bool = Field(
         default=False,
         description="SmolVLM-family captioners: also look at tiles of the image (finer "

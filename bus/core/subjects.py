@@ -87,8 +87,9 @@ class Names:
         return f"{self.namespace}-rpc.>"
 
     def service_group(self, function: str) -> str:
-        """The queue group a function's workers share its service requests in."""
-        return f"{self.namespace}-{function}"
+        """The queue group a function's workers share its service requests in (dotted, so
+        a permission can name all of a namespace's: ``<ns>.*``)."""
+        return f"{self.namespace}.{function}"
 
     @property
     def all_progress(self) -> str:

@@ -39,8 +39,8 @@ class RecaptionBody(BaseModel):
         min_length=1,
         max_length=300,
         pattern=r"\S",
-        description="another caption model for this once: a Hugging Face id (cached on the "
-        "worker) or a local directory; unset = the configured one",
+        description="another caption model for this once, one of the deployment's "
+        "caption.alternatives; unset = the configured one",
     )
 
 
@@ -58,6 +58,15 @@ class CaptionRequested(BaseModel):
 
 
 async def recaption(request: web.Request, body: RecaptionBody) -> web.Response:
+    settings = request.app[CTX].settings
+    allowed = (settings.models.caption.source, *settings.caption.alternatives)
+    if body.model is not None and body.model not in allowed:
+        raise Problem(
+            422,
+            "Invalid request body",
+            f"model: {body.model[:200]!r} is not a caption model of this deployment; use one "
+            f"of: {', '.join(allowed)} (caption.alternatives lists the others)",
+        )
     data: dict[str, object] = {"mode": "model", "prompt": body.prompt, "model": body.model}
     return await _request(request, data)
 

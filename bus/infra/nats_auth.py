@@ -113,8 +113,9 @@ def permissions(role: Role, names: Names) -> dict[str, Any] | None:
                 ],
                 "deny": [names.subject(subjects.UPLOADED), names.subject(subjects.S3_EVENTS)],
             },
-            # the requests its functions' services answer (queue groups)
-            "subscribe": {"allow": [*replies, names.all_services]},
+            # the requests its functions' services answer: in their queue groups only, so
+            # no worker reads every request (a plain subscription would get a copy of each)
+            "subscribe": {"allow": [*replies, f"{names.all_services} {names.service_group('*')}"]},
             # answering them: only to the reply subject of a request it received, a
             # stream of chunks at most SERVICE_REPLIES long, for SERVICE_REPLY_WINDOW
             "allow_responses": {"max": SERVICE_REPLIES, "expires": SERVICE_REPLY_WINDOW},

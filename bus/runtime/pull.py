@@ -75,6 +75,7 @@ class PullConsumer:
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        self.paused = False  # a consumer stopped before (a failed start) starts afresh
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
         self._watchdog = asyncio.create_task(self._watch(), name=f"pull:{self._next_subject}")
         self._maybe_pull()

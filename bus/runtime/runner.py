@@ -194,29 +194,34 @@ class FunctionRunner:
         self.ready.set()
 
     async def _prepare_then_fetch(self) -> None:
-        """Prepare in the background (downloads), preload, then fetch; a failure is logged
-        and tried again with backoff, the events waiting in the stream meanwhile."""
+        """Prepare in the background (downloads), preload, then fetch; a failure of any
+        step is logged and tried again with backoff, the events waiting in the stream."""
         attempt = 0
+        prepared = False
         while True:
             attempt += 1
             try:
-                if self.fn.prepare is not None:
-                    await self.fn.prepare(self.ctx, self.state)
-                await self._preload()
+                if not prepared:
+                    if self.fn.prepare is not None:
+                        await self.fn.prepare(self.ctx, self.state)
+                    await self._preload()
+                    prepared = True
+                await self._fetch()
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                await self._unfetch()  # a half-started fetch starts again from nothing
                 delay = PREPARE_RETRY_S[min(attempt, len(PREPARE_RETRY_S)) - 1]
                 log.error(
-                    "%s: preparing failed (attempt %d), trying again in %.0f s: %s",
+                    "%s: %s failed (attempt %d), trying again in %.0f s: %s",
                     self.stage,
+                    "starting to fetch" if prepared else "preparing",
                     attempt,
                     delay,
                     exc,
                 )
                 await asyncio.sleep(delay)
-        await self._fetch()
         log.info("%s: prepared; fetching events", self.stage)
 
     def _serve_callback(self, name: str, service: Service) -> Callable[[Msg], Awaitable[None]]:
@@ -302,6 +307,9 @@ class FunctionRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._preparing
             self._preparing = None
+        await self._unfetch()
+
+    async def _unfetch(self) -> None:
         await self._consumer.stop()
         await self._exhausted.stop()
         subs, self._service_subs = self._service_subs, []

@@ -120,7 +120,9 @@ async def serve_chat(msg: Msg, ctx: Context, state: CaptionState) -> None:
     images = await ctx.run_cpu(_decode_images, job.images)
     try:
         async with ctx.gpu.use(state.models.caption) as captioner:
-            prompt = await ctx.run_cpu(_prepare, captioner, job, images)
+            # On the device's thread, as the caption batches are: a fast tokenizer keeps its
+            # padding settings on itself, so two threads must never use it at once.
+            prompt = await ctx.run_gpu(_prepare, captioner, job, images)
             if job.stream:
                 await _stream(msg, ctx, captioner, job, prompt)
             else:

@@ -28,7 +28,19 @@ from typing import Any
 
 from PIL import Image
 
-from bus import Call, Context, Emit, Event, Function, ObjectMissingError, Reject, Spec, subjects
+from bus import (
+    Call,
+    Context,
+    Emit,
+    Event,
+    Function,
+    ObjectMissingError,
+    Reject,
+    Retry,
+    Spec,
+    subjects,
+)
+from bus.core.envelope import ObjectRef
 from bus.models.catalogue import ModelUnavailableError
 from functions.caption.chat import serve_chat
 from functions.caption.embedding import serve_embed
@@ -127,23 +139,15 @@ async def handle_batch(
             jobs[i].seq = call.stream_seq
         except Reject as exc:
             results[i] = exc
-
-    # Several events about one image in this batch: the latest one (furthest on in the
-    # stream) decides, and the others announce what it stored.
-    latest: dict[str, int] = {}
-    for i, job in jobs.items():
-        j = latest.get(job.image_id)
-        if j is None or jobs[j].seq < job.seq:
-            latest[job.image_id] = i
-    overtaken = {i: latest[job.image_id] for i, job in jobs.items() if latest[job.image_id] != i}
-    for i in overtaken:
-        del jobs[i]
+    overtaken = _collapse(jobs)
 
     # A replay (or a request overtaken by a later one): announce what is stored.
-    done = await asyncio.gather(*(_stored(ctx, state, job) for job in jobs.values()))
-    for (i, _), emits in zip(list(jobs.items()), done, strict=True):
-        if emits is not None:
-            results[i] = emits
+    done = await asyncio.gather(
+        *(_stored(ctx, state, job) for job in jobs.values()), return_exceptions=True
+    )
+    for (i, _), outcome in zip(list(jobs.items()), done, strict=True):
+        if outcome is not None:
+            results[i] = outcome
             del jobs[i]
 
     images = await asyncio.gather(
@@ -156,9 +160,8 @@ async def handle_batch(
         else:
             job.image, job.colours = image
 
-    work = list(jobs.values())
-    if work:
-        failures = await _run_models(ctx, state, work)
+    if jobs:
+        failures = await _run_models(ctx, state, list(jobs.values()))
         for i, job in list(jobs.items()):
             if job.event.id in failures:
                 results[i] = failures[job.event.id]
@@ -169,25 +172,55 @@ async def handle_batch(
             *(
                 _store(ctx, state, job, vector)
                 for job, vector in zip(jobs.values(), vectors, strict=True)
-            )
+            ),
+            return_exceptions=True,
         )
-        for i, emits in zip(jobs, stored, strict=True):
-            results[i] = emits
+        for i, outcome in zip(jobs, stored, strict=True):
+            results[i] = outcome
     for i, winner in overtaken.items():
-        results[i] = results[winner]
+        won = results[winner]
+        # What the winner stored answers this event too; if the winner failed, this
+        # event comes back on its own.
+        results[i] = (
+            Retry(f"an event about the same image failed in this batch: {won}")
+            if isinstance(won, BaseException)
+            else won
+        )
     assert all(r is not None for r in results)
     return [r for r in results if r is not None]
 
 
+def _collapse(jobs: dict[int, _Job]) -> dict[int, int]:
+    """Several events about one image in a batch: the latest one (furthest on in the
+    stream) runs, and the others announce what it stored. A re-embedding never wins over
+    another kind of event (which embeds with the current model anyway), so a manual
+    caption or an image's first caption is never lost to it. Returns overtaken -> winner,
+    and removes the overtaken from ``jobs``."""
+    winner: dict[str, int] = {}
+    for i, job in jobs.items():
+        j = winner.get(job.image_id)
+        if j is None or _ranks_above(job, jobs[j]):
+            winner[job.image_id] = i
+    overtaken = {i: winner[job.image_id] for i, job in jobs.items() if winner[job.image_id] != i}
+    for i in overtaken:
+        del jobs[i]
+    return overtaken
+
+
+def _ranks_above(job: _Job, other: _Job) -> bool:
+    if (job.mode == "reembed") != (other.mode == "reembed"):
+        return other.mode == "reembed"
+    return job.seq > other.seq
+
+
 async def _stored(ctx: Context, state: CaptionState, job: _Job) -> list[Emit] | None:
-    key = subjects.image_key(job.image_id, subjects.CAPTION_DOC)
-    ref = await ctx.store.stat(key)
-    if ref is None:
+    """What to announce instead of working, when the stored document already answers
+    ``job`` (or a later request replaced it); None when there is work to do."""
+    found = await _read_caption(ctx, job.image_id)
+    if found is None:
         # Nothing to re-embed yet: the image's first caption will use the current model.
         return [] if job.mode == "reembed" else None
-    doc = await ctx.store.get_json(key)
-    if not isinstance(doc, dict):
-        return None
+    ref, doc = found
     if job.mode == "reembed":
         current = embedding_model(state.models.resolved["embed"])
         kinds = {e.get("kind"): e.get("model") for e in doc.get("embeddings") or []}
@@ -195,13 +228,31 @@ async def _stored(ctx: Context, state: CaptionState, job: _Job) -> list[Emit] | 
             return [Emit(subjects.CAPTIONED, ref, data=doc)]
         job.previous = doc
         return None
-    # A request is done when the stored document answers it, or a later request (one
-    # further on in the stream) already replaced it: redelivered late, it must not
-    # overwrite the newer caption.
-    newest = doc.get("request_seq")
-    if job.mode == "ingest" or (isinstance(newest, int) and newest >= job.seq):
+    if _answers(doc, job):
         return [Emit(subjects.CAPTIONED, ref, data=doc)]
     return None
+
+
+def _answers(doc: dict[str, Any], job: _Job) -> bool:
+    """A new image's caption is done once any document exists; a request, once the
+    document answers it or a later request (one further on in the stream) replaced it:
+    delivered late, a request must not overwrite the newer caption."""
+    newest = doc.get("request_seq")
+    return job.mode == "ingest" or (isinstance(newest, int) and newest >= job.seq)
+
+
+async def _read_caption(ctx: Context, image_id: str) -> tuple[ObjectRef, dict[str, Any]] | None:
+    """The stored caption document, or None; one that does not parse counts as none (it
+    is written again)."""
+    key = subjects.image_key(image_id, subjects.CAPTION_DOC)
+    ref = await ctx.store.stat(key)
+    if ref is None:
+        return None
+    try:
+        doc = await ctx.store.get_json(key)
+    except (ObjectMissingError, ValueError):
+        return None
+    return (ref, doc) if isinstance(doc, dict) else None
 
 
 async def _display(ctx: Context, job: _Job) -> tuple[Image.Image, list[tuple[str, float]]]:
@@ -306,9 +357,16 @@ async def _caption(ctx: Context, state: CaptionState, jobs: list[_Job]) -> dict[
             assert job.image is not None
             images += [job.image, job.image]
             prompts += [SHORT_PROMPT, job.prompt or DETAILED_PROMPT]
-        async with ctx.gpu.use(model) as loaded:
-            captioner: Captioner = loaded
-            texts = await ctx.run_gpu(captioner.caption, images, prompts)
+        try:
+            async with ctx.gpu.use(model) as loaded:
+                captioner: Captioner = loaded
+                texts = await ctx.run_gpu(captioner.caption, images, prompts)
+        except Exception as exc:
+            if source is None:
+                raise  # the configured model failing is everyone's failure: retried
+            for job in group:  # another model asked for by these requests fails them alone
+                failures[job.event.id] = exc
+            continue
         for n, job in enumerate(group):
             job.captions = (texts[2 * n], texts[2 * n + 1])
             job.caption_identity = resolved.identity()
@@ -341,6 +399,8 @@ async def _store(
     short, detailed = (job.manual, None) if job.manual is not None else job.captions
     source: Any = "manual" if job.mode == "manual" else "model"
     prompt: Any = job.prompt
+    request: Any = job.request
+    request_seq: Any = job.seq if job.request else None
     if job.previous is not None:  # re-embedding: the words stay as they were
         old = job.previous
         short, detailed, source, prompt = (
@@ -349,6 +409,8 @@ async def _store(
             old.get("source", "model"),
             old.get("prompt"),
         )
+        # It answers no user request: later requests must still see the last one's place.
+        request, request_seq = old.get("request"), old.get("request_seq")
         if isinstance(old.get("models"), dict) and "caption" in old["models"]:
             models["caption"] = old["models"]["caption"]
     image_vector = job.embedding if job.embedding is not None else job.analysis.embedding
@@ -358,8 +420,8 @@ async def _store(
         "detailed": detailed,
         "source": source,
         "prompt": prompt,
-        "request": job.request,
-        "request_seq": job.seq if job.request else None,
+        "request": request,
+        "request_seq": request_seq,
         "tags": [
             {"tag": tag, "score": round(score, 4)}
             for tag, score in [*job.analysis.tags, *job.colours]
@@ -372,9 +434,25 @@ async def _store(
         "models": models,
         "demo": any(bool(m.get("demo")) for m in models.values()),
     }
+    # Another batch (here or on another worker) may have stored a newer answer while this
+    # one ran: never write over it. (The read model orders by request_seq too.)
+    found = await _read_caption(ctx, job.image_id)
+    if found is not None and _superseded(found[1], job):
+        return [Emit(subjects.CAPTIONED, found[0], data=found[1])]
     key = subjects.image_key(job.image_id, subjects.CAPTION_DOC)
     ref = await ctx.store.put_json(key, doc)
     return [Emit(subjects.CAPTIONED, ref, data=doc)]
+
+
+def _superseded(stored: dict[str, Any], job: _Job) -> bool:
+    """The document stored now is newer than what ``job`` is about to write."""
+    if job.mode == "reembed":  # it re-embeds the words it read: they changed meanwhile
+        assert job.previous is not None
+        return stored.get("request_seq") != job.previous.get("request_seq")
+    newest = stored.get("request_seq")
+    if job.mode == "ingest":
+        return True  # a request answered first: it has everything an ingest would write
+    return isinstance(newest, int) and newest > job.seq
 
 
 FUNCTION = Function(

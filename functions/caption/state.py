@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from bus import Context, Model
 from bus.core.settings import Settings
-from bus.models.catalogue import ResolvedModel, resolve
+from bus.models.catalogue import ModelUnavailableError, ResolvedModel, resolve
 from bus.models.demo import ensure_demo
 from bus.models.progress import ModelReadiness
 from functions.caption.models import (
@@ -110,14 +110,21 @@ class CaptionState:
         return found
 
     def caption_model(self, source: str | None) -> tuple[Model, ResolvedModel]:
-        """The captioner to use: the configured one, or (for a re-caption that names one)
-        another source for the caption task, resolved like the configured one.
+        """The captioner to use: the configured one, or (for a re-caption that names one of
+        ``caption.alternatives``) another source, resolved like the configured one and
+        already on this machine (nothing downloads for a request).
 
         Blocking (it may ask the hub). Raises ModelUnavailableError with a fix.
         """
         configured = self.models.resolved["caption"]
         if source is None or source == configured.source:
             return self.models.caption, configured
+        allowed = self.settings.caption.alternatives
+        if source not in allowed:
+            raise ModelUnavailableError(
+                f"{source!r} is not a caption model of this deployment: use one of "
+                f"{', '.join(allowed) or '(none: set caption.alternatives)'}"
+            )
         model = self._alternatives.get(source)
         entry = self.settings.models.caption.model_copy(update={"source": source})
         resolved = resolve(
@@ -125,7 +132,7 @@ class CaptionState:
                 update={"models": self.settings.models.model_copy(update={"caption": entry})}
             ),
             "caption",
-        )
+        ).on_disk()
         if model is None:
             model = model_for(resolved, self.settings.caption)
             self._alternatives[source] = model
