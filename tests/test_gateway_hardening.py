@@ -68,7 +68,11 @@ async def test_every_route_needs_a_key_unless_marked_public(
         walked += 1
         assert response.status == 401, (route.method, canonical, response.status)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        assert response.content_type == "application/problem+json"
+        # The OpenAI-compatible routes answer OpenAI's error object, the API problem+json.
+        openai = canonical.startswith("/v1/")
+        assert response.content_type == (
+            "application/json" if openai else "application/problem+json"
+        )
     protected = [r for r in route_table() if r.scope != PUBLIC]
     gets = sum(r.method == "GET" for r in protected)
     assert walked == len(protected) + gets + 2, "every route, HEADs and /api/sneaky included"

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bus.gateway import hooks, images, keys_api, system, uploads
+from bus.gateway import (
+    captions,
+    hooks,
+    images,
+    keys_api,
+    openai_api,
+    search,
+    system,
+    uploads,
+)
 from bus.gateway.contract import endpoint
 from bus.gateway.openapi import build_openapi
 from bus.gateway.problems import (
@@ -26,8 +35,9 @@ from bus.runtime.registry import enabled_names
 from bus.state.keys import KeyCache
 
 _SCOPE = web.AppKey("route_scopes", dict)
-# Every path the frontend may serve: all but the API's and the probes'.
-FRONTEND_PATHS = r"/{path:(?!(?:api|healthz|readyz|metrics)(?:/|$)).*}"
+# Every path the frontend may serve: all but the APIs' (darkroom's, and the OpenAI-compatible
+# one under /v1) and the probes'.
+FRONTEND_PATHS = r"/{path:(?!(?:api|v1|healthz|readyz|metrics)(?:/|$)).*}"
 # The frontend's pages load only their own scripts, styles and images (thumbnails arrive as
 # blob: URLs), run no inline code, and may not be framed.
 FRONTEND_CSP = (
@@ -339,6 +349,9 @@ def route_table() -> list[Route]:
             "keys",
             responses={204: "revoked", 404: "no such key"},
         ),
+        *captions.routes(),
+        *search.routes(),
+        *openai_api.routes(),
     ]
 
 
@@ -468,15 +481,23 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
-    app = web.Application(middlewares=[metrics_middleware, problem_middleware, auth_middleware])
+    app = web.Application(
+        middlewares=[
+            metrics_middleware,
+            openai_api.openai_errors,  # under /v1, problems in OpenAI's own shape
+            problem_middleware,
+            auth_middleware,
+        ]
+    )
     app[CTX] = ctx
     app[STATIC_DIR] = static_dir or ctx.settings.gateway.static_dir or default_static_dir()
+    app[openai_api.CHAT_TIMEOUTS] = openai_api.ChatTimeouts()
     scopes: dict[tuple[str, str], str] = {}
     routes = route_table()
     app[OPENAPI] = build_openapi(routes, ctx.settings)
     for route in routes:
         _add_route(app, scopes, route.method, route.path, endpoint(route), route.scope)
-    # Last, and never under /api/ or on the probes: those answer 404 or 405 themselves.
+    # Last, and never under /api/, /v1/ or on the probes: those answer 404 or 405 themselves.
     _add_route(app, scopes, "GET", FRONTEND_PATHS, static, PUBLIC)
     app[_SCOPE] = scopes
     app[FUNCTIONS] = enabled_names(ctx.settings)

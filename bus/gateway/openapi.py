@@ -22,9 +22,10 @@ PROBLEM = ErrorBody(PROBLEM_JSON, ProblemDetails)
 Mode = Literal["validation", "serialization"]
 DESCRIPTION = (
     "Uploads, images, keys and status. Every error is application/problem+json "
-    "(ProblemDetails). A path answers the methods it documents; any other method (OPTIONS "
-    "included) gets 405 with an Allow header listing them. Paths under /api/ never reach the "
-    "frontend."
+    "(ProblemDetails), except under /v1/, the OpenAI-compatible vision API, which answers "
+    "OpenAI's error object (OpenAIErrorBody). A path answers the methods it documents; any "
+    "other method (OPTIONS included) gets 405 with an Allow header listing them. Paths under "
+    "/api/ and /v1/ never reach the frontend."
 )
 
 
@@ -209,10 +210,13 @@ def _response(
     out: dict[str, Any] = {"description": reply.description}
     if status >= 400:
         out["content"] = {errors.media_type: {"schema": schemas.ref(errors.model, "serialization")}}
-    elif reply.model is not None:
-        out["content"] = {"application/json": {"schema": schemas.ref(reply.model, "serialization")}}
-    elif reply.content is not None:
-        out["content"] = {media: dict(obj) for media, obj in reply.content.items()}
+    else:  # a JSON model, other media types, or both (JSON, or a stream of events)
+        content = {media: dict(obj) for media, obj in (reply.content or {}).items()}
+        if reply.model is not None:
+            ref = schemas.ref(reply.model, "serialization")
+            content = {"application/json": {"schema": ref}, **content}
+        if content:
+            out["content"] = content
     headers = _headers(status)
     if headers:
         out["headers"] = headers
