@@ -536,3 +536,44 @@ async def test_an_older_request_finishing_later_never_overwrites_a_newer_caption
     stored = await ctx.store.get_json(caption_key(image_id))
     assert (stored["request_seq"], stored["caption"]) == (11, "a cat asleep on a sofa")
     assert not isinstance(emits, BaseException) and emits[0].data == stored
+
+
+async def test_reembedding_is_asked_for_through_the_api_and_its_progress_shown(
+    ctx: Context, client: Any, admin: str, make_key: Any
+) -> None:
+    from tests.support.http import auth, form
+    from tests.support.images import jpeg
+
+    files = form(("a.jpg", jpeg(64, 48)), ("b.jpg", jpeg(48, 64)))
+    uploaded = await client.post("/api/uploads", data=files, headers=auth(admin))
+    image_ids = [r["id"] for r in (await uploaded.json())["results"]]
+    assert ctx.db is not None
+    db = ctx.db
+
+    async def coverage() -> dict[str, Any]:
+        got = await client.get("/api/models/embeddings", headers=auth(admin))
+        assert got.status == 200
+        found: dict[str, Any] = await got.json()
+        return found
+
+    async def embedded(count: int) -> bool:
+        models = (await coverage())["models"]
+        return sum(m["images"] for m in models if m["kind"] == "image") == count
+
+    await eventually(lambda: embedded(2), timeout=60, what="both images embedded")
+    # As after a model change: one image lacks the current model's vector.
+    async with db.pool.acquire() as conn:
+        await conn.execute(
+            "DELETE FROM image_embeddings WHERE image_id = $1 AND kind = 'image'", image_ids[0]
+        )
+    state = await coverage()
+    [image_model] = [m for m in state["models"] if m["kind"] == "image"]
+    assert (state["captioned"], image_model["images"], image_model["complete"]) == (2, 1, False)
+    reader = await make_key("read")
+    assert (await client.post("/api/models/reembed", headers=auth(reader))).status == 403
+    asked = await client.post("/api/models/reembed", headers=auth(admin))
+    assert asked.status == 202
+    assert await asked.json() == {"model": "demo:embed", "queued": True}
+    await eventually(lambda: embedded(2), timeout=60, what="the image re-embedded")
+    [image_model] = [m for m in (await coverage())["models"] if m["kind"] == "image"]
+    assert image_model["complete"] is True

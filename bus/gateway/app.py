@@ -503,6 +503,7 @@ def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
     app[FUNCTIONS] = enabled_names(ctx.settings)
     app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(_read_side)
+    app.cleanup_ctx.append(captions.background_tasks)
     return app
 
 

@@ -259,6 +259,14 @@ async def _complete_only(
     return signals, kept
 
 
+async def query_embedding_model(ctx: Context) -> str:
+    """The image embedding model the caption workers embed with now (asked of them)."""
+    answer = await _embed(ctx, "a photo")
+    if answer.image is None:
+        raise Problem(502, "Bad Gateway", f"the {SERVICE} service named no image model")
+    return answer.image.model
+
+
 def _signals(answer: _EmbedAnswer) -> tuple[list[dict[str, object]], list[QueryVector]]:
     """What to rank by: the answer's real models (a demo one only if there is no other)."""
     given = {kind: part for kind, part in (("image", answer.image), ("text", answer.text)) if part}

@@ -644,6 +644,24 @@ class ReadModel:
         most = max((n for (k, m), n in counts.items() if k == kind and m != model), default=0)
         return (mine, most) if mine < most else None
 
+    async def captioned_without(
+        self, kind: str, model: str, after: str = "", limit: int = 1000
+    ) -> list[str]:
+        """Ids of captioned images with no ``kind`` embedding from ``model``, in id order
+        after ``after`` (keyset pages): what a re-embedding still has to do."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT i.id FROM images i WHERE i.captioned_at IS NOT NULL AND i.id > $3 "
+                "AND NOT EXISTS (SELECT 1 FROM image_embeddings e "
+                "WHERE e.image_id = i.id AND e.kind = $1 AND e.model = $2) "
+                "ORDER BY i.id LIMIT $4",
+                kind,
+                model,
+                after,
+                limit,
+            )
+        return [str(row[0]) for row in rows]
+
     async def embedding_coverage(self) -> dict[str, Any]:
         """How many captioned images there are, and how many of them each model has
         embedded (``complete`` once it covers them all): the progress of a re-embedding."""
