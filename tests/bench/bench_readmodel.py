@@ -368,13 +368,13 @@ async def vector_search(
     probes = vectors.draw(queries)
     exact = np.argsort(-(stored @ probes.T), axis=0)[:20].T  # cosine: vectors are normalised
     for _ in range(min(WARMUP_QUERIES, queries)):  # page the index in: measure steady state
-        await db.similar(vectors.draw(1)[0].tolist(), "image", MODEL, limit=20)
+        await db.nearest(vectors.draw(1)[0].tolist(), "image", MODEL, limit=20)
     out = {}
     for ef in sorted({*EF_SEARCHES, EF_SEARCH}):
         latencies, recalls = [], []
         for k in range(queries):
             started = time.perf_counter()
-            found = await db.similar(probes[k].tolist(), "image", MODEL, limit=20, ef_search=ef)
+            found = await db.nearest(probes[k].tolist(), "image", MODEL, limit=20, ef_search=ef)
             latencies.append((time.perf_counter() - started) * 1000)
             truth = {f"img{numbers[i]:010d}" for i in exact[k]}
             recalls.append(len(truth & {image_id for image_id, _ in found}) / 20)
