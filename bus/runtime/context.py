@@ -8,6 +8,7 @@ progress and cancellation) is in :class:`bus.runtime.call.Call` instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -159,13 +160,16 @@ async def open_context(
                 await ctx.gpu.close()
             if ctx.db is not None:
                 await ctx.db.pool.close()
-        if nc.is_connected:
-            try:
-                await asyncio.wait_for(nc.drain(), 10.0)
-            except Exception:
+        # A connection whose server died can fail even to close (its transport is gone):
+        # nothing is left to flush then, and the shutdown must go on.
+        with contextlib.suppress(Exception):
+            if nc.is_connected:
+                try:
+                    await asyncio.wait_for(nc.drain(), 10.0)
+                except Exception:
+                    await nc.close()
+            else:
                 await nc.close()
-        else:
-            await nc.close()
         if store is not None:
             store.close()
         cpu.shutdown(wait=False, cancel_futures=True)
