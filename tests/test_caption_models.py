@@ -378,3 +378,98 @@ def test_a_smolvlm2_captions_without_torchvision(data_dir: Path, tmp_path: Path)
     assert type(captioner.model).__name__ == "SmolVLMForConditionalGeneration"
     captions = captioner.caption(photos(2), [SHORT_PROMPT, DETAILED_PROMPT])
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def tiny_florence2(into: Path) -> Path:
+    """A Florence-2 directory as the florence-community conversions have it (an encoder-
+    decoder with a DaViT vision tower and a BART text model), tiny and random."""
+    from transformers import Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from bus.models.demo import _tokenizer
+
+    tokenizer = _tokenizer(
+        ["<pad>", "<s>", "</s>", "<unk>", "<image>"],
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=256,
+    )
+    size = {"height": 32, "width": 32}
+    image_processor = CLIPImageProcessorPil(size=size, crop_size=size, do_center_crop=False)
+    image_processor.image_seq_length = 17  # 4x4 patches and the pooled one, for this config
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.eos_token_id,
+    }
+    config = Florence2Config(
+        vision_config={
+            "embed_dim": (16, 32),
+            "depths": (1, 1),
+            "num_heads": (2, 2),
+            "num_groups": (2, 2),
+            "patch_size": (7, 3),
+            "patch_stride": (4, 2),
+            "patch_padding": (3, 1),
+            "patch_prenorm": (False, True),
+            "projection_dim": 32,
+            "window_size": 2,
+            "drop_path_rate": 0.0,
+            "max_temporal_embeddings": 1,
+            "max_position_embeddings": 8,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "d_model": 32,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "max_position_embeddings": 128,
+            **ids,
+        },
+        image_token_id=tokenizer.image_token_id,
+    )
+    torch.manual_seed(0)
+    Florence2ForConditionalGeneration(config).save_pretrained(into)
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(into)
+    return into
+
+
+def test_florence2_captions_a_batch_with_its_task_prompts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    location = tiny_florence2(tmp_path / "florence2")
+    captioner = Captioner(str(location), max_new_tokens=6)
+    assert type(captioner.model).__name__ == "Florence2ForConditionalGeneration"
+    assert not captioner.chat  # no chat template: /v1 refuses it
+    seen: list[Any] = []
+    real = captioner.processor.__call__
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["text"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(captioner, "processor", _Spy(captioner.processor, spy))
+    captions = captioner.caption(photos(3), [SHORT_PROMPT, DETAILED_PROMPT, "the light?"])
+    assert seen == [["<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"]]
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+class _Spy:
+    """The processor, with its calls seen first."""
+
+    def __init__(self, processor: Any, call: Any) -> None:
+        self._processor = processor
+        self._call = call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)

@@ -120,6 +120,13 @@ async def serve_chat(msg: Msg, ctx: Context, state: CaptionState) -> None:
     images = await ctx.run_cpu(_decode_images, job.images)
     try:
         async with ctx.gpu.use(state.models.caption) as captioner:
+            if not captioner.chat:
+                raise ServiceError(
+                    f"the caption model {model_id(resolved)!r} answers task prompts, not chat "
+                    "messages: configure a chat model (SmolVLM2, Qwen3-VL) for /v1",
+                    400,
+                    "model_not_chat",
+                )
             # On the device's thread, as the caption batches are: a fast tokenizer keeps its
             # padding settings on itself, so two threads must never use it at once.
             prompt = await ctx.run_gpu(_prepare, captioner, job, images)

@@ -239,8 +239,15 @@ class Siglip:
 # --- captions (VLM) ------------------------------------------------------------------------
 
 
+# Florence-2 answers task prompts, not free text: a user's prompt gets its most detailed
+# description.
+FLORENCE_TASKS = {SHORT_PROMPT: "<CAPTION>", DETAILED_PROMPT: "<DETAILED_CAPTION>"}
+FLORENCE_OTHER = "<MORE_DETAILED_CAPTION>"
+
+
 class Captioner:
-    """A chat VLM (SmolVLM2, Idefics3) that captions a batch in one ``generate`` call."""
+    """A VLM that captions a batch in one ``generate`` call: a chat model (SmolVLM2,
+    Idefics3, Qwen-VL), or Florence-2 (an encoder-decoder answering task prompts)."""
 
     def __init__(
         self,
@@ -268,6 +275,7 @@ class Captioner:
         )
         self.model = model.eval()
         self.components = {"model": self.model}  # what a lease measures off CUDA
+        self.chat = self.model.config.model_type != "florence2"  # takes chat messages
 
     def caption(
         self,
@@ -290,13 +298,19 @@ class Captioner:
         cap = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if cap < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {cap}")
-        texts = [self._chat(p) for p in prompts]
-        inputs = self.processor(
-            text=texts, images=[[rgb(i)] for i in images], padding=True, return_tensors="pt"
-        ).to(self.device)
+        if self.chat:
+            texts = [self._chat(p) for p in prompts]
+            pictures: list[Any] = [[rgb(i)] for i in images]
+        else:
+            texts = [FLORENCE_TASKS.get(p, FLORENCE_OTHER) for p in prompts]
+            pictures = [rgb(i) for i in images]
+        inputs = self.processor(text=texts, images=pictures, padding=True, return_tensors="pt").to(
+            self.device
+        )
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=cap, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1] :]
+        # A decoder-only model's output starts with the prompt; an encoder-decoder's does not.
+        new = out[:, inputs["input_ids"].shape[1] :] if self.chat else out
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
 
     def _chat(self, prompt: str) -> str:
