@@ -59,7 +59,14 @@ async def ingested(ctx: Context, display: bytes, image_id: str | None = None) ->
 
 
 async def recaption(ctx: Context, image_id: str, **data: Any) -> Event:
-    event = Event(
+    event = request_event(image_id, **data)
+    await publish(ctx, event)
+    return event
+
+
+def request_event(image_id: str, **data: Any) -> Event:
+    """A ``recaption`` request as the gateway makes one."""
+    return Event(
         id=f"recaption-{new_id()}",
         type=subjects.RECAPTION,
         source="test",
@@ -67,8 +74,6 @@ async def recaption(ctx: Context, image_id: str, **data: Any) -> Event:
         image_id=image_id,
         data=data,
     )
-    await publish(ctx, event)
-    return event
 
 
 async def publish(ctx: Context, event: Event) -> None:
@@ -405,17 +410,6 @@ async def test_reembedding_after_the_embed_model_changed_keeps_the_words(
 
 
 # --- one batch, several events about one image; broken documents; concurrent batches -----
-
-
-def request_event(image_id: str, **data: Any) -> Event:
-    return Event(
-        id=f"recaption-{new_id()}",
-        type=subjects.RECAPTION,
-        source="test",
-        time=now_iso(),
-        image_id=image_id,
-        data=data,
-    )
 
 
 def call_at(event: Event, seq: int, state: Any) -> Call:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bus.core import subjects
 from bus.core.envelope import Event, new_id, now_iso
-from bus.gateway.images import _db, _read_model, get_image, image_doc
+from bus.gateway.images import catalogue, get_image, image_doc, query_db
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import Link, Reply, Route
 from bus.gateway.search import EmbeddingCoverage, query_embedding_model
@@ -108,22 +108,11 @@ async def _request(request: web.Request, data: dict[str, object]) -> web.Respons
     image_id = str(doc["id"])
     if doc.get("ingest") is None:
         raise Problem(409, "Conflict", f"image {image_id} is not ingested yet: nothing to caption")
-    ctx = request.app[CTX]
-    event = Event(
-        id=f"recaption-{new_id()}",
-        type=subjects.RECAPTION,
-        source="gateway",
-        time=now_iso(),
-        image_id=image_id,
-        data=data,
-    )
     try:
-        await ctx.js.publish(
-            ctx.names.subject(subjects.RECAPTION), event.encode(), headers={"Nats-Msg-Id": event.id}
-        )
+        event_id = await _publish(request.app[CTX], image_id, data, f"recaption-{new_id()}")
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
         raise Problem(503, "Service Unavailable", "the event bus did not answer in time") from None
-    answer = CaptionRequested(request=event.id, image_id=image_id)
+    answer = CaptionRequested(request=event_id, image_id=image_id)
     return json_response(answer, status=202)
 
 
@@ -138,7 +127,7 @@ class ReembedQueued(BaseModel):
 
 async def reembed(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    db = _read_model(request)
+    db = catalogue(request)
     model = await query_embedding_model(ctx)
     tasks = request.app[_QUEUEING]
     if any(task.get_name() == f"reembed:{model}" and not task.done() for task in tasks):
@@ -162,19 +151,7 @@ async def _queue_reembeds(ctx: Context, db: ReadModel, model: str) -> None:
             if not page:
                 break
             for image_id in page:
-                event = Event(
-                    id=f"reembed-{image_id}-{digest}",
-                    type=subjects.RECAPTION,
-                    source="gateway",
-                    time=now_iso(),
-                    image_id=image_id,
-                    data={"mode": "reembed"},
-                )
-                await ctx.js.publish(
-                    ctx.names.subject(subjects.RECAPTION),
-                    event.encode(),
-                    headers={"Nats-Msg-Id": event.id},
-                )
+                await _publish(ctx, image_id, {"mode": "reembed"}, f"reembed-{image_id}-{digest}")
             queued += len(page)
             after = page[-1]
         log.info("re-embedding with %s: %d image(s) queued", model, queued)
@@ -182,9 +159,24 @@ async def _queue_reembeds(ctx: Context, db: ReadModel, model: str) -> None:
         log.exception("queueing re-embeddings with %s stopped after %d image(s)", model, queued)
 
 
+async def _publish(ctx: Context, image_id: str, data: dict[str, object], event_id: str) -> str:
+    """Publish a ``recaption`` request (its id is also its Nats-Msg-Id); returns the id."""
+    event = Event(
+        id=event_id,
+        type=subjects.RECAPTION,
+        source="gateway",
+        time=now_iso(),
+        image_id=image_id,
+        data=data,
+    )
+    subject = ctx.names.subject(subjects.RECAPTION)
+    await ctx.js.publish(subject, event.encode(), headers={"Nats-Msg-Id": event.id})
+    return event.id
+
+
 async def embeddings(request: web.Request) -> web.Response:
-    db = _read_model(request)
-    coverage = await _db(db.embedding_coverage)
+    db = catalogue(request)
+    coverage = await query_db(db.embedding_coverage)
     return json_response(EmbeddingCoverage.model_validate(coverage))
 
 

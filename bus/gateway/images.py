@@ -32,14 +32,14 @@ MAX_LIMIT = 500
 T = TypeVar("T")
 
 
-def _read_model(request: web.Request) -> ReadModel:
+def catalogue(request: web.Request) -> ReadModel:
     db = request.app[CTX].db
     if db is None:
         raise Problem(503, "Service Unavailable", "this gateway has no read model configured")
     return db
 
 
-async def _db(query: Callable[[], Awaitable[T]]) -> T:
+async def query_db(query: Callable[[], Awaitable[T]]) -> T:
     """Run a read; once more on a fresh connection if the pooled one was dropped (a database
     restart leaves every idle pooled connection broken), then 503."""
     for attempt in (1, 2):
@@ -149,21 +149,21 @@ async def list_images(request: web.Request, query: ImagesQuery) -> web.Response:
     if nothing or (query.q and not has_words(query.q)):  # or no word: nothing matches
         return json_response({"items": [], "next_cursor": None})
     checked = image_query(query)
-    db = _read_model(request)
-    page = await _db(lambda: db.page(checked))
+    db = catalogue(request)
+    page = await query_db(lambda: db.page(checked))
     return json_response({"items": page.items, "next_cursor": page.next_cursor})
 
 
 async def image_counts(request: web.Request) -> web.Response:
-    db = _read_model(request)
-    return json_response(ImageCounts.model_validate(await _db(db.counts)))
+    db = catalogue(request)
+    return json_response(ImageCounts.model_validate(await query_db(db.counts)))
 
 
 async def image_doc(request: web.Request) -> dict[str, Any]:
     """The read model's document of the path's image (404 if there is none)."""
     image_id = request.match_info["image_id"]
-    db = _read_model(request)
-    doc = await _db(lambda: db.get(image_id))
+    db = catalogue(request)
+    doc = await query_db(lambda: db.get(image_id))
     if doc is None:
         raise Problem(404, "Not Found", f"no image with id {image_id!r}")
     return doc

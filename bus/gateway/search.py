@@ -20,7 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
 
 from bus.gateway.contract import OneOf
-from bus.gateway.images import ImageDoc, _db, _read_model
+from bus.gateway.images import ImageDoc, catalogue, query_db
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import Reply, Route
 from bus.gateway.state import CTX
@@ -176,7 +176,7 @@ def routes() -> list[Route]:
 
 async def search(request: web.Request, query: SearchQuery) -> web.Response:
     ctx = request.app[CTX]
-    db = _read_model(request)
+    db = catalogue(request)
     signals, vectors = _signals(await _embed(ctx, query.q))
     signals, vectors = await _complete_only(db, signals, vectors)
 
@@ -186,7 +186,7 @@ async def search(request: web.Request, query: SearchQuery) -> web.Response:
         except ReadModelError as exc:  # the service's vectors do not fit the stored ones
             raise Problem(502, "Bad Gateway", str(exc)) from None
 
-    result = await _db(ranked)
+    result = await query_db(ranked)
     return json_response(
         {"items": result.items, "next_offset": result.next_offset, "signals": signals}
     )
@@ -194,10 +194,12 @@ async def search(request: web.Request, query: SearchQuery) -> web.Response:
 
 async def similar_images(request: web.Request, query: SimilarQuery) -> web.Response:
     image_id = request.match_info["image_id"]
-    db = _read_model(request)
-    result = await _db(lambda: db.similar(image_id, _filters(query), query.limit, query.offset))
+    db = catalogue(request)
+    result = await query_db(
+        lambda: db.similar(image_id, _filters(query), query.limit, query.offset)
+    )
     if result is None:
-        doc = await _db(lambda: db.get(image_id))
+        doc = await query_db(lambda: db.get(image_id))
         if doc is None:
             raise Problem(404, "Not Found", f"no image with id {image_id!r}")
         raise Problem(

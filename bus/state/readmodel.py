@@ -117,14 +117,7 @@ class ImageQuery:
     limit: int = 50
 
     def __post_init__(self) -> None:
-        if self.status is not None and self.status not in STATUSES:
-            raise ReadModelError(
-                f"status must be one of {', '.join(STATUSES)}, got {self.status!r}"
-            )
-        if self.approval is not None and self.approval not in APPROVALS:
-            raise ReadModelError(
-                f"approval must be one of {', '.join(APPROVALS)}, got {self.approval!r}"
-            )
+        _check_status_and_approval(self.status, self.approval)
         if self.sort not in SORTS:
             raise ReadModelError(f"sort must be one of {', '.join(SORTS)}, got {self.sort!r}")
         if self.order not in ("desc", "asc"):
@@ -135,6 +128,13 @@ class ImageQuery:
             decode_cursor(self.cursor, self.sort, self.order)
         if self.text is not None and _text_query(self.text) is None:
             raise ReadModelError(f"q has no words to search for: {self.text[:80]!r}")
+
+
+def _check_status_and_approval(status: str | None, approval: str | None) -> None:
+    if status is not None and status not in STATUSES:
+        raise ReadModelError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    if approval is not None and approval not in APPROVALS:
+        raise ReadModelError(f"approval must be one of {', '.join(APPROVALS)}, got {approval!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,14 +148,7 @@ class SearchFilters:
     nsfw_below: float | None = None
 
     def __post_init__(self) -> None:
-        if self.status is not None and self.status not in STATUSES:
-            raise ReadModelError(
-                f"status must be one of {', '.join(STATUSES)}, got {self.status!r}"
-            )
-        if self.approval is not None and self.approval not in APPROVALS:
-            raise ReadModelError(
-                f"approval must be one of {', '.join(APPROVALS)}, got {self.approval!r}"
-            )
+        _check_status_and_approval(self.status, self.approval)
         if self.nsfw_below is not None and not 0 <= self.nsfw_below <= 1:
             raise ReadModelError(f"nsfw_below must be 0-1, got {self.nsfw_below!r}")
 
