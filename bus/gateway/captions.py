@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bus.core import subjects
 from bus.core.envelope import Event, new_id, now_iso
+from bus.gateway.contract import NOT_BLANK
 from bus.gateway.images import catalogue, get_image, image_doc, query_db
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import Link, Reply, Route
@@ -58,7 +59,7 @@ class RecaptionBody(BaseModel):
         None,
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
-        pattern=r"\S",
+        pattern=NOT_BLANK,
         description="what to ask about the image instead of the detailed description, "
         "e.g. 'describe the lighting'",
     )
@@ -66,7 +67,7 @@ class RecaptionBody(BaseModel):
         None,
         min_length=1,
         max_length=300,
-        pattern=r"\S",
+        pattern=NOT_BLANK,
         description="another caption model for this once, one of the deployment's "
         "caption.alternatives; unset = the configured one",
     )
@@ -76,7 +77,7 @@ class ManualCaptionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     caption: str = Field(
-        min_length=1, max_length=MAX_CAPTION_CHARS, pattern=r"\S", description="the caption"
+        min_length=1, max_length=MAX_CAPTION_CHARS, pattern=NOT_BLANK, description="the caption"
     )
 
 

@@ -58,6 +58,8 @@ def _whole(value: Any) -> Any:
     return value
 
 
+NOT_BLANK = r"\S"  # a text field's pattern: something besides spaces
+
 # An integer in a JSON body, checked strictly otherwise ("5" is not one).
 Integer = Annotated[int, BeforeValidator(_whole)]
 # A time in an answer, passed on as the store wrote it (ISO 8601, UTC, ms).
@@ -160,6 +162,8 @@ def _rule(model: type[BaseModel], error: ErrorDetails) -> str:
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected', '')}"
     if kind == "string_pattern_mismatch":
+        if ctx.get("pattern") == NOT_BLANK:
+            return "must not be blank"
         return f"must match the pattern {ctx.get('pattern', '')}"
     if kind in ("too_short", "string_too_short"):
         least = ctx.get("min_length")

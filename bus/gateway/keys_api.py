@@ -7,7 +7,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from bus.gateway.contract import OneOf, Timestamp
+from bus.gateway.contract import NOT_BLANK, OneOf, Timestamp
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.state import CTX, KEYS
 from bus.state.keys import KEY_ID_RE, SCOPES, create_key, list_keys, revoke_key
@@ -17,7 +17,7 @@ MAX_NAME = 100
 
 class NewKey(BaseModel):
     name: str = Field(
-        min_length=1, max_length=MAX_NAME, pattern=r"\S", description="what the key is for"
+        min_length=1, max_length=MAX_NAME, pattern=NOT_BLANK, description="what the key is for"
     )
     scopes: list[Annotated[str, OneOf(*SCOPES)]] = Field(min_length=1)
 

@@ -19,7 +19,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
 
-from bus.gateway.contract import OneOf
+from bus.gateway.contract import NOT_BLANK, OneOf
 from bus.gateway.images import ImageDoc, catalogue, query_db
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import Reply, Route
@@ -80,7 +80,9 @@ class SimilarQuery(BaseModel):
 
 
 class SearchQuery(SimilarQuery):
-    q: str = Field(min_length=1, max_length=MAX_Q, pattern=r"\S", description="words to look for")
+    q: str = Field(
+        min_length=1, max_length=MAX_Q, pattern=NOT_BLANK, description="words to look for"
+    )
 
 
 class Signal(BaseModel):
