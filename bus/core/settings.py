@@ -8,6 +8,7 @@ and what came.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -422,6 +423,164 @@ class ModelsSettings(_Section):
         return entry
 
 
+GENERATE_MODEL_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # a subject token and a URL segment
+GenerateMode = Literal["txt2img", "img2img", "remix", "sketch", "enhance"]
+GENERATE_MODES: tuple[GenerateMode, ...] = ("txt2img", "img2img", "remix", "sketch", "enhance")
+
+
+class GenerateModel(_Section):
+    """One text-to-image pipeline of the catalogue (a diffusers repository or directory),
+    with the request defaults that suit it (a few-step model wants few steps and no CFG)."""
+
+    source: str = Field(
+        min_length=1,
+        description="a Hugging Face id (owner/name) or a local directory holding a diffusers "
+        "pipeline (model_index.json)",
+    )
+    revision: str = Field(default="main", min_length=1, description="hub branch, tag or commit")
+    variant: str | None = Field(
+        default=None, description="weights variant to load, e.g. 'fp16' (files *.fp16.*)"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="auto: float16 on CUDA (bfloat16 for flow models), float32 on CPU",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        default="none", description="bitsandbytes 8/4-bit for the denoiser (CUDA only)"
+    )
+    vram_mb: int = Field(default=8000, ge=1, description="what a VRAM lease asks for at first")
+    width: int = Field(default=1024, ge=64, le=4096, multiple_of=8)
+    height: int = Field(default=1024, ge=64, le=4096, multiple_of=8)
+    steps: int = Field(default=4, ge=1, le=500)
+    guidance: float = Field(
+        default=0.0, ge=0, le=30, description="classifier-free guidance; 0 = off"
+    )
+    scheduler: str | None = Field(
+        default=None, description="a scheduler name (see GET /api/models); unset = the pipeline's"
+    )
+    description: str = ""
+    licence: str = ""
+
+
+# Verified ids and licences: see README "Generation models". SDXL-Lightning-class models as
+# in the seed documents, one Apache-2.0 few-step model of the current generation, and a
+# model a CPU answers in seconds (picked by profile auto on a host without CUDA).
+DEFAULT_GENERATE_MODELS: dict[str, GenerateModel] = {
+    "juggernaut-xl-lightning": GenerateModel(
+        source="RunDiffusion/Juggernaut-XL-Lightning",
+        steps=6,
+        guidance=1.5,
+        scheduler="dpmpp-2m-sde-karras",
+        vram_mb=9000,
+        description="SDXL Lightning fine-tune: photographs",
+        licence="creativeml-openrail-m",
+    ),
+    "dreamshaper-xl-lightning": GenerateModel(
+        source="Lykon/dreamshaper-xl-lightning",
+        variant="fp16",
+        steps=4,
+        guidance=2.0,
+        scheduler="dpmpp-2m-sde-karras",
+        vram_mb=9000,
+        description="SDXL Lightning fine-tune: general purpose",
+        licence="openrail++",
+    ),
+    "animagine-xl": GenerateModel(
+        source="cagliostrolab/animagine-xl-3.1",
+        steps=28,
+        guidance=7.0,
+        scheduler="euler-a",
+        vram_mb=9000,
+        description="SDXL fine-tune: anime",
+        licence="faipl-1.0-sd",
+    ),
+    "z-image-turbo": GenerateModel(
+        source="Tongyi-MAI/Z-Image-Turbo",
+        steps=8,
+        guidance=0.0,
+        vram_mb=22000,
+        description="6B few-step flow model (current generation)",
+        licence="apache-2.0",
+    ),
+    "sd-turbo": GenerateModel(
+        source="stabilityai/sd-turbo",
+        width=512,
+        height=512,
+        steps=2,
+        guidance=0.0,
+        vram_mb=3500,
+        description="one-to-four-step SD 2.1 distillation: answers in seconds on a CPU",
+        licence="sai-nc-community (non-commercial)",
+    ),
+}
+
+
+class GenerateSettings(_Section):
+    """The text-to-image catalogue, the default model, and the bounds on a request."""
+
+    default_model: str = Field(
+        default="dreamshaper-xl-lightning",
+        pattern=GENERATE_MODEL_NAME,
+        description="the catalogue model a request without 'model' uses",
+    )
+    cpu_model: str = Field(
+        default="sd-turbo",
+        pattern=GENERATE_MODEL_NAME,
+        description="profile auto on a host without CUDA: the default when default_model is "
+        "left unset",
+    )
+    models: dict[str, GenerateModel] = Field(
+        default_factory=dict,
+        description="pipelines by name, added to (or replacing by name) the built-in ones",
+    )
+    max_n: int = Field(default=4, ge=1, le=64, description="images one request may ask for")
+    max_steps: int = Field(default=100, ge=1, le=500)
+    max_side: int = Field(default=2048, ge=64, le=8192, multiple_of=8)
+    max_pixels: int = Field(default=2048 * 2048, ge=64 * 64, description="width x height")
+    max_prompt_chars: int = Field(default=2000, ge=10, le=100_000)
+    batch: int = Field(
+        default=4, ge=1, le=64, description="compatible requests run as one pipeline call"
+    )
+    preview: Literal["none", "latent"] = Field(
+        default="latent",
+        description="latent: each step's progress carries a small preview decoded from the "
+        "latents by a linear approximation (no VAE pass)",
+    )
+    vae_tiling_pixels: int = Field(
+        default=1536 * 1536,
+        ge=64 * 64,
+        description="decode in tiles (and slices) above this many pixels: bounded VRAM",
+    )
+    enhance_scale: float = Field(default=2.0, gt=1, le=4, description="enhance: upscale factor")
+
+    @field_validator("models")
+    @classmethod
+    def _check_names(cls, value: dict[str, GenerateModel]) -> dict[str, GenerateModel]:
+        for name in value:
+            if not re.match(GENERATE_MODEL_NAME, name):
+                raise ValueError(
+                    "a model name must be 1-64 characters of a-z, 0-9, _ and -, starting with "
+                    f"a letter or digit, got {name!r}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_defaults(self) -> GenerateSettings:
+        for field_name in ("default_model", "cpu_model"):
+            name = getattr(self, field_name)
+            if name not in self.catalogue:
+                raise ValueError(
+                    f"generate.{field_name} {name!r} is not in the catalogue: "
+                    f"{', '.join(sorted(self.catalogue))}"
+                )
+        return self
+
+    @property
+    def catalogue(self) -> dict[str, GenerateModel]:
+        """The built-in models with the settings' own added (or replacing them by name)."""
+        return {**DEFAULT_GENERATE_MODELS, **self.models}
+
+
 class FunctionSettings(_Section):
     enabled: bool = True
     concurrency: int | None = Field(default=None, ge=1, le=4096)
@@ -453,6 +612,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     ingest: IngestSettings = IngestSettings()
     caption: CaptionSettings = CaptionSettings()
+    generate: GenerateSettings = GenerateSettings()
     gpu: GpuSettings = GpuSettings()
     models: ModelsSettings = ModelsSettings()
     functions: dict[str, FunctionSettings] = Field(default_factory=dict)

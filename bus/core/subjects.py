@@ -193,5 +193,26 @@ def uploaded_event_id(image_id: str) -> str:
     return f"uploaded-{image_id}"
 
 
+def request_key(job_id: str) -> str:
+    """Where a checked generation request is stored: ``requests/<job>.json``."""
+    return f"{REQUESTS_PREFIX}{check_id(job_id, 'job id')}.json"
+
+
+def request_image_key(job_id: str, extension: str) -> str:
+    """An init image sent with a request itself (OpenAI's images/edits), beside it."""
+    return f"{REQUESTS_PREFIX}{check_id(job_id, 'job id')}/init.{extension}"
+
+
+def generated_key(job_id: str, index: int) -> str:
+    """Output ``index`` of a generation job: ``generated/<job>/<index>.png``."""
+    return f"{GENERATED_PREFIX}{check_id(job_id, 'job id')}/{int(index)}.png"
+
+
+def generated_image_id(job_id: str, index: int) -> str:
+    """The catalogue id of output ``index`` of a job (deterministic: a replay makes the same
+    image, not a second one)."""
+    return check_id(f"{job_id}-{int(index)}", "image id")
+
+
 INGEST_DOC = "ingest.json"
 CAPTION_DOC = "caption.json"
