@@ -1,6 +1,7 @@
 """The caption function's model wrappers: open_nsfw with its real offline weights, and the
-demo SigLIP2 and Idefics3 models built offline through the real ``from_pretrained`` and
-``generate``. Batching is proven by counting forward passes and ``generate`` calls."""
+demo SigLIP2 and Idefics3 models (and tiny SmolVLM2, Florence-2 and Qwen3-VL ones) built
+offline through the real ``from_pretrained`` and ``generate``. Batching is proven by
+counting forward passes and ``generate`` calls."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from bus.gpu.resident import ResidentModels
 from bus.models.catalogue import package_weights, resolve_all
 from bus.models.demo import EMBED_DIM, ensure_demo
 from bus.ops.embedded import NatsServer
+from functions.caption.chat import _Completion, _generate, _prepare
 from functions.caption.models import (
     DETAILED_PROMPT,
     SHORT_PROMPT,
@@ -38,6 +41,7 @@ from functions.caption.models import (
     Siglip,
     default_vocabulary,
     load_nsfw,
+    model_for,
     open_nsfw_input,
 )
 from tests.conftest import unique
@@ -473,3 +477,255 @@ class _Spy:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._processor, name)
+
+
+# --- Qwen3-VL, the quality option ----------------------------------------------------------
+
+QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # before the processor expands it
+
+# Qwen3-VL's chat template (Qwen/Qwen3-VL-4B-Instruct's chat_template.json) without its tool
+# calls: ChatML turns; a user's image parts become QWEN_IMAGE, other roles keep text only.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' -}}"
+    "{%- if message.content is string -%}{{- message.content -}}"
+    "{%- else -%}{%- for part in message.content -%}"
+    "{%- if part.type == 'image' and message.role == 'user' -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif 'text' in part -%}{{- part.text -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def tiny_qwen3_vl(into: Path) -> Path:
+    """A Qwen3-VL directory laid out as Qwen/Qwen3-VL-4B-Instruct's on the hub (a fast image
+    processor, a video processor, chat_template.json, generation_config.json ending on
+    either end token), tiny and random, with a byte-level Qwen2Tokenizer that pads on the
+    right, as Qwen's do. 16 px patches merged 2x2: an image is 1 to 9 tokens."""
+    from tokenizers import pre_tokenizers
+    from transformers import (
+        GenerationConfig,
+        Qwen2Tokenizer,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    bytes_ = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Qwen2Tokenizer(
+        vocab={token: i for i, token in enumerate([*bytes_, *QWEN_SPECIALS])},
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIALS[1:]),
+        padding_side="right",
+        model_max_length=1024,
+    )
+    ids = dict(
+        zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS)), strict=True)
+    )
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [4, 2, 2],  # halves of head_dim for time, height, width
+                "mrope_interleaved": True,
+            },
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 32,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(  # the hub's, sampling settings included
+        bos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        do_sample=True,
+        top_k=20,
+        top_p=0.8,
+        temperature=0.7,
+    )
+    model.save_pretrained(into)
+    tokenizer.save_pretrained(into)
+    pixels = {
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": 32 * 32, "longest_edge": 96 * 96},  # in pixels
+        "processor_class": "Qwen3VLProcessor",
+    }
+    image = {**pixels, "image_processor_type": "Qwen2VLImageProcessorFast"}
+    video = {**pixels, "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2}
+    (into / "preprocessor_config.json").write_text(json.dumps(image))
+    (into / "video_preprocessor_config.json").write_text(json.dumps(video))
+    (into / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_VL_CHAT_TEMPLATE}))
+    return into
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_qwen3_vl(tmp_path_factory.mktemp("qwen3-vl"))
+
+
+@pytest.fixture(scope="module")
+def qwen_captioner(qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Captioner:
+    """Loaded as a user's `models.caption.source` is: resolved, then loaded under a lease."""
+    settings = load_settings(
+        None,
+        {
+            "data_dir": tmp_path_factory.mktemp("qwen-data"),
+            "models": {"caption": {"source": str(qwen3_vl)}},
+            "caption": {"max_new_tokens": 6},
+        },
+    )
+    resolved = resolve_all(settings, ["caption"])["caption"]
+    assert not resolved.demo and resolved.location == str(qwen3_vl)
+    captioner = model_for(resolved, settings.caption).load(Placement("cpu"))
+    assert isinstance(captioner, Captioner)
+    return captioner
+
+
+def sized(*sizes: tuple[int, int]) -> list[Image.Image]:
+    """One image at each of ``sizes`` (width, height)."""
+    return [gradient((200, 40, 40), (40, 40, 200)).resize(size) for size in sizes]
+
+
+def test_qwen3_vl_captions_a_batch_without_torchvision(
+    qwen3_vl: Path, qwen_captioner: Captioner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen3-VL's processor needs torchvision for its video part, as SmolVLM2's does: the
+    captioner builds it for images only and captions a batch in one ``generate`` call."""
+    from transformers import AutoProcessor
+
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ImportError, match=r"(?i)torchvision"):
+            AutoProcessor.from_pretrained(qwen3_vl)
+    assert type(qwen_captioner.model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert qwen_captioner.chat
+    assert qwen_captioner._chat(SHORT_PROMPT) == (
+        f"<|im_start|>user\n{QWEN_IMAGE}{SHORT_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    rows: list[int] = []
+    real_generate = qwen_captioner.model.generate
+
+    def counted(**kwargs: Any) -> torch.Tensor:
+        rows.append(kwargs["input_ids"].shape[0])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(qwen_captioner.model, "generate", counted)
+    images = photos(2) * 2
+    with forward_calls(qwen_captioner.model.model.visual) as vision:
+        captions = qwen_captioner.caption(images, [SHORT_PROMPT] * 2 + [DETAILED_PROMPT] * 2)
+    assert rows == [4] and len(vision) == 1  # one prefill encodes every image
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+    assert captions == qwen_captioner.caption(images, [SHORT_PROMPT] * 2 + [DETAILED_PROMPT] * 2)
+
+
+def test_qwen3_vl_pads_on_the_left_so_a_batch_answers_like_each_alone(
+    qwen_captioner: Captioner,
+) -> None:
+    # Qwen's tokenizer is saved to pad on the right; its rows also differ in image tokens.
+    assert qwen_captioner.processor.tokenizer.padding_side == "left"
+    images = sized((32, 32), (96, 96), (130, 40))
+    grids = qwen_captioner.processor.image_processor(images=images)["image_grid_thw"]
+    assert [int(g.prod()) // 4 for g in grids] == [1, 9, 4]  # image tokens, after merging
+    prompts = ["a", "a photo of a cat on the beach at sunset in the city", DETAILED_PROMPT]
+    alone = [qwen_captioner.caption([i], p)[0] for i, p in zip(images, prompts, strict=True)]
+    assert qwen_captioner.caption(images, prompts) == alone
+
+
+def test_qwen3_vl_answers_chat_messages_and_stops_at_its_end_tokens(qwen3_vl: Path) -> None:
+    """The `/v1` path (the chat service's prompt and generation): system, images between
+    text, an earlier answer; and an answer ends on either of Qwen's end tokens."""
+    captioner = Captioner(str(qwen3_vl), max_new_tokens=6)  # its own: its weights change below
+    job = _Completion.model_validate(
+        {
+            "op": "complete",
+            "model": str(qwen3_vl),
+            "temperature": 0,
+            "max_tokens": 5,
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": "and"},
+                        {"type": "image"},
+                        {"type": "text", "text": "differ how?"},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "In colour."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Which is red?"}]},
+            ],
+        }
+    )
+    prompt = _prepare(captioner, job, sized((96, 96), (130, 40)))
+    text = captioner.processor.tokenizer.decode(prompt.inputs["input_ids"][0])
+    image = "<|vision_start|>{}<|vision_end|>"
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        f"<|im_start|>user\n{image.format('<|image_pad|>' * 9)}and"
+        f"{image.format('<|image_pad|>' * 4)}differ how?<|im_end|>\n"
+        "<|im_start|>assistant\nIn colour.<|im_end|>\n"
+        "<|im_start|>user\nWhich is red?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    answer = _generate(captioner, job, prompt, None, threading.Event())
+    assert answer["finish_reason"] == "length" and answer["completion_tokens"] == 5
+    # Rig the head so that the likeliest token is <|im_end|> or <|endoftext|> (by the sign
+    # of one hidden unit): both end an answer, and neither shows in its text.
+    eos = captioner.model.generation_config.eos_token_id
+    tokenizer = captioner.processor.tokenizer
+    assert eos == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert captioner.model.generation_config.pad_token_id == tokenizer.pad_token_id
+    with torch.no_grad():
+        captioner.model.model.language_model.norm.weight[1:] = 0
+        captioner.model.lm_head.weight.zero_()
+        captioner.model.lm_head.weight[eos[0], 0] = 1.0
+        captioner.model.lm_head.weight[eos[1], 0] = -1.0
+    answer = _generate(captioner, job, prompt, None, threading.Event())
+    assert answer == {
+        "text": "",
+        "finish_reason": "stop",
+        "prompt_tokens": prompt.prompt_tokens,
+        "completion_tokens": 1,
+    }
+    assert captioner.caption(photos(2)) == ["", ""]

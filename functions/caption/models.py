@@ -5,8 +5,8 @@
 - :class:`Siglip`: one vision pass per batch gives unit-norm image embeddings and
   per-label sigmoid tag scores against the vocabulary's text embeddings (computed once
   per loaded model); :meth:`Siglip.embed_texts` embeds captions and search queries.
-- :class:`Captioner`: a VLM (SmolVLM2 / Idefics3) generating for the whole batch in one
-  ``generate`` call, left-padded, with ``max_new_tokens`` capped.
+- :class:`Captioner`: a VLM (SmolVLM2 / Idefics3, Qwen3-VL) generating for the whole batch
+  in one ``generate`` call, left-padded, with ``max_new_tokens`` capped.
 - :class:`CaptionModels`: a :class:`bus.Model` per GPU task, so the handler loads each
   under a VRAM lease (``ctx.gpu.use``) and runs it on the device's thread (``ctx.run_gpu``).
 
@@ -247,7 +247,7 @@ FLORENCE_OTHER = "<MORE_DETAILED_CAPTION>"
 
 class Captioner:
     """A VLM that captions a batch in one ``generate`` call: a chat model (SmolVLM2,
-    Idefics3, Qwen-VL), or Florence-2 (an encoder-decoder answering task prompts)."""
+    Idefics3, Qwen3-VL), or Florence-2 (an encoder-decoder answering task prompts)."""
 
     def __init__(
         self,
@@ -322,17 +322,19 @@ class Captioner:
 
 
 def load_vlm_processor(location: str, revision: str | None = None) -> Any:
-    """The VLM's processor; for SmolVLM / SmolVLM2 without torchvision, an images-only one.
+    """The VLM's processor; for SmolVLM / SmolVLM2 and Qwen3-VL without torchvision, an
+    images-only one.
 
-    SmolVLM's processor also holds a video processor, and that one needs torchvision, whose
-    PyPI builds do not import beside the CPU build of torch. Captions need images only, so
+    Their processors also hold a video processor, and that one needs torchvision, whose PyPI
+    builds do not import beside the CPU build of torch. Captions need images only, so
     without torchvision the same processor is built without its video part.
     """
     from transformers import AutoConfig, AutoProcessor
 
     config = AutoConfig.from_pretrained(location, revision=revision)
-    if config.model_type == "smolvlm" and not _has_torchvision():
-        return _image_only_smolvlm().from_pretrained(location, revision=revision)
+    image_only = _IMAGE_ONLY.get(config.model_type)
+    if image_only is not None and not _has_torchvision():
+        return image_only().from_pretrained(location, revision=revision)
     return AutoProcessor.from_pretrained(location, revision=revision)  # type: ignore[no-untyped-call]
 
 
@@ -381,6 +383,32 @@ def _image_only_smolvlm() -> Any:
             return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
     return ImageOnlySmolVLMProcessor
+
+
+@cache
+def _image_only_qwen3_vl() -> Any:
+    from transformers import Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        """Qwen3-VL's processor with its image processor and tokenizer only."""
+
+        def __init__(
+            self,
+            image_processor: Any,
+            tokenizer: Any,
+            chat_template: str | None = None,
+            **kwargs: Any,
+        ) -> None:
+            # ProcessorMixin takes the sub-processors this signature names (image processor
+            # and tokenizer, in order), so the video processor after them, None, is dropped.
+            super().__init__(  # type: ignore[no-untyped-call]
+                image_processor, tokenizer, None, chat_template=chat_template, **kwargs
+            )
+
+    return ImageOnlyQwen3VLProcessor
+
+
+_IMAGE_ONLY = {"smolvlm": _image_only_smolvlm, "qwen3_vl": _image_only_qwen3_vl}
 
 
 # --- helpers -------------------------------------------------------------------------------
