@@ -386,6 +386,29 @@ async def test_a_queued_event_of_a_cancelled_job_is_skipped(
     assert await events(ctx, "failed.skipper") == []
 
 
+async def test_a_function_that_is_not_cancellable_runs_a_cancelled_jobs_events(
+    ctx: Context, run_function: Any
+) -> None:
+    """notify must record a cancelled job (and ingest process its outputs): the flag
+    names the job, but only stops the functions whose work it is."""
+    ran: list[str] = []
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        ran.append(event.data["name"])
+        assert not call.cancelled
+        return [Emit("b", data={"name": event.data["name"]})]
+
+    job = new_id()
+    await request_cancel(ctx.cancels_kv, job, "changed my mind")
+    await publish(ctx, make_event("a", job_id=job, name="recorded"))
+    spec = Spec("recorder", listens=("a",), emits=("b",), cancellable=False)
+    await run_function(Function(spec, handle=handle))
+    await settled(ctx, "recorder")
+    assert ran == ["recorded"]
+    assert [e.data["name"] for e in await events(ctx, "b", at_least=1)] == ["recorded"]
+    assert await events(ctx, "cancelled.recorder") == []
+
+
 async def test_a_running_handler_sees_the_cancel_at_its_next_poll(
     ctx: Context, run_function: Any
 ) -> None:

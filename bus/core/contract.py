@@ -88,6 +88,10 @@ class Spec:
     timeout: float = 600.0  # longest a handler may run; heartbeats keep it alive till then
     needs_gpu: bool = False
     needs_db: bool = False  # reads or writes the PostgreSQL read model (ctx.db)
+    # A cancel flag on an event's job (or image) stops this function's work on it. Off for
+    # functions that record or derive from work already done (notify must project the
+    # cancel itself; ingest and caption process a job's outputs like any image).
+    cancellable: bool = True
 
     def __post_init__(self) -> None:
         if not self.listens:

@@ -61,6 +61,11 @@ class Context:
     digests_kv: KeyValue | None = None
 
     @property
+    def client_name(self) -> str:
+        """The process's name as it connected to NATS (``worker-caption``, ``up``)."""
+        return self.log.name.removeprefix("darkroom.")
+
+    @property
     def api_keys(self) -> KeyValue:
         if self.keys_kv is None:
             raise RuntimeError("this process did not open the API keys (its role has none)")

@@ -492,7 +492,7 @@ class FunctionRunner:
             assert work.event is not None
             # Checked and registered in one step (no await between): a flag set from here
             # on reaches the call through _cancel_flagged.
-            reason = self.ctx.cancels.reason(work.event)
+            reason = self._flag(work.event)
             if reason is not None:
                 work.result = Cancelled(reason)
                 continue
@@ -550,10 +550,17 @@ class FunctionRunner:
         """Why the work's job (or image) was cancelled, or None if it was not."""
         if work.call is not None and work.call.cancelled:
             return work.call.cancel_reason or "cancelled"
-        return self.ctx.cancels.reason(work.event) if work.event is not None else None
+        return self._flag(work.event) if work.event is not None else None
+
+    def _flag(self, event: Event) -> str | None:
+        """Why ``event``'s job (or image) was cancelled, for a function whose work a cancel
+        stops; None otherwise (see ``Spec.cancellable``)."""
+        return self.ctx.cancels.reason(event) if self.spec.cancellable else None
 
     def _cancel_flagged(self, target: str, flag: CancelFlag) -> None:
         """A cancel flag appeared: tell every running call it names."""
+        if not self.spec.cancellable:
+            return
         for work in self._active.values():
             if work.call is not None and work.event is not None and target in targets(work.event):
                 work.call.cancel(flag.reason)
@@ -641,7 +648,7 @@ class FunctionRunner:
         delivered = msg.metadata.num_delivered or 1
         reason = _describe(exc)
         if delivered >= self.spec.max_deliver:
-            if self.ctx.cancels.reason(event) is not None:
+            if self._flag(event) is not None:
                 # Cancelled, and even announcing that failed: not a failure to dead-letter.
                 log.warning("%s: dropping cancelled %s (%s)", self.stage, event.id, reason)
                 await msg.term()
@@ -795,7 +802,7 @@ class FunctionRunner:
                 event: Event | None = decode(stored.data or b"")
             except EnvelopeError:
                 event = None
-            reason = self.ctx.cancels.reason(event) if event is not None else None
+            reason = self._flag(event) if event is not None else None
             if event is not None and reason is not None:
                 # Its job was cancelled: that is the outcome, whatever kept it from an ack.
                 cancelled = self._cancelled_event(event, reason)

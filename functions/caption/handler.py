@@ -68,6 +68,7 @@ SPEC = Spec(
     max_deliver=4,
     timeout=900.0,
     needs_gpu=True,
+    cancellable=False,  # a cancelled job's outputs are processed like any image
 )
 MODEL_EDGE_PX = 768  # what the models are shown: they resize further themselves
 MAX_PROMPT_CHARS = 500

@@ -25,7 +25,7 @@ async def prepare(ctx: Context, state: CaptionState) -> None:
         settings = ctx.settings
         host = await asyncio.to_thread(host_id, settings.data_dir, settings.gpu.host_id)
         state.readiness = await ModelReadiness.open(
-            ctx.js, ctx.names.models_kv, FUNCTION_NAME, host, worker_name(ctx)
+            ctx.js, ctx.names.models_kv, FUNCTION_NAME, host, ctx.client_name
         )
     await state.readiness.prepare(state.models.resolved.values())
 
@@ -35,8 +35,3 @@ async def teardown(ctx: Context, state: CaptionState) -> None:
     if state.readiness is not None:
         await state.readiness.close()
         state.readiness = None
-
-
-def worker_name(ctx: Context) -> str:
-    """The process's name, as it connected (``worker-caption``, ``up``)."""
-    return ctx.log.name.removeprefix("darkroom.")

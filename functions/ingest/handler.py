@@ -34,6 +34,7 @@ SPEC = Spec(
     concurrency=4,
     ack_wait=10.0,
     max_deliver=5,
+    cancellable=False,  # a cancelled job's outputs are processed like any image
 )
 MAX_LINEAGE_BYTES = 16 * 1024
 

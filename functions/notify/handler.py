@@ -1,4 +1,6 @@
-"""notify: keep the catalogue (the PostgreSQL read model) current from every lifecycle event.
+"""notify: keep the catalogue (the PostgreSQL read model) current from every lifecycle event:
+images from theirs, generation jobs from theirs (requested, generated, and a job's failure or
+cancellation).
 
 While the database is unreachable the handler waits for it (the runner's heartbeats keep
 the event alive) rather than spending its retries, so an outage of up to ``Spec.timeout``
@@ -17,16 +19,20 @@ SPEC = Spec(
     name="notify",
     listens=(
         subjects.UPLOADED,
+        subjects.REQUESTED,
         subjects.GENERATED,
         subjects.INGESTED,
         subjects.CAPTIONED,
         f"{subjects.FAILED}.>",
+        # Only the job stage's: a cancel of notify's own would come back to it, and loop.
+        f"{subjects.CANCELLED}.generate",
     ),
     concurrency=16,
     ack_wait=10.0,
     max_deliver=10,
     backoff=(0.5, 2.0, 10.0),
     needs_db=True,
+    cancellable=False,  # it records cancels (and all else) about a job
 )
 WAIT_STEP_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -34,9 +40,13 @@ WAIT_STEP_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     if event.type == f"{subjects.FAILED}.{SPEC.name}":
         return []  # projecting our own failure would fail the same way, and loop
-    if not event.image_id:
-        if event.type.startswith(subjects.FAILED + "."):
-            return []  # a failure about no image (e.g. an unreadable event): nothing to show
+    if event.type.startswith((subjects.FAILED + ".", subjects.CANCELLED + ".")):
+        if not event.image_id and not event.job_id:
+            return []  # about no image and no job (e.g. an unreadable event): nothing to show
+    elif event.type == subjects.REQUESTED:
+        if not event.job_id:
+            raise Reject(f"a {event.type} event needs 'job_id'")
+    elif not event.image_id:
         raise Reject(f"a {event.type} event needs 'image_id'")
     if ctx.db is None:
         raise Reject("notify runs without a database (open_context(database=True))")
