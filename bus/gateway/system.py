@@ -211,7 +211,9 @@ def _configured(settings: Settings, task: str) -> str:
     for known in MODEL_TASKS:
         if known == task:
             return settings.models.entry(known).source
-    return "-"  # a task another function reports
+    kind, _, name = task.partition("/")
+    entry = settings.generate.catalogue.get(name) if kind == "generate" else None
+    return entry.source if entry is not None else "-"  # a task another function reports
 
 
 async def metrics(request: web.Request) -> web.Response:

