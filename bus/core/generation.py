@@ -107,6 +107,9 @@ class Job:
             self.mode,
             self.scheduler,
             self.strength,
+            # With guidance on, SDXL encodes an empty negative prompt differently from none:
+            # jobs with and without one must not share a call.
+            bool(self.negative_prompt) and bool(self.guidance and self.guidance > 1),
         )
 
     def resolved(self, settings: GenerateSettings, model: str | None = None) -> Job:
@@ -232,8 +235,10 @@ def _check(
     gets the model's default.
     """
     catalogue = settings.catalogue
-    mode = values.get("mode") or "txt2img"
-    if mode not in GENERATE_MODES:
+    mode = values.get("mode")
+    if mode is None:
+        mode = "txt2img"
+    if not isinstance(mode, str) or mode not in GENERATE_MODES:
         problems.append(f"mode must be one of {', '.join(GENERATE_MODES)}, got {mode!r}")
         mode = "txt2img"
     model_name = values.get("model")
@@ -273,10 +278,13 @@ def _check(
         prompt = ""
     if not isinstance(prompt, str):
         problems.append(f"prompt must be text, got {type(prompt).__name__}")
-        prompt = ""
-    if not prompt.strip():
+    elif not prompt.strip():
         problems.append("prompt must not be blank")
-    negative = values.get("negative_prompt") or ""
+    if not isinstance(prompt, str):
+        prompt = ""
+    negative = values.get("negative_prompt")
+    if negative is None:
+        negative = ""
     if not isinstance(negative, str):
         problems.append(f"negative_prompt must be text, got {type(negative).__name__}")
         negative = ""
@@ -313,8 +321,10 @@ def _check(
     n = number("n", 1, int)
     if not 1 <= n <= settings.max_n:
         problems.append(f"n must be between 1 and {settings.max_n}, got {n}")
-    scheduler = values.get("scheduler") or default("scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
+    scheduler = values.get("scheduler")
+    if scheduler is None:
+        scheduler = default("scheduler")
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULERS):
         problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         scheduler = None
     strength = number("strength", DEFAULT_STRENGTH.get(mode), float)
