@@ -75,7 +75,11 @@ async def test_the_document_is_valid_openapi_3_1(
         for param in op.get("parameters", [])
         if param["in"] == "path"
     }
-    assert ids == {("image_id", SAFE_ID_PATTERN), ("key_id", KEY_ID_RE.pattern)}
+    assert ids == {
+        ("image_id", SAFE_ID_PATTERN),
+        ("job_id", SAFE_ID_PATTERN),
+        ("key_id", KEY_ID_RE.pattern),
+    }
     size = doc["components"]["schemas"]["PresignRequest"]["properties"]["size"]
     assert size["maximum"] == ctx.settings.ingest.max_bytes, "this deployment's limit"
 

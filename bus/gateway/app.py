@@ -10,9 +10,11 @@ from aiohttp import web
 
 from bus.gateway import (
     captions,
+    generations,
     hooks,
     images,
     keys_api,
+    live,
     openai_api,
     search,
     system,
@@ -350,6 +352,7 @@ def route_table() -> list[Route]:
             responses={204: "revoked", 404: "no such key"},
         ),
         *captions.routes(),
+        *generations.routes(),
         *search.routes(),
         *openai_api.routes(),
     ]
@@ -504,6 +507,7 @@ def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
     app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(_read_side)
     app.cleanup_ctx.append(captions.background_tasks)
+    app.cleanup_ctx.append(live.lifespan)
     return app
 
 

@@ -129,7 +129,11 @@ def _scalar(prop: dict[str, Any]) -> dict[str, Any]:
 
 
 # What each path parameter may be, so clients (and schemathesis) send ids that can exist.
-PATH_PATTERNS = {"image_id": SAFE_ID_PATTERN, "key_id": KEY_ID_RE.pattern}
+PATH_PATTERNS = {
+    "image_id": SAFE_ID_PATTERN,
+    "job_id": SAFE_ID_PATTERN,
+    "key_id": KEY_ID_RE.pattern,
+}
 
 
 def _path_schema(name: str) -> dict[str, Any]:

@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoints(reindex)
     reindex.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     _upload_parser(sub)
+    _generate_parser(sub)
     _models_parser(sub)
     return parser
 
@@ -180,28 +181,34 @@ def _models_parser(sub: Any) -> None:
 
     models = sub.add_parser(
         "models",
-        help="list the model of each task, or download them ahead of time",
+        help="list the model of each task and the generation models, or download them",
         description="Each task (caption, tags, embed, nsfw) uses the model named in the "
-        "[models] settings, or a tiny offline demo model (profile demo, or profile auto when "
+        "[models] settings, and each generation model of the [generate] catalogue its "
+        "diffusers pipeline; or a tiny offline demo model (profile demo, or profile auto when "
         "the real one is neither local, cached nor downloadable).",
     )
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = models_sub.add_parser(
         "list",
-        help="show each task's source, where it resolves, demo or real, cached or not",
-        description="Resolve each task's model as a worker would at start, without "
-        "downloading anything (it may ask the hub whether a model exists, briefly; never "
-        "with HF_HUB_OFFLINE=1).",
+        help="show each model's source, where it resolves, demo or real, cached or not",
+        description="Resolve each task's model and each generation model as a worker would, "
+        "without downloading anything (it may ask the hub whether a model exists, briefly; "
+        "never with HF_HUB_OFFLINE=1).",
     )
     listing.add_argument("--profile", choices=["auto", "demo"], help="resolve under this profile")
     pull = models_sub.add_parser(
         "pull",
-        help="download the tasks' models into the Hugging Face cache, with progress",
-        description="Download each named task's model (default: all) into the normal "
-        "Hugging Face cache (HF_HOME), so that workers start without waiting for it.",
+        help="download models into the Hugging Face cache, with progress",
+        description="Download each named task's model or generation model (default: every "
+        "task's, and the default generation model) into the normal Hugging Face cache "
+        "(HF_HOME), so that workers start without waiting for it.",
     )
     pull.add_argument(
-        "tasks", nargs="*", metavar="TASK", help=f"{', '.join(MODEL_TASKS)} (default: all)"
+        "tasks",
+        nargs="*",
+        metavar="NAME",
+        help=f"a task ({', '.join(MODEL_TASKS)}) or a generation model, e.g. sd-turbo "
+        "(default: the tasks and the default generation model)",
     )
     pull.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     for p in (listing, pull):
@@ -258,6 +265,51 @@ def _upload_parser(sub: Any) -> None:
         "--key", help="API key with the 'upload' scope (prefer $DARKROOM_API_KEY: flags show in ps)"
     )
     upload.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _generate_parser(sub: Any) -> None:
+    from bus.core.settings import GENERATE_MODES
+
+    gen = sub.add_parser(
+        "generate",
+        help="ask a running gateway for images from a prompt (or an image)",
+        description="Send a generation request to a gateway (POST /api/generations) and print "
+        "the job id; with --wait, show its steps and print the ids of the images it made "
+        "(exit 1 if it fails or is cancelled). The gateway checks the request and says what "
+        "is wrong (exit 2). The gateway and key are found as for `darkroom upload`.",
+    )
+    _common(gen)
+    gen.add_argument(
+        "prompt", nargs="?", help="what to draw (remix: the image's caption if left out)"
+    )
+    gen.add_argument("--image", metavar="ID", help="image modes: the catalogue image to start from")
+    gen.add_argument(
+        "--mode", choices=GENERATE_MODES, help="default txt2img, or img2img with --image"
+    )
+    gen.add_argument("--model", metavar="NAME", help="a catalogue model (default: the gateway's)")
+    gen.add_argument("--n", type=int, metavar="N", help="how many images")
+    gen.add_argument("--seed", type=int, metavar="N", help="default: drawn at random")
+    gen.add_argument("--steps", type=int, metavar="N")
+    gen.add_argument("--size", type=_size, metavar="WxH", help="e.g. 1024x768")
+    gen.add_argument("--negative", metavar="TEXT", help="what to keep out of the picture")
+    gen.add_argument("--guidance", type=float, metavar="X")
+    gen.add_argument("--strength", type=float, metavar="X", help="image modes: (0, 1]")
+    gen.add_argument("--wait", action="store_true", help="follow the job and print its image ids")
+    gen.add_argument("--url", help="the gateway, e.g. http://127.0.0.1:8080")
+    gen.add_argument(
+        "--key",
+        help="API key with the 'generate' scope (prefer $DARKROOM_API_KEY: flags show in ps)",
+    )
+    gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def _size(text: str) -> tuple[int, int]:
+    from bus.ops.generate_client import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -424,6 +476,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     from bus.models.catalogue import (
         ModelUnavailableError,
         PullError,
+        default_generation_model,
         hub_reachable,
         pull,
         resolve,
@@ -431,16 +484,23 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     from bus.models.demo import is_built
 
     if args.models_command == "pull":
-        unknown = [task for task in args.tasks if task not in MODEL_TASKS]
+        catalogue = settings.generate.catalogue
+        unknown = [name for name in args.tasks if name not in MODEL_TASKS and name not in catalogue]
         if unknown:
             print(
                 f"darkroom: no model task {', '.join(map(repr, unknown))}; "
-                f"the tasks are {', '.join(MODEL_TASKS)}",
+                f"the tasks are {', '.join(MODEL_TASKS)}, and the generation models are "
+                f"{', '.join(sorted(catalogue))}",
                 file=sys.stderr,
             )
             return 2
+        names: list[str] = list(args.tasks)
         try:
-            for line in pull(settings, args.tasks or MODEL_TASKS, progress=not args.quiet):
+            if not names:
+                names = list(MODEL_TASKS)
+                if settings.function("generate").enabled:
+                    names.append(default_generation_model(settings))
+            for line in pull(settings, names, progress=not args.quiet):
                 print(line)
         except PullError as exc:
             print(f"darkroom: {exc}", file=sys.stderr)
@@ -474,7 +534,44 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
                 else "downloaded before the function takes events (or: darkroom models pull)"
             )
             print(f"{task:<9}{'real':<6}{cached:<8}{shown:<46}{where}")
-    return 2 if failed else 0
+    return 2 if _generation_models(settings, check) or failed else 0
+
+
+def _generation_models(settings: Settings, check: Any) -> bool:
+    """``models list``'s second table: each generation model as a worker here resolves it;
+    whether any is unavailable."""
+    from bus.models.catalogue import (
+        ModelUnavailableError,
+        default_generation_model,
+        resolve_generation,
+    )
+    from bus.models.demo import is_built
+
+    default = default_generation_model(settings, check)
+    print()
+    print(f"{'GENERATE':<26}{'USES':<6}{'CACHED':<8}{'DEFAULT':<9}{'SOURCE':<46}LOCATION")
+    failed = False
+    for name, entry in sorted(settings.generate.catalogue.items()):
+        mark = "default" if name == default else "-"
+        try:
+            m = resolve_generation(settings, name, check)
+        except ModelUnavailableError as exc:
+            print(f"{name:<26}{'-':<6}{'-':<8}{mark:<9}{entry.source:<46}UNAVAILABLE")
+            print("  " + str(exc).replace("\n", "\n  "))
+            failed = True
+            continue
+        if m.demo:
+            built = "yes" if is_built(Path(m.location)) else "no"
+            shown = "demo (tiny, random weights)"
+            print(f"{name:<26}{'DEMO':<6}{built:<8}{mark:<9}{shown:<46}{m.location}")
+            if settings.profile != "demo":
+                print(f"  instead of {entry.source}: {m.reason}")
+        else:
+            cached = "yes" if m.cached else "no"
+            shown = m.source + (f"@{m.revision}" if m.revision else "")
+            where = m.location if m.cached else f"not downloaded (darkroom models pull {name})"
+            print(f"{name:<26}{'real':<6}{cached:<8}{mark:<9}{shown:<46}{where}")
+    return failed
 
 
 def _upload(args: argparse.Namespace, settings: Settings, environ: dict[str, str]) -> int:
@@ -492,6 +589,33 @@ def _upload(args: argparse.Namespace, settings: Settings, environ: dict[str, str
         quiet=args.quiet,
     )
     return _run(lambda: run_upload(options))
+
+
+def _generate(args: argparse.Namespace, settings: Settings, environ: dict[str, str]) -> int:
+    from bus.ops.generate_client import GenerateOptions, run_generate
+
+    width, height = args.size or (None, None)
+    options = GenerateOptions(
+        data_dir=settings.data_dir,
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        image=args.image,
+        mode=args.mode or ("img2img" if args.image else None),
+        model=args.model,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        width=width,
+        height=height,
+        guidance=args.guidance,
+        strength=args.strength,
+        wait=args.wait,
+        url=args.url,
+        key=args.key,
+        environ=environ,
+        quiet=args.quiet,
+    )
+    return _run(lambda: run_generate(options))
 
 
 def _run(coro_factory: Callable[[], Awaitable[int]]) -> int:
@@ -544,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(lambda: _reindex(args, settings))
         if args.command == "upload":
             return _upload(args, settings, dict(os.environ))
+        if args.command == "generate":
+            return _generate(args, settings, dict(os.environ))
         if args.command == "models":
             return _models(args, settings)
     except (StartupError, KeyError_, LookupError, NotDeployedError, UploadUsageError) as exc:

@@ -3,11 +3,12 @@
 The read model is a projection, so it can always be thrown away and made again:
 
 1. It is emptied.
-2. **The store** is read first, for images whose events have aged out of the stream
-   (``stream.max_age_days``): each original under ``uploads/`` becomes an ``uploaded``
-   event, each ``images/<id>/ingest.json`` an ``ingested`` one (and, for a generated image,
-   a ``generated`` one naming its original and lineage), each ``caption.json`` a
-   ``captioned`` one. They are projected with stream sequence 0, older than any real event.
+2. **The store** is read first, for images and jobs whose events have aged out of the
+   stream (``stream.max_age_days``): each original under ``uploads/`` becomes an
+   ``uploaded`` event, each ``images/<id>/ingest.json`` an ``ingested`` one (and, for a
+   generated image, a ``generated`` one naming its original, lineage and job), each
+   ``caption.json`` a ``captioned`` one, each ``requests/<job>.json`` a ``requested`` one.
+   They are projected with stream sequence 0, older than any real event.
 3. **The stream** is replayed from its first event, each one projected with its own
    sequence, so what the stream still holds overrides what the store suggested.
 
@@ -35,7 +36,14 @@ from bus.runtime.context import Context
 from bus.state.readmodel import ReadModel, ReadModelError, format_time
 
 STORE_CONCURRENCY = 16
-PROJECTED_TOPICS = (subjects.UPLOADED, subjects.GENERATED, subjects.INGESTED, subjects.CAPTIONED)
+PROJECTED_TOPICS = (
+    subjects.UPLOADED,
+    subjects.REQUESTED,
+    subjects.GENERATED,
+    subjects.INGESTED,
+    subjects.CAPTIONED,
+    f"{subjects.CANCELLED}.generate",  # a job's cancellation
+)
 NOTIFY_FAILED = f"{subjects.FAILED}.notify"  # notify's own failures are not the image's
 
 
@@ -76,6 +84,11 @@ def _bar(total: int, what: str, show: bool) -> tqdm:
 async def _from_store(ctx: Context, db: ReadModel, summary: ReindexSummary, show: bool) -> None:
     uploads = await ctx.store.list_modified(subjects.UPLOADS_PREFIX)
     derived = await ctx.store.list_modified(subjects.IMAGES_PREFIX)
+    requests = {
+        key: moment
+        for key, moment in (await ctx.store.list_modified(subjects.REQUESTS_PREFIX)).items()
+        if _request_job(key) is not None
+    }
     docs = {
         key: moment
         for key, moment in derived.items()
@@ -85,7 +98,7 @@ async def _from_store(ctx: Context, db: ReadModel, summary: ReindexSummary, show
     ids |= {subjects.image_id_from_key(k, subjects.IMAGES_PREFIX) for k in docs}
     ids.discard(None)
     summary.images_in_store = len(ids)
-    with _bar(len(uploads) + len(docs), "store", show) as bar:
+    with _bar(len(uploads) + len(docs) + len(requests), "store", show) as bar:
 
         async def original(key: str, moment: datetime) -> None:
             image_id = subjects.image_id_from_key(key, subjects.UPLOADS_PREFIX)
@@ -104,12 +117,29 @@ async def _from_store(ctx: Context, db: ReadModel, summary: ReindexSummary, show
                         await _project(db, event, 0)
             bar.update()
 
+        async def request(key: str, moment: datetime) -> None:
+            job_id = _request_job(key)
+            doc = await ctx.store.get_json(key)
+            if job_id is not None and isinstance(doc, dict):
+                event = _event(subjects.REQUESTED, None, moment, doc, job_id=job_id)
+                await _project(db, event, 0)
+            bar.update()
+
         jobs: list[Callable[[], Awaitable[None]]] = [
             *(_bind(original, k, m) for k, m in uploads.items()),
             *(_bind(document, k, m) for k, m in docs.items()),
+            *(_bind(request, k, m) for k, m in requests.items()),
         ]
         await _run_bounded(jobs, STORE_CONCURRENCY)
-    summary.store_objects = len(uploads) + len(docs)
+    summary.store_objects = len(uploads) + len(docs) + len(requests)
+
+
+def _request_job(key: str) -> str | None:
+    """``requests/<job>.json`` gives ``<job>``; an init image beside it gives None."""
+    name = key.removeprefix(subjects.REQUESTS_PREFIX).removesuffix(".json")
+    if key != f"{subjects.REQUESTS_PREFIX}{name}.json" or not subjects.is_safe_id(name):
+        return None
+    return name
 
 
 def _events_for(key: str, image_id: str, moment: datetime, doc: dict[str, Any]) -> list[Event]:
@@ -121,28 +151,35 @@ def _events_for(key: str, image_id: str, moment: datetime, doc: dict[str, Any]) 
         subjects.GENERATED_PREFIX
     ):
         ref = ObjectRef(bucket="", key=str(original["key"]), size=int(original.get("bytes", 0)))
-        data = {"name": ref.key.rsplit("/", 1)[-1]}
-        if isinstance(doc.get("lineage"), dict):
-            data["lineage"] = doc["lineage"]
-        events.append(_event(subjects.GENERATED, image_id, moment, data, ref))
+        data: dict[str, Any] = {"name": ref.key.rsplit("/", 1)[-1]}
+        lineage = doc.get("lineage")
+        job_id = None
+        if isinstance(lineage, dict):
+            data["lineage"] = lineage
+            if isinstance(lineage.get("job_id"), str) and subjects.is_safe_id(lineage["job_id"]):
+                job_id = lineage["job_id"]  # its output index is the end of its image id
+        events.append(_event(subjects.GENERATED, image_id, moment, data, ref, job_id=job_id))
     return events
 
 
 def _event(
     topic: str,
-    image_id: str,
+    image_id: str | None,
     moment: datetime,
     data: dict[str, Any],
     ref: ObjectRef | None = None,
+    job_id: str | None = None,
 ) -> Event:
+    about = image_id or job_id or ""
     return Event(
-        id=f"reindex-{topic}-{image_id}",
+        id=f"reindex-{topic}-{about}",
         type=topic,
         source="darkroom/reindex",
         time=format_time(moment) or "",
-        subject=image_id,
+        subject=about,
         object=ref,
         image_id=image_id,
+        job_id=job_id,
         data=data,
     )
 

@@ -1,8 +1,10 @@
 """The image read model: a PostgreSQL (+ pgvector) projection of the lifecycle events.
 
-notify projects every event into the ``images`` row of its image (:meth:`ReadModel.project`);
-the gateway pages, filters and reads those rows. The store and the event stream stay the
-source of truth: ``darkroom reindex`` rebuilds everything here from them.
+notify projects every event into the ``images`` row of its image (:meth:`ReadModel.project`),
+and a generation job's events into the ``generations`` row of its job
+(:mod:`bus.state.generations`); the gateway pages, filters and reads those rows. The store
+and the event stream stay the source of truth: ``darkroom reindex`` rebuilds everything here
+from them.
 
 **Order.** Each stage writes its own columns and records the stream sequence of the event
 that wrote them; an upsert only replaces a stage's columns with a newer sequence's. Events
@@ -221,7 +223,10 @@ class ReadModel:
     """The catalogue in PostgreSQL, over a pool whose connections use the namespace's schema."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
+        from bus.state.generations import Generations  # it builds on this module
+
         self.pool = pool
+        self.generations = Generations(pool)  # generation jobs (their own table)
         self._vector_indexes: dict[tuple[str, str], int] = {}  # (kind, model) -> dimensions
         # Images each (kind, model) has embedded, counted at most every COUNTS_TTL_S: which
         # model serves while another re-embeds, without counting on every query.
@@ -229,11 +234,18 @@ class ReadModel:
         self._iterative_scan: bool | None = None  # pgvector 0.8+ (known after first use)
 
     async def project(self, event: Event, seq: int) -> bool:
-        """Fold ``event`` (stream sequence ``seq``) into its image's row; False when it was
-        older than what the row holds (or not about an image at all)."""
-        image_id = event.image_id
-        if not image_id:
-            return False
+        """Fold ``event`` (stream sequence ``seq``) into its image's row, and a generation
+        job's events into the job's (a ``generated`` event into both); False when it was
+        older than what the rows hold (or about neither)."""
+        from bus.state.generations import is_job_event
+
+        job = await self.generations.project(event, seq) if is_job_event(event) else False
+        if event.image_id:
+            return await self._project_image(event, seq) or job
+        return job
+
+    async def _project_image(self, event: Event, seq: int) -> bool:
+        image_id = str(event.image_id)
         if not subjects.is_safe_id(image_id):
             raise ReadModelError(f"image_id {image_id[:80]!r} is not a valid id")
         moment = parse_time(event.time)
@@ -462,7 +474,7 @@ class ReadModel:
     async def truncate(self) -> None:
         """Empty the projection (``darkroom reindex`` refills it)."""
         async with self.pool.acquire() as conn:
-            await conn.execute("TRUNCATE images, image_tags, image_embeddings CASCADE")
+            await conn.execute("TRUNCATE images, image_tags, image_embeddings, generations CASCADE")
 
     # --- reading ------------------------------------------------------------------------------
 
