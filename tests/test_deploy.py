@@ -77,10 +77,8 @@ MINIO_NATS_SECRET = "minio-nats-notify"
 ROUTE_USER = "darkroom-route"
 ROUTE_PASSWORD = "NATS_ROUTE_PASSWORD"
 
-# Functions the design names that are not registered yet; deploy/README.md must say so.
-FUTURE_FUNCTIONS = frozenset({"generate"})
-# Functions that run on a GPU (DESIGN.md: "GPU functions (caption, generate)").
-GPU_FUNCTIONS = frozenset({"caption", "generate"})
+# Where the GPU image keeps downloaded models (its ENV); GPU workers mount a volume above it.
+MODEL_CACHE_ENV = "HF_HOME"
 # Image repository -> the Dockerfile target it is built from.
 IMAGE_TARGETS = {"darkroom": "cpu", "darkroom-gpu": "gpu"}
 DARKROOM_IMAGES = frozenset(IMAGE_TARGETS)
@@ -99,6 +97,7 @@ COMPOSE_SERVICES = frozenset(
         "worker-notify",
         "worker-s3events",
         "worker-caption",
+        "worker-generate",
     }
 )
 MIN_NATS = (2, 11)
@@ -301,8 +300,14 @@ class Process:
 
 @cache
 def function_needs_db(name: str) -> bool:
-    # A future function cannot be loaded yet; its Spec will tell once it can.
+    # An unknown function has no Spec: test_workers_run_registered_functions reports it.
     return name in registered_names() and load(name).spec.needs_db
+
+
+@cache
+def function_needs_gpu(name: str) -> bool:
+    """Whether the function's Spec leases VRAM, so its workers run on the GPU image."""
+    return name in registered_names() and load(name).spec.needs_gpu
 
 
 def compose_processes() -> list[Process]:
@@ -652,22 +657,22 @@ def test_every_darkroom_command_line_parses() -> None:
 
 
 def test_workers_run_registered_functions() -> None:
+    """Every worker runs a registered function, and every registered function has a
+    worker in compose and in Kubernetes."""
     registered = set(registered_names())
-    readme = README.read_text()
     for process in all_processes():
         fn = process.function
-        if fn is None:
-            continue
-        assert fn in registered or fn in FUTURE_FUNCTIONS, f"{process.where}: no function {fn!r}"
-        if fn in FUTURE_FUNCTIONS:
-            assert fn in readme, f"document the future function {fn} in deploy/README.md"
+        assert fn is None or fn in registered, f"{process.where}: no function {fn!r}"
     for source, processes in (("compose", compose_processes()), ("k8s", k8s_processes())):
         deployed = {p.function for p in processes}
         assert registered <= deployed, f"{source}: no worker for {sorted(registered - deployed)}"
-    for fn in FUTURE_FUNCTIONS:
-        assert fn not in registered or fn in {p.function for p in all_processes()}, (
-            f"{fn} is registered now: deploy a worker for it"
-        )
+
+
+def test_gpu_functions_follow_their_specs() -> None:
+    """The rule the GPU checks rely on: the Specs of caption and generate lease VRAM,
+    ingest's does not."""
+    assert function_needs_gpu("caption") and function_needs_gpu("generate")
+    assert not function_needs_gpu("ingest") and not function_needs_gpu("unknown")
 
 
 def test_darkroom_env_maps_to_real_settings(
@@ -749,7 +754,7 @@ def test_compose_gpu_workers() -> None:
     for process in compose_processes():
         svc = services()[process.name]
         devices = _gpu_devices(svc)
-        if process.function in GPU_FUNCTIONS:
+        if process.function is not None and function_needs_gpu(process.function):
             assert devices, f"{process.name}: reserve a GPU"
             (device,) = devices
             assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
@@ -760,6 +765,59 @@ def test_compose_gpu_workers() -> None:
             assert svc["build"]["target"] == "cpu"
         if process.function is not None:
             assert int(svc["deploy"]["replicas"]) >= 1, f"{process.name}: deploy.replicas"
+
+
+def _check_model_cache_mounted(mounts: list[str], where: str) -> None:
+    """A volume holds the GPU image's model cache, so a restart does not download again."""
+    cache_dir = PurePosixPath(image_variables("gpu")[MODEL_CACHE_ENV])
+    assert any(cache_dir.is_relative_to(m) for m in mounts), (
+        f"{where}: mount a volume at {cache_dir} or above it ({MODEL_CACHE_ENV}); mounts: {mounts}"
+    )
+
+
+def _compose_gpu_services() -> dict[str, dict[str, Any]]:
+    return {
+        p.name: services()[p.name]
+        for p in compose_processes()
+        if p.function is not None and function_needs_gpu(p.function)
+    }
+
+
+def test_compose_gpu_workers_share_the_model_volume() -> None:
+    gpu_services = _compose_gpu_services()
+    assert {"worker-caption", "worker-generate"} <= gpu_services.keys()
+    volumes = compose().get("volumes") or {}
+    sources: set[str] = set()
+    for name, svc in gpu_services.items():
+        named_mounts: dict[str, str] = {}
+        for volume in svc.get("volumes") or []:
+            source, _, target = str(volume).partition(":")
+            if source in volumes:
+                named_mounts[target.split(":", 1)[0]] = source
+        _check_model_cache_mounted(list(named_mounts), f"compose {name} (named volumes)")
+        sources.update(named_mounts.values())
+    assert len(sources) == 1, f"the GPU workers download into one volume, not {sorted(sources)}"
+
+
+def test_compose_gpu_workers_on_one_gpu_share_a_lease_ledger(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """GPU services reserving the same GPUs (``count: 1`` is GPU 0 in every container) name
+    the same gpu.host_id, so their VRAM leases land in one ledger per GPU. Each container
+    would otherwise make up its own host id, and each worker would lease the whole GPU."""
+    gpu_services = _compose_gpu_services()
+    assert len(gpu_services) >= 2, "caption and generate share the host's GPU"
+    ledgers: dict[str, set[str]] = {}
+    for process in compose_processes():
+        if process.name not in gpu_services:
+            continue
+        (device,) = _gpu_devices(gpu_services[process.name])
+        gpus = json.dumps({k: device.get(k) for k in ("count", "device_ids")}, sort_keys=True)
+        host = effective_settings(process, monkeypatch, tmp_path).gpu.host_id
+        assert host, f"{process.where}: set DARKROOM_GPU__HOST_ID to share the GPU's ledger"
+        ledgers.setdefault(gpus, set()).add(host)
+    for gpus, hosts in ledgers.items():
+        assert len(hosts) == 1, f"services reserving {gpus} use host ids {sorted(hosts)}"
 
 
 # --- kubernetes ----------------------------------------------------------------------------------
@@ -847,9 +905,11 @@ def test_k8s_gpu_workers() -> None:
     for name, fn in _worker_deployments().items():
         (container,) = named("Deployment", name)["spec"]["template"]["spec"]["containers"]
         limits = (container.get("resources") or {}).get("limits") or {}
-        if fn in GPU_FUNCTIONS:
+        if function_needs_gpu(fn):
             assert int(limits.get("nvidia.com/gpu", 0)) == 1, f"{name}: nvidia.com/gpu: 1"
             assert image_repo(container["image"]) == "darkroom-gpu"
+            mounts = [m["mountPath"] for m in container.get("volumeMounts") or []]
+            _check_model_cache_mounted(mounts, f"k8s Deployment {name}")
         else:
             assert "nvidia.com/gpu" not in limits, f"{name}: a CPU worker asks for a GPU"
             assert image_repo(container["image"]) == "darkroom"
@@ -1289,6 +1349,7 @@ def test_process_needs_database_follows_the_code() -> None:
     as_deployed = {p.name: p.needs_database for p in compose_processes()}
     assert as_deployed["gateway"] and as_deployed["worker-notify"]
     assert not as_deployed["worker-ingest"] and not as_deployed["worker-caption"]
+    assert not as_deployed["worker-generate"]
     for argv in (("reindex",), ("db", "--url"), ("up",)):
         assert Process("cli", "", argv, {}, "").needs_database, argv
     assert not Process("cli", "", ("keys", "list"), {}, "").needs_database
@@ -1548,21 +1609,25 @@ def _stage_chain(name: str) -> list[str]:
 
 
 @cache
-def _image_env(target: str) -> tuple[tuple[str, str], ...]:
+def _image_variables(target: str) -> tuple[tuple[str, str], ...]:
     env: dict[str, str] = {}
     for line in _stage_chain(target):
         if line.upper().startswith("ENV "):
             for word in shlex.split(line[4:]):
                 key, sep, value = word.partition("=")
                 assert sep, f"Dockerfile: use ENV KEY=VALUE, not {line!r}"
-                if key.startswith(ENV_PREFIX):
-                    env[key] = value
+                env[key] = value
     return tuple(env.items())
+
+
+def image_variables(target: str) -> dict[str, str]:
+    """Every variable the image built from ``target`` sets with ``ENV``."""
+    return dict(_image_variables(target))
 
 
 def image_env(target: str) -> dict[str, str]:
     """The ``DARKROOM_*`` variables the image built from ``target`` sets."""
-    return dict(_image_env(target))
+    return {k: v for k, v in image_variables(target).items() if k.startswith(ENV_PREFIX)}
 
 
 def test_dockerfile_targets() -> None:
