@@ -121,6 +121,35 @@ def counting_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def paused_at_first_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, threading.Event]:
+    """Each pipeline call stops after its first step until ``release`` is set; ``reached``
+    says it got there."""
+    reached, release = threading.Event(), threading.Event()
+    real: Callable[..., Any] = generate_handler.run
+
+    def run(pipes: Any, job: Any, items: list[Any], on_step: Any) -> Any:
+        def step(step: int, total: int, latents: Any) -> bool:
+            if step == 1:
+                reached.set()
+                assert release.wait(30), "never released"
+            return bool(on_step(step, total, latents))
+
+        return real(pipes, job, items, step)
+
+    monkeypatch.setattr(generate_handler, "run", run)
+    return reached, release
+
+
+async def cancelled_here(ctx: Context, job_id: str, reason: str = "stop") -> None:
+    """Cancel ``job_id`` and wait until this process's mirror of the flags has it (the
+    runner is told at that moment)."""
+    await request_cancel(ctx.cancels_kv, job_id, reason)
+    probe = Event(id="p", type=subjects.REQUESTED, source="t", time=now_iso(), job_id=job_id)
+    await eventually(lambda: ctx.cancels.reason(probe), what="the cancel flag")
+
+
 async def test_txt2img_writes_pngs_with_parameters_and_fires_generated_with_lineage(
     ctx: Context, run_function: Any
 ) -> None:
@@ -264,29 +293,13 @@ async def test_cancelling_a_running_job_leaves_its_batch_neighbour_alone(
 ) -> None:
     """The first step waits until the cancel flag reached this process: the cancel lands
     mid-run, by the mechanism rather than by timing."""
-    first_step = threading.Event()
-    flagged = threading.Event()
-    real: Callable[..., Any] = generate_handler.run
-
-    def run(pipes: Any, job: Any, items: list[Any], on_step: Any) -> Any:
-        def step(step: int, total: int, latents: Any) -> bool:
-            if step == 1:
-                first_step.set()
-                assert flagged.wait(30), "the cancel never arrived"
-            return bool(on_step(step, total, latents))
-
-        return real(pipes, job, items, step)
-
-    monkeypatch.setattr(generate_handler, "run", run)
+    reached, release = paused_at_first_step(monkeypatch)
     doomed = await submit(ctx, seed=1, steps=6)
     neighbour = await submit(ctx, seed=2, steps=6)
     await run_function(load("generate"))
-    assert await asyncio.to_thread(first_step.wait, 60)
-    await request_cancel(ctx.cancels_kv, doomed.id, "stop")
-    probe = Event(id="x", type=subjects.REQUESTED, source="t", time=now_iso(), job_id=doomed.id)
-    # The KV watch delivers the flag to this process's mirror, which tells the runner.
-    await eventually(lambda: ctx.cancels.reason(probe), what="the cancel flag")
-    flagged.set()
+    assert await asyncio.to_thread(reached.wait, 60)
+    await cancelled_here(ctx, doomed.id)
+    release.set()
     made = await outputs(ctx, 1)
     assert list(made) == [neighbour.id]
     [event] = await events(ctx, f"{subjects.CANCELLED}.generate", at_least=1, timeout=60)
@@ -300,28 +313,22 @@ async def test_a_job_alone_stops_at_the_next_step_when_cancelled(
     ctx: Context, run_function: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     steps_run: list[int] = []
-    flagged = threading.Event()
-    first_step = threading.Event()
     real: Callable[..., Any] = generate_handler.run
 
     def run(pipes: Any, job: Any, items: list[Any], on_step: Any) -> Any:
         def step(step: int, total: int, latents: Any) -> bool:
             steps_run.append(step)
-            if step == 1:
-                first_step.set()
-                assert flagged.wait(30), "the cancel never arrived"
             return bool(on_step(step, total, latents))
 
         return real(pipes, job, items, step)
 
     monkeypatch.setattr(generate_handler, "run", run)
+    reached, release = paused_at_first_step(monkeypatch)  # wraps the counting run above
     job = await submit(ctx, steps=20)
     await run_function(load("generate"))
-    assert await asyncio.to_thread(first_step.wait, 60)
-    await request_cancel(ctx.cancels_kv, job.id, "stop")
-    probe = Event(id="x", type=subjects.REQUESTED, source="t", time=now_iso(), job_id=job.id)
-    await eventually(lambda: ctx.cancels.reason(probe), what="the cancel flag")
-    flagged.set()
+    assert await asyncio.to_thread(reached.wait, 60)
+    await cancelled_here(ctx, job.id)
+    release.set()
     [event] = await events(ctx, f"{subjects.CANCELLED}.generate", at_least=1, timeout=60)
     assert event.job_id == job.id
     assert steps_run == [1]  # it stopped after the step during which it was cancelled

@@ -13,41 +13,23 @@ seed (``seed + i``), so the same job gives the same pixels whatever it was batch
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from bus.core.settings import GENERATE_MODES, GenerateMode, GenerateSettings
+from bus.core.settings import GENERATE_MODES, SCHEDULERS, GenerateMode, GenerateSettings
 from bus.core.subjects import check_id, is_safe_id
 
 MAX_SEED = 2**53 - 1  # exact in JSON and JavaScript
 MIN_SIDE = 64
-SIDE_MULTIPLE = 8  # latents are 1/8 of the image on every supported pipeline
+SIDE_MULTIPLE = 8  # latents are 1/8 of the image (some models want more: side_multiple)
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and newline
 NEEDS_IMAGE: frozenset[str] = frozenset({"img2img", "remix", "sketch", "enhance"})
 DEFAULT_STRENGTH: dict[str, float] = {
     "img2img": 0.6,
     "remix": 0.6,  # a variation: the composition stays, the details move
     "sketch": 0.85,  # a drawing is only a hint of layout and colour
     "enhance": 0.3,  # after upscaling: refine the detail, keep the picture
-}
-
-# Schedulers by name: the diffusers class and the config changes that make it the named
-# sampler. A pipeline accepts only those of its family (``scheduler.compatibles``); the
-# function refuses the rest by name.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpmpp-2m-sde-karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "tcd": ("TCDScheduler", {}),
-    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 
@@ -159,6 +141,10 @@ class Job:
                 )
             ):
                 problems.append("init must be {key, image_id}")
+            elif not _init_key_allowed(key, image_id, job_id):
+                problems.append(
+                    f"init.key must be the image's own object or the job's, got {key[:120]!r}"
+                )
             else:
                 init = InitImage(key, image_id)
         values = {
@@ -216,7 +202,34 @@ def check_request(
     checked = _check(values, settings, problems, has_init=init is not None)
     if problems:
         raise GenerationError(problems)
-    return Job(id=job_id, created=created, init=init, source=source, extra=extra or {}, **checked)
+    job = Job(id=job_id, created=created, init=init, source=source, extra=extra or {}, **checked)
+    # What depends on the model's defaults (steps x strength, size bounds), for each model
+    # the job may run on: a job that cannot run never reaches the queue.
+    for name in [job.model] if job.model else default_candidates(settings):
+        try:
+            job.resolved(settings, name)
+        except GenerationError as exc:
+            problems += [f"with model {name}: {p}" for p in exc.problems if p not in problems]
+    if problems:
+        raise GenerationError(problems)
+    return job
+
+
+def default_candidates(settings: GenerateSettings) -> list[str]:
+    """The catalogue models "the default" can mean on some worker: ``default_model``, and
+    on a host without CUDA ``cpu_model`` when ``default_model`` was left unset."""
+    names = [settings.default_model]
+    if "default_model" not in settings.model_fields_set and settings.cpu_model not in names:
+        names.append(settings.cpu_model)
+    return names
+
+
+def _init_key_allowed(key: str, image_id: str | None, job_id: Any) -> bool:
+    """An init image is the catalogue image's own object or one stored with the job; a
+    job document naming any other key (e.g. another image's original) is refused."""
+    if image_id is not None:
+        return key.startswith(f"images/{image_id}/")
+    return isinstance(job_id, str) and is_safe_id(job_id) and key.startswith(f"requests/{job_id}/")
 
 
 def _check(
@@ -289,17 +302,25 @@ def _check(
         problems.append(f"negative_prompt must be text, got {type(negative).__name__}")
         negative = ""
     for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        bad = CONTROL.search(text)
+        if bad is not None:
+            problems.append(
+                f"{name} must not contain control characters, got U+{ord(bad.group()):04X} at "
+                f"{bad.start()}"
+            )
         if len(text) > settings.max_prompt_chars:
             problems.append(
                 f"{name} must be at most {settings.max_prompt_chars} characters, got {len(text)}"
             )
     width = number("width", default("width"), int)
     height = number("height", default("height"), int)
+    multiple = entry.side_multiple if entry is not None else SIDE_MULTIPLE
     for name, side in (("width", width), ("height", height)):
         if side is None:
             continue
-        if side % SIDE_MULTIPLE:
-            problems.append(f"{name} must be a multiple of {SIDE_MULTIPLE}, got {side}")
+        if side % multiple:
+            model = f" for {model_name}" if multiple != SIDE_MULTIPLE else ""
+            problems.append(f"{name} must be a multiple of {multiple}{model}, got {side}")
         if not MIN_SIDE <= side <= settings.max_side:
             problems.append(
                 f"{name} must be between {MIN_SIDE} and {settings.max_side}, got {side}"
@@ -328,6 +349,17 @@ def _check(
         problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         scheduler = None
     strength = number("strength", DEFAULT_STRENGTH.get(mode), float)
+    if (
+        fill
+        and values.get("steps") is None
+        and mode in NEEDS_IMAGE
+        and strength is not None
+        and 0 < strength <= 1
+        and steps is not None
+    ):
+        # A few-step model's default steps times a low strength can make no denoising
+        # step at all: take the fewest steps that make one.
+        steps = min(max(steps, math.ceil(1 / strength - 1e-9)), settings.max_steps)
     if mode in NEEDS_IMAGE:
         if not has_init:
             problems.append(f"mode {mode} needs an image")

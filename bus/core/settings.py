@@ -428,6 +428,27 @@ GenerateMode = Literal["txt2img", "img2img", "remix", "sketch", "enhance"]
 GENERATE_MODES: tuple[GenerateMode, ...] = ("txt2img", "img2img", "remix", "sketch", "enhance")
 
 
+# Schedulers by name: the diffusers class and the config changes that make it the named
+# sampler. A pipeline accepts only those of its family (``scheduler.compatibles``); the
+# function refuses the rest by name.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp-2m-sde-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
 class GenerateModel(_Section):
     """One text-to-image pipeline of the catalogue (a diffusers repository or directory),
     with the request defaults that suit it (a few-step model wants few steps and no CFG)."""
@@ -458,8 +479,20 @@ class GenerateModel(_Section):
     scheduler: str | None = Field(
         default=None, description="a scheduler name (see GET /api/models); unset = the pipeline's"
     )
+    side_multiple: Literal[8, 16, 32, 64] = Field(
+        default=8,
+        description="width and height must be multiples of this (16 for pipelines that pack "
+        "2x2 latent patches, such as Z-Image and FLUX)",
+    )
     description: str = ""
     licence: str = ""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str | None) -> str | None:
+        if value is not None and value not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {value!r}")
+        return value
 
 
 # Verified ids and licences: see README "Generation models". SDXL-Lightning-class models as
@@ -499,6 +532,7 @@ DEFAULT_GENERATE_MODELS: dict[str, GenerateModel] = {
         steps=8,
         guidance=0.0,
         vram_mb=22000,
+        side_multiple=16,
         description="6B few-step flow model (current generation)",
         licence="apache-2.0",
     ),
@@ -537,7 +571,12 @@ class GenerateSettings(_Section):
     max_steps: int = Field(default=100, ge=1, le=500)
     max_side: int = Field(default=2048, ge=64, le=8192, multiple_of=8)
     max_pixels: int = Field(default=2048 * 2048, ge=64 * 64, description="width x height")
-    max_prompt_chars: int = Field(default=2000, ge=10, le=100_000)
+    max_prompt_chars: int = Field(
+        default=2000,
+        ge=10,
+        le=4000,
+        description="each of prompt and negative_prompt (both travel in every output's lineage)",
+    )
     batch: int = Field(
         default=4, ge=1, le=64, description="compatible requests run as one pipeline call"
     )

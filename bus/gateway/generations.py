@@ -28,14 +28,13 @@ from bus.core.envelope import Event, new_id, now_iso
 from bus.core.generation import (
     MAX_SEED,
     MIN_SIDE,
-    SCHEDULERS,
     SIDE_MULTIPLE,
     GenerationError,
     InitImage,
     Job,
     check_request,
 )
-from bus.core.settings import GENERATE_MODEL_NAME, GENERATE_MODES
+from bus.core.settings import GENERATE_MODEL_NAME, GENERATE_MODES, SCHEDULERS
 from bus.gateway.contract import NOT_BLANK, SETTING_MAXIMUM, OneOf, Timestamp, is_json
 from bus.gateway.images import MAX_LIMIT, catalogue, query_db
 from bus.gateway.live import LIVE
@@ -154,6 +153,9 @@ class GenerationDoc(BaseModel):
     model: str | None = Field(description="the catalogue model that ran (or was asked for)")
     n: int | None
     request: dict[str, Any] | None = Field(description="the checked job")
+    parameters: dict[str, Any] | None = Field(
+        None, description="the job as it ran, each default filled in from its model (once known)"
+    )
     outputs: list[GenerationOutput] = Field(description="by index")
     error: str | None = Field(description="why it failed or was cancelled")
     timings: dict[str, Any] | None = Field(description="queue_s, load_s, inference_s")

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from bus.core.generation import default_candidates
 from bus.core.settings import (
     MODEL_TASKS,
     PIP_SOURCE,
@@ -571,17 +572,12 @@ def generation_choices(settings: Settings, name: str | None) -> list[str]:
     """The catalogue names a request for ``name`` tries, best first: that model; for "the
     default" (None) on a host without CUDA, with ``generate.default_model`` left unset,
     ``generate.cpu_model`` and then the default."""
-    options = settings.generate
     if name is not None:
         return [name]
-    default = options.default_model
-    if (
-        "default_model" in options.model_fields_set
-        or options.cpu_model == default
-        or no_cuda(settings) is None
-    ):
-        return [default]
-    return [options.cpu_model, default]
+    candidates = default_candidates(settings.generate)  # the default, then the CPU one
+    if len(candidates) == 1 or no_cuda(settings) is None:
+        return candidates[:1]
+    return candidates[::-1]
 
 
 def resolve_generation(

@@ -127,6 +127,7 @@ class JobState:
             "model": model.get("name") or lineage.get("model"),
             "demo": bool(model.get("demo", False)),
             "timings": timings or None,
+            "params": _object(data.get("params")) or None,  # the job as it ran: defaults filled
             "time": event.time,
             "seq": seq,
         }
@@ -173,9 +174,10 @@ class JobState:
     def document(self) -> dict[str, Any]:
         """The API's job document."""
         outputs = [
-            {k: v for k, v in output.items() if k != "seq"}
+            {k: v for k, v in output.items() if k not in ("seq", "params")}
             for _, output in sorted(self.outputs.items(), key=lambda item: int(item[0]))
         ]
+        ran = next((o["params"] for _, o in sorted(self.outputs.items()) if o.get("params")), None)
         return {
             "id": self.id,
             "status": self.status,
@@ -185,6 +187,8 @@ class JobState:
             "model": self.model,
             "n": self.n,
             "request": self.request,
+            # What ran, every default filled in (the request leaves them out), once known.
+            "parameters": ran,
             "outputs": outputs,
             "error": self.error if self.status in ("failed", "cancelled") else None,
             # One pipeline call makes all of a job's outputs: the first one's timings are

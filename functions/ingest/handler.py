@@ -36,7 +36,9 @@ SPEC = Spec(
     max_deliver=5,
     cancellable=False,  # a cancelled job's outputs are processed like any image
 )
-MAX_LINEAGE_BYTES = 16 * 1024
+# A generated image's prompts travel in its lineage: room for two of generate.max_prompt_chars
+# (at most 4000 characters of up to 4 bytes each) and the rest.
+MAX_LINEAGE_BYTES = 64 * 1024
 
 
 async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
