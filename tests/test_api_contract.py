@@ -21,7 +21,9 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from schemathesis.engine import events, from_schema
 
+from bus.core.settings import GENERATE_MODEL_NAME
 from bus.core.subjects import SAFE_ID_PATTERN
+from bus.gateway import openai_images
 from bus.gateway.app import build_app, make_app_runner, route_table
 from bus.gateway.routes import PUBLIC
 from bus.runtime.context import Context
@@ -79,6 +81,7 @@ async def test_the_document_is_valid_openapi_3_1(
         ("image_id", SAFE_ID_PATTERN),
         ("job_id", SAFE_ID_PATTERN),
         ("key_id", KEY_ID_RE.pattern),
+        ("model_name", GENERATE_MODEL_NAME),
     }
     size = doc["components"]["schemas"]["PresignRequest"]["properties"]["size"]
     assert size["maximum"] == ctx.settings.ingest.max_bytes, "this deployment's limit"
@@ -162,7 +165,10 @@ async def served(ctx: Context, run_function: Any) -> AsyncIterator[str]:
         function = await run_function(load(name))
         # The caption worker answers the search and /v1 routes' services once prepared.
         await asyncio.wait_for(function.ready.wait(), 60)
-    runner = make_app_runner(build_app(ctx))
+    app = build_app(ctx)
+    # No generate worker runs here: the OpenAI image routes answer 504 after this wait.
+    app[openai_images.WAIT] = 1.0
+    runner = make_app_runner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     host, port = runner.addresses[0][:2]

@@ -15,7 +15,9 @@ from bus.gateway import (
     images,
     keys_api,
     live,
+    models_api,
     openai_api,
+    openai_images,
     search,
     system,
     uploads,
@@ -352,9 +354,11 @@ def route_table() -> list[Route]:
             responses={204: "revoked", 404: "no such key"},
         ),
         *captions.routes(),
+        *models_api.routes(),
         *generations.routes(),
         *search.routes(),
         *openai_api.routes(),
+        *openai_images.routes(),
     ]
 
 

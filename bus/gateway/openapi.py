@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from bus.core.settings import Settings
+from bus.core.settings import GENERATE_MODEL_NAME, Settings
 from bus.core.subjects import SAFE_ID_PATTERN
 from bus.gateway.contract import SETTING_MAXIMUM
 from bus.gateway.problems import PROBLEM_JSON, RETRY_AFTER_S, ProblemDetails
@@ -133,6 +133,7 @@ PATH_PATTERNS = {
     "image_id": SAFE_ID_PATTERN,
     "job_id": SAFE_ID_PATTERN,
     "key_id": KEY_ID_RE.pattern,
+    "model_name": GENERATE_MODEL_NAME,
 }
 
 

@@ -45,9 +45,12 @@ from bus import (
     subjects,
 )
 from bus.core.envelope import ObjectRef
-from bus.core.generation import MIN_SIDE, SIDE_MULTIPLE, GenerationError, Job
+from bus.core.generation import MIN_SIDE, GenerationError, Job
 from bus.core.settings import GenerateSettings
+from bus.gpu.leases import LeaseTooLargeError
 from bus.models.catalogue import ModelUnavailableError
+from bus.models.switching import LOAD_SERVICE
+from functions.generate.admin import serve_load
 from functions.generate.pipelines import Item, Pipelines, preview, run
 from functions.generate.prepare import prepare, teardown
 from functions.generate.state import GenerateState, gpu_models, setup
@@ -65,6 +68,7 @@ SPEC = Spec(
     needs_gpu=True,
 )
 RESULT_DOC = "result.json"
+PREVIEW_INTERVAL_S = 0.25  # as often as progress is sent at most (bus/runtime/call.py)
 MAX_INIT_BYTES = 256 * 1024 * 1024
 
 
@@ -83,6 +87,8 @@ class _Work:
     load_s: float = 0.0
     inference_s: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
+    calls: int = 1  # the pipeline calls its images span (progress counts all their steps)
+    calls_done: int = 0
 
 
 async def handle_batch(
@@ -100,11 +106,20 @@ async def handle_batch(
             works.append(await _work(ctx, state, i, event, call))
         except (Reject, GenerationError) as exc:
             results[i] = exc if isinstance(exc, Reject) else Reject(str(exc))
+        except Exception as exc:  # the store, say: this job alone is retried
+            results[i] = exc
     groups: dict[tuple[Any, ...], list[_Work]] = {}
     for work in works:
         groups.setdefault(work.job.batch_key, []).append(work)
     for group in groups.values():
-        outcomes = await _run_group(ctx, state, group)
+        # One group's failure (its model cannot load, say) is its own jobs' only.
+        outcomes: Sequence[Sequence[Emit] | BaseException]
+        try:
+            outcomes = await _run_group(ctx, state, group)
+        except LeaseTooLargeError as exc:  # the model can never fit this device
+            outcomes = [Reject(str(exc)) for _ in group]
+        except Exception as exc:
+            outcomes = [exc for _ in group]
         for work, outcome in zip(group, outcomes, strict=True):
             results[work.index] = outcome
     assert all(r is not None for r in results)
@@ -177,25 +192,27 @@ def _decode(data: bytes) -> Image.Image:
 def _sized_for(
     job: Job, init: Image.Image, settings: GenerateSettings, state: GenerateState
 ) -> Job:
-    """An image job's size, when the request gave none: the init image's aspect at the
-    model's area (``enhance``: its own size times ``generate.enhance_scale``), in multiples
-    of 8 and within the bounds."""
+    """An image job's size, where the request gave none: the init image's aspect, at the
+    side that was given, else at the model's area (``enhance``: the image's own size times
+    ``generate.enhance_scale``); in multiples of the model's ``side_multiple`` and within
+    the bounds."""
     if job.width is not None and job.height is not None:
         return job
     entry = settings.catalogue[job.model or state.default_model]
     w, h = init.size
-    if job.mode == "enhance":
+    if job.width is not None:
+        scale = job.width / w
+    elif job.height is not None:
+        scale = job.height / h
+    elif job.mode == "enhance":
         scale = settings.enhance_scale
     else:
         scale = math.sqrt(entry.width * entry.height / (w * h))
-    scale = min(
-        scale,
-        settings.max_side / max(w, h),
-        math.sqrt(settings.max_pixels / (w * h)),
-    )
+    scale = min(scale, settings.max_side / max(w, h), math.sqrt(settings.max_pixels / (w * h)))
+    multiple = entry.side_multiple
 
     def side(x: float) -> int:
-        return max(MIN_SIDE, int(x * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+        return max(MIN_SIDE, int(x * scale) // multiple * multiple)
 
     return replace(job, width=job.width or side(w), height=job.height or side(h))
 
@@ -212,42 +229,67 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
 async def _run_group(
     ctx: Context, state: GenerateState, group: list[_Work]
 ) -> list[Sequence[Emit] | BaseException]:
-    """One model load for the group, then one pipeline call per ``generate.batch`` images."""
+    """One model load for the group, then one pipeline call per ``generate.batch`` images.
+
+    A model not on this machine yet is downloaded first (its progress in /api/status; the
+    job says so). Nothing loads for a group whose jobs were all cancelled meanwhile.
+    """
     job = group[0].job
     assert job.model is not None and ctx.gpu is not None
+    if all(work.call.cancelled for work in group):
+        return [_cancelled(work) for work in group]
     try:
         model, resolved = await asyncio.to_thread(state.model, job.model)
+        if not resolved.cached and state.readiness is not None:
+            for work in group:
+                _report(work, 0, 1, f"downloading {job.model}")
+            await state.readiness.prepare([resolved])
+            state.forget(job.model)
+            model, resolved = await asyncio.to_thread(state.model, job.model)
     except ModelUnavailableError as exc:
         return [Reject(str(exc)) for _ in group]
     identity = {"name": job.model, **resolved.identity()}
+    resident = model.name in ctx.gpu.loaded
     for work in group:
         work.model = identity
-        _report(work, 0, 1, f"loading {job.model}")
+        _report(work, 0, 1, "starting" if resident else f"loading {job.model}")
     loading = time.monotonic()
     try:
         async with ctx.gpu.use(model) as loaded:
             pipes: Pipelines = loaded
             load_s = time.monotonic() - loading
-            live = [w for w in group if not w.call.cancelled]  # a cancel during the load
-            for work in live:
+            for work in group:
                 work.load_s = load_s
-            for chunk in _chunks(live, state.settings.generate.batch):
-                await _generate(ctx, state, pipes, chunk)
+            for chunk in _chunks(group, state.settings.generate.batch):
+                # A job cancelled during the load, or during an earlier call, makes nothing.
+                chunk = [(work, i) for work, i in chunk if not work.call.cancelled]
+                if chunk:
+                    await _generate(ctx, state, pipes, chunk)
     except (GenerationError, ModelUnavailableError) as exc:  # a scheduler or setting misfit
         return [Reject(str(exc)) for _ in group]
     outcomes: list[Sequence[Emit] | BaseException] = []
     for work in group:
         if work.call.cancelled:
-            outcomes.append(Cancelled(work.call.cancel_reason or "cancelled"))
-        else:
+            outcomes.append(_cancelled(work))
+            continue
+        try:
             outcomes.append(await _store(ctx, work))
+        except Exception as exc:  # this job's outputs could not be stored: it alone retries
+            outcomes.append(exc)
     return outcomes
+
+
+def _cancelled(work: _Work) -> Cancelled:
+    return Cancelled(work.call.cancel_reason or "cancelled")
 
 
 def _chunks(works: list[_Work], batch: int) -> list[list[tuple[_Work, int]]]:
     """(job, output index) pairs, ``batch`` to a call; a job may span calls."""
     items = [(work, i) for work in works for i in range(work.job.n)]
-    return [items[i : i + batch] for i in range(0, len(items), batch)]
+    chunks = [items[i : i + batch] for i in range(0, len(items), batch)]
+    for work in works:
+        work.calls = sum(any(w is work for w, _ in chunk) for chunk in chunks)
+    return chunks
 
 
 async def _generate(
@@ -262,14 +304,21 @@ async def _generate(
     for position, (work, _) in enumerate(chunk):
         first.setdefault(id(work), (work, position))
     want_preview = state.settings.generate.preview == "latent"
+    shots: dict[int, tuple[float, bytes | None]] = {}  # a job's newest preview, and when
 
     def on_step(step: int, total: int, latents: Any) -> bool:
         """On the device thread, after each step: report, and stop when every job of the
-        call was cancelled."""
-        for work, position in first.values():
-            # Every update carries its preview (about 1 ms): the throttle sends the newest.
-            shot = preview(latents, position, pipes.family) if want_preview else None
-            _report(work, step, total, "", shot)
+        call was cancelled. A job whose images span several calls counts all their steps."""
+        now = time.monotonic()
+        for key, (work, position) in first.items():
+            taken, shot = shots.get(key, (-PREVIEW_INTERVAL_S, None))
+            if want_preview and now - taken >= PREVIEW_INTERVAL_S:
+                # A preview copies latents off the device: no more often than progress is
+                # sent, and each update in between carries the newest one.
+                shot = preview(latents, position, pipes.family)
+                shots[key] = (now, shot)
+            calls, done = work.calls, work.calls_done
+            _report(work, done * total + step, calls * total, "", shot)
         return all(work.call.cancelled for work, _ in first.values())
 
     started = time.monotonic()
@@ -278,6 +327,8 @@ async def _generate(
     for (work, _), image in zip(chunk, images, strict=True):
         work.images.append(image)
         work.inference_s += took / len(chunk)
+    for work, _ in first.values():
+        work.calls_done += 1
 
 
 def _report(
@@ -370,4 +421,5 @@ FUNCTION = Function(
     prepare=prepare,
     teardown=teardown,
     models=gpu_models,
+    services={LOAD_SERVICE: serve_load},
 )

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from bus import Model, Placement
-from bus.core.generation import NEEDS_IMAGE, SCHEDULERS, GenerationError, Job
-from bus.core.settings import Settings
+from bus.core.generation import NEEDS_IMAGE, GenerationError, Job
+from bus.core.settings import SCHEDULERS, Settings
 from bus.models.catalogue import (
     GENERATE,
     PIPELINE_INDEX,
@@ -40,6 +40,7 @@ from bus.models.catalogue import (
     pipeline_components,
 )
 from bus.models.demo import ensure_demo, import_diffusers
+from bus.models.switching import lease_model
 
 if TYPE_CHECKING:
     import torch
@@ -227,7 +228,7 @@ def model_for(name: str, resolved: ResolvedModel, settings: Settings) -> Model:
         return Pipelines.load(name, local, placement, tiling)
 
     estimate = DEMO_ESTIMATE_MB if resolved.demo else entry.vram_mb
-    return Model(f"generate:{name}", max(1, estimate), load)
+    return Model(lease_model(name), max(1, estimate), load)
 
 
 def total_steps(job: Job) -> int:

@@ -30,7 +30,11 @@ async def prepare(ctx: Context, state: GenerateState) -> None:
 
 
 async def teardown(ctx: Context, state: GenerateState) -> None:
-    """Stop reporting: this worker's entries leave ``/api/status`` at once."""
+    """Stop reporting (this worker's entries leave ``/api/status`` at once) and stop
+    answering unload requests."""
+    if state.unload is not None:
+        await state.unload.close()
+        state.unload = None
     if state.readiness is not None:
         await state.readiness.close()
         state.readiness = None

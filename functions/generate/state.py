@@ -18,6 +18,7 @@ from bus import Context, Model
 from bus.core.settings import Settings
 from bus.models.catalogue import ResolvedModel, default_generation_model, resolve_generation
 from bus.models.progress import ModelReadiness
+from functions.generate.admin import UnloadSubject
 from functions.generate.pipelines import model_for
 
 log = logging.getLogger("darkroom.generate")
@@ -28,6 +29,7 @@ class GenerateState:
     settings: Settings
     default_model: str  # what a job naming no model runs here (CPU hosts: a fast one)
     readiness: ModelReadiness | None = None
+    unload: UnloadSubject | None = None  # this worker's own unload subject (admin.py)
     _models: dict[str, tuple[Model, ResolvedModel]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -50,7 +52,9 @@ class GenerateState:
 
 async def setup(ctx: Context) -> GenerateState:
     default = await asyncio.to_thread(default_generation_model, ctx.settings)
-    return GenerateState(settings=ctx.settings, default_model=default)
+    state = GenerateState(settings=ctx.settings, default_model=default)
+    state.unload = await UnloadSubject.open(ctx)
+    return state
 
 
 def gpu_models(state: GenerateState) -> list[Model]:
