@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 ML_STAMP := $(VENV)/.installed-ml
 TORCH ?= torch==2.13.0
 
-.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel bench-caption chaos install install-ml clean
+.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel bench-caption bench-generate chaos install install-ml clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,9 @@ bench-readmodel: install-ml
 
 bench-caption: install-ml
 	$(BIN)/python -m tests.bench.bench_caption $(ARGS)
+
+bench-generate: install-ml
+	$(BIN)/python -m tests.bench.bench_generate $(ARGS)
 
 # Faults on the real stack (worker, nats-server, S3, PostgreSQL, a NATS cluster's leader).
 chaos: install
