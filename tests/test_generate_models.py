@@ -361,6 +361,7 @@ def test_offline_a_built_in_model_falls_back_to_the_demo_loudly(
     tmp_path: Path, offline: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     cpu_host(monkeypatch, None)
+    caplog.set_level(logging.WARNING, "darkroom.models")
     m = resolve_generation(settings(tmp_path), "sd-turbo")
     assert m.demo and m.name == "sd-turbo" and "hub cannot be reached" in m.reason
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

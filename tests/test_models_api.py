@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
-from bus import Context, Function, Model, Placement
+from bus import Context, Model, Placement
 from bus.core import subjects
 from bus.core.settings import SCHEDULERS, NatsSettings, Settings
 from bus.gateway import app as gateway_app
@@ -44,8 +44,11 @@ tiny_pipelines = test_generate.tiny_pipelines
 settings = test_generate.settings
 
 
-def generate_function() -> Function:
-    return load("generate")
+async def start_generate(run_function: Any) -> Any:
+    """The generate function, once prepared: serving its services, its model on disk."""
+    runner = await run_function(load("generate"))
+    await asyncio.wait_for(runner.ready.wait(), 60)
+    return runner
 
 
 @pytest.fixture
@@ -85,7 +88,7 @@ async def catalogue(api: Api, key: str) -> dict[str, Any]:
 async def test_the_catalogue_shows_every_model_and_the_worker_holding_one_after_a_job(
     ctx: Context, api: Api, run_function: Any, reader: str
 ) -> None:
-    await run_function(generate_function())
+    await start_generate(run_function)
     models = await catalogue(api, reader)
     doc = models.pop("")
     assert doc["schedulers"] == list(SCHEDULERS)
@@ -125,7 +128,7 @@ async def test_the_catalogue_shows_every_model_and_the_worker_holding_one_after_
 async def test_load_makes_a_worker_hold_the_model_and_unload_frees_it(
     ctx: Context, api: Api, run_function: Any, admin: str, reader: str
 ) -> None:
-    await run_function(generate_function())
+    await start_generate(run_function)
     assert await leased(ctx, "tiny-sdxl") == []
 
     loaded = await api.post("/api/models/tiny-sdxl/load", headers=auth(admin))
@@ -169,7 +172,7 @@ async def test_load_makes_a_worker_hold_the_model_and_unload_frees_it(
 async def test_unload_leaves_a_model_a_job_is_using_and_says_so(
     ctx: Context, api: Api, run_function: Any, admin: str
 ) -> None:
-    runner = await run_function(generate_function())
+    runner = await start_generate(run_function)
     model, _ = await asyncio.to_thread(runner.state.model, "tiny-sd")
     assert ctx.gpu is not None
     async with ctx.gpu.use(model):  # as a running job does
@@ -206,7 +209,7 @@ async def test_a_load_that_outlasts_the_wait_answers_202_and_goes_on(
 
     monkeypatch.setattr("functions.generate.state.model_for", held_back)
     monkeypatch.setattr(models_api, "LOAD_WAIT_S", 0.2)
-    await run_function(generate_function())
+    await start_generate(run_function)
     try:
         loading = await api.post("/api/models/tiny-sdxl/load", headers=auth(admin))
         assert loading.status == 202, await loading.text()
@@ -303,7 +306,7 @@ async def test_a_worker_with_the_worker_role_loads_and_unloads_on_request(
     aiohttp_client: Any,
     with_routes: None,
 ) -> None:
-    fn = generate_function()
+    fn = load("generate")
     gateway_settings = as_role(settings, auth_server, Role.GATEWAY)
     worker_settings = as_role(settings, auth_server, Role.WORKER)
     async with open_context(gateway_settings, [], "gateway", database=True) as gateway:
