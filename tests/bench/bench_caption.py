@@ -84,8 +84,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-from nats.aio.msg import Msg
 from pydantic import SecretStr
 
 from bus.core import subjects
@@ -95,13 +93,13 @@ from bus.core.settings import NatsSettings, S3Settings, Settings
 from bus.gpu.leases import MIB
 from bus.gpu.resident import ResidentModels
 from bus.ops.embedded import NatsServer, S3Credentials, SeaweedFS
-from bus.runtime.call import Call
 from bus.runtime.context import Context, open_context
 from bus.runtime.runner import FunctionRunner
 from functions.caption.handler import FUNCTION, SPEC, handle_batch
 from functions.caption.models import Captioner, DemoNsfwScorer, NsfwScorer, Siglip
 from functions.caption.state import CaptionState
 from functions.caption.textembed import TextEmbedder
+from tests.bench.harness import Observer, calls, publish, raise_failures
 from tests.bench.report import load_average, rounded, run_and_report
 from tests.gpu.smoke_caption import build_siglip, build_vlm, photo
 from tests.gpu.smoke_leases import cuda_torch
@@ -283,61 +281,11 @@ async def stage(ctx: Context, displays: list[bytes], first: int, count: int) -> 
     return list(await asyncio.gather(*(one(first + i) for i in range(count))))
 
 
-async def publish(ctx: Context, events: list[Event]) -> None:
-    subject = ctx.names.subject(subjects.INGESTED)
-    acks = [
-        await ctx.js.publish_async(subject, e.encode(), headers={"Nats-Msg-Id": e.id})
-        for e in events
-    ]
-    await asyncio.gather(*acks)
-
-
 async def warm_up(ctx: Context, state: CaptionState, events: list[Event], batch: int) -> None:
     """Load the models under leases and run the handler on 1, then ``batch`` events."""
     for size in sorted({1, batch}):
         group, events = events[:size], events[size:]
-        calls = [
-            Call(
-                e,
-                SPEC.name,
-                attempt=1,
-                max_attempts=SPEC.max_deliver,
-                deadline=time.monotonic() + SPEC.timeout,
-                state=state,
-            )
-            for e in group
-        ]
-        for result in await handle_batch(group, ctx, calls):
-            if isinstance(result, BaseException):
-                raise RuntimeError(f"the warm-up failed: {result}") from result
-
-
-class Observer:
-    """Counts the run's ``captioned`` events as they land; fails on a dead letter."""
-
-    def __init__(self, ids: set[str]) -> None:
-        self.ids = ids
-        self.done: set[str] = set()
-        self.first = 0.0
-        self.last = 0.0
-        self.failure: str | None = None
-        self.complete = asyncio.Event()
-
-    async def on_captioned(self, msg: Msg) -> None:
-        image_id = orjson.loads(msg.data).get("image_id")
-        if image_id in self.ids and image_id not in self.done:
-            now = time.perf_counter()
-            self.first = self.first or now
-            self.last = now
-            self.done.add(image_id)
-            if self.done == self.ids:
-                self.complete.set()
-
-    async def on_dead_letter(self, msg: Msg) -> None:
-        letter = orjson.loads(msg.data)
-        if (letter.get("event") or {}).get("image_id") in self.ids:
-            self.failure = f"an image was dead-lettered: {letter.get('reason')}"
-            self.complete.set()
+        raise_failures(await handle_batch(group, ctx, calls(group, SPEC, state)))
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -384,13 +332,13 @@ async def measure(
                 "generate", captioner.model.generate, lambda _, kw: int(kw["input_ids"].shape[0])
             )
         events = await stage(ctx, displays, 0, opts.n)
-        observer = Observer({e.image_id or "" for e in events})
+        observer = Observer({e.image_id or "" for e in events}, "image_id")
         subs = [
-            await ctx.nc.subscribe(ctx.names.subject(subjects.CAPTIONED), cb=observer.on_captioned),
+            await ctx.nc.subscribe(ctx.names.subject(subjects.CAPTIONED), cb=observer.on_result),
             await ctx.nc.subscribe(ctx.names.dead_letter(SPEC.name), cb=observer.on_dead_letter),
         ]
         await ctx.nc.flush()
-        await publish(ctx, events)
+        await publish(ctx, subjects.INGESTED, events)
         leases = LeaseTimer(ctx.gpu)
         probes.take()  # the warm-up's
         if torch is not None:

@@ -80,8 +80,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-from nats.aio.msg import Msg
 from pydantic import SecretStr
 
 from bus.core import subjects
@@ -98,7 +96,6 @@ from bus.core.settings import (
 from bus.gpu.leases import MIB
 from bus.models.demo import build_tiny_sd, import_diffusers
 from bus.ops.embedded import NatsServer, S3Credentials, SeaweedFS
-from bus.runtime.call import Call
 from bus.runtime.context import Context, open_context
 from bus.runtime.runner import FunctionRunner
 from functions.generate import handler
@@ -106,6 +103,7 @@ from functions.generate.handler import FUNCTION, SPEC, handle_batch
 from functions.generate.pipelines import Pipelines
 from functions.generate.pipelines import run as pipeline_run
 from functions.generate.state import GenerateState, setup
+from tests.bench.harness import Observer, calls, publish, raise_failures
 from tests.bench.report import load_average, rounded, run_and_report, shown
 from tests.gpu.smoke_leases import cuda_torch
 
@@ -314,61 +312,11 @@ async def stage(ctx: Context, models: Sequence[str]) -> list[Event]:
     return list(await asyncio.gather(*(one(i, m) for i, m in enumerate(models))))
 
 
-async def publish(ctx: Context, events: list[Event]) -> None:
-    subject = ctx.names.subject(subjects.REQUESTED)
-    acks = [
-        await ctx.js.publish_async(subject, e.encode(), headers={"Nats-Msg-Id": e.id})
-        for e in events
-    ]
-    await asyncio.gather(*acks)
-
-
 async def warm_up(ctx: Context, state: GenerateState, groups: list[list[str]]) -> None:
     """Run the handler directly on each group of jobs (loading their models under leases)."""
     for models in groups:
         events = [job_event(ctx.settings, m, -1 - i) for i, m in enumerate(models)]
-        calls = [
-            Call(
-                e,
-                SPEC.name,
-                attempt=1,
-                max_attempts=SPEC.max_deliver,
-                deadline=time.monotonic() + SPEC.timeout,
-                state=state,
-            )
-            for e in events
-        ]
-        for result in await handle_batch(events, ctx, calls):
-            if isinstance(result, BaseException):
-                raise RuntimeError(f"the warm-up failed: {result}") from result
-
-
-class Observer:
-    """Counts the run's ``generated`` events as they land; fails on a dead letter."""
-
-    def __init__(self, ids: set[str]) -> None:
-        self.ids = ids
-        self.done: set[str] = set()
-        self.first = 0.0
-        self.last = 0.0
-        self.failure: str | None = None
-        self.complete = asyncio.Event()
-
-    async def on_generated(self, msg: Msg) -> None:
-        job_id = orjson.loads(msg.data).get("job_id")
-        if job_id in self.ids and job_id not in self.done:
-            now = time.perf_counter()
-            self.first = self.first or now
-            self.last = now
-            self.done.add(job_id)
-            if self.done == self.ids:
-                self.complete.set()
-
-    async def on_dead_letter(self, msg: Msg) -> None:
-        letter = orjson.loads(msg.data)
-        if (letter.get("event") or {}).get("job_id") in self.ids:
-            self.failure = f"a job was dead-lettered: {letter.get('reason')}"
-            self.complete.set()
+        raise_failures(await handle_batch(events, ctx, calls(events, SPEC, state)))
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -392,13 +340,13 @@ async def one_worker(servers: Servers, probes: Probes, variant: Variant, round_:
 
         fn = dataclasses.replace(FUNCTION, spec=spec, setup=prepared)
         events = await stage(ctx, variant.models)
-        observer = Observer({e.job_id or "" for e in events})
+        observer = Observer({e.job_id or "" for e in events}, "job_id")
         subs = [
-            await ctx.nc.subscribe(ctx.names.subject(subjects.GENERATED), cb=observer.on_generated),
+            await ctx.nc.subscribe(ctx.names.subject(subjects.GENERATED), cb=observer.on_result),
             await ctx.nc.subscribe(ctx.names.dead_letter(SPEC.name), cb=observer.on_dead_letter),
         ]
         await ctx.nc.flush()
-        await publish(ctx, events)
+        await publish(ctx, subjects.REQUESTED, events)
         probes.take()  # the warm-up's
         started = time.perf_counter()
         runner = FunctionRunner(fn, ctx)
