@@ -31,6 +31,7 @@ from bus.runtime.context import open_context
 from bus.runtime.registry import load
 from bus.runtime.runner import FunctionRunner
 from bus.state.keys import create_key
+from functions.generate.admin import UnloadSubject
 from functions.generate.pipelines import model_for
 from tests import test_generate
 from tests.support.http import auth
@@ -329,3 +330,25 @@ async def test_a_worker_with_the_worker_role_loads_and_unloads_on_request(
                 assert await leased(gateway, "tiny-sdxl") == []
             finally:
                 await runner.drain(10)
+
+
+async def test_unload_reaches_each_holder_even_when_host_id_and_pid_repeat(
+    ctx: Context, api: Api, admin: str
+) -> None:
+    """Compose replicas share a host id and often a pid (init: true): each holder still
+    has its own unload subject, so an unload never answers for the wrong worker."""
+    async with open_context(ctx.settings, [], "worker-b", gpu=True) as other:
+        assert ctx.gpu is not None and other.gpu is not None
+        a, b = ctx.gpu.ledger.holder, other.gpu.ledger.holder
+        assert (a.host, a.pid) == (b.host, b.pid) and a.instance != b.instance
+        subs = [await UnloadSubject.open(ctx), await UnloadSubject.open(other)]
+        try:
+            for holder in (ctx.gpu, other.gpu, ctx.gpu, other.gpu):
+                await holder.preload(Model(lease_model("tiny-sd"), 8, lambda _: b"weights"))
+                got = await api.post("/api/models/tiny-sd/unload", headers=auth(admin))
+                assert got.status == 200, await got.text()
+                assert [w["outcome"] for w in (await got.json())["workers"]] == ["unloaded"]
+                assert await leased(ctx, "tiny-sd") == []
+        finally:
+            for sub in subs:
+                await sub.close()

@@ -29,6 +29,8 @@ from bus.core.generation import Job
 from bus.core.settings import GenerateModel, GenerateSettings, Settings
 from bus.gateway import openai_images
 from bus.gateway.app import build_app, make_app_runner
+from bus.gateway.live import Live
+from bus.gateway.problems import Problem
 from bus.models.demo import build_tiny_sd
 from bus.runtime.registry import load
 from bus.runtime.runner import FunctionRunner
@@ -393,3 +395,36 @@ async def test_a_client_that_hangs_up_cancels_its_job(
             assert time.monotonic() < deadline, "the job was never cancelled"
             await asyncio.sleep(0.05)
     assert flag.value is not None and b"hung up" in flag.value
+
+
+async def test_an_error_after_the_job_is_queued_is_never_retried_into_a_second_job(
+    gateway: Gateway, key: str, ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client retries a plain 503 by default: each retry would queue the job again."""
+
+    async def hiccup(self: Live, job_id: str, timeout: float) -> Any:
+        raise Problem(503, "Service Unavailable", "the read model did not answer")
+
+    monkeypatch.setattr(Live, "wait", hiccup)
+    client = await gateway()
+    async with official(client, key, retries=2) as api:  # the client's default
+        with pytest.raises(openai.InternalServerError) as failed:
+            await api.images.generate(prompt="a lighthouse")
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    [job] = await requested(ctx, 1)  # everything stored is read: one job, not three
+    assert f"follow it at /api/generations/{job.job_id}" in failed.value.message
+
+
+async def test_who_asks_is_bounded_before_anything_is_stored(
+    gateway: Gateway, key: str, ctx: Context
+) -> None:
+    client = await gateway(wait_s=0.5)
+    body = b'{"prompt": "x", "user": "' + b"u" * 1_000_000 + b'"}'
+    got = await client.post(
+        "/v1/images/generations",
+        data=body,
+        headers={**auth(key), "Content-Type": "application/json"},
+    )
+    assert got.status == 400, await got.text()
+    assert (await got.json())["error"]["param"] == "user"
+    assert await requested(ctx) == []

@@ -60,6 +60,7 @@ class ModelHolder(BaseModel):
     host: str
     pid: int
     worker: str = Field(description="the process, e.g. worker-generate")
+    instance: str = Field(description="the process's random id (unload addresses it)")
     device: str = Field(description="cuda:<n> or cpu")
     mb: int = Field(description="the lease: the measured footprint once loaded")
     since: str | None = Field(description="when the lease was granted (date-time)")
@@ -125,6 +126,7 @@ class WorkerOutcome(BaseModel):
     host: str
     pid: int
     worker: str
+    instance: str = ""
     device: str | None
     outcome: Literal[
         "loaded", "loading", "held", "unloaded", "not_held", "busy", "unreachable", "failed"
@@ -238,6 +240,7 @@ async def _holders(ctx: Context) -> dict[str, list[ModelHolder]]:
                 ModelHolder(
                     host=holder["host"],
                     pid=holder["pid"],
+                    instance=holder.get("instance", ""),
                     worker=holder["worker"],
                     device=device["device"],
                     mb=lease["mb"],
@@ -313,6 +316,7 @@ def _outcome(answer: dict[str, Any], outcome: str, detail: str = "") -> WorkerOu
             "host": answer.get("host"),
             "pid": answer.get("pid"),
             "worker": answer.get("worker"),
+            "instance": answer.get("instance", ""),
             "device": answer.get("device"),
             "mb": answer.get("mb"),
             "outcome": outcome,
@@ -324,7 +328,7 @@ def _outcome(answer: dict[str, Any], outcome: str, detail: str = "") -> WorkerOu
 async def unload_generation_model(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     name = _known(request)
-    holders = {(h.host, h.pid): h for h in (await _holders(ctx)).get(name, [])}
+    holders = {h.instance: h for h in (await _holders(ctx)).get(name, [])}
     if not holders:
         return json_response(ModelChange(model=name, action="not_loaded", workers=[]))
     workers = await asyncio.gather(*(_unload(ctx, name, h) for h in holders.values()))
@@ -350,7 +354,7 @@ async def _unload(ctx: Context, name: str, holder: ModelHolder) -> WorkerOutcome
     try:
         answer = await services.request(
             ctx.nc,
-            unload_subject(ctx.names, holder.host, holder.pid),
+            unload_subject(ctx.names, holder.instance),
             {"model": name},
             UNLOAD_TIMEOUT_S,
             name=UNLOAD_SERVICE,

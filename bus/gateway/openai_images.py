@@ -49,7 +49,7 @@ from bus.gateway.contract import NOT_BLANK, SETTING_MAXIMUM, describe, is_json
 from bus.gateway.generations import InvalidGeneration, submit
 from bus.gateway.live import LIVE
 from bus.gateway.openai_api import ErrorDetail, OpenAIError, OpenAIErrorBody, _limits, _measured
-from bus.gateway.problems import json_response
+from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import ErrorBody, Reply, Route
 from bus.gateway.state import CTX
 from bus.images.check import UploadRejectedError, check_file
@@ -126,8 +126,10 @@ class _Options(BaseModel):
         None, description="accepted and ignored: darkroom's approval policy judges outputs"
     )
     stream: NoStream | None = Field(None, description="streaming is not offered")
-    user: str | None = Field(None, description="who asks, kept with the job")
-    safety_identifier: str | None = Field(None, description="who asks, kept with the job")
+    user: str | None = Field(None, max_length=256, description="who asks, kept with the job")
+    safety_identifier: str | None = Field(
+        None, max_length=256, description="who asks, kept with the job"
+    )
 
     @field_validator("size")
     @classmethod
@@ -353,6 +355,25 @@ def _param(problem: str) -> str | None:
 
 
 async def _answer(request: web.Request, asked: _Options, job_id: str) -> web.Response:
+    """The finished job's images, or why there are none. The job is queued by now: any
+    error says not to ask again (the openai client would queue the job once more), and
+    names the job to follow; only a client that hung up gets no answer."""
+    try:
+        return await _answer_queued(request, asked, job_id)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        status = exc.status if isinstance(exc, Problem) else 500
+        log.warning("the answer to generation %s failed: %s", job_id, exc)
+        return _final(
+            status if status >= 500 else 500,
+            f"generation {job_id} was queued, but its answer failed ({type(exc).__name__}): "
+            f"follow it at /api/generations/{job_id}",
+            "answer_failed",
+        )
+
+
+async def _answer_queued(request: web.Request, asked: _Options, job_id: str) -> web.Response:
     ctx = request.app[CTX]
     timeout = request.app.get(WAIT, WAIT_S)
     doc = await _finished(request, job_id, timeout)

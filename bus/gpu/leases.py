@@ -141,15 +141,17 @@ class LedgerUnavailableError(LeaseError):
 
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """Who holds a lease: a worker in a process on a host."""
+    """Who holds a lease: a worker in a process on a host. ``instance`` tells holders
+    apart where host id and pid do not (containers sharing a host id, each with pid 7)."""
 
     host: str
     pid: int
     worker: str
+    instance: str = ""  # a random id per holder ("" in entries of older versions)
 
     @classmethod
     def here(cls, host: str, worker: str) -> Holder:
-        return cls(host=host, pid=os.getpid(), worker=worker)
+        return cls(host=host, pid=os.getpid(), worker=worker, instance=uuid.uuid4().hex[:12])
 
     def __str__(self) -> str:
         return f"{self.host}/{self.pid}/{self.worker}"
@@ -194,7 +196,7 @@ class Lease:
         h = self.holder
         return {
             "id": self.id,
-            "holder": {"host": h.host, "pid": h.pid, "worker": h.worker},
+            "holder": {"host": h.host, "pid": h.pid, "worker": h.worker, "instance": h.instance},
             "model": self.model,
             "mb": self.mb,
             "expires": self.expires,
@@ -206,7 +208,12 @@ class Lease:
         h = doc["holder"]
         return cls(
             id=str(doc["id"]),
-            holder=Holder(host=str(h["host"]), pid=int(h["pid"]), worker=str(h["worker"])),
+            holder=Holder(
+                host=str(h["host"]),
+                pid=int(h["pid"]),
+                worker=str(h["worker"]),
+                instance=str(h.get("instance", "")),
+            ),
             model=str(doc["model"]),
             mb=int(doc["mb"]),
             expires=float(doc["expires"]),

@@ -7,9 +7,10 @@ next request for it does not wait.
 ``POST /api/models/<name>/unload`` must reach every worker that holds the model, while a
 service request reaches only one worker of its queue group. So each generate worker also
 listens on a subject of its own, named after its lease holder as the VRAM ledger records
-it (host id and pid): ``<ns>-rpc.generate-unload.<host>.<pid>``, in a queue group of its
-own, ``<ns>.generate-<host>-<pid>`` (the worker role may subscribe under ``<ns>-rpc.>``
-only in a queue group under ``<ns>.``). The gateway reads the holders from the ledger
+it (a random instance id: host id and pid can repeat across containers):
+``<ns>-rpc.generate-unload.<instance>``, in a queue group of its own,
+``<ns>.generate-<instance>`` (the worker role may subscribe under ``<ns>-rpc.>`` only in a
+queue group under ``<ns>.``). The gateway reads the holders from the ledger
 and asks each one on its subject: one request per holder, one answer each, and a holder
 that does not answer is named as such. (Scatter-gather on one subject would leave the
 gateway guessing how many answers to wait for; the ledger already says who holds what.)
@@ -36,11 +37,11 @@ def leased_name(model: str) -> str | None:
     return model.removeprefix(_LEASE_PREFIX) if model.startswith(_LEASE_PREFIX) else None
 
 
-def unload_subject(names: Names, host: str, pid: int) -> str:
-    """The subject of the worker ``host``/``pid`` that unloads its models."""
-    return names.service(f"{UNLOAD_SERVICE}.{check_id(host, 'host id')}.{pid}")
+def unload_subject(names: Names, instance: str) -> str:
+    """The subject of the worker whose lease holder is ``instance``, that unloads."""
+    return names.service(f"{UNLOAD_SERVICE}.{check_id(instance, 'instance id')}")
 
 
-def unload_group(names: Names, host: str, pid: int) -> str:
+def unload_group(names: Names, instance: str) -> str:
     """That worker's queue group: its own, so the request reaches it and nobody else."""
-    return names.service_group(f"{GENERATE}-{check_id(host, 'host id')}-{pid}")
+    return names.service_group(f"{GENERATE}-{check_id(instance, 'instance id')}")

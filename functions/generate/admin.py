@@ -61,6 +61,7 @@ def _where(ctx: Context, name: str) -> dict[str, Any]:
         "model": name,
         "host": holder.host,
         "pid": holder.pid,
+        "instance": holder.instance,
         "worker": holder.worker,
         "device": gpu.device,
     }
@@ -142,8 +143,8 @@ class UnloadSubject:
         holder = ctx.gpu.ledger.holder
         opened = cls(ctx)
         opened._sub = await ctx.nc.subscribe(
-            unload_subject(ctx.names, holder.host, holder.pid),
-            queue=unload_group(ctx.names, holder.host, holder.pid),
+            unload_subject(ctx.names, holder.instance),
+            queue=unload_group(ctx.names, holder.instance),
             cb=opened._answer,
         )
         await ctx.nc.flush()  # the server knows it before the ledger names us as a holder
