@@ -135,6 +135,10 @@ async def test_a_worker_cannot_write_api_keys_nor_announce_uploads(
         await refusals.wait_for(f"{ns}.uploaded")
         await worker.publish(f"{ns}.s3", b"{}")
         await refusals.wait_for(f"{ns}.s3")
+        # So are approval decisions: an admin's, through the gateway, and no worker's.
+        for decision in ("approved", "rejected", "deleted"):
+            await worker.publish(f"{ns}.{decision}", b"{}")
+            await refusals.wait_for(f"{ns}.{decision}")
         # No stream configuration at all: a mirror, a source or a RePublish would read or
         # write any subject (the server does not check them against the user).
         wjs = worker.jetstream(timeout=1)

@@ -541,8 +541,7 @@ async def test_search_ranks_by_cosine_and_filters(db: ReadModel) -> None:
     await db.project(failed, 1000)
     ready = await db.search(query, SearchFilters(status="ready", tag="cat"))
     assert ids(ready) == [images[0], images[4], images[5]]
-    async with db.pool.acquire() as conn:
-        await conn.execute("UPDATE images SET approval = 'approved' WHERE id = $1", images[4])
+    await db.project(event("approved", images[4], 10, by="k", reason="fine"), 1001)
     assert ids(await db.search(query, SearchFilters(approval="approved"))) == [images[4]]
     # Pages are offsets into the same ranking.
     first = await db.search(query, limit=4)

@@ -84,6 +84,30 @@ async def test_the_store_alone_rebuilds_images_whose_events_are_gone(
     assert after["tags"] == before["tags"]
 
 
+async def test_an_approval_decision_survives_its_events_aging_out(
+    ctx: Context, client: TestClient[Any, Any], admin: str, settings: Settings
+) -> None:
+    response = await client.post(
+        "/api/uploads", data=form(("kept.jpg", jpeg(300, 200))), headers=auth(admin)
+    )
+    [result] = (await response.json())["results"]
+    image_id = result["id"]
+    await wait_status(client, admin, image_id, "ready")
+    decided = await client.post(
+        f"/api/images/{image_id}/reject", json={"reason": "off topic"}, headers=auth(admin)
+    )
+    assert decided.status == 200, await decided.text()
+    await settled(ctx, "ingest", "caption", "notify")
+    before = await (await client.get(f"/api/images/{image_id}", headers=auth(admin))).json()
+    assert before["approval"] == "rejected"
+    await ctx.js.purge_stream(ctx.names.stream)  # the history aged out
+    async with open_context(settings, [], "reindex", declare=False, database=True) as fresh:
+        await reindex(fresh, progress=False)
+    after = await (await client.get(f"/api/images/{image_id}", headers=auth(admin))).json()
+    assert after["approval"] == "rejected"
+    assert after["decision"] == before["decision"]
+
+
 async def test_notify_waits_out_a_database_outage_and_loses_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:

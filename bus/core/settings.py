@@ -620,6 +620,54 @@ class GenerateSettings(_Section):
         return {**DEFAULT_GENERATE_MODELS, **self.models}
 
 
+class HoldPolicy(_Section):
+    """What waits for an admin's decision (``pending``) before it is shown: an image any
+    rule matches is held. Each rule is judged as its fact arrives (the NSFW score with the
+    caption; how it came in with the upload), by the policy of the process projecting it."""
+
+    nsfw_above: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="hold images whose NSFW score is above this; until its score is known "
+        "an image waits as pending, and one that gets no score stays held",
+    )
+    generated: bool = Field(default=False, description="hold every generated image")
+    sources: tuple[str, ...] = Field(
+        default=(),
+        description="hold uploads that came in these ways: gateway (multipart, the CLI), "
+        "presigned, hook, s3-notification",
+    )
+    keys: tuple[str, ...] = Field(
+        default=(), description="hold uploads made with these API keys (their ids)"
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _check_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for key_id in value:
+            if not re.match(r"^[a-z0-9]{12}$", key_id):  # bus.state.keys.KEY_ID_RE
+                raise ValueError(
+                    f"a key id is 12 characters of a-z and 0-9 (darkroom keys list), got {key_id!r}"
+                )
+        return value
+
+
+class ApprovalSettings(_Section):
+    """Approvals: what the policy holds, and how long a rejected original is kept."""
+
+    hold: HoldPolicy = HoldPolicy()
+    reject_keep_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="a rejected image's original is kept (approving it restores the image) "
+        "this long, then the sweep deletes it and its digest claim",
+    )
+    sweep_interval_s: float = Field(
+        default=3600.0, gt=0, description="how often the gateway sweeps expired rejections"
+    )
+
+
 class FunctionSettings(_Section):
     enabled: bool = True
     concurrency: int | None = Field(default=None, ge=1, le=4096)
@@ -654,6 +702,7 @@ class Settings(BaseSettings):
     generate: GenerateSettings = GenerateSettings()
     gpu: GpuSettings = GpuSettings()
     models: ModelsSettings = ModelsSettings()
+    approval: ApprovalSettings = ApprovalSettings()
     functions: dict[str, FunctionSettings] = Field(default_factory=dict)
 
     @field_validator("namespace")

@@ -22,6 +22,9 @@ REQUESTED = "requested"
 GENERATED = "generated"
 FAILED = "failed"  # failed.<stage>
 CANCELLED = "cancelled"  # cancelled.<stage>
+APPROVED = "approved"  # an admin's decision (who, when, why): images/<id>/approval.json
+REJECTED = "rejected"  # the same, rejecting: its renditions go, its original is kept a while
+DELETED = "deleted"  # an image and all its objects are gone (a rejection that expired)
 S3_EVENTS = "s3"  # default subject for MinIO bucket notifications (Records payloads)
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -129,6 +132,16 @@ class Names:
         return f"{self.namespace}_cancels"
 
     @property
+    def sessions_kv(self) -> str:
+        """Browser sessions: the SHA-256 of a cookie's secret → the key it stands for (TTL)."""
+        return f"{self.namespace}_sessions"
+
+    @property
+    def tickets_kv(self) -> str:
+        """One-use tickets for the event stream (a browser's EventSource sends no header)."""
+        return f"{self.namespace}_tickets"
+
+    @property
     def models_kv(self) -> str:
         """Model readiness: each worker's download progress and state per model (TTL)."""
         return f"{self.namespace}_models"
@@ -216,3 +229,4 @@ def generated_image_id(job_id: str, index: int) -> str:
 
 INGEST_DOC = "ingest.json"
 CAPTION_DOC = "caption.json"
+APPROVAL_DOC = "approval.json"  # the newest approval decision on an image

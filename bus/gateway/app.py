@@ -9,7 +9,11 @@ from pathlib import Path
 from aiohttp import web
 
 from bus.gateway import (
+    access,
+    approvals,
     captions,
+    carousel,
+    events,
     generations,
     hooks,
     images,
@@ -18,7 +22,9 @@ from bus.gateway import (
     models_api,
     openai_api,
     openai_images,
+    rejections,
     search,
+    sessions,
     system,
     uploads,
 )
@@ -359,6 +365,10 @@ def route_table() -> list[Route]:
         *search.routes(),
         *openai_api.routes(),
         *openai_images.routes(),
+        *events.routes(),
+        *sessions.routes(),
+        *approvals.routes(),
+        *carousel.routes(),
     ]
 
 
@@ -385,13 +395,6 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI])
 
 
-def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return None
-
-
 def _unauthorized(detail: str, challenge: str) -> web.Response:
     response = problem_response(401, "Unauthorized", detail)
     response.headers["WWW-Authenticate"] = challenge
@@ -400,7 +403,9 @@ def _unauthorized(detail: str, challenge: str) -> web.Response:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Deny by default: a route runs without a key only if the scope table says PUBLIC."""
+    """Deny by default: a route runs without a key only if the scope table says PUBLIC. A
+    browser's session cookie, or a ticket where the route takes one, stands for its key
+    (bus.gateway.sessions)."""
     match = request.match_info
     if match.http_exception is not None:  # no such path or method: nothing is served
         raise match.http_exception
@@ -410,16 +415,27 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     needed = scopes.get((request.method, canonical))
     if needed == PUBLIC:
         return await handler(request)
-    token = _bearer(request)
+    token = sessions.bearer(request)
     if token is None:
-        return _unauthorized(
-            "send an API key as 'Authorization: Bearer <key>'", 'Bearer realm="darkroom"'
-        )
-    record = await request.app[KEYS].authenticate(token)
-    if record is None:
-        return _unauthorized(
-            "this API key is unknown or revoked", 'Bearer realm="darkroom", error="invalid_token"'
-        )
+        try:
+            record = await request.app[sessions.BROWSERS].authenticate(request, canonical)
+        except sessions.Refused as exc:
+            if exc.status != 401:
+                return problem_response(exc.status, "Forbidden", exc.detail)
+            return _unauthorized(exc.detail, 'Bearer realm="darkroom", error="invalid_token"')
+        if record is None:
+            return _unauthorized(
+                "send an API key as 'Authorization: Bearer <key>' (a browser: sign in with "
+                "POST /api/session)",
+                'Bearer realm="darkroom"',
+            )
+    else:
+        record = await request.app[KEYS].authenticate(token)
+        if record is None:
+            return _unauthorized(
+                "this API key is unknown or revoked",
+                'Bearer realm="darkroom", error="invalid_token"',
+            )
     if needed is None:  # registered outside the route table: no key may call it
         return problem_response(
             403, "Forbidden", f"{request.method} {canonical} declares no scope, so no key may"
@@ -430,6 +446,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "Forbidden",
             f"this API key lacks the '{needed}' scope (it has: {', '.join(record.scopes)})",
         )
+    request[access.CALLER] = record
     return await handler(request)
 
 
@@ -512,6 +529,10 @@ def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
     app.cleanup_ctx.append(_read_side)
     app.cleanup_ctx.append(captions.background_tasks)
     app.cleanup_ctx.append(live.lifespan)
+    app.cleanup_ctx.append(sessions.lifespan)
+    app.cleanup_ctx.append(events.lifespan)  # after live: it hears progress from it
+    app.on_shutdown.append(events.shutdown)
+    app.cleanup_ctx.append(rejections.sweeper)
     return app
 
 

@@ -21,6 +21,7 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field
 
+from bus.gateway.access import caller
 from bus.gateway.contract import validate
 from bus.gateway.jsonbody import HookJson
 from bus.gateway.problems import Problem, json_response
@@ -70,11 +71,13 @@ BODY: Content = {
 async def ingest_hook(request: web.Request, query: HookQuery) -> web.Response:
     """Accept one image from an integration; answer like one entry of a multipart upload."""
     ctx = request.app[CTX]
+    key = (await caller(request)).id  # whose upload it is: an approval rule may hold it
     if request.content_type == "application/json":
-        accepted, name = await _from_json(ctx, request)
+        accepted, name = await _from_json(ctx, request, key)
     else:
         name = query.filename or disposition_filename(request.headers.get(hdrs.CONTENT_DISPOSITION))
-        accepted = await _accept(ctx, request.content.iter_chunked(CHUNK), name, {"kind": "bytes"})
+        chunks = request.content.iter_chunked(CHUNK)
+        accepted = await _accept(ctx, chunks, name, {"kind": "bytes"}, key)
     result = accepted_result(name or "", accepted)
     return json_response(result, status=result["status"])
 
@@ -89,9 +92,11 @@ async def _accept(
     chunks: AsyncIterator[bytes],
     filename: str | None,
     origin: dict[str, str],
+    key: str,
 ) -> Accepted:
     try:
-        return await accept_upload(ctx, chunks, filename, SOURCE, extra={"hook": origin})
+        extra = {"hook": origin, "key": key}
+        return await accept_upload(ctx, chunks, filename, SOURCE, extra=extra)
     except UploadRejectedError as exc:
         raise Problem(exc.status, "Upload rejected", exc.reason) from None
     except HttpProcessingError as exc:  # a broken request body (bad chunked encoding, say)
@@ -123,14 +128,14 @@ def _invalid(detail: str) -> Problem:
     return Problem(422, "Invalid hook body", detail)
 
 
-async def _from_json(ctx: Context, request: web.Request) -> tuple[Accepted, str | None]:
+async def _from_json(ctx: Context, request: web.Request, key: str) -> tuple[Accepted, str | None]:
     body = await _json_body(request, json_limit(ctx.settings.ingest.max_bytes))
     fields = body.finish()
     if ("data" in fields) == ("url" in fields):
         raise _invalid("send exactly one of 'data' (the image in base64) and 'url'")
     if "url" in fields:
         by_url = validate(HookUrl, fields, 422, "Invalid hook body", strict=True)
-        return await _from_url(ctx, by_url.url, by_url.filename)
+        return await _from_url(ctx, by_url.url, by_url.filename, key)
     # The data string was decoded on the way in (body.image); what stands in its place is
     # only checked for being a string.
     stand_in = "" if body.image is not None else fields["data"]
@@ -139,7 +144,7 @@ async def _from_json(ctx: Context, request: web.Request) -> tuple[Accepted, str 
     )
     assert body.image is not None
     origin = {"kind": "base64"}
-    return await _accept(ctx, _drain(body.image), by_data.filename, origin), by_data.filename
+    return await _accept(ctx, _drain(body.image), by_data.filename, origin, key), by_data.filename
 
 
 async def _drain(pieces: deque[bytes]) -> AsyncIterator[bytes]:
@@ -148,7 +153,9 @@ async def _drain(pieces: deque[bytes]) -> AsyncIterator[bytes]:
         yield pieces.popleft()
 
 
-async def _from_url(ctx: Context, url: str, filename: str | None) -> tuple[Accepted, str | None]:
+async def _from_url(
+    ctx: Context, url: str, filename: str | None, key: str
+) -> tuple[Accepted, str | None]:
     settings = ctx.settings.ingest.fetch
     if not settings.enabled:
         raise Problem(
@@ -163,6 +170,6 @@ async def _from_url(ctx: Context, url: str, filename: str | None) -> tuple[Accep
         async with fetch_image(url, settings, ctx.settings.ingest.max_bytes) as fetched:
             name = filename or fetched.filename
             origin = {"kind": "url", "url": url}
-            return await _accept(ctx, fetched.chunks, name, origin), name
+            return await _accept(ctx, fetched.chunks, name, origin, key), name
     except FetchError as exc:
         raise Problem(exc.status, exc.title, exc.detail) from None

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from bus.gateway.access import check_pixels, shown_only
 from bus.gateway.contract import OneOf, Timestamp
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.state import CTX
@@ -67,6 +68,16 @@ def _iso(value: Any) -> Any:
 Moment = Annotated[datetime, BeforeValidator(_iso)]
 
 
+class Decision(BaseModel):
+    """An admin's decision on an image: who (the key id), when and why."""
+
+    decision: Annotated[str, OneOf("approved", "rejected")]
+    by: str | None = Field(description="the id of the API key that decided")
+    reason: str | None
+    time: Timestamp
+    event: str = Field(description="the id of the decision's event")
+
+
 class ImageDoc(BaseModel):
     """One image as the catalogue has it. Each stage adds its members (``ingest``,
     ``caption``, ``failure``...) as it finishes; an upload adds what the intake found."""
@@ -81,7 +92,12 @@ class ImageDoc(BaseModel):
     taken: Timestamp | None = Field(description="when the photo was taken, if it says")
     stages: dict[str, Timestamp] = Field(description="when each stage finished")
     tags: list[str]
-    approval: Annotated[str, OneOf(*APPROVALS)]
+    approval: Annotated[str, OneOf(*APPROVALS)] = Field(
+        description="none: nothing to decide (shown); pending: waits for an admin's decision; "
+        "approved; rejected (its renditions deleted, its original kept for a while)"
+    )
+    hold: list[str] = Field(description="why the approval policy holds it, if it does")
+    decision: Decision | None = Field(description="the newest approval decision")
     ingest: dict[str, Any] | None = Field(None, description="sizes, renditions, EXIF...")
     caption: dict[str, Any] | None = None
     failure: dict[str, Any] | None = Field(None, description="the stage that failed, and why")
@@ -90,7 +106,11 @@ class ImageDoc(BaseModel):
 class ImagesQuery(BaseModel):
     status: Annotated[str, OneOf(*STATUSES)] | None = None
     tag: str | None = Field(None, description="only images with this tag")
-    approval: Annotated[str, OneOf(*APPROVALS)] | None = None
+    approval: Annotated[str, OneOf(*APPROVALS)] | None = Field(
+        None,
+        description="only images of this approval; pending and rejected ones are listed to "
+        "admin keys only (the default for other keys: none and approved)",
+    )
     since: Moment | None = Field(None, description="only images at or after this (sort key)")
     until: Moment | None = Field(None, description="only images before this (sort key)")
     has_caption: bool | None = Field(None, description="only images with (true) or without")
@@ -124,8 +144,9 @@ class ThumbnailQuery(BaseModel):
     px: int | None = Field(None, description="a size of ingest.thumb_px; default the smallest")
 
 
-def image_query(query: ImagesQuery) -> ImageQuery:
-    """The read model's query for the list endpoint's parameters (400 if they disagree)."""
+def image_query(query: ImagesQuery, shown: bool = False) -> ImageQuery:
+    """The read model's query for the list endpoint's parameters (400 if they disagree);
+    ``shown``: only the images every key sees."""
     try:
         return ImageQuery(
             status=query.status,
@@ -139,6 +160,7 @@ def image_query(query: ImagesQuery) -> ImageQuery:
             order=query.order,
             cursor=query.cursor or None,
             limit=query.limit,
+            shown_only=shown,
         )
     except ReadModelError as exc:
         raise Problem(400, "Bad query parameter", str(exc)) from None
@@ -148,7 +170,7 @@ async def list_images(request: web.Request, query: ImagesQuery) -> web.Response:
     nothing = query.since and query.until and query.since >= query.until  # no time
     if nothing or (query.q and not has_words(query.q)):  # or no word: nothing matches
         return json_response({"items": [], "next_cursor": None})
-    checked = image_query(query)
+    checked = image_query(query, await shown_only(request, query.approval))
     db = catalogue(request)
     page = await query_db(lambda: db.page(checked))
     return json_response({"items": page.items, "next_cursor": page.next_cursor})
@@ -213,6 +235,7 @@ async def get_original(request: web.Request, query: OriginalQuery) -> web.Stream
     """The original, downloaded unless ``?inline=true``, so that following a link never
     shows someone's upload as a page of this origin."""
     doc = await image_doc(request)
+    await check_pixels(request, doc)
     original = doc.get("original")
     if not isinstance(original, dict) or not isinstance(original.get("key"), str):
         raise Problem(404, "Not Found", "this image has no stored original")
@@ -231,6 +254,11 @@ async def get_thumbnail(request: web.Request, query: ThumbnailQuery) -> web.Stre
 
 async def _rendition(request: web.Request, which: str, px: int | None = None) -> web.StreamResponse:
     doc = await image_doc(request)
+    await check_pixels(request, doc)
+    if doc["approval"] == "rejected":
+        raise Problem(
+            404, "Not Found", f"image {doc['id']} was rejected: its renditions are deleted"
+        )
     ingest = doc.get("ingest")
     renditions = ingest.get("renditions") if isinstance(ingest, dict) else None
     if not isinstance(renditions, dict) or not renditions:

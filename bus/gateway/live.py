@@ -6,6 +6,8 @@ One :class:`Live` per gateway holds two kinds of core-NATS subscription:
   newest report per job, kept while reports keep coming (dropped after :data:`KEEP_S` of
   silence, or when the job ends). A queued job with progress is ``running`` with its step,
   total and message (:meth:`Live.document`).
+  Every report, of any stage, also goes to the listeners (:meth:`Live.listen`): the event
+  streams of ``GET /api/events`` forward them, so the gateway subscribes to progress once.
 - the job's ends (``generated``, ``failed.generate``, ``cancelled.generate``: a message
   JetStream stores reaches plain subscribers too), which wake whoever waits for the job
   (:meth:`Live.wait`) to read it again at once. A waiter also re-reads the read model on
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -55,6 +57,7 @@ class Live:
         self._progress: dict[str, tuple[float, dict[str, Any]]] = {}  # job -> (when, report)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subs: list[Subscription] = []
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     async def start(self) -> None:
         names, nc = self._ctx.names, self._ctx.nc
@@ -71,6 +74,14 @@ class Live:
             with contextlib.suppress(Exception):  # the connection may be closing already
                 await sub.unsubscribe()
         self._subs.clear()
+
+    def listen(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Hand ``listener`` every step report, of any stage, as it arrives (a JSON object,
+        as :class:`bus.runtime.call.Progress` sends it)."""
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        self._listeners.remove(listener)
 
     def progress(self, job_id: str) -> dict[str, Any] | None:
         """The job's newest step report, if one came within :data:`KEEP_S`:
@@ -159,7 +170,11 @@ class Live:
             report = orjson.loads(msg.data)
         except orjson.JSONDecodeError:
             return
-        if not isinstance(report, dict) or report.get("stage") != STAGE:
+        if not isinstance(report, dict):
+            return
+        for listener in self._listeners:
+            listener(report)
+        if report.get("stage") != STAGE:
             return  # another stage's work on an image (an output being ingested, say)
         job_id = report.get("job_id")
         step, total = report.get("step"), report.get("total")

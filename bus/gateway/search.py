@@ -19,6 +19,7 @@ from typing import Annotated
 from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
 
+from bus.gateway.access import shown_only
 from bus.gateway.contract import NOT_BLANK, OneOf
 from bus.gateway.images import ImageDoc, catalogue, query_db
 from bus.gateway.problems import Problem, json_response
@@ -61,7 +62,11 @@ FUSION = (
 class SimilarQuery(BaseModel):
     tag: str | None = Field(None, description="only images with this tag")
     status: Annotated[str, OneOf(*STATUSES)] | None = None
-    approval: Annotated[str, OneOf(*APPROVALS)] | None = None
+    approval: Annotated[str, OneOf(*APPROVALS)] | None = Field(
+        None,
+        description="only images of this approval; pending and rejected ones are found by "
+        "admin keys only (the default for other keys: none and approved)",
+    )
     nsfw_below: float | None = Field(
         None,
         ge=0,
@@ -179,12 +184,13 @@ def routes() -> list[Route]:
 async def search(request: web.Request, query: SearchQuery) -> web.Response:
     ctx = request.app[CTX]
     db = catalogue(request)
+    filters = _filters(query, await shown_only(request, query.approval))
     signals, vectors = _signals(await _embed(ctx, query.q))
     signals, vectors = await _complete_only(db, signals, vectors)
 
     async def ranked() -> SearchResult:
         try:
-            return await db.search(vectors, _filters(query), query.limit, query.offset)
+            return await db.search(vectors, filters, query.limit, query.offset)
         except ReadModelError as exc:  # the service's vectors do not fit the stored ones
             raise Problem(502, "Bad Gateway", str(exc)) from None
 
@@ -197,9 +203,8 @@ async def search(request: web.Request, query: SearchQuery) -> web.Response:
 async def similar_images(request: web.Request, query: SimilarQuery) -> web.Response:
     image_id = request.match_info["image_id"]
     db = catalogue(request)
-    result = await query_db(
-        lambda: db.similar(image_id, _filters(query), query.limit, query.offset)
-    )
+    filters = _filters(query, await shown_only(request, query.approval))
+    result = await query_db(lambda: db.similar(image_id, filters, query.limit, query.offset))
     if result is None:
         doc = await query_db(lambda: db.get(image_id))
         if doc is None:
@@ -215,12 +220,13 @@ async def similar_images(request: web.Request, query: SimilarQuery) -> web.Respo
     )
 
 
-def _filters(query: SimilarQuery) -> SearchFilters:
+def _filters(query: SimilarQuery, shown: bool) -> SearchFilters:
     return SearchFilters(
         tag=query.tag or None,
         status=query.status,
         approval=query.approval,
         nsfw_below=query.nsfw_below,
+        shown_only=shown,
     )
 
 

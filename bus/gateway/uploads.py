@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from bus.core import subjects
 from bus.core.envelope import new_id
+from bus.gateway.access import caller
 from bus.gateway.contract import SETTING_MAXIMUM, Integer
 from bus.gateway.problems import Problem, json_response, problem_response
 from bus.gateway.state import CTX
@@ -121,6 +122,7 @@ async def upload(request: web.Request) -> web.Response:
             f"got {request.content_type or 'no content type'}",
         )
     results: list[dict[str, Any]] = []
+    whose = {"key": (await caller(request)).id}  # an approval rule may hold a key's uploads
     try:
         reader = await request.multipart()
         parts = _file_parts(reader)
@@ -129,7 +131,7 @@ async def upload(request: web.Request) -> web.Response:
                 raise Problem(413, "Too many files", f"at most {MAX_FILES} files per request")
             name = part.filename or ""
             try:
-                accepted = await accept_upload(ctx, _chunks(part), name, "gateway")
+                accepted = await accept_upload(ctx, _chunks(part), name, "gateway", extra=whose)
             except UploadRejectedError as exc:
                 results.append(
                     FileRefused(name=name, status=exc.status, error=exc.reason).model_dump()
@@ -205,7 +207,8 @@ async def complete(request: web.Request) -> web.Response:
     if not subjects.is_safe_id(image_id):
         raise Problem(404, "Not Found", f"{image_id[:80]!r} is not an upload id")
     try:
-        accepted = await complete_presigned(ctx, image_id)
+        whose = {"key": (await caller(request)).id}
+        accepted = await complete_presigned(ctx, image_id, extra=whose)
     except UploadRejectedError as exc:
         return rejected(exc.status, exc.reason)
     result = accepted_result(accepted.name, accepted)

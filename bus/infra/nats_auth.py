@@ -111,7 +111,17 @@ def permissions(role: Role, names: Names) -> dict[str, Any] | None:
                     *[f"$JS.API.STREAM.MSG.GET.{s}" for s in (leases, cancels)],
                     "$JS.FC.>",
                 ],
-                "deny": [names.subject(subjects.UPLOADED), names.subject(subjects.S3_EVENTS)],
+                # announcing uploads, and approval decisions (the gateway's, by an admin)
+                "deny": [
+                    names.subject(t)
+                    for t in (
+                        subjects.UPLOADED,
+                        subjects.S3_EVENTS,
+                        subjects.APPROVED,
+                        subjects.REJECTED,
+                        subjects.DELETED,
+                    )
+                ],
             },
             # the requests its functions' services answer: in their queue groups only, so
             # no worker reads every request (a plain subscription would get a copy of each)

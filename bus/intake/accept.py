@@ -155,7 +155,9 @@ async def accept_upload(
         spool.close()
 
 
-async def complete_presigned(ctx: Context, image_id: str, source: str = "presigned") -> Accepted:
+async def complete_presigned(
+    ctx: Context, image_id: str, source: str = "presigned", extra: dict[str, Any] | None = None
+) -> Accepted:
     """Check an original a client POSTed to ``incoming/<id>/``, then make it the image.
 
     The checked bytes are copied server-side to ``uploads/<id>/`` only if the incoming
@@ -211,8 +213,8 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
         attempt = _Attempt(ctx, spool.sha256, image_id, key, claim, late_writes=late_writes)
         try:
             await _stage(ctx, image_id, key, spool.sha256)
-            extra = await _apply_gps_policy(ctx, spool, checked)
-            if extra:  # the incoming original still has its location: store the stripped one
+            stripped = await _apply_gps_policy(ctx, spool, checked)
+            if stripped:  # the incoming original still has its location: store the stripped one
                 ref = await attempt.write(store.put_file(key, spool.file, spool.size, mime))
             else:
                 copied = await attempt.write(
@@ -225,7 +227,7 @@ async def complete_presigned(ctx: Context, image_id: str, source: str = "presign
                         "complete again",
                     )
                 ref = copied
-            upload = _Upload(checked, spool.sha256, name, source, extra)
+            upload = _Upload(checked, spool.sha256, name, source, {**(extra or {}), **stripped})
             await _announce(ctx, upload, image_id, ref, claim)
         except BaseException:
             # Our copy goes; the client's incoming object stays, so completing again works.

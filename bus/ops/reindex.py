@@ -20,6 +20,7 @@ newer than the replay.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -43,7 +44,11 @@ PROJECTED_TOPICS = (
     subjects.INGESTED,
     subjects.CAPTIONED,
     f"{subjects.CANCELLED}.generate",  # a job's cancellation
+    subjects.APPROVED,  # approval decisions, and images the rejection sweep deleted
+    subjects.REJECTED,
+    subjects.DELETED,
 )
+DECISION_TOPICS = {"approved": subjects.APPROVED, "rejected": subjects.REJECTED}
 NOTIFY_FAILED = f"{subjects.FAILED}.notify"  # notify's own failures are not the image's
 
 
@@ -92,7 +97,8 @@ async def _from_store(ctx: Context, db: ReadModel, summary: ReindexSummary, show
     docs = {
         key: moment
         for key, moment in derived.items()
-        if key.rsplit("/", 1)[-1] in (subjects.INGEST_DOC, subjects.CAPTION_DOC)
+        if key.rsplit("/", 1)[-1]
+        in (subjects.INGEST_DOC, subjects.CAPTION_DOC, subjects.APPROVAL_DOC)
     }
     ids = {subjects.image_id_from_key(k, subjects.UPLOADS_PREFIX) for k in uploads}
     ids |= {subjects.image_id_from_key(k, subjects.IMAGES_PREFIX) for k in docs}
@@ -145,6 +151,15 @@ def _request_job(key: str) -> str | None:
 def _events_for(key: str, image_id: str, moment: datetime, doc: dict[str, Any]) -> list[Event]:
     if key.endswith("/" + subjects.CAPTION_DOC):
         return [_event(subjects.CAPTIONED, image_id, moment, doc)]
+    if key.endswith("/" + subjects.APPROVAL_DOC):  # the newest decision, kept with the image
+        topic = DECISION_TOPICS.get(str(doc.get("decision")))
+        if topic is None:
+            return []
+        decided = {k: doc.get(k) for k in ("decision", "previous", "by", "reason")}
+        event = _event(topic, image_id, moment, decided)
+        if isinstance(doc.get("event"), str) and isinstance(doc.get("time"), str):
+            event = dataclasses.replace(event, id=doc["event"], time=doc["time"])
+        return [event]
     events = [_event(subjects.INGESTED, image_id, moment, doc)]
     original = doc.get("original")
     if isinstance(original, dict) and str(original.get("key", "")).startswith(

@@ -30,7 +30,7 @@ import orjson
 
 from bus.core import subjects
 from bus.core.envelope import Event
-from bus.core.settings import Settings
+from bus.core.settings import HoldPolicy, Settings
 from bus.infra.postgres import Migration, open_pool
 
 log = logging.getLogger("darkroom.readmodel")
@@ -39,8 +39,20 @@ COUNTS_TTL_S = 30.0  # how stale the per-model embedding counts may be
 MIGRATIONS = Path(__file__).with_name("migrations")
 STATUSES = ("uploaded", "ingested", "ready", "failed")
 APPROVALS = ("none", "pending", "approved", "rejected")
+# What every key sees (nothing to decide, or approved); pending and rejected only admin keys.
+SHOWN = ("none", "approved")
+SHOWN_ONLY = "i.approval IN ('none', 'approved')"
 SORTS = {"created": "created", "taken": "taken_or_created"}
-UPLOAD_KEYS = ("sha256", "source", "original_name", "hook", "gps_removed", "lineage", "format")
+UPLOAD_KEYS = (
+    "sha256",
+    "source",
+    "original_name",
+    "hook",
+    "key",  # the API key it came through (its id)
+    "gps_removed",
+    "lineage",
+    "format",
+)
 MAX_EMBEDDING_DIM = 2000  # pgvector's HNSW limit for the vector type
 # HNSW: the graph's degree and build effort, and the candidates a query looks at. Chosen
 # with tests/bench/bench_readmodel.py (recall of the top 20 at 10^6 images).
@@ -85,7 +97,7 @@ async def open_read_model(settings: Settings, client_name: str) -> ReadModel:
         timeout=pg.connect_timeout_s,
         application_name=f"darkroom-{client_name}",
     )
-    return ReadModel(pool)
+    return ReadModel(pool, settings.approval.hold)
 
 
 def parse_time(text: str) -> datetime:
@@ -117,6 +129,7 @@ class ImageQuery:
     order: str = "desc"
     cursor: str | None = None
     limit: int = 50
+    shown_only: bool = False  # only what every key sees (approval none or approved)
 
     def __post_init__(self) -> None:
         _check_status_and_approval(self.status, self.approval)
@@ -141,13 +154,15 @@ def _check_status_and_approval(status: str | None, approval: str | None) -> None
 
 @dataclass(frozen=True, slots=True)
 class SearchFilters:
-    """What a search or a similar-images query keeps: a tag, a status, an approval, and an
-    NSFW score below a threshold (images without a score are left out then)."""
+    """What a search or a similar-images query keeps: a tag, a status, an approval, an
+    NSFW score below a threshold (images without a score are left out then), and only what
+    every key sees (approval none or approved)."""
 
     tag: str | None = None
     status: str | None = None
     approval: str | None = None
     nsfw_below: float | None = None
+    shown_only: bool = False
 
     def __post_init__(self) -> None:
         _check_status_and_approval(self.status, self.approval)
@@ -156,7 +171,9 @@ class SearchFilters:
 
     @property
     def narrows(self) -> bool:
-        return any(v is not None for v in (self.tag, self.status, self.approval, self.nsfw_below))
+        return self.shown_only or any(
+            v is not None for v in (self.tag, self.status, self.approval, self.nsfw_below)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,11 +239,14 @@ def _text_query(text: str) -> str | None:
 class ReadModel:
     """The catalogue in PostgreSQL, over a pool whose connections use the namespace's schema."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        from bus.state.generations import Generations  # it builds on this module
+    def __init__(self, pool: asyncpg.Pool, policy: HoldPolicy | None = None) -> None:
+        from bus.state.approvals import Approvals  # they build on this module
+        from bus.state.generations import Generations
 
         self.pool = pool
         self.generations = Generations(pool)  # generation jobs (their own table)
+        self.approvals = Approvals(pool)  # decisions, the pending queue, the carousel
+        self.policy = policy or HoldPolicy()  # what waits for a decision (approval.hold)
         self._vector_indexes: dict[tuple[str, str], int] = {}  # (kind, model) -> dimensions
         # Images each (kind, model) has embedded, counted at most every COUNTS_TTL_S: which
         # model serves while another re-embeds, without counting on every query.
@@ -235,10 +255,14 @@ class ReadModel:
 
     async def project(self, event: Event, seq: int) -> bool:
         """Fold ``event`` (stream sequence ``seq``) into its image's row, and a generation
-        job's events into the job's (a ``generated`` event into both); False when it was
-        older than what the rows hold (or about neither)."""
+        job's events into the job's (a ``generated`` event into both), and a decision on an
+        image into its row (:mod:`bus.state.approvals`); False when it was older than what
+        the rows hold (or about neither)."""
+        from bus.state import approvals
         from bus.state.generations import is_job_event
 
+        if event.type in approvals.TOPICS:
+            return await self.approvals.project(event, seq)
         job = await self.generations.project(event, seq) if is_job_event(event) else False
         if event.image_id:
             return await self._project_image(event, seq) or job
@@ -287,11 +311,13 @@ class ReadModel:
     async def _uploaded(
         self, conn: asyncpg.Connection, event: Event, moment: datetime, seq: int
     ) -> asyncpg.Record | None:
+        from bus.state.approvals import upload_hold
+
         upload: dict[str, Any] = {k: event.data[k] for k in UPLOAD_KEYS if k in event.data}
         if event.object is not None:
             upload["original"] = event.object.to_dict()
         kind = "generated" if event.type == subjects.GENERATED else "upload"
-        return await _upsert_stage(
+        return await upsert_stage(
             conn,
             event,
             moment,
@@ -303,6 +329,7 @@ class ReadModel:
                 "name": str(event.data.get("name", "")),
                 "upload": _json(upload),
                 "uploaded_at": moment,
+                **upload_hold(self.policy, event),
             },
         )
 
@@ -317,7 +344,7 @@ class ReadModel:
                 taken = parse_time(exif["taken_at"])
             except ReadModelError:
                 taken = None  # a camera's odd date is no reason to refuse the event
-        return await _upsert_stage(
+        return await upsert_stage(
             conn,
             event,
             moment,
@@ -340,10 +367,13 @@ class ReadModel:
         seq: int,
         embeddings: list[_Embedding],
     ) -> asyncpg.Record | None:
+        from bus.state.approvals import caption_hold
+
         data = event.data
         tags = _tags(data.get("tags"))
         caption = data.get("caption")
-        row = await _upsert_stage(
+        nsfw = _nsfw(data.get("nsfw"))
+        row = await upsert_stage(
             conn,
             event,
             moment,
@@ -354,7 +384,8 @@ class ReadModel:
                 "captioned_at": moment,
                 "caption_text": caption if isinstance(caption, str) else None,
                 "tags": [name for name, _ in tags],
-                "nsfw": _nsfw(data.get("nsfw")),
+                "nsfw": nsfw,
+                "caption_hold": caption_hold(self.policy, nsfw),
                 "caption_request_seq": _int_or_none(data.get("request_seq")),
             },
             rank="caption_request_seq",
@@ -386,7 +417,7 @@ class ReadModel:
             "kind": str(event.data.get("kind", "")),
             "time": event.time,
         }
-        return await _upsert_stage(conn, event, moment, seq, "failure", {"failure": _json(failure)})
+        return await upsert_stage(conn, event, moment, seq, "failure", {"failure": _json(failure)})
 
     async def _embed(
         self,
@@ -753,11 +784,19 @@ DOC_COLUMNS = ", ".join(
         "uploaded_at",
         "ingested_at",
         "captioned_at",
+        "upload_hold",
+        "screen",
+        "caption_hold",
+        "decision",
+        "decided_at",
+        "decision_by",
+        "decision_reason",
+        "decision_id",
     ]
 )
 
 
-async def _upsert_stage(
+async def upsert_stage(
     conn: asyncpg.Connection,
     event: Event,
     moment: datetime,
@@ -827,6 +866,8 @@ def _page_sql(q: ImageQuery) -> tuple[str, list[Any]]:
         where.append(f"i.status = {arg(q.status)}")
     if q.approval is not None:
         where.append(f"i.approval = {arg(q.approval)}")
+    if q.shown_only:
+        where.append(SHOWN_ONLY)
     if q.since is not None:
         where.append(f"{sort_col} >= {arg(q.since)}")
     if q.until is not None:
@@ -872,6 +913,8 @@ def search_sql(
         narrowing.append(f"i.approval = {arg(filters.approval)}")
     if filters.nsfw_below is not None:
         narrowing.append(f"i.nsfw < {arg(filters.nsfw_below)}")
+    if filters.shown_only:
+        narrowing.append(SHOWN_ONLY)
     if filters.tag is not None:
         narrowing.append(
             "EXISTS (SELECT 1 FROM image_tags t WHERE t.image_id = e.image_id "
@@ -943,6 +986,14 @@ def fuse(candidates: Sequence[tuple[str, Sequence[float | None]]]) -> list[Hit]:
     return hits
 
 
+def hold_reasons(row: asyncpg.Record) -> list[str]:
+    """Why the approval policy holds the image of ``row`` (whatever was decided since)."""
+    reasons = [r for r in (row["upload_hold"], row["caption_hold"]) if r]
+    if row["screen"] and row["captioned_at"] is None:
+        reasons.append("waiting for its NSFW score")
+    return reasons
+
+
 def document(row: asyncpg.Record) -> dict[str, Any]:
     """The API's image document for a row."""
     stages: dict[str, str | None] = {}
@@ -964,7 +1015,17 @@ def document(row: asyncpg.Record) -> dict[str, Any]:
         "stages": stages,
         "tags": list(row["tags"]),
         "approval": row["approval"],
+        "hold": hold_reasons(row),
+        "decision": None,
     }
+    if row["decision"] is not None:
+        doc["decision"] = {
+            "decision": row["decision"],
+            "by": row["decision_by"],
+            "reason": row["decision_reason"],
+            "time": format_time(row["decided_at"]),
+            "event": row["decision_id"],
+        }
     if row["upload"] is not None:
         doc.update(orjson.loads(row["upload"]))
     for key in ("ingest", "caption", "failure"):

@@ -1,6 +1,6 @@
 """notify: keep the catalogue (the PostgreSQL read model) current from every lifecycle event:
-images from theirs, generation jobs from theirs (requested, generated, and a job's failure or
-cancellation).
+images from theirs (approval decisions and deletions included), generation jobs from theirs
+(requested, generated, and a job's failure or cancellation).
 
 While the database is unreachable the handler waits for it (the runner's heartbeats keep
 the event alive) rather than spending its retries, so an outage of up to ``Spec.timeout``
@@ -23,6 +23,9 @@ SPEC = Spec(
         subjects.GENERATED,
         subjects.INGESTED,
         subjects.CAPTIONED,
+        subjects.APPROVED,  # decisions, and the sweep's deletions (bus/state/approvals.py)
+        subjects.REJECTED,
+        subjects.DELETED,
         f"{subjects.FAILED}.>",
         # Only the job stage's: a cancel of notify's own would come back to it, and loop.
         f"{subjects.CANCELLED}.generate",
