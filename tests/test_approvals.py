@@ -138,6 +138,27 @@ async def test_every_way_in_records_the_key_an_upload_came_through(
     assert [e.data.get("key") for e in found] == [key_id, key_id]
 
 
+async def test_a_held_image_is_neither_counted_nor_generated_from_by_other_keys(
+    ctx: Context, client: TestClient[Any, Any], db: ReadModel, admin: str, make_key: Any
+) -> None:
+    hooked = await client.post(
+        "/api/hooks/ingest?filename=h.png", data=png(30, 20), headers=auth(admin)
+    )
+    assert hooked.status == 201, await hooked.text()
+    image_id = (await hooked.json())["id"]
+    await until(db, image_id, "held", approval="pending")  # the policy holds hook uploads
+    user = await make_key("read", "generate")
+    counts = await (await client.get("/api/images/counts", headers=auth(user))).json()
+    assert counts["total"] == 0 and counts["approval"]["pending"] == 0
+    counts = await (await client.get("/api/images/counts", headers=auth(admin))).json()
+    assert counts["total"] == 1 and counts["approval"]["pending"] == 1
+    ask = {"prompt": "the same, in blue", "mode": "img2img", "image": image_id}
+    refused = await client.post("/api/generations", json=ask, headers=auth(user))
+    assert refused.status == 403, await refused.text()
+    assert "only an admin key may generate from it" in (await refused.json())["detail"]
+    assert await events(ctx, subjects.REQUESTED) == []
+
+
 async def test_decisions_win_by_stream_order_and_a_deletion_drops_the_row(
     db: ReadModel,
 ) -> None:
@@ -238,6 +259,29 @@ async def test_a_held_image_waits_in_the_queue_until_approved_then_shows_in_the_
     assert (await ctx.store.get_json(audit.object.key))["event"] == audit.id
     again = await client.post(f"/api/images/{generated}/approve", json={}, headers=auth(admin))
     assert (await again.json())["changed"] is False
+
+
+async def test_the_sweep_spares_an_image_decided_again_since_the_catalogue_said_rejected(
+    client: TestClient[Any, Any], ctx: Context, db: ReadModel, admin: str
+) -> None:
+    """The sweep lists rejections from the catalogue, which may lag: it acts only on what
+    the stored decision (written before its event) still says."""
+    result = await upload(client, admin, jpeg(color=(20, 90, 90)))
+    image_id = result["id"]
+    await until(db, image_id, "ready", status="ready")
+    response = await client.post(
+        f"/api/images/{image_id}/reject", json={"reason": "no"}, headers=auth(admin)
+    )
+    assert response.status == 200
+    await until(db, image_id, "rejected", approval="rejected")
+    # An approval stored, its event not projected yet (notify is behind).
+    key = subjects.image_key(image_id, subjects.APPROVAL_DOC)
+    record = {**await ctx.store.get_json(key), "decision": "approved", "time": now_iso()}
+    await ctx.store.put_json(key, record)
+    keep_s = ctx.settings.approval.reject_keep_days * 86_400
+    report = await sweep_rejections(ctx, time.time() + keep_s + 60)
+    assert report.deleted == 0
+    assert await ctx.store.list_keys(f"uploads/{image_id}/") != []
 
 
 async def test_rejecting_drops_the_renditions_and_hides_the_original_until_the_sweep(

@@ -121,7 +121,12 @@ async def check_listed_until_released(
     assert set(shown) == {"blip-base", "sdxl-turbo"}
     assert shown["blip-base"]["id"] == first.id and shown["blip-base"]["mb"] == 300
     assert shown["sdxl-turbo"]["mb"] == 400
-    assert shown["blip-base"]["holder"] == {"host": host, "pid": a.holder.pid, "worker": "caption"}
+    assert shown["blip-base"]["holder"] == {
+        "host": host,
+        "pid": a.holder.pid,
+        "worker": "caption",
+        "instance": a.holder.instance,
+    }
     assert shown["sdxl-turbo"]["holder"]["worker"] == "generate"
     # Granted after `asked` and read before now: the age is at most the time in between.
     # A lease expires a TTL after its grant or its latest renewal, so at most a TTL from

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from PIL import Image
 
 from bus import Call, Context, Emit, Event, Function, Reject, Spec, subjects
+from bus.core.envelope import ObjectRef, now_iso
 from bus.core.settings import FetchSettings, IngestSettings, Settings
 from bus.gateway.app import build_app
 from bus.gateway.openai_api import CHAT_SERVICE, CHAT_TIMEOUTS, ChatTimeouts, _shrunk
@@ -281,6 +282,23 @@ async def test_an_image_by_data_url_by_http_url_and_by_darkroom_id_is_the_same_i
     image_id = "chatphoto1"
     key = subjects.image_key(image_id, "display.webp")
     await ctx.store.put_bytes(key, display.getvalue(), "image/webp")
+    assert ctx.db is not None
+    # In the catalogue only by a later stage's event: how it came in is not known yet, so
+    # it waits (pending) and only an admin key may show it to the model.
+    ingested = Event(
+        id=f"ingested-{image_id}", type=subjects.INGESTED, source="t", time=now_iso(),
+        image_id=image_id, data={"renditions": {"display": {"key": key}}},
+    )  # fmt: skip
+    await ctx.db.project(ingested, 2)
+    with pytest.raises(openai.PermissionDeniedError) as held:
+        await oai.chat.completions.create(messages=ask(f"darkroom://images/{image_id}"), **GREEDY)
+    assert held.value.code == "image_not_allowed"
+    uploaded = Event(
+        id=f"uploaded-{image_id}", type=subjects.UPLOADED, source="t", time=now_iso(),
+        image_id=image_id, object=ObjectRef(ctx.store.bucket, f"uploads/{image_id}/p.png"),
+        data={"name": "p.png"},
+    )  # fmt: skip
+    await ctx.db.project(uploaded, 1)
     by_id = await oai.chat.completions.create(
         messages=ask(f"darkroom://images/{image_id}"), **GREEDY
     )

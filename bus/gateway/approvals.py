@@ -160,6 +160,8 @@ async def decide(
     image_id, previous = str(doc["id"]), str(doc["approval"])
     held = doc.get("decision")
     if previous == decision and isinstance(held, dict):
+        if decision == "rejected":  # a retry after a failed drop: dropping is idempotent
+            await available(drop_renditions(ctx, image_id))
         return DecisionResult(
             image_id=image_id,
             decision=decision,

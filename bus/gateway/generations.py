@@ -35,6 +35,7 @@ from bus.core.generation import (
     check_request,
 )
 from bus.core.settings import GENERATE_MODEL_NAME, GENERATE_MODES, SCHEDULERS
+from bus.gateway.access import sees_held
 from bus.gateway.contract import NOT_BLANK, SETTING_MAXIMUM, OneOf, Timestamp, is_json
 from bus.gateway.images import MAX_LIMIT, catalogue, query_db
 from bus.gateway.live import LIVE
@@ -45,6 +46,7 @@ from bus.infra.store import StoreError
 from bus.runtime.context import Context
 from bus.state.cancels import request_cancel
 from bus.state.generations import FINISHED, GENERATION_STATUSES
+from bus.state.readmodel import SHOWN as SHOWN_APPROVALS
 from bus.state.readmodel import ReadModelError
 
 SEED_RANGE = 2**32  # a seed drawn for a request that gives none
@@ -199,6 +201,7 @@ async def submit(
     source: str = "api",
     extra: dict[str, Any] | None = None,
     job_id: str | None = None,
+    sees_held: bool = False,
 ) -> Job:
     """Check a request, store it and queue it; the job as queued.
 
@@ -228,7 +231,7 @@ async def submit(
         if problems:  # said already: the rest is checked as if the image were fine
             init = InitImage("", None)
         else:
-            init = await _start_from(ctx, image_id, values)
+            init = await _start_from(ctx, image_id, values, sees_held)
     job_id = job_id or new_id()
     try:
         job = check_request(
@@ -249,7 +252,9 @@ async def submit(
     return job
 
 
-async def _start_from(ctx: Context, image_id: str, values: dict[str, Any]) -> InitImage:
+async def _start_from(
+    ctx: Context, image_id: str, values: dict[str, Any], sees_held: bool
+) -> InitImage:
     """The init image of a catalogue image (404 unknown, 409 not ingested); a remix
     without a prompt gets the image's caption as its prompt (409 when it has none)."""
     db = ctx.db
@@ -258,6 +263,17 @@ async def _start_from(ctx: Context, image_id: str, values: dict[str, Any]) -> In
     doc = await query_db(lambda: db.get(image_id))
     if doc is None:
         raise Problem(404, "Not Found", f"image: no image with id {image_id!r}")
+    approval = doc.get("approval")
+    if approval == "rejected":
+        raise Problem(409, "Conflict", f"image {image_id} was rejected: nothing to start from")
+    # Its pixels (and its caption, for a remix) are an admin's until it is approved.
+    if approval not in SHOWN_APPROVALS and not sees_held:
+        raise Problem(
+            403,
+            "Forbidden",
+            f"image {image_id} is {approval}: only an admin key may generate from it until it "
+            "is approved",
+        )
     ingest = doc.get("ingest")
     renditions = ingest.get("renditions") if isinstance(ingest, dict) else None
     display = renditions.get("display") if isinstance(renditions, dict) else None
@@ -324,7 +340,8 @@ async def generate_hook(request: web.Request) -> web.Response:
 async def _create(request: web.Request, source: str) -> web.Response:
     body = await _json_object(request)
     image = body.pop("image", None)
-    job = await submit(request.app[CTX], body, image_id=image, source=source)
+    held = await sees_held(request)
+    job = await submit(request.app[CTX], body, image_id=image, source=source, sees_held=held)
     answer = GenerationQueued(id=job.id, status="queued", links=links(job.id), request=job.to_doc())
     response = json_response(answer, status=202)
     response.headers["Location"] = answer.links["self"]

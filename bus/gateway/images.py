@@ -178,7 +178,8 @@ async def list_images(request: web.Request, query: ImagesQuery) -> web.Response:
 
 async def image_counts(request: web.Request) -> web.Response:
     db = catalogue(request)
-    return json_response(ImageCounts.model_validate(await query_db(db.counts)))
+    shown = await shown_only(request, None)  # held images are counted for admin keys only
+    return json_response(ImageCounts.model_validate(await query_db(lambda: db.counts(shown))))
 
 
 async def image_doc(request: web.Request) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from bus.core import subjects
+from bus.gateway.access import sees_held
 from bus.gateway.contract import describe, is_json
 from bus.gateway.problems import PROBLEM_JSON, Handler, Problem, client_gone, json_response
 from bus.gateway.routes import ErrorBody, Reply, Route
@@ -53,6 +54,7 @@ from bus.intake.fetch import FetchError, fetch_image
 from bus.runtime import services
 from bus.runtime.context import Context
 from bus.runtime.services import ServiceError
+from bus.state.readmodel import SHOWN
 
 log = logging.getLogger("darkroom.gateway")
 
@@ -370,7 +372,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
     messages = _worker_messages(chat)
     budget = _image_budget(messages, len(wanted))
-    images = [await _image(ctx, url, where, budget) for url, where in wanted]
+    held = await sees_held(request)  # darkroom://images of pending ones: an admin's only
+    images = [await _image(ctx, url, where, budget, held) for url, where in wanted]
     payload = {
         "op": "complete",
         "model": chat.model,
@@ -673,7 +676,9 @@ def _image_budget(messages: list[dict[str, Any]], count: int) -> int:
 # --- images ----------------------------------------------------------------------------------
 
 
-async def _image(ctx: Context, image: ImageUrl, where: str, budget: int) -> str:
+async def _image(
+    ctx: Context, image: ImageUrl, where: str, budget: int, sees_held: bool = False
+) -> str:
     """One image, resolved and shrunk for the model: base64 JPEG."""
     url = image.url
     param = f"{where}.url"
@@ -683,7 +688,7 @@ async def _image(ctx: Context, image: ImageUrl, where: str, budget: int) -> str:
     elif scheme.startswith(("http://", "https://")):
         data = await _fetched(ctx, url, param)
     elif url.startswith(DARKROOM_IMAGES):
-        data = await _catalogued(ctx, url.removeprefix(DARKROOM_IMAGES), param)
+        data = await _catalogued(ctx, url.removeprefix(DARKROOM_IMAGES), param, sees_held)
     else:
         raise OpenAIError(
             400,
@@ -740,7 +745,9 @@ async def _fetched(ctx: Context, url: str, param: str) -> bytes:
         raise OpenAIError(status, exc.detail, param, code) from None
 
 
-async def _catalogued(ctx: Context, image_id: str, param: str) -> bytes:
+async def _catalogued(ctx: Context, image_id: str, param: str, sees_held: bool) -> bytes:
+    """A catalogue image's display rendition, if the caller may see it: a pending image's
+    only with an admin key, a rejected one's not at all."""
     if not subjects.is_safe_id(image_id):
         raise OpenAIError(
             400,
@@ -748,6 +755,22 @@ async def _catalogued(ctx: Context, image_id: str, param: str) -> bytes:
             param,
             "invalid_image_url",
         )
+    if ctx.db is not None:
+        try:
+            doc = await ctx.db.get(image_id)
+        except Exception as exc:  # the catalogue is down: no way to tell what may be seen
+            raise OpenAIError(503, f"the catalogue cannot be read: {exc}", param) from None
+        approval = doc.get("approval") if doc is not None else None
+        if doc is None or approval == "rejected":
+            raise OpenAIError(404, f"no image {image_id}", param, "image_not_found")
+        if approval not in SHOWN and not sees_held:
+            raise OpenAIError(
+                403,
+                f"image {image_id} is {approval}: only an admin key may use it until it is "
+                "approved",
+                param,
+                "image_not_allowed",
+            )
     key = subjects.image_key(image_id, DISPLAY_RENDITION)
     try:
         return await ctx.store.get_bytes(key, max_bytes=_limits(ctx).max_bytes)

@@ -43,7 +43,7 @@ from bus.core.envelope import Event, ObjectRef, derive_id, now_iso
 from bus.gateway.problems import Problem
 from bus.gateway.state import CTX
 from bus.infra.kv import CasConflictError
-from bus.infra.store import StoreError
+from bus.infra.store import ObjectMissingError, StoreError
 from bus.intake.accept import release_claim
 from bus.runtime.context import Context
 from bus.state.approvals import Expired
@@ -143,6 +143,8 @@ async def sweep_rejections(ctx: Context, now: float) -> RejectionSweep:
         datetime.fromtimestamp(now - keep_s, UTC), SWEEP_BATCH
     )
     for image in expired:
+        if not await _still_rejected(ctx, image.image_id, now - keep_s):
+            continue  # decided again since (the read model may not show it yet)
         if await _release_claim(ctx, image):
             report.claims_released += 1
         await _delete_objects(ctx, image)
@@ -162,6 +164,22 @@ async def sweep_rejections(ctx: Context, now: float) -> RejectionSweep:
         await publish(ctx, event)
         report.deleted += 1
     return report
+
+
+async def _still_rejected(ctx: Context, image_id: str, cutoff: float) -> bool:
+    """Whether the image's stored decision (written before its event, so newer than the
+    read model) is still a rejection older than ``cutoff`` (epoch seconds)."""
+    try:
+        doc = await ctx.store.get_json(subjects.image_key(image_id, subjects.APPROVAL_DOC))
+    except (ObjectMissingError, ValueError):
+        return False
+    if not isinstance(doc, dict) or doc.get("decision") != "rejected":
+        return False
+    try:
+        decided = datetime.fromisoformat(str(doc.get("time")).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return decided.timestamp() < cutoff
 
 
 async def _release_claim(ctx: Context, image: Expired) -> bool:

@@ -527,10 +527,13 @@ class ReadModel:
             )
         return Page(items, next_cursor)
 
-    async def counts(self) -> dict[str, Any]:
+    async def counts(self, shown_only: bool = False) -> dict[str, Any]:
+        """Images by status and by approval; ``shown_only``: of the images every key sees."""
+        shown = ", ".join(f"'{approval}'" for approval in SHOWN)
+        where = f"WHERE approval IN ({shown}) " if shown_only else ""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT status, approval, count(*) FROM images "
+                f"SELECT status, approval, count(*) FROM images {where}"
                 "GROUP BY GROUPING SETS ((status), (approval))"
             )
         statuses = {s: 0 for s in STATUSES} | {r[0]: r[2] for r in rows if r[0] is not None}

@@ -22,6 +22,9 @@ ALTER TABLE images DROP COLUMN approval;
 ALTER TABLE images ADD COLUMN approval text GENERATED ALWAYS AS (
     CASE
         WHEN decision IS NOT NULL THEN decision
+        -- A later stage's event made the row before the upload's: nothing is known of how
+        -- the image came in, so it waits (fail closed) until that event lands.
+        WHEN upload_seq IS NULL THEN 'pending'
         WHEN upload_hold IS NOT NULL OR caption_hold IS NOT NULL
             OR (screen AND captioned_at IS NULL) THEN 'pending'
         ELSE 'none'
