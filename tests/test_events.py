@@ -1,6 +1,7 @@
 """``GET /api/events`` on the real bus: Server-Sent Events that resume without a gap or a
-repeat, filters, progress, heartbeats, a slow client dropped without slowing the others, and
-the ways a browser authenticates (a session cookie, a one-use ticket).
+repeat, filters, progress, heartbeats, a slow client dropped without slowing the others,
+pending and rejected images kept from keys that may not see them, and the ways a browser
+authenticates (a session cookie, a one-use ticket).
 
 Events are published straight into the stream, as the functions would; nothing else
 publishes in a test's namespace, so the stream's sequences are exactly the ones published.
@@ -21,11 +22,14 @@ from aiohttp.test_utils import TestClient
 
 from bus.core import subjects
 from bus.core.envelope import Event, new_id, now_iso
+from bus.core.settings import ApprovalSettings, HoldPolicy, Settings
 from bus.gateway.app import build_app
 from bus.gateway.events import HUB, OPTIONS, Client, Hub, Options, shutdown
 from bus.gateway.sessions import BROWSERS, COOKIE
 from bus.runtime.context import Context
+from bus.runtime.registry import load
 from tests.support.http import auth
+from tests.support.streams import eventually
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
@@ -195,7 +199,7 @@ async def test_resume_from_before_the_buffer_reads_the_stream_and_meets_the_live
     assert got == missed + more
 
 
-def test_the_seam_between_missed_and_live_events_drops_and_repeats_nothing(
+async def test_the_seam_between_missed_and_live_events_drops_and_repeats_nothing(
     ctx: Context,
 ) -> None:
     """The hub's rules, without a server: it holds the newest events (4 here); a client
@@ -205,13 +209,13 @@ def test_the_seam_between_missed_and_live_events_drops_and_repeats_nothing(
     hub = Hub(ctx, Options(buffer=4, queue=16))
     stored = {seq: event(subjects.UPLOADED, image=f"h{seq}").encode() for seq in range(1, 10)}
     for seq in range(1, 7):
-        hub.receive(seq, stored[seq])
-    hub.receive(6, stored[6])  # a repeat is ignored
-    assert not hub.attach(Client(None, None, 16), 1)  # 2 is no longer held
-    near, ahead, fresh = (Client(None, None, 16) for _ in range(3))
+        await hub.receive(seq, stored[seq])
+    await hub.receive(6, stored[6])  # a repeat is ignored
+    assert not hub.attach(Client(None, None, 16, False), 1)  # 2 is no longer held
+    near, ahead, fresh = (Client(None, None, 16, False) for _ in range(3))
     assert hub.attach(near, 4) and hub.attach(ahead, 8) and hub.attach(fresh, None)
     for seq in range(7, 10):
-        hub.receive(seq, stored[seq])
+        await hub.receive(seq, stored[seq])
 
     def ids(client: Client) -> list[int | str]:
         frames = [f.decode() for f in client.take()]
@@ -380,13 +384,14 @@ async def test_a_slow_client_is_dropped_and_does_not_stall_a_fast_one(
     assert hub(api).clients == 2
     padding = "x" * 32_768
     published: list[int] = []
-    fast_frames = asyncio.create_task(fast.until("ingested"))  # reads as events come
+    fast_frames = asyncio.create_task(fast.until("requested"))  # reads as events come
     for n in range(2000):  # ~64 MB at most; far more than any socket buffers
         published += await publish(ctx, event(subjects.UPLOADED, image=f"s{n}", pad=padding))
         if hub(api).dropped:
             break
     assert hub(api).dropped == 1, "the slow client was never dropped"
-    sentinel = await publish(ctx, event(subjects.INGESTED, image="end"))
+    # A job's event: every key gets it (an image the gateway never met would count as held).
+    sentinel = await publish(ctx, event(subjects.REQUESTED, job="end"))
     assert [int(f["id"]) for f in await fast_frames] == published + sentinel
     assert hub(api).clients == 1  # the fast one, still live
     # The slow one now reads what it was sent: a prefix of the events, then why it ended.
@@ -432,6 +437,179 @@ async def _read_to_end(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter]
         body.append(rest[:length])
         rest = rest[length + 2 :]
     return b"".join(body).decode()
+
+
+# --- who sees what ------------------------------------------------------------------------
+
+# Generated images wait for a decision, and every upload waits for its NSFW score (held
+# above 0.7): an upload is pending until its caption comes.
+HOLD = HoldPolicy(nsfw_above=0.7, generated=True)
+
+
+def decided(topic: str, image: str, previous: str) -> Event:
+    """A decision as the gateway publishes it (who, why, and what the image was before)."""
+    return event(topic, image=image, decision=topic, previous=previous, by="k1", reason="why")
+
+
+def stored_ids(frames: list[dict[str, str]]) -> list[int]:
+    return [int(f["id"]) for f in frames if "id" in f]
+
+
+class TestHeldImages:
+    """A key without the admin scope gets no event about a pending or rejected image; an
+    admin key gets every one. The last event each test waits for is one the read key gets:
+    what came before it is all its stream will ever have of them."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        return settings.model_copy(update={"approval": ApprovalSettings(hold=HOLD)})
+
+    async def test_a_read_key_gets_no_events_of_a_held_image_until_it_is_approved(
+        self, ctx: Context, make_api: MakeApi, reader: str, admin: str
+    ) -> None:
+        api = await make_api()
+        viewer = await live_stream(api, **auth(reader))
+        everything = await live_stream(api, **auth(admin))
+        # A generation job's progress is about the job: every key gets it, even though the
+        # policy holds the image it makes.
+        report = {"stage": "generate", "job_id": "j1", "image_id": None, "step": 1, "total": 4}
+        await ctx.nc.publish(ctx.names.progress("j1"), orjson.dumps(report))
+        for stream in (viewer, everything):
+            frame = await stream.frame()
+            assert frame["event"] == "progress" and orjson.loads(frame["data"])["job_id"] == "j1"
+        held = await publish(
+            ctx,
+            event(subjects.GENERATED, image="gen1", job="j1", name="0.png"),
+            event(subjects.UPLOADED, image="risky", name="a.jpg", source="gateway"),
+            event(subjects.INGESTED, image="risky", width=4, height=3),
+            event(subjects.CAPTIONED, image="risky", caption="a secret", nsfw=0.93),
+            event(subjects.UPLOADED, image="safe", name="b.jpg", source="gateway"),
+        )
+        shown = await publish(
+            ctx,
+            event(subjects.CAPTIONED, image="safe", caption="a cat", nsfw=0.01),  # now shown
+            event(subjects.REQUESTED, job="j2"),  # about no image
+            decided(subjects.APPROVED, "gen1", "pending"),  # the image appears
+            event(subjects.INGESTED, image="gen1", width=8, height=8),
+        )
+        frames = await viewer.to_id(shown[-1])
+        assert stored_ids(frames) == shown
+        assert [f["event"] for f in frames] == ["captioned", "requested", "approved", "ingested"]
+        assert all("a secret" not in f["data"] for f in frames)
+        assert stored_ids(await everything.to_id(shown[-1])) == sorted(held + shown)
+
+    async def test_a_rejection_reaches_the_keys_that_saw_the_image_and_then_nothing_of_it(
+        self, ctx: Context, make_api: MakeApi, reader: str, admin: str
+    ) -> None:
+        api = await make_api()
+        viewer = await live_stream(api, **auth(reader))
+        everything = await live_stream(api, **auth(admin))
+        seqs = await publish(
+            ctx,
+            event(subjects.UPLOADED, image="seen", name="a.jpg", source="gateway"),
+            event(subjects.CAPTIONED, image="seen", caption="a dog", nsfw=0.01),
+            event(subjects.GENERATED, image="unseen", job="j1", name="0.png"),
+            decided(subjects.REJECTED, "seen", "none"),  # it disappears: why
+            event(subjects.INGESTED, image="seen", width=4, height=3),  # rejected now
+            decided(subjects.REJECTED, "unseen", "pending"),  # never shown: nothing to say
+            event(subjects.DELETED, image="unseen"),
+            event(subjects.DELETED, image="seen"),
+            event(subjects.REQUESTED, job="j2"),
+        )
+        frames = await viewer.to_id(seqs[-1])
+        assert stored_ids(frames) == [seqs[1], seqs[3], seqs[-1]]
+        rejected = orjson.loads(frames[1]["data"])
+        assert rejected["type"] == "rejected" and rejected["image_id"] == "seen"
+        assert stored_ids(await everything.to_id(seqs[-1])) == seqs
+
+    async def test_a_read_keys_resume_leaves_out_held_images_from_the_buffer_and_the_stream(
+        self, ctx: Context, make_api: MakeApi, reader: str, admin: str
+    ) -> None:
+        """Resumed from before the hub's buffer (4 events), the older events are judged by
+        their image's approval now: an image shown now (its caption came) shows its earlier
+        upload too. From within the buffer, and live, as ever."""
+        api = await make_api(buffer=4)
+        stream = await live_stream(api, **auth(reader))
+        everything = await live_stream(api, **auth(admin))
+        first = await publish(ctx, event(subjects.REQUESTED, job="j0"))
+        assert await stream.ids(first[-1]) == first
+        stream.close()
+        seqs = await publish(
+            ctx,
+            event(subjects.GENERATED, image="g1", job="j1", name="0.png"),
+            event(subjects.UPLOADED, image="s1", name="a.jpg", source="gateway"),
+            event(subjects.CAPTIONED, image="s1", caption="a cat", nsfw=0.01),
+            event(subjects.GENERATED, image="g2", job="j1", name="1.png"),
+            event(subjects.INGESTED, image="g1", width=8, height=8),
+            event(subjects.REQUESTED, job="j3"),
+            event(subjects.INGESTED, image="s1", width=4, height=3),
+        )
+        # Once the admin's stream has the last, the hub has judged them all.
+        assert await everything.ids(seqs[-1]) == first + seqs
+        resume = {"Last-Event-ID": str(first[-1])}
+        from_stream = await open_stream(api, **auth(reader), **resume)
+        assert await from_stream.ids(seqs[-1]) == [seqs[1], seqs[2], seqs[5], seqs[6]]
+        admin_resumed = await open_stream(api, **auth(admin), **resume)
+        assert await admin_resumed.ids(seqs[-1]) == seqs
+        from_buffer = await open_stream(api, **auth(reader), **{"Last-Event-ID": str(seqs[2])})
+        later = await publish(
+            ctx,
+            decided(subjects.APPROVED, "g1", "pending"),
+            event(subjects.CAPTIONED, image="g1", caption="a fox", nsfw=0.01),
+            event(subjects.CAPTIONED, image="g2", caption="an owl", nsfw=0.01),  # still held
+            event(subjects.REQUESTED, job="j4"),
+        )
+        assert await from_buffer.ids(later[-1]) == [seqs[5], seqs[6], *later[:2], later[3]]
+
+    async def test_the_hub_asks_the_read_model_about_images_it_has_not_met(
+        self,
+        ctx: Context,
+        make_api: MakeApi,
+        reader: str,
+        admin: str,
+        run_function: Callable[..., Awaitable[object]],
+    ) -> None:
+        """Images that came before the gateway started: their approval is in the read
+        model (notify projects it), for live events and for a resume from the stream."""
+        assert ctx.db is not None
+        db = ctx.db
+        await run_function(load("notify"))
+        before = await publish(
+            ctx,
+            event(subjects.GENERATED, image="gen1", job="j1", name="0.png", index=0),
+            event(subjects.UPLOADED, image="waits", name="a.jpg", source="gateway"),
+            event(subjects.UPLOADED, image="also", name="b.jpg", source="gateway"),
+            event(subjects.UPLOADED, image="old", name="c.jpg", source="gateway"),
+            event(subjects.CAPTIONED, image="old", caption="a boat", nsfw=0.01),
+            event(subjects.GENERATED, image="gen2", job="j1", name="1.png", index=1),
+        )
+        for image_id, approval in (
+            ("gen1", "pending"),
+            ("waits", "pending"),
+            ("also", "pending"),
+            ("old", "none"),
+            ("gen2", "pending"),
+        ):
+
+            async def projected(image_id: str = image_id, approval: str = approval) -> bool:
+                doc = await db.get(image_id)
+                return doc is not None and doc["approval"] == approval
+
+            await eventually(projected, timeout=WAIT_S, what=f"notify projected {image_id}")
+        api = await make_api()
+        viewer = await live_stream(api, **auth(reader))
+        everything = await live_stream(api, **auth(admin))
+        after = await publish(
+            ctx,
+            event(subjects.CAPTIONED, image="waits", caption="a cat", nsfw=0.01),  # shown now
+            event(subjects.CAPTIONED, image="gen1", caption="a fox", nsfw=0.01),  # generated
+            event(subjects.INGESTED, image="also", width=4, height=3),  # still waits
+            event(subjects.REQUESTED, job="j2"),
+        )
+        assert await viewer.ids(after[-1]) == [after[0], after[3]]
+        assert await everything.ids(after[-1]) == after
+        resumed = await open_stream(api, **auth(reader), **{"Last-Event-ID": "0"})
+        assert await resumed.ids(after[-1]) == [before[1], before[3], before[4], after[0], after[3]]
 
 
 # --- authentication -----------------------------------------------------------------------

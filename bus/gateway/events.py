@@ -19,6 +19,27 @@ holds are queued for it in the same step that attaches it to the live feed (noth
 between, so the seam neither drops nor repeats one); older ones are read from the stream for
 that client alone, with a short-lived ordered consumer from N+1 to the end, before it
 attaches. An id past the stream's end (a stream made anew) starts at the live feed.
+
+**Who sees what.** An admin key gets every event. Any other key sees pending and rejected
+images nowhere (:mod:`bus.gateway.access`), so its stream leaves out the events about an
+image that is pending or rejected when the event is written to it (skipped, not renumbered:
+the ids of what it gets still rise, and a resume works the same). A decision tells such a
+key what it needs: ``approved`` goes to every key (the image appears; the UI fetches it),
+``rejected`` only when the image was shown before (it disappears: a key that could see it
+learns why, as the image's document would tell it), ``deleted`` to admin keys only (it
+follows a rejection). Events that are about no image (a job's ``requested``, its failures,
+its step progress) go to every key.
+
+The hub follows each image's approval in a small cache (:class:`Approval`, the most
+recently active :attr:`Options.images` images, never fewer than it buffers events), folding
+in the events that decide it as they pass (the upload's and the caption's policy holds, the
+decisions) once per event, for all its clients. An image it has not met yet it reads from
+the read model first; one the read model has no row of (or that it could not read) counts
+as held until it knows better. Live events and those the hub buffers are judged by that
+cache; a resume from before the buffer judges the stream's older events by the image's
+approval now (the cache, else the read model), so an image approved since shows its earlier
+events and one rejected since none. A resume reads the stream only up to the newest event
+the hub has judged; the hub hands it the rest.
 """
 
 from __future__ import annotations
@@ -26,11 +47,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections import deque
-from collections.abc import AsyncIterator
+import logging
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import nats.errors
 import orjson
 from aiohttp import web
@@ -40,23 +63,34 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, Field
 
+from bus.core import subjects
 from bus.core.envelope import EnvelopeError, Event, decode
+from bus.core.settings import HoldPolicy
 from bus.core.subjects import SAFE_ID_PATTERN
+from bus.gateway.access import sees_held
 from bus.gateway.live import LIVE
 from bus.gateway.problems import Problem
 from bus.gateway.routes import Reply, Route
 from bus.gateway.state import CTX
+from bus.infra.postgres import CONNECTION_ERRORS
 from bus.runtime.context import Context
+from bus.state.approvals import DECISIONS, caption_hold, upload_hold
+from bus.state.readmodel import SHOWN, nsfw_score
+
+log = logging.getLogger("darkroom.events")
 
 PATH = "/api/events"
 HEARTBEAT_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 RETRY_MS = 3000  # how long a browser waits before it reconnects
 QUEUE = 1024  # frames a client may have waiting; one more and it is dropped
 BUFFER = 4096  # newest events the hub keeps, for resumes that need not read the stream
+IMAGES = 16384  # images whose approval the hub follows; the longest quiet one goes first
+LOOKUP_TIMEOUT_S = 5.0  # the longest the hub waits for the read model about an image
 DROP_GRACE_S = 10.0  # a closing stream's last frame has this long to leave, then it is cut
 CATCH_UP_WAIT_S = 10.0  # the longest wait for the next stored event while catching up
 CATCH_UP_BATCH = 256  # stored events written to a catching-up client at once
 LAST_EVENT_ID = "Last-Event-ID"
+UPLOADS = frozenset({subjects.UPLOADED, subjects.GENERATED})  # the events that start an image
 
 
 @dataclass(frozen=True)
@@ -67,6 +101,7 @@ class Options:
     retry_ms: int = RETRY_MS
     queue: int = QUEUE
     buffer: int = BUFFER
+    images: int = IMAGES
 
 
 OPTIONS = web.AppKey("event_options", Options)
@@ -80,10 +115,11 @@ class Frame:
     image_id: str | None
     job_id: str | None
     text: bytes
+    public: bool | None  # whether a key that is not admin gets it; None: while its image is shown
 
 
-def event_frame(payload: bytes, seq: int) -> Frame | None:
-    """The frame of a stored message, or None when it is no darkroom event (raw S3
+def read_event(payload: bytes) -> Event | None:
+    """The darkroom event of a stored message, or None when it is none (raw S3
     notifications share the stream) or its type cannot be an SSE event name."""
     try:
         event = decode(payload)
@@ -91,9 +127,26 @@ def event_frame(payload: bytes, seq: int) -> Frame | None:
         return None
     if "\n" in event.type or "\r" in event.type:
         return None
+    return event
+
+
+def event_frame(event: Event, seq: int) -> Frame:
+    """The frame of a stored event (see the module for who gets it)."""
     data = orjson.dumps(_public(event)).decode()
     text = f"id: {seq}\nevent: {event.type}\ndata: {data}\n\n".encode()
-    return Frame(seq, event.image_id, event.job_id, text)
+    return Frame(seq, event.image_id, event.job_id, text, _audience(event))
+
+
+def _audience(event: Event) -> bool | None:
+    """Whether a key that is not admin gets ``event`` whatever its image's approval (True),
+    never (False), or while the image is shown (None)."""
+    if not event.image_id or event.type == subjects.APPROVED:
+        return True
+    if event.type == subjects.REJECTED:
+        return event.data.get("previous") in SHOWN  # it disappears for the keys it showed to
+    if event.type == subjects.DELETED:
+        return False
+    return None
 
 
 def _public(event: Event) -> dict[str, Any]:
@@ -114,7 +167,8 @@ def _public(event: Event) -> dict[str, Any]:
 
 
 def progress_frame(report: dict[str, Any]) -> Frame | None:
-    """The frame of a step report (as :class:`bus.runtime.call.Progress` sends it)."""
+    """The frame of a step report (as :class:`bus.runtime.call.Progress` sends it). A job's
+    goes to every key; one about an image alone, while the image is shown."""
     step, total = report.get("step"), report.get("total")
     if not isinstance(step, int) or not isinstance(total, int):
         return None
@@ -126,7 +180,8 @@ def progress_frame(report: dict[str, Any]) -> Frame | None:
     if isinstance(kind, str) and isinstance(data, str):
         doc["preview"] = f"data:{kind};base64,{data}"
     text = b"event: progress\ndata: " + orjson.dumps(doc) + b"\n\n"
-    return Frame(None, doc["image_id"], doc["job_id"], text)
+    public = None if doc["job_id"] is None and doc["image_id"] is not None else True
+    return Frame(None, doc["image_id"], doc["job_id"], text, public)
 
 
 def control_frame(event: str, doc: dict[str, Any]) -> bytes:
@@ -134,22 +189,78 @@ def control_frame(event: str, doc: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: ".encode() + orjson.dumps(doc) + b"\n\n"
 
 
-class Client:
-    """One open stream: its filter, and the frames waiting to be written to it."""
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """An image's approval as the hub follows it: the parts the read model derives it from
+    (:mod:`bus.state.approvals`, migration 0004), each event folded in by the same rules."""
 
-    def __init__(self, image: str | None, job: str | None, limit: int) -> None:
+    decision: str | None = None  # approved or rejected: it outranks the policy
+    upload_held: bool = False  # a rule of the policy holds how it came in
+    screen: bool = False  # the policy waits for its NSFW score
+    caption_held: bool | None = None  # its caption's NSFW score holds it; None: no caption
+    caption_rank: int = -1  # the caption's request_seq: a lower one's does not replace it
+
+    @property
+    def approval(self) -> str:
+        if self.decision is not None:
+            return self.decision
+        waiting = self.screen and self.caption_held is None
+        return "pending" if self.upload_held or self.caption_held or waiting else "none"
+
+    @property
+    def shown(self) -> bool:
+        """Whether every key sees the image."""
+        return self.approval in SHOWN
+
+    def after(self, event: Event, policy: HoldPolicy) -> Approval:
+        """The approval once ``event`` (the newest of its image) is folded in."""
+        if event.type in UPLOADS:
+            hold = upload_hold(policy, event)
+            held = hold["upload_hold"] is not None
+            return dataclasses.replace(self, upload_held=held, screen=hold["screen"])
+        if event.type == subjects.CAPTIONED:
+            rank = event.data.get("request_seq")
+            rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else -1
+            if rank < self.caption_rank:
+                return self  # the read model keeps the caption of the newer request too
+            held = caption_hold(policy, nsfw_score(event.data.get("nsfw"))) is not None
+            return dataclasses.replace(self, caption_held=held, caption_rank=rank)
+        if event.type in DECISIONS:
+            return dataclasses.replace(self, decision=DECISIONS[event.type])
+        return self
+
+
+# The parts of an image's approval, as the read model holds them.
+_APPROVAL_SQL = (
+    "SELECT id, decision, upload_hold IS NOT NULL AS upload_held, screen, "
+    "CASE WHEN captioned_at IS NOT NULL THEN caption_hold IS NOT NULL END AS caption_held, "
+    "coalesce(caption_request_seq, -1) AS caption_rank "
+    "FROM images WHERE id = ANY($1::text[])"
+)
+
+
+class Client:
+    """One open stream: its filter, whether its key sees held images, and the frames
+    waiting to be written to it."""
+
+    def __init__(self, image: str | None, job: str | None, limit: int, sees_held: bool) -> None:
         self.image = image
         self.job = job
         self.limit = limit
+        self.sees_held = sees_held  # an admin key: pending and rejected images too
         self.after = 0  # the newest stream sequence handed to it (or behind its resume point)
         self.dropped: str | None = None  # why the hub let go of it
         self._pending: list[bytes] = []
         self._ready = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
 
-    def wants(self, frame: Frame) -> bool:
-        return (self.image is None or frame.image_id == self.image) and (
-            self.job is None or frame.job_id == self.job
+    def wants(self, frame: Frame, public: bool) -> bool:
+        """Whether ``frame`` goes to this client; ``public``: a key that is not admin may
+        have it now."""
+        return (
+            (public or self.sees_held)
+            and (self.image is None or frame.image_id == self.image)
+            and (self.job is None or frame.job_id == self.job)
         )
 
     def offer(self, frame: bytes) -> bool:
@@ -196,6 +307,11 @@ class Hub:
         self._floor = 1  # every event from this sequence on that the hub saw is in the ring
         self._high = 0  # the newest stream sequence the hub has read
         self._sub: Subscription | None = None
+        self._policy = ctx.settings.approval.hold
+        # Image id -> its approval, the most recently active last. Never fewer than the
+        # ring holds events: the image of every event in the ring is here (or held).
+        self._approvals: OrderedDict[str, Approval] = OrderedDict()
+        self._images = max(options.images, options.buffer)
         self.dropped = 0  # clients dropped for falling behind, since start
 
     @property
@@ -228,22 +344,87 @@ class Hub:
             self._drop(client, reason)
 
     async def _on_message(self, msg: Msg) -> None:
-        self.receive(msg.metadata.sequence.stream, msg.data)
+        await self.receive(msg.metadata.sequence.stream, msg.data)
 
-    def receive(self, seq: int, payload: bytes) -> None:
-        """A stored message, in stream order: kept, and handed to the clients it is for."""
+    async def receive(self, seq: int, payload: bytes) -> None:
+        """A stored message, in stream order: its image's approval brought up to date, then
+        it is kept and handed to the clients it is for."""
         if seq <= self._high:  # the ordered consumer never repeats one; be sure anyway
             return
+        event = read_event(payload)
+        if event is not None:
+            await self._follow(event)
+        # No await from here on: the event joins the ring and the clients in one step.
         self._high = seq
-        frame = event_frame(payload, seq)
-        if frame is None:
+        if event is None:
             return
+        frame = event_frame(event, seq)
         if len(self._ring) == self._ring.maxlen:
             oldest = self._ring[0].seq
             assert oldest is not None  # the ring holds stored events only
             self._floor = oldest + 1
         self._ring.append(frame)
         self._fan_out(frame)
+
+    async def _follow(self, event: Event) -> None:
+        """Fold ``event`` into its image's approval; the first time the hub meets an image
+        (but with a decision, which outranks all else), it reads the read model's first.
+        An image it cannot know (no row, and this is not its upload; or no answer) stays
+        out of the cache: held, until a later event of it finds out."""
+        image_id = event.image_id
+        if not image_id:
+            return
+        if event.type == subjects.DELETED:
+            self._approvals.pop(image_id, None)
+            return
+        state = self._approvals.get(image_id)
+        if state is None and event.type not in DECISIONS:
+            found = await self._look_up([image_id])
+            if found is None:
+                return
+            state = found.get(image_id)
+            if state is None and event.type not in UPLOADS:
+                return
+        self._approvals[image_id] = (state or Approval()).after(event, self._policy)
+        self._approvals.move_to_end(image_id)
+        if len(self._approvals) > self._images:
+            self._approvals.popitem(last=False)
+
+    async def _look_up(self, image_ids: Collection[str]) -> dict[str, Approval] | None:
+        """The read model's approval of each of ``image_ids`` it has a row of; None when it
+        did not answer (logged: the events wait for admin keys only)."""
+        db = self._ctx.db
+        if not image_ids or db is None:
+            return {}
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S), db.pool.acquire() as conn:
+                rows = await conn.fetch(_APPROVAL_SQL, list(image_ids))
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning(
+                "the read model did not say whether %d image(s) are shown (%s: %s): their "
+                "events go to admin keys only",
+                len(image_ids),
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        return {
+            row["id"]: Approval(
+                row["decision"],
+                row["upload_held"],
+                row["screen"],
+                row["caption_held"],
+                row["caption_rank"],
+            )
+            for row in rows
+        }
+
+    def _shown(self, frame: Frame) -> bool:
+        """Whether a key that is not admin may have ``frame`` now."""
+        if frame.public is not None:
+            return frame.public
+        state = self._approvals.get(frame.image_id or "")
+        return state is not None and state.shown
 
     def on_progress(self, report: dict[str, Any]) -> None:
         """A step report from :class:`bus.gateway.live.Live` (any stage)."""
@@ -252,12 +433,13 @@ class Hub:
             self._fan_out(frame)
 
     def _fan_out(self, frame: Frame) -> None:
+        public = self._shown(frame)  # once for all the clients
         for client in list(self._clients):
             if frame.seq is not None:
                 if frame.seq <= client.after:
                     continue  # it had this one from the stream already
                 client.after = frame.seq
-            if client.wants(frame) and not client.offer(frame.text):
+            if client.wants(frame, public) and not client.offer(frame.text):
                 self._drop(client, SLOW.format(n=client.limit))
 
     def _drop(self, client: Client, reason: str) -> None:
@@ -280,7 +462,9 @@ class Hub:
             missed = [
                 frame.text
                 for frame in self._ring
-                if frame.seq is not None and frame.seq > after and client.wants(frame)
+                if frame.seq is not None
+                and frame.seq > after
+                and client.wants(frame, self._shown(frame))
             ]
             if len(missed) > client.limit // 2:  # it would start out near its limit
                 return False
@@ -304,7 +488,9 @@ class Hub:
 
     async def catch_up(self, resp: web.StreamResponse, client: Client, after: int) -> int:
         """Write to ``resp`` the stored events after ``after`` that ``client`` wants, read
-        with an ordered consumer of its own up to the stream's end; the last sequence read."""
+        with an ordered consumer of its own up to the stream's end, or to the newest event
+        the hub has read if that comes first (the hub judges the ones after it, as they
+        pass); the last sequence read."""
         js, names = self._ctx.js, self._ctx.names
         state = (await js.stream_info(names.stream)).state
         if state.messages == 0 or state.last_seq <= after:
@@ -317,23 +503,48 @@ class Hub:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
             ),
         )
-        batch: list[bytes] = []
+        batch: list[Frame] = []
         try:
             while True:
                 msg = await sub.next_msg(timeout=CATCH_UP_WAIT_S)
                 after = msg.metadata.sequence.stream
-                frame = event_frame(msg.data, after)
-                if frame is not None and client.wants(frame):
-                    batch.append(frame.text)
-                end = not msg.metadata.num_pending
+                event = read_event(msg.data)
+                if event is not None:
+                    frame = event_frame(event, after)
+                    if client.wants(frame, True):  # its filter; its key's view below
+                        batch.append(frame)
+                end = not msg.metadata.num_pending or after >= self._high
                 if batch and (end or len(batch) >= CATCH_UP_BATCH):
-                    await resp.write(b"".join(batch))
+                    texts = await self._for_client(client, batch)
+                    if texts:
+                        await resp.write(b"".join(texts))
                     batch.clear()
                 if end:
                     return after
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _for_client(self, client: Client, frames: list[Frame]) -> list[bytes]:
+        """What ``client`` may have of these older events, judged by each image's approval
+        now: the hub's, else the read model's (one query for the batch). Read for this
+        client alone, but only on a resume from before the buffer."""
+        if client.sees_held:
+            return [frame.text for frame in frames]
+        unknown = {
+            frame.image_id
+            for frame in frames
+            if frame.public is None and frame.image_id and frame.image_id not in self._approvals
+        }
+        found = await self._look_up(unknown) or {}
+
+        def shown(frame: Frame) -> bool:
+            if frame.public is not None or frame.image_id in self._approvals:
+                return self._shown(frame)
+            state = found.get(frame.image_id or "")
+            return state is not None and state.shown
+
+        return [frame.text for frame in frames if shown(frame)]
 
 
 SLOW = (
@@ -373,7 +584,8 @@ EVENT_SCHEMA: dict[str, Any] = {
         "event": {
             "type": "string",
             "description": "the event's type (uploaded, ingested, captioned, requested, "
-            "generated, failed.<stage>, cancelled.<stage>...), progress, or the stream's own: "
+            "generated, failed.<stage>, cancelled.<stage>, approved, rejected, deleted...), "
+            "progress, or the stream's own: "
             "ready (live from here), error (the stream ends, and why)",
         },
         "data": {"type": "string", "contentMediaType": "application/json"},
@@ -392,8 +604,10 @@ def routes() -> list[Route]:
             "Lifecycle events as Server-Sent Events: every event (or one image's or job's) as "
             "it happens, id = its stream sequence; reconnecting with Last-Event-ID resumes "
             "after it, with nothing lost or repeated. Step progress comes as 'progress', "
-            "without an id, and is not replayed. A browser signs in first (POST /api/session: "
-            "a cookie) or takes a one-use ticket (POST /api/events/ticket)",
+            "without an id, and is not replayed. A key without the admin scope gets no events "
+            "about pending or rejected images: 'approved' when one appears, 'rejected' when "
+            "one it could see disappears. A browser signs in first (POST /api/session: a "
+            "cookie) or takes a one-use ticket (POST /api/events/ticket)",
             "events",
             responses={
                 200: Reply(
@@ -419,11 +633,11 @@ async def stream_events(request: web.Request, query: EventsQuery) -> web.StreamR
             raise Problem(
                 503, "Service Unavailable", f"the event stream did not answer: {exc}"
             ) from None
+    client = Client(query.image, query.job, hub.options.queue, await sees_held(request))
     resp = EventSourceResponse(ping_interval=hub.options.heartbeat_s, sep="\n")
     resp.force_close()  # a stream that ends (dropped, shutdown) leaves nothing to reuse
     del resp.headers["Connection"]
     await resp.prepare(request)
-    client = Client(query.image, query.job, hub.options.queue)
     async with resp:
         pump: asyncio.Task[None] | None = None
         gone: asyncio.Task[None] | None = None

@@ -372,7 +372,7 @@ class ReadModel:
         data = event.data
         tags = _tags(data.get("tags"))
         caption = data.get("caption")
-        nsfw = _nsfw(data.get("nsfw"))
+        nsfw = nsfw_score(data.get("nsfw"))
         row = await upsert_stage(
             conn,
             event,
@@ -1092,7 +1092,7 @@ def _tags(raw: Any) -> list[tuple[str, float | None]]:
     return list(out.items())
 
 
-def _nsfw(raw: Any) -> float | None:
+def nsfw_score(raw: Any) -> float | None:
     if isinstance(raw, dict):
         raw = raw.get("score")
     return float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
