@@ -27,6 +27,7 @@ import base64
 import io
 import logging
 import re
+import time
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -45,6 +46,7 @@ from pydantic import (
 from bus.core import subjects
 from bus.core.envelope import new_id
 from bus.core.generation import InitImage
+from bus.gateway.access import sees_held
 from bus.gateway.contract import NOT_BLANK, SETTING_MAXIMUM, describe, is_json
 from bus.gateway.generations import InvalidGeneration, submit
 from bus.gateway.live import LIVE
@@ -56,12 +58,14 @@ from bus.images.check import UploadRejectedError, check_file
 from bus.runtime.context import Context
 from bus.state.cancels import request_cancel
 from bus.state.generations import FINISHED
+from bus.state.readmodel import SHOWN
 
 log = logging.getLogger("darkroom.gateway")
 
 # Model names of OpenAI's image API: they mean "darkroom's default model".
 OPENAI_MODELS = ("dall-e-", "gpt-image-", "chatgpt-image-")
 URL_EXPIRES = timedelta(hours=1)
+HELD_POLL_S = 0.5  # how often an answer waiting on NSFW screening looks again
 WAIT_S = 300.0  # the longest a request waits for its job; then 504, the job goes on
 WAIT = web.AppKey("images_wait_s", float)  # tests set a shorter bound
 HANGUP_POLL_S = 0.5  # how often a waiting request looks whether its client is still there
@@ -264,6 +268,7 @@ async def create_images(request: web.Request) -> web.Response:
         asked = ImageGenerateRequest.model_validate_json(await request.read(), strict=True)
     except ValidationError as exc:
         raise _refusal(ImageGenerateRequest, exc) from None
+    await _check_policy(request)
     job_id = new_id()
     await _submit(ctx, asked, job_id, None)
     return await _answer(request, asked, job_id)
@@ -283,6 +288,7 @@ async def edit_images(request: web.Request) -> web.Response:
         raise OpenAIError(
             400, "image is required: the picture to start from, as the file field 'image'", "image"
         )
+    await _check_policy(request)
     data, extension, mime = await _checked(ctx, image)
     job_id = new_id()
     key = subjects.request_image_key(job_id, extension)
@@ -302,6 +308,19 @@ def _refusal(model: type[BaseModel], exc: ValidationError) -> OpenAIError:
     detail = "; ".join(describe(model, e) for e in errors)
     loc = errors[0]["loc"]
     return OpenAIError(400, detail, str(loc[0]) if loc else None, "invalid_value")
+
+
+async def _check_policy(request: web.Request) -> None:
+    """Where every generated image waits for an admin's approval, these routes (which hand
+    the pixels back at once) are an admin's; others queue with POST /api/generations."""
+    if request.app[CTX].settings.approval.hold.generated and not await sees_held(request):
+        raise OpenAIError(
+            403,
+            "this deployment holds generated images until an admin approves them: queue the "
+            "job with POST /api/generations and follow it there",
+            None,
+            "content_policy_violation",
+        )
 
 
 async def _submit(ctx: Context, asked: _Options, job_id: str, init: InitImage | None) -> None:
@@ -390,6 +409,14 @@ async def _answer_queued(request: web.Request, asked: _Options, job_id: str) -> 
         return _final(500, f"generation {job_id} failed: {reason}", "generation_failed")
     if status == "cancelled":
         return _final(409, f"generation {job_id} was cancelled: {reason}", "cancelled")
+    held = await _held_outputs(request, doc, timeout)
+    if held:
+        return _final(
+            403,
+            f"generation {job_id} made images the approval policy holds ({', '.join(held)}): "
+            f"an admin decides; follow it at /api/generations/{job_id}",
+            "content_policy_violation",
+        )
     keys = [subjects.generated_key(job_id, i) for i in range(int(doc["n"]))]
     if asked.response_format == "url":
         data = [GeneratedImage(url=ctx.store.presigned_get(key, URL_EXPIRES)) for key in keys]
@@ -401,6 +428,26 @@ async def _answer_queued(request: web.Request, asked: _Options, job_id: str) -> 
         created=int(finished), data=data, output_format="png", background="opaque"
     )
     return json_response(answer)
+
+
+async def _held_outputs(request: web.Request, doc: dict[str, Any], timeout: float) -> list[str]:
+    """The job's outputs the caller may not see. Where the policy screens NSFW scores, an
+    output is pending until its caption brings the score: wait for it (within
+    ``timeout``) before answering a key that is not admin."""
+    ctx = request.app[CTX]
+    if ctx.settings.approval.hold.nsfw_above is None or ctx.db is None:
+        return []
+    if await sees_held(request):
+        return []
+    db = ctx.db
+    ids = [str(o.get("image_id")) for o in doc.get("outputs") or []]
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [await db.get(image_id) for image_id in ids]
+        approvals = [row.get("approval") if row else "pending" for row in rows]
+        if "pending" not in approvals or time.monotonic() >= deadline:
+            return [i for i, a in zip(ids, approvals, strict=True) if a not in SHOWN]
+        await asyncio.sleep(HELD_POLL_S)
 
 
 def _final(status: int, message: str, code: str) -> web.Response:
