@@ -82,6 +82,7 @@ async def test_the_document_is_valid_openapi_3_1(
         ("job_id", SAFE_ID_PATTERN),
         ("key_id", KEY_ID_RE.pattern),
         ("model_name", GENERATE_MODEL_NAME),
+        ("seq", r"^[0-9]{1,19}$"),
     }
     size = doc["components"]["schemas"]["PresignRequest"]["properties"]["size"]
     assert size["maximum"] == ctx.settings.ingest.max_bytes, "this deployment's limit"

@@ -134,6 +134,7 @@ PATH_PATTERNS = {
     "job_id": SAFE_ID_PATTERN,
     "key_id": KEY_ID_RE.pattern,
     "model_name": GENERATE_MODEL_NAME,
+    "seq": r"^[0-9]{1,19}$",  # a stream sequence
 }
 
 

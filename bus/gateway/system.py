@@ -1,4 +1,4 @@
-"""Health, readiness, metrics, system status and dead letters."""
+"""Health, readiness, metrics and system status (dead letters: bus.gateway.deadletters)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 from typing import Any, Literal
 
 import nats.js.errors
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,8 +20,6 @@ from bus.models.progress import read_readiness
 from bus.runtime.context import Context
 
 log = logging.getLogger("darkroom.gateway")
-
-MAX_DEAD_LETTERS = 200
 
 
 class Health(BaseModel):
@@ -114,22 +111,6 @@ class Device(BaseModel):
 
 class Devices(BaseModel):
     devices: list[Device]
-
-
-class DeadLetter(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    stage: str
-    reason: str
-    dlq_seq: int
-
-
-class DeadLetters(BaseModel):
-    items: list[DeadLetter]
-
-
-class DeadLettersQuery(BaseModel):
-    stage: str | None = Field(None, description="only this function's")
-    limit: int = Field(50, ge=1, le=MAX_DEAD_LETTERS)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -259,30 +240,3 @@ async def gpus(request: web.Request) -> web.Response:
         raise Problem(503, "Service Unavailable", str(exc)) from exc
     ctx.metrics.set_gpus(devices)
     return json_response({"devices": devices})
-
-
-async def dead_letters(request: web.Request, query: DeadLettersQuery) -> web.Response:
-    ctx = request.app[CTX]
-    stage, limit = query.stage, query.limit
-    info = await ctx.js.stream_info(ctx.names.dlq_stream)
-    items: list[dict[str, Any]] = []
-    seq = info.state.last_seq
-    while seq >= max(1, info.state.first_seq) and len(items) < limit:
-        try:
-            msg = await ctx.js.get_msg(ctx.names.dlq_stream, seq)
-        except nats.js.errors.NotFoundError:
-            seq -= 1
-            continue
-        seq -= 1
-        try:
-            record = orjson.loads(msg.data or b"{}")
-        except orjson.JSONDecodeError:
-            record = {
-                "stage": (msg.subject or "").rsplit(".", 1)[-1],
-                "reason": "unreadable record",
-            }
-        if stage and record.get("stage") != stage:
-            continue
-        record["dlq_seq"] = msg.seq
-        items.append(record)
-    return json_response({"items": items})
