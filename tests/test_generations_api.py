@@ -491,8 +491,14 @@ async def test_live_progress_makes_a_queued_job_running_until_it_ends(
     with_preview = await get_job(api, token, job_id, "?preview=true")
     data_url = with_preview["progress"]["preview"]
     assert data_url == "data:image/jpeg;base64," + base64.b64encode(preview).decode()
-    listed = await (await api.get("/api/generations", headers=auth(token))).json()
-    assert listed["items"][0]["status"] == "running" and "preview" not in listed["items"][0]
+
+    async def listed() -> list[dict[str, Any]]:  # once notify projected the request
+        page = await (await api.get("/api/generations", headers=auth(token))).json()
+        items: list[dict[str, Any]] = page["items"]
+        return items
+
+    [item] = await eventually(listed, what="the job listed")
+    assert item["status"] == "running" and "preview" not in item
     # Another stage's progress on the job (its output being ingested) is not the job's.
     other = {**report, "stage": "ingest", "step": 1, "message": "decoding"}
     await ctx.nc.publish(ctx.names.progress(job_id), orjson.dumps(other))
