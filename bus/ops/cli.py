@@ -474,14 +474,12 @@ async def _reindex(args: argparse.Namespace, settings: Settings) -> int:
 def _models(args: argparse.Namespace, settings: Settings) -> int:
     from bus.core.settings import MODEL_TASKS
     from bus.models.catalogue import (
-        ModelUnavailableError,
         PullError,
         default_generation_model,
         hub_reachable,
         pull,
         resolve,
     )
-    from bus.models.demo import is_built
 
     if args.models_command == "pull":
         catalogue = settings.generate.catalogue
@@ -512,40 +510,16 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
     check = hub_reachable(settings.models.reachability_timeout_s)
     failed = False
     for task in MODEL_TASKS:
-        entry = settings.models.entry(task)
-        try:
-            m = resolve(settings, task, check)
-        except ModelUnavailableError as exc:
-            print(f"{task:<9}{'-':<6}{'-':<8}{entry.source:<46}UNAVAILABLE")
-            print("  " + str(exc).replace("\n", "\n  "))
-            failed = True
-            continue
-        if m.demo:
-            built = "yes" if is_built(Path(m.location)) else "no"
-            print(f"{task:<9}{'DEMO':<6}{built:<8}{'demo (tiny, random weights)':<46}{m.location}")
-            if settings.profile != "demo":
-                print(f"  instead of {entry.source}: {m.reason}")
-        else:
-            cached = "yes" if m.cached else "no"
-            shown = m.source + (f"@{m.revision}" if m.revision else "")
-            where = (
-                m.location
-                if m.cached
-                else "downloaded before the function takes events (or: darkroom models pull)"
-            )
-            print(f"{task:<9}{'real':<6}{cached:<8}{shown:<46}{where}")
+        source = settings.models.entry(task).source
+        row = _ModelRow(f"{task:<9}", "", source, settings.profile)
+        failed |= not row.show(lambda t=task: resolve(settings, t, check), NOT_CACHED)
     return 2 if _generation_models(settings, check) or failed else 0
 
 
 def _generation_models(settings: Settings, check: Any) -> bool:
     """``models list``'s second table: each generation model as a worker here resolves it;
     whether any is unavailable."""
-    from bus.models.catalogue import (
-        ModelUnavailableError,
-        default_generation_model,
-        resolve_generation,
-    )
-    from bus.models.demo import is_built
+    from bus.models.catalogue import default_generation_model, resolve_generation
 
     default = default_generation_model(settings, check)
     print()
@@ -553,25 +527,46 @@ def _generation_models(settings: Settings, check: Any) -> bool:
     failed = False
     for name, entry in sorted(settings.generate.catalogue.items()):
         mark = "default" if name == default else "-"
+        row = _ModelRow(f"{name:<26}", f"{mark:<9}", entry.source, settings.profile)
+        failed |= not row.show(
+            lambda n=name: resolve_generation(settings, n, check),
+            f"not downloaded (darkroom models pull {name})",
+        )
+    return failed
+
+
+class _ModelRow:
+    """One row of ``models list``: the model a name resolves to, or why it cannot."""
+
+    def __init__(self, first: str, mark: str, source: str, profile: str) -> None:
+        self.first, self.mark, self.source, self.profile = first, mark, source, profile
+
+    def show(self, resolve_it: Any, not_cached: str) -> bool:
+        """Print the row; False when the model is unavailable (the fix is printed too)."""
+        from bus.models.catalogue import ModelUnavailableError
+        from bus.models.demo import is_built
+
         try:
-            m = resolve_generation(settings, name, check)
+            m = resolve_it()
         except ModelUnavailableError as exc:
-            print(f"{name:<26}{'-':<6}{'-':<8}{mark:<9}{entry.source:<46}UNAVAILABLE")
+            print(f"{self.first}{'-':<6}{'-':<8}{self.mark}{self.source:<46}UNAVAILABLE")
             print("  " + str(exc).replace("\n", "\n  "))
-            failed = True
-            continue
+            return False
         if m.demo:
             built = "yes" if is_built(Path(m.location)) else "no"
             shown = "demo (tiny, random weights)"
-            print(f"{name:<26}{'DEMO':<6}{built:<8}{mark:<9}{shown:<46}{m.location}")
-            if settings.profile != "demo":
-                print(f"  instead of {entry.source}: {m.reason}")
-        else:
-            cached = "yes" if m.cached else "no"
-            shown = m.source + (f"@{m.revision}" if m.revision else "")
-            where = m.location if m.cached else f"not downloaded (darkroom models pull {name})"
-            print(f"{name:<26}{'real':<6}{cached:<8}{mark:<9}{shown:<46}{where}")
-    return failed
+            print(f"{self.first}{'DEMO':<6}{built:<8}{self.mark}{shown:<46}{m.location}")
+            if self.profile != "demo":
+                print(f"  instead of {self.source}: {m.reason}")
+            return True
+        cached = "yes" if m.cached else "no"
+        shown = m.source + (f"@{m.revision}" if m.revision else "")
+        where = m.location if m.cached else not_cached
+        print(f"{self.first}{'real':<6}{cached:<8}{self.mark}{shown:<46}{where}")
+        return True
+
+
+NOT_CACHED = "downloaded before the function takes events (or: darkroom models pull)"
 
 
 def _upload(args: argparse.Namespace, settings: Settings, environ: dict[str, str]) -> int:
