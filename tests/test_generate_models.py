@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from bus.models.progress import ModelReadiness
 from bus.ops.cli import main
 from functions.generate import pipelines
 from functions.generate.pipelines import Item, Pipelines, model_for, preview, run, total_steps
+from tests.support.hfcache import offline_cache
 from tests.test_model_readiness import CHUNK, FakeHub
 
 SIDE = 64
@@ -50,20 +50,8 @@ SD_TURBO = "stabilityai/sd-turbo"
 
 @pytest.fixture
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No hub access, an empty Hugging Face cache of the test's own, no DARKROOM_* from
-    outside; the cache's path."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    for name in list(os.environ):
-        if name.startswith("DARKROOM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no ./darkroom.toml
-    return cache
+    """No hub access ever, and an empty Hugging Face cache of the test's own."""
+    return offline_cache(tmp_path, monkeypatch)
 
 
 def settings(tmp_path: Path, **values: Any) -> Settings:

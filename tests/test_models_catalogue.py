@@ -8,7 +8,6 @@ import fcntl
 import io
 import json
 import logging
-import os
 import socket
 import threading
 from pathlib import Path
@@ -32,6 +31,7 @@ from bus.models.catalogue import (
 )
 from bus.models.demo import EMBED_DIM, MARKER, ensure_demo, is_built
 from bus.ops.cli import main
+from tests.support.hfcache import offline_cache
 from tests.support.images import jpeg
 from tests.support.tiny_models import tiny_model
 
@@ -44,18 +44,7 @@ COMMIT = "0" * 40
 @pytest.fixture(autouse=True)
 def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No hub access ever, and an empty Hugging Face cache of the test's own."""
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    for name in list(os.environ):
-        if name.startswith("DARKROOM_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no ./darkroom.toml
-    return cache
+    return offline_cache(tmp_path, monkeypatch)
 
 
 @pytest.fixture(scope="module")
