@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 ML_STAMP := $(VENV)/.installed-ml
 TORCH ?= torch==2.13.0
 
-.PHONY: run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel bench-caption bench-generate chaos install install-ml clean
+.PHONY: frontend run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel bench-caption bench-generate chaos install install-ml clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,17 +28,34 @@ $(ML_STAMP): pyproject.toml | $(BIN)/python
 
 install-ml: $(ML_STAMP)
 
-run: install-ml
+# The browser app (SvelteKit, in frontend/): built to frontend/build, which the gateway serves.
+FRONTEND_DEPS := frontend/node_modules/.installed
+FRONTEND_SOURCES := $(shell find frontend/src frontend/static frontend/scripts -type f 2>/dev/null)
+
+$(FRONTEND_DEPS): frontend/package.json frontend/package-lock.json
+	cd frontend && npm ci --no-audit --no-fund
+	touch $@
+
+frontend/build/index.html: $(FRONTEND_DEPS) $(FRONTEND_SOURCES) frontend/vite.config.ts
+	cd frontend && npm run build
+
+frontend: frontend/build/index.html
+
+run: install-ml frontend
 	$(BIN)/darkroom up $(ARGS)
 
 # The tests build tiny models through the real transformers/diffusers code: the ML stack too.
-test: install-ml
+# The frontend's component tests, then everything else (browser tests included: they need
+# the built app and Debian's chromium, which .ci/run installs).
+test: install-ml frontend
+	cd frontend && npm test
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 test-fast: install-ml
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-lint: install-ml
+lint: install-ml $(FRONTEND_DEPS)
+	cd frontend && npm run check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -677,6 +677,11 @@ async def test_a_session_cookie_stands_for_its_key_until_signed_out_or_revoked(
     assert "Secure" in behind_tls.headers["Set-Cookie"]
 
     assert (await api.get("/api/images", headers=cookie(session))).status == 200
+    me = await api.get("/api/session", headers=cookie(session))  # what a page asks at start
+    assert me.status == 200
+    assert await me.json() == doc
+    with_key = await (await api.get("/api/session", headers=auth(token))).json()
+    assert with_key["scopes"] == ["read"] and with_key["expires"] is None
     stream = await live_stream(api, **cookie(session))
     stream.close()
     # Its key's scopes, no more.
@@ -700,6 +705,7 @@ async def test_a_session_cookie_stands_for_its_key_until_signed_out_or_revoked(
     ended = await api.get("/api/images", headers=cookie(session))
     assert ended.status == 401
     assert "this session has ended" in (await ended.json())["detail"]
+    assert (await api.get("/api/session", headers=cookie(session))).status == 401
 
     other, _ = await sign_in(api, token)
     assert (await api.get("/api/images", headers=cookie(other))).status == 200

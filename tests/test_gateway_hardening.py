@@ -148,6 +148,9 @@ async def test_the_frontend_gets_a_strict_content_security_policy(
         response = await client.get(asset)
         assert response.status == 200, asset
         assert response.content_type in ("text/javascript", "application/javascript", "text/css")
+        if asset.startswith("/_app/immutable/"):  # named by their hash: cached for good
+            assert "immutable" in response.headers["Cache-Control"], asset
+    assert "immutable" not in (await client.get("/")).headers.get("Cache-Control", "")
     assert "script-src" not in FRONTEND_CSP and "unsafe" not in FRONTEND_CSP
     assert "default-src 'self'" in FRONTEND_CSP and "frame-ancestors 'none'" in FRONTEND_CSP
 

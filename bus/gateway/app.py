@@ -49,6 +49,8 @@ _SCOPE = web.AppKey("route_scopes", dict)
 # Every path the frontend may serve: all but the APIs' (darkroom's, and the OpenAI-compatible
 # one under /v1) and the probes'.
 FRONTEND_PATHS = r"/{path:(?!(?:api|v1|healthz|readyz|metrics)(?:/|$)).*}"
+# The built app's scripts and styles, named by their content's hash: cached for good.
+IMMUTABLE_ASSETS = "_app/immutable/"
 # The frontend's pages load only their own scripts, styles and images (thumbnails arrive as
 # blob: URLs), run no inline code, and may not be framed.
 FRONTEND_CSP = (
@@ -490,7 +492,10 @@ async def static(request: web.Request) -> web.StreamResponse:
     target = await asyncio.to_thread(_static_file, root, rel)
     if target is None:
         return problem_response(404, "Not Found", f"no frontend file for {request.path}")
-    return web.FileResponse(target, headers={"Content-Security-Policy": FRONTEND_CSP})
+    headers = {"Content-Security-Policy": FRONTEND_CSP}
+    if rel.startswith(IMMUTABLE_ASSETS) and target.name != "index.html":
+        headers["Cache-Control"] = "public, max-age=31536000, immutable"  # named by their hash
+    return web.FileResponse(target, headers=headers)
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -183,6 +183,13 @@ class Browsers:
             return None
         return await self._key(grant.key_id)
 
+    async def session_expires(self, session: str) -> float | None:
+        """When a session ends (Unix seconds); None for one that is not live."""
+        if not _SECRET_RE.match(session):
+            return None
+        grant = await _read(self._sessions, _digest(session))
+        return grant.expires if grant is not None and grant.expires > time.time() else None
+
     async def close_session(self, session: str) -> None:
         if _SECRET_RE.match(session):
             await self._sessions.delete(_digest(session))
@@ -252,7 +259,9 @@ class Session(BaseModel):
     key_id: str = Field(description="the API key the session stands for")
     name: str
     scopes: list[str]
-    expires: Timestamp
+    expires: Timestamp | None = Field(
+        description="when the session ends; null when asked with an API key, not a cookie"
+    )
 
 
 class Ticket(BaseModel):
@@ -276,6 +285,16 @@ def routes() -> list[Route]:
                 403: "the request came with a session cookie instead of an API key",
                 503: "the session store did not answer",
             },
+        ),
+        Route(
+            "GET",
+            "/api/session",
+            get_session,
+            "read",
+            "Who this browser is signed in as: the key's name and scopes, and when the "
+            "session ends (401 when it is not signed in); a page asks this at start",
+            "sessions",
+            responses={200: Reply("the session", Session)},
         ),
         Route(
             "DELETE",
@@ -338,6 +357,22 @@ async def create_session(request: web.Request) -> web.Response:
         secure=_https(request),
     )
     return response
+
+
+async def get_session(request: web.Request) -> web.Response:
+    record = await caller(request)
+    session = request.cookies.get(COOKIE)
+    expires = None
+    if session is not None and bearer(request) is None:
+        expires = await request.app[BROWSERS].session_expires(session)
+    ends = datetime.fromtimestamp(expires, UTC) if expires is not None else None
+    doc = Session(
+        key_id=record.id,
+        name=record.name,
+        scopes=list(record.scopes),
+        expires=format_time(ends) if ends is not None else None,
+    )
+    return json_response(doc)
 
 
 async def delete_session(request: web.Request) -> web.Response:
