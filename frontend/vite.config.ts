@@ -3,6 +3,11 @@ import { sveltekit } from '@sveltejs/kit/vite';
 import { svelteTesting } from '@testing-library/svelte/vite';
 import { defineConfig } from 'vitest/config';
 
+// Where the app is built (the gateway serves it from there); another folder lets several
+// builds run side by side (DARKROOM_FRONTEND_BUILD: a folder name inside frontend/, which the
+// browser tests read as well).
+const out = process.env.DARKROOM_FRONTEND_BUILD ?? 'build';
+
 export default defineConfig({
 	plugins: [
 		sveltekit({
@@ -12,7 +17,8 @@ export default defineConfig({
 			},
 			// A single-page app: the gateway serves build/ and answers every other page path
 			// with index.html, and the client routes it.
-			adapter: adapter({ fallback: 'index.html', precompress: true })
+			adapter: adapter({ pages: out, assets: out, fallback: 'index.html', precompress: true }),
+			outDir: out === 'build' ? '.svelte-kit' : `.svelte-kit-${out}`
 		}),
 		svelteTesting()
 	],

@@ -6,7 +6,8 @@ import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { gzipSync, brotliCompressSync } from 'node:zlib';
 
-const page = 'build/index.html';
+const out = process.env.DARKROOM_FRONTEND_BUILD ?? 'build';
+const page = `${out}/index.html`;
 const html = readFileSync(page, 'utf8');
 const inline = /<script>([\s\S]*?)<\/script>/;
 const found = html.match(inline);
@@ -16,7 +17,7 @@ if (!found) {
 }
 const code = found[1].trim() + '\n';
 const name = `boot.${createHash('sha256').update(code).digest('hex').slice(0, 10)}.js`;
-writeFileSync(`build/_app/immutable/${name}`, code);
+writeFileSync(`${out}/_app/immutable/${name}`, code);
 const rewritten = html.replace(inline, `<script src="/_app/immutable/${name}"></script>`);
 if (/<script>/.test(rewritten)) throw new Error('externalize-boot: a second inline script');
 writeFileSync(page, rewritten);

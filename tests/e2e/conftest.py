@@ -23,7 +23,8 @@ from bus.models.demo import build_tiny_sd
 from bus.runtime.registry import load
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "frontend" / "build"
+# The built app; DARKROOM_FRONTEND_BUILD names another folder (as it does for npm run build).
+BUILD = ROOT / "frontend" / os.environ.get("DARKROOM_FRONTEND_BUILD", "build")
 SCREENSHOTS = ROOT / "test-results" / "screenshots"
 # Chromium's flags for a closed network, as root, without a display (FACTS.md).
 CHROMIUM_ARGS = [
