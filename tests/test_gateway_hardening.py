@@ -155,6 +155,17 @@ async def test_the_frontend_gets_a_strict_content_security_policy(
     assert "default-src 'self'" in FRONTEND_CSP and "frame-ancestors 'none'" in FRONTEND_CSP
 
 
+async def test_without_a_built_app_the_pages_say_how_to_build_it(
+    ctx: Context, aiohttp_client: Any, tmp_path: Any, admin: str
+) -> None:
+    api = await aiohttp_client(build_app(ctx, static_dir=tmp_path / "nothing-built"))
+    page = await api.get("/gallery")
+    assert page.status == 503
+    assert page.content_type == "application/problem+json"
+    assert "make frontend" in (await page.json())["detail"]
+    assert (await api.get("/api/images", headers=auth(admin))).status == 200  # the API works
+
+
 # --- memory on base64 webhooks --------------------------------------------------------------
 
 

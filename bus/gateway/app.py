@@ -15,6 +15,7 @@ from bus.gateway import (
     carousel,
     deadletters,
     events,
+    generate_limits,
     generations,
     hooks,
     images,
@@ -357,6 +358,7 @@ def route_table() -> list[Route]:
         *captions.routes(),
         *models_api.routes(),
         *generations.routes(),
+        *generate_limits.routes(),
         *search.routes(),
         *openai_api.routes(),
         *openai_images.routes(),
@@ -456,12 +458,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def default_static_dir() -> Path:
-    """The built frontend if there is one, else the simple page shipped in frontend/."""
-    frontend = Path(__file__).resolve().parents[2] / "frontend"
-    build = frontend / "build"
-    if (build / "index.html").is_file():
-        return build
-    return frontend / "simple"
+    """The built browser app (``make frontend`` builds it)."""
+    return Path(__file__).resolve().parents[2] / "frontend" / "build"
 
 
 def _static_file(root: Path, rel: str) -> Path | None:
@@ -490,6 +488,13 @@ async def static(request: web.Request) -> web.StreamResponse:
     rel = request.match_info.get("path", "")
     root: Path = request.app[STATIC_DIR]
     target = await asyncio.to_thread(_static_file, root, rel)
+    if target is None and not await asyncio.to_thread((root / "index.html").is_file):
+        return problem_response(
+            503,
+            "Service Unavailable",
+            f"the browser app is not built in {root}: run `make frontend` (the API works "
+            "without it)",
+        )
     if target is None:
         return problem_response(404, "Not Found", f"no frontend file for {request.path}")
     headers = {"Content-Security-Policy": FRONTEND_CSP}
