@@ -159,6 +159,29 @@ async def test_a_held_image_is_neither_counted_nor_generated_from_by_other_keys(
     assert await events(ctx, subjects.REQUESTED) == []
 
 
+async def test_an_uploader_reads_its_own_held_upload_by_id_and_nobody_else_does(
+    client: TestClient[Any, Any], db: ReadModel, make_key: Any
+) -> None:
+    uploader = await make_key("upload", "read")
+    hooked = await client.post(
+        "/api/hooks/ingest?filename=h.png", data=png(30, 20), headers=auth(uploader)
+    )
+    assert hooked.status == 201, await hooked.text()
+    image_id = (await hooked.json())["id"]
+    await until(db, image_id, "held", approval="pending")  # the policy holds hook uploads
+    own = await client.get(f"/api/images/{image_id}", headers=auth(uploader))
+    assert own.status == 200, await own.text()
+    assert "uploaded through hook" in (await own.json())["hold"]
+    other = await make_key("upload", "read")
+    assert (await client.get(f"/api/images/{image_id}", headers=auth(other))).status == 404
+    await until(db, image_id, "captioned", status="ready")  # it has an image embedding
+    similar = f"/api/images/{image_id}/similar"
+    assert (await client.get(similar, headers=auth(uploader))).status == 200
+    assert (await client.get(similar, headers=auth(other))).status == 404
+    listed = await (await client.get("/api/images", headers=auth(uploader))).json()
+    assert listed["items"] == []  # lists keep to the shown images, for every key
+
+
 async def test_decisions_win_by_stream_order_and_a_deletion_drops_the_row(
     db: ReadModel,
 ) -> None:
@@ -232,7 +255,7 @@ async def test_a_held_image_waits_in_the_queue_until_approved_then_shows_in_the_
     refused = await client.get("/api/images?approval=pending", headers=auth(viewer))
     assert refused.status == 403 and "only an admin key" in (await refused.json())["detail"]
     pixels = await client.get(f"/api/images/{generated}/display", headers=auth(viewer))
-    assert pixels.status == 403
+    assert pixels.status == 404  # a held image is not found by other keys
 
     response = await client.post(
         f"/api/images/{generated}/approve", json={"reason": "fine"}, headers=auth(admin)
@@ -305,7 +328,7 @@ async def test_rejecting_drops_the_renditions_and_hides_the_original_until_the_s
         gone = await client.get(f"/api/images/{image_id}/{path}", headers=auth(admin))
         assert gone.status == 404 and "rejected" in (await gone.json())["detail"]
     hidden = await client.get(f"/api/images/{image_id}/original", headers=auth(viewer))
-    assert hidden.status == 403
+    assert hidden.status == 404
     original = await client.get(f"/api/images/{image_id}/original", headers=auth(admin))
     assert original.status == 200 and await original.read() == body
     assert await shown(client, viewer, "/api/images") == []

@@ -6,6 +6,13 @@ into the image's row, and which webhooks and the UI see (the audit trail is the 
 The answer comes once the event is stored; the image's document shows the decision as soon
 as notify has projected it. What a rejection does to the store, and how approving a
 rejected image restores it, is in :mod:`bus.gateway.rejections`.
+
+Decisions on one image take turns, whichever gateway takes them (an advisory lock per
+image in PostgreSQL, :meth:`bus.state.approvals.Approvals.deciding`): each reads what it
+replaces from the stored document and has its document and its event out before the next
+starts, so the stored decision, the newest event and the projection (the newest event
+wins) name the same one. A decision whose event the bus does not take is taken back from
+the store before the 503, so that no reindex from the store revives it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Any
 
+import asyncpg
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +32,7 @@ from bus.gateway.contract import NOT_BLANK, OneOf, Timestamp
 from bus.gateway.images import ImageDoc, catalogue, get_image, image_doc, query_db
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.rejections import (
+    UNAVAILABLE,
     available,
     check_restorable,
     drop_renditions,
@@ -31,6 +41,8 @@ from bus.gateway.rejections import (
 )
 from bus.gateway.routes import Link, Reply, Route
 from bus.gateway.state import CTX
+from bus.infra.postgres import CONNECTION_ERRORS
+from bus.infra.store import ObjectMissingError
 from bus.runtime.context import Context
 from bus.state.approvals import DECISIONS, MAX_REASON_CHARS
 from bus.state.readmodel import ReadModelError
@@ -154,12 +166,42 @@ async def decide_many(request: web.Request, body: BulkBody) -> web.Response:
 async def decide(
     ctx: Context, doc: dict[str, Any], decision: str, reason: str | None, by: str
 ) -> DecisionResult:
-    """Record ``decision`` on the image of ``doc``: the decision document, then its event;
-    then, rejecting, its renditions go, or, approving a rejected image, it is restored.
-    Deciding what the image has already is not recorded again."""
-    image_id, previous = str(doc["id"]), str(doc["approval"])
-    held = doc.get("decision")
-    if previous == decision and isinstance(held, dict):
+    """Record ``decision`` on the image of ``doc`` (see the module): one decision on an
+    image at a time, across gateways. Deciding what the image has already is not recorded
+    again."""
+    assert ctx.db is not None  # the handlers' catalogue() made sure
+    image_id = str(doc["id"])
+    try:
+        async with ctx.db.approvals.deciding(image_id):
+            return await _decide(ctx, doc, decision, reason, by)
+    except asyncpg.LockNotAvailableError:
+        raise Problem(
+            503,
+            "Service Unavailable",
+            f"another decision on image {image_id} is still being recorded; try again",
+        ) from None
+    except CONNECTION_ERRORS as exc:
+        raise Problem(
+            503,
+            "Service Unavailable",
+            f"the catalogue database did not answer ({type(exc).__name__})",
+        ) from None
+
+
+async def _decide(
+    ctx: Context, doc: dict[str, Any], decision: str, reason: str | None, by: str
+) -> DecisionResult:
+    """:func:`decide`, under the image's lock: the decision document (what it replaces is
+    read from the stored one, which the read model may not show yet), then its event; then,
+    rejecting, its renditions go, or, approving a rejected image, it is restored."""
+    image_id = str(doc["id"])
+    key = subjects.image_key(image_id, subjects.APPROVAL_DOC)
+    store = ctx.store.interactive
+    stored = await available(_stored(ctx, key))
+    held = orjson.loads(stored) if stored is not None else None
+    held = held if isinstance(held, dict) and held.get("decision") in TOPICS else None
+    previous = str(held["decision"]) if held else str(doc["approval"])
+    if previous == decision and held:
         if decision == "rejected":  # a retry after a failed drop: dropping is idempotent
             await available(drop_renditions(ctx, image_id))
         return DecisionResult(
@@ -187,8 +229,7 @@ async def decide(
         "time": moment,
         "event": event_id,
     }
-    key = subjects.image_key(image_id, subjects.APPROVAL_DOC)
-    ref = await available(ctx.store.interactive.put_json(key, record))
+    ref = await available(store.put_json(key, record))
     event = Event(
         id=event_id,
         type=TOPICS[decision],
@@ -199,7 +240,7 @@ async def decide(
         image_id=image_id,
         data={k: record[k] for k in ("decision", "previous", "by", "reason")},
     )
-    await available(publish(ctx, event))
+    await _announce(ctx, event, key, stored)
     if decision == "rejected":
         await available(drop_renditions(ctx, image_id))
     if restoring:
@@ -214,6 +255,49 @@ async def decide(
         time=moment,
         event=event_id,
         restored=restoring,
+    )
+
+
+async def _stored(ctx: Context, key: str) -> bytes | None:
+    """The stored decision document's bytes; None when the image has none."""
+    try:
+        return await ctx.store.interactive.get_bytes(key)
+    except ObjectMissingError:
+        return None
+
+
+async def _announce(ctx: Context, event: Event, key: str, replaced: bytes | None) -> None:
+    """Publish the decision's event, a second time if the first failed (its id makes it
+    stored once). If that fails too, the decision document goes back to what it replaced
+    (``replaced``; None: it is deleted), so that nothing, not even a reindex from the store,
+    acts on a decision the stream never got; then 503."""
+    for attempt in (1, 2):
+        try:
+            await publish(ctx, event)
+            return
+        except UNAVAILABLE as exc:
+            failure = exc
+            if attempt == 1:
+                ctx.log.warning("publishing %s failed (%r); trying once more", event.id, exc)
+    store = ctx.store.interactive
+    try:
+        if replaced is None:
+            await store.delete(key)
+        else:
+            await store.put_bytes(key, replaced, "application/json")
+    except UNAVAILABLE:
+        ctx.log.error(
+            "the decision %s was not published, and the store did not take %s back: the "
+            "store holds a decision the stream never got",
+            event.id,
+            key,
+            exc_info=True,
+        )
+    raise Problem(
+        503,
+        "Service Unavailable",
+        f"the event bus did not take the decision ({type(failure).__name__}): nothing was "
+        "recorded; try again",
     )
 
 

@@ -28,7 +28,9 @@ key what it needs: ``approved`` goes to every key (the image appears; the UI fet
 ``rejected`` only when the image was shown before (it disappears: a key that could see it
 learns why, as the image's document would tell it), ``deleted`` to admin keys only (it
 follows a rejection). Events that are about no image (a job's ``requested``, its failures,
-its step progress) go to every key.
+its step progress) go to every key; but while the policy holds (or may hold) what
+generations make, a step report's preview goes to admin keys only (the others get the
+report without it).
 
 The hub follows each image's approval in a small cache (:class:`Approval`, the most
 recently active :attr:`Options.images` images, never fewer than it buffers events), folding
@@ -74,7 +76,7 @@ from bus.gateway.routes import Reply, Route
 from bus.gateway.state import CTX
 from bus.infra.postgres import CONNECTION_ERRORS
 from bus.runtime.context import Context
-from bus.state.approvals import DECISIONS, caption_hold, upload_hold
+from bus.state.approvals import DECISIONS, caption_hold, holds_generations, upload_hold
 from bus.state.readmodel import SHOWN, nsfw_score
 
 log = logging.getLogger("darkroom.events")
@@ -116,6 +118,7 @@ class Frame:
     job_id: str | None
     text: bytes
     public: bool | None  # whether a key that is not admin gets it; None: while its image is shown
+    plain: bytes | None = None  # what a key that is not admin gets instead (no preview)
 
 
 def read_event(payload: bytes) -> Event | None:
@@ -166,9 +169,10 @@ def _public(event: Event) -> dict[str, Any]:
     return doc
 
 
-def progress_frame(report: dict[str, Any]) -> Frame | None:
+def progress_frame(report: dict[str, Any], previews: bool = True) -> Frame | None:
     """The frame of a step report (as :class:`bus.runtime.call.Progress` sends it). A job's
-    goes to every key; one about an image alone, while the image is shown."""
+    goes to every key; one about an image alone, while the image is shown. ``previews``:
+    whether a key that is not admin gets the report's preview too (else it gets the rest)."""
     step, total = report.get("step"), report.get("total")
     if not isinstance(step, int) or not isinstance(total, int):
         return None
@@ -176,12 +180,14 @@ def progress_frame(report: dict[str, Any]) -> Frame | None:
     for name in ("stage", "job_id", "image_id", "message", "time"):
         value = report.get(name)
         doc[name] = value if isinstance(value, str) else None
-    kind, data = report.get("preview_type"), report.get("preview_b64")
-    if isinstance(kind, str) and isinstance(data, str):
-        doc["preview"] = f"data:{kind};base64,{data}"
-    text = b"event: progress\ndata: " + orjson.dumps(doc) + b"\n\n"
     public = None if doc["job_id"] is None and doc["image_id"] is not None else True
-    return Frame(None, doc["image_id"], doc["job_id"], text, public)
+    plain = b"event: progress\ndata: " + orjson.dumps(doc) + b"\n\n"
+    kind, data = report.get("preview_type"), report.get("preview_b64")
+    if not isinstance(kind, str) or not isinstance(data, str):
+        return Frame(None, doc["image_id"], doc["job_id"], plain, public)
+    doc["preview"] = f"data:{kind};base64,{data}"
+    text = b"event: progress\ndata: " + orjson.dumps(doc) + b"\n\n"
+    return Frame(None, doc["image_id"], doc["job_id"], text, public, None if previews else plain)
 
 
 def control_frame(event: str, doc: dict[str, Any]) -> bytes:
@@ -428,7 +434,7 @@ class Hub:
 
     def on_progress(self, report: dict[str, Any]) -> None:
         """A step report from :class:`bus.gateway.live.Live` (any stage)."""
-        frame = progress_frame(report)
+        frame = progress_frame(report, previews=not holds_generations(self._policy))
         if frame is not None:
             self._fan_out(frame)
 
@@ -439,7 +445,8 @@ class Hub:
                 if frame.seq <= client.after:
                     continue  # it had this one from the stream already
                 client.after = frame.seq
-            if client.wants(frame, public) and not client.offer(frame.text):
+            text = frame.text if client.sees_held or frame.plain is None else frame.plain
+            if client.wants(frame, public) and not client.offer(text):
                 self._drop(client, SLOW.format(n=client.limit))
 
     def _drop(self, client: Client, reason: str) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from bus.gateway.access import check_pixels, shown_only
+from bus.gateway.access import check_visible, shown_only
 from bus.gateway.contract import OneOf, Timestamp
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.state import CTX
@@ -103,7 +103,9 @@ class ImageDoc(BaseModel):
     failure: dict[str, Any] | None = Field(None, description="the stage that failed, and why")
 
 
-class ImagesQuery(BaseModel):
+class ImageFilters(BaseModel):
+    """What the list keeps and how it sorts (its paging aside)."""
+
     status: Annotated[str, OneOf(*STATUSES)] | None = None
     tag: str | None = Field(None, description="only images with this tag")
     approval: Annotated[str, OneOf(*APPROVALS)] | None = Field(
@@ -121,6 +123,9 @@ class ImagesQuery(BaseModel):
         "created", description="created, or taken (the date taken, else created)"
     )
     order: Annotated[str, OneOf("desc", "asc")] = Field("desc", description="desc: newest first")
+
+
+class ImagesQuery(ImageFilters):
     limit: int = Field(50, ge=1, le=MAX_LIMIT)
     cursor: str | None = Field(None, description="next_cursor from the previous page")
 
@@ -183,12 +188,14 @@ async def image_counts(request: web.Request) -> web.Response:
 
 
 async def image_doc(request: web.Request) -> dict[str, Any]:
-    """The read model's document of the path's image (404 if there is none)."""
+    """The read model's document of the path's image: 404 if there is none, or if the caller
+    may not see it (:func:`bus.gateway.access.check_visible`)."""
     image_id = request.match_info["image_id"]
     db = catalogue(request)
     doc = await query_db(lambda: db.get(image_id))
     if doc is None:
         raise Problem(404, "Not Found", f"no image with id {image_id!r}")
+    await check_visible(request, doc)
     return doc
 
 
@@ -236,7 +243,6 @@ async def get_original(request: web.Request, query: OriginalQuery) -> web.Stream
     """The original, downloaded unless ``?inline=true``, so that following a link never
     shows someone's upload as a page of this origin."""
     doc = await image_doc(request)
-    await check_pixels(request, doc)
     original = doc.get("original")
     if not isinstance(original, dict) or not isinstance(original.get("key"), str):
         raise Problem(404, "Not Found", "this image has no stored original")
@@ -255,7 +261,6 @@ async def get_thumbnail(request: web.Request, query: ThumbnailQuery) -> web.Stre
 
 async def _rendition(request: web.Request, which: str, px: int | None = None) -> web.StreamResponse:
     doc = await image_doc(request)
-    await check_pixels(request, doc)
     if doc["approval"] == "rejected":
         raise Problem(
             404, "Not Found", f"image {doc['id']} was rejected: its renditions are deleted"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from bus.gateway.access import shown_only
 from bus.gateway.contract import NOT_BLANK, OneOf
-from bus.gateway.images import ImageDoc, catalogue, query_db
+from bus.gateway.images import ImageDoc, catalogue, image_doc, query_db
 from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import Reply, Route
 from bus.gateway.state import CTX
@@ -201,14 +201,12 @@ async def search(request: web.Request, query: SearchQuery) -> web.Response:
 
 
 async def similar_images(request: web.Request, query: SimilarQuery) -> web.Response:
-    image_id = request.match_info["image_id"]
+    doc = await image_doc(request)  # a held image is not found for a key that may not see it
+    image_id = doc["id"]
     db = catalogue(request)
     filters = _filters(query, await shown_only(request, query.approval))
     result = await query_db(lambda: db.similar(image_id, filters, query.limit, query.offset))
     if result is None:
-        doc = await query_db(lambda: db.get(image_id))
-        if doc is None:
-            raise Problem(404, "Not Found", f"no image with id {image_id!r}")
         raise Problem(
             404,
             "Not Found",

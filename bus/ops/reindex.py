@@ -78,6 +78,7 @@ async def reindex(ctx: Context, progress: bool = True) -> ReindexSummary:
     await ctx.db.truncate()
     await _from_store(ctx, ctx.db, summary, progress)
     await _from_stream(ctx, ctx.db, summary, progress)
+    await ctx.db.approvals.record_policy(ctx.db.policy)  # every row judged by it now
     summary.elapsed_s = time.monotonic() - started
     return summary
 

@@ -22,12 +22,17 @@ a decision always outranks it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from bus.core import subjects
 from bus.core.envelope import Event
@@ -46,12 +51,15 @@ from bus.state.readmodel import (
     upsert_stage,
 )
 
+log = logging.getLogger("darkroom.approvals")
 DECISIONS = {subjects.APPROVED: "approved", subjects.REJECTED: "rejected"}
 TOPICS = frozenset({*DECISIONS, subjects.DELETED})
 MAX_REASON_CHARS = 500
+DECISION_WAIT_S = 10  # the longest a decision waits for the one before it on its image
 QUEUE_CURSOR = "approvals"  # a queue page's cursor says so: an image list's is refused here
 _SHUFFLE_CURSOR = re.compile(r"^shuffle\.(\d{1,10})\|([0-9a-f]{32})\|([A-Za-z0-9_-]{1,64})$")
-# Shown in the carousel: what every key sees, with a display rendition.
+# Shown in the carousel: what every key sees, with a display rendition (migration 0006 keeps the
+# carousel's version by the same rule).
 _CAROUSEL = f"{SHOWN_ONLY} AND i.ingested_at IS NOT NULL"
 
 
@@ -73,6 +81,13 @@ def upload_hold(policy: HoldPolicy, event: Event) -> dict[str, Any]:
     }
 
 
+def holds_generations(policy: HoldPolicy) -> bool:
+    """Whether the policy holds what a generation makes, or may (it screens NSFW scores,
+    which come only once the image is made): a generation's step previews are then shown
+    to admin keys only."""
+    return policy.generated or policy.nsfw_above is not None or "generate" in policy.sources
+
+
 def caption_hold(policy: HoldPolicy, nsfw: float | None) -> str | None:
     """Why the policy holds an image for its caption's NSFW score (None: it does not). No
     score while the policy screens for one holds it too: it fails closed."""
@@ -83,6 +98,12 @@ def caption_hold(policy: HoldPolicy, nsfw: float | None) -> str | None:
     if nsfw > policy.nsfw_above:
         return f"NSFW score {nsfw:.2f} is above {policy.nsfw_above:g}"
     return None
+
+
+def policy_fingerprint(policy: HoldPolicy) -> tuple[str, str]:
+    """A fingerprint of ``policy`` (the same for the same rules), and the policy as JSON."""
+    shown = orjson.dumps(policy.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS).decode()
+    return hashlib.sha256(shown.encode()).hexdigest()[:16], shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +188,64 @@ class Approvals:
                 f"the database refused this {event.type} event: {type(exc).__name__}: {exc}"
             ) from None
 
+    @contextlib.asynccontextmanager
+    async def deciding(self, image_id: str) -> AsyncIterator[None]:
+        """Decide on ``image_id`` alone while the block runs: a transaction-scoped advisory
+        lock on the image in this schema, so decisions on one image, from any gateway on
+        the database, take turns (one's stored decision and its event are both out before
+        the next reads what it replaces). The lock goes with the transaction, or with the
+        connection if the process dies. Raises ``asyncpg.LockNotAvailableError`` after
+        :data:`DECISION_WAIT_S` behind another decision."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{DECISION_WAIT_S}s'")
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended("
+                "current_schema() || ':decision:' || $1::text, 0))",
+                image_id,
+            )
+            yield
+
+    async def check_policy(self, policy: HoldPolicy) -> str | None:
+        """Compare ``policy`` with the one the rows were judged with (recorded by the first
+        process to start, and by ``darkroom reindex``): a warning, logged and returned,
+        when they differ, since rows projected before keep their verdicts until a reindex
+        judges them again; None when they agree (or nothing was recorded: now it is)."""
+        fingerprint, shown = policy_fingerprint(policy)
+        async with self.pool.acquire() as conn:
+            recorded = await conn.fetchval(
+                "INSERT INTO approval_policy (fingerprint, policy) VALUES ($1, $2::jsonb) "
+                "ON CONFLICT (one) DO NOTHING RETURNING true",
+                fingerprint,
+                shown,
+            )
+            if recorded:
+                return None
+            row = await conn.fetchrow(
+                "SELECT fingerprint, policy::text, judged_at FROM approval_policy"
+            )
+        if row is None or row["fingerprint"] == fingerprint:
+            return None
+        warning = (
+            f"the approval policy (approval.hold) is {shown}, but the catalogue's images were "
+            f"judged with {row['policy']} (as of {row['judged_at']:%Y-%m-%d %H:%M} UTC): "
+            "new events follow the new policy, older images keep their verdicts until "
+            "`darkroom reindex` judges them all again"
+        )
+        log.warning("%s", warning)
+        return warning
+
+    async def record_policy(self, policy: HoldPolicy) -> None:
+        """Record that every row was judged with ``policy`` (after a reindex)."""
+        fingerprint, shown = policy_fingerprint(policy)
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO approval_policy (fingerprint, policy) VALUES ($1, $2::jsonb) "
+                "ON CONFLICT (one) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, "
+                "policy = EXCLUDED.policy, judged_at = now()",
+                fingerprint,
+                shown,
+            )
+
     async def queue(self, cursor: str | None = None, limit: int = 50) -> Page:
         """The pending images, oldest first (by upload time); ``cursor`` is the previous
         page's ``next_cursor``."""
@@ -230,17 +309,12 @@ class Approvals:
         return Page([document(row) for row in rows], next_cursor)
 
     async def carousel_version(self) -> tuple[int, str]:
-        """How many images the carousel shows, and a checksum of them that changes when
-        one comes or goes, or gets a newer event of a stage the carousel shows (its
-        renditions, its caption, a decision). Order-independent (a sum over the rows), so
-        it does not depend on the order notify projected them in; one scan of the shown
-        rows."""
+        """How many images the carousel shows, and its version, which changes when one
+        comes or goes, or gets a newer event of a stage the carousel shows (its renditions,
+        its caption, a decision). The database keeps both as rows change (migration 0006),
+        so this reads 16 small rows, however many images there are."""
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "SELECT count(*), coalesce(sum(('x' || left(md5(concat_ws(':', i.id, "
-                "i.upload_seq, i.ingest_seq, i.caption_seq, i.decision_seq)), 15))"
-                f"::bit(60)::bigint), 0) FROM images i WHERE {_CAROUSEL}"
-            )
+            row = await conn.fetchrow("SELECT sum(total), sum(version) FROM carousel_version")
         return int(row[0]), str(row[1])
 
     async def expired_rejections(self, before: datetime, limit: int = 100) -> list[Expired]:

@@ -85,7 +85,8 @@ def migrations() -> list[Migration]:
 
 
 async def open_read_model(settings: Settings, client_name: str) -> ReadModel:
-    """Connect to the configured PostgreSQL, migrate the namespace's schema, open a pool."""
+    """Connect to the configured PostgreSQL, migrate the namespace's schema, open a pool;
+    warn if the approval policy is not the one the rows were judged with."""
     pg = settings.postgres
     if pg.url is None:
         raise ValueError("the read model needs a resolved PostgreSQL URL")
@@ -97,7 +98,9 @@ async def open_read_model(settings: Settings, client_name: str) -> ReadModel:
         timeout=pg.connect_timeout_s,
         application_name=f"darkroom-{client_name}",
     )
-    return ReadModel(pool, settings.approval.hold)
+    model = ReadModel(pool, settings.approval.hold)
+    await model.approvals.check_policy(model.policy)  # warns when the rows had another
+    return model
 
 
 def parse_time(text: str) -> datetime:
