@@ -214,11 +214,13 @@ async def test_openapi_documents_every_route_and_only_those(
     assert served == documented
 
 
-async def test_the_simple_page_is_served_without_a_key(client: TestClient[Any, Any]) -> None:
+async def test_the_app_is_served_without_a_key(client: TestClient[Any, Any]) -> None:
     page = await client.get("/")
-    assert page.status == 200 and "darkroom" in await page.text()
-    deep = await client.get("/gallery/anything")
-    assert deep.status == 200
+    shell = await page.text()
+    assert page.status == 200 and "<title>darkroom</title>" in shell
+    assert "/_app/immutable/boot." in shell  # it starts the app from a file of its own
+    deep = await client.get("/images/anything")  # a page the app routes itself
+    assert deep.status == 200 and await deep.text() == shell
     api_typo = await client.get("/api/nothing-here")
     assert api_typo.status == 404 and api_typo.content_type == "application/problem+json"
 
