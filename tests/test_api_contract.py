@@ -29,6 +29,7 @@ from bus.gateway.routes import PUBLIC
 from bus.runtime.context import Context
 from bus.runtime.registry import load
 from bus.state.keys import KEY_ID_RE
+from bus.state.webhooks import ENDPOINT_ID_PATTERN, MESSAGE_ID_PATTERN
 from tests.support.http import auth
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
@@ -83,6 +84,8 @@ async def test_the_document_is_valid_openapi_3_1(
         ("key_id", KEY_ID_RE.pattern),
         ("model_name", GENERATE_MODEL_NAME),
         ("seq", r"^[0-9]{1,19}$"),
+        ("endpoint_id", ENDPOINT_ID_PATTERN),
+        ("delivery_id", MESSAGE_ID_PATTERN),
     }
     size = doc["components"]["schemas"]["PresignRequest"]["properties"]["size"]
     assert size["maximum"] == ctx.settings.ingest.max_bytes, "this deployment's limit"

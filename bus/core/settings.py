@@ -668,6 +668,52 @@ class ApprovalSettings(_Section):
     )
 
 
+class WebhookSettings(_Section):
+    """Outgoing webhooks (bus/intake/webhooks.py): the retry schedule, the limits, and which
+    private networks endpoints may be on."""
+
+    schedule_s: tuple[float, ...] = Field(
+        default=(0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400),
+        min_length=1,
+        max_length=50,
+        description="delay before each attempt (the Standard Webhooks schedule): the first "
+        "is usually 0; after the last failed attempt the delivery is given up",
+    )
+    jitter: float = Field(
+        default=0.1, ge=0, le=1, description="each retry delay varies by up to this fraction"
+    )
+    timeout_s: float = Field(default=15.0, gt=0, le=300, description="one attempt's limit")
+    disable_after_days: float = Field(
+        default=5.0,
+        gt=0,
+        description="an endpoint that failed every attempt for this long is disabled",
+    )
+    secret_grace_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        description="after a secret is rotated, deliveries are signed with the old one too "
+        "for this long",
+    )
+    allow_networks: tuple[IPvAnyNetwork, ...] = Field(
+        default=(),
+        description="private networks (CIDR) endpoints may be on anyway; public addresses "
+        "are always allowed",
+    )
+    concurrency: int = Field(default=256, ge=1, le=4096, description="attempts in flight")
+    log_keep_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="delivered and given-up messages, with their attempts, are kept this long",
+    )
+
+    @field_validator("schedule_s")
+    @classmethod
+    def _check_schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(delay < 0 for delay in value):
+            raise ValueError(f"retry delays must be >= 0 seconds, got {list(value)}")
+        return value
+
+
 class FunctionSettings(_Section):
     enabled: bool = True
     concurrency: int | None = Field(default=None, ge=1, le=4096)
@@ -703,6 +749,7 @@ class Settings(BaseSettings):
     gpu: GpuSettings = GpuSettings()
     models: ModelsSettings = ModelsSettings()
     approval: ApprovalSettings = ApprovalSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     functions: dict[str, FunctionSettings] = Field(default_factory=dict)
 
     @field_validator("namespace")

@@ -25,6 +25,7 @@ CANCELLED = "cancelled"  # cancelled.<stage>
 APPROVED = "approved"  # an admin's decision (who, when, why): images/<id>/approval.json
 REJECTED = "rejected"  # the same, rejecting: its renditions go, its original is kept a while
 DELETED = "deleted"  # an image and all its objects are gone (a rejection that expired)
+WEBHOOK_DISABLED = "webhook_disabled"  # an endpoint was turned off (410, or days of failures)
 S3_EVENTS = "s3"  # default subject for MinIO bucket notifications (Records payloads)
 
 _NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -113,6 +114,19 @@ class Names:
     @property
     def dlq_stream(self) -> str:
         return f"{self.stream}_DLQ"
+
+    @property
+    def hooks_stream(self) -> str:
+        """The webhook deliveries' work queue (outside ``<ns>.>``: the event stream and its
+        live listeners never see a delivery)."""
+        return f"{self.stream}_WEBHOOKS"
+
+    def hook_delivery(self, endpoint_id: str) -> str:
+        return f"{self.namespace}-hooks.deliver.{endpoint_id}"
+
+    @property
+    def all_hook_deliveries(self) -> str:
+        return f"{self.namespace}-hooks.>"
 
     def durable(self, function: str) -> str:
         return f"{self.namespace}_{function}"

@@ -29,6 +29,7 @@ from bus.gateway import (
     sessions,
     system,
     uploads,
+    webhooks_api,
 )
 from bus.gateway.contract import endpoint
 from bus.gateway.openapi import build_openapi
@@ -366,6 +367,7 @@ def route_table() -> list[Route]:
         *sessions.routes(),
         *approvals.routes(),
         *carousel.routes(),
+        *webhooks_api.routes(),
     ]
 
 

@@ -16,6 +16,7 @@ from bus.gateway.contract import SETTING_MAXIMUM
 from bus.gateway.problems import PROBLEM_JSON, RETRY_AFTER_S, ProblemDetails
 from bus.gateway.routes import PUBLIC, ErrorBody, Reply, Route
 from bus.state.keys import KEY_ID_RE
+from bus.state.webhooks import ENDPOINT_ID_PATTERN, MESSAGE_ID_PATTERN
 
 REF = "#/components/schemas/{model}"
 PROBLEM = ErrorBody(PROBLEM_JSON, ProblemDetails)
@@ -135,6 +136,8 @@ PATH_PATTERNS = {
     "key_id": KEY_ID_RE.pattern,
     "model_name": GENERATE_MODEL_NAME,
     "seq": r"^[0-9]{1,19}$",  # a stream sequence
+    "endpoint_id": ENDPOINT_ID_PATTERN,  # a webhook endpoint
+    "delivery_id": MESSAGE_ID_PATTERN,  # a webhook message (its webhook-id)
 }
 
 

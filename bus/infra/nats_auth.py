@@ -69,29 +69,34 @@ def permissions(role: Role, names: Names) -> dict[str, Any] | None:
     models = _kv_stream(names.models_kv)
     replies = [f"{inbox_prefix(role)}.>"]
     if role is Role.WORKER:
+        hooks = names.hooks_stream
         return {
             "publish": {
                 "allow": [
                     f"{ns}.>",  # the events a function emits
                     f"{ns}-dlq.>",
                     f"{ns}-live.>",  # progress
+                    names.all_hook_deliveries,  # webhook deliveries, queued by the fan-out
                     f"$KV.{names.leases_kv}.>",
                     f"$KV.{names.models_kv}.>",  # its models' readiness (write only)
                     "$JS.API.INFO",
                     *[
                         f"$JS.API.STREAM.INFO.{s}"
-                        for s in (events, advisories, leases, cancels, models)
+                        for s in (events, advisories, leases, cancels, models, hooks)
                     ],
                     # its durable consumers: declare, inspect, pull, ack
                     *[
                         f"$JS.API.CONSUMER.{op}.{s}{tail}"
-                        for s in (events, advisories)
+                        for s in (events, advisories, hooks)
                         for op in ("CREATE", "INFO")
                         for tail in ("", ".>")
                     ],
-                    *[f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.*" for s in (events, advisories)],
-                    *[f"$JS.API.CONSUMER.MSG.NEXT.{s}.*" for s in (events, advisories)],
-                    *[f"$JS.ACK.{s}.>" for s in (events, advisories)],
+                    *[
+                        f"$JS.API.CONSUMER.DURABLE.CREATE.{s}.*"
+                        for s in (events, advisories, hooks)
+                    ],
+                    *[f"$JS.API.CONSUMER.MSG.NEXT.{s}.*" for s in (events, advisories, hooks)],
+                    *[f"$JS.ACK.{s}.>" for s in (events, advisories, hooks)],
                     # an event by sequence (to dead-letter what exhausted its deliveries)
                     f"$JS.API.STREAM.MSG.GET.{events}",
                     f"$JS.API.DIRECT.GET.{events}",
