@@ -199,6 +199,38 @@ async def test_resume_from_before_the_buffer_reads_the_stream_and_meets_the_live
     assert got == missed + more
 
 
+class Recorder:
+    """Stands for a client's connection (a pure unit test of the hub): the writes made."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.wrote = asyncio.Event()
+
+    async def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.wrote.set()
+
+
+async def test_events_arriving_within_the_linger_go_out_in_one_write(ctx: Context) -> None:
+    """Per event, a thousand clients would cost a thousand sends and task wake-ups: the hub
+    wakes each writer once per linger, and it writes all that waits at once."""
+    hub = Hub(ctx, Options(linger_s=3600, queue=64))  # it lingers until flushed
+    client = Client(None, None, 64, False)
+    assert hub.attach(client, None)
+    connection = Recorder()
+    pump = asyncio.create_task(client.pump(connection))  # type: ignore[arg-type]
+    await connection.wrote.wait()  # the "ready" frame, queued by attach: written at once
+    connection.wrote.clear()
+    for seq in range(1, 11):  # each receive awaits (the image's approval) in between
+        await hub.receive(seq, event(subjects.UPLOADED, image=f"l{seq}").encode())
+    hub.flush()  # what the linger's timer does
+    await connection.wrote.wait()
+    pump.cancel()
+    assert len(connection.writes) == 2, [w[:20] for w in connection.writes]
+    frames = connection.writes[1].decode().split("\n\n")
+    assert [f.split("\n")[0] for f in frames if f] == [f"id: {n}" for n in range(1, 11)]
+
+
 async def test_the_seam_between_missed_and_live_events_drops_and_repeats_nothing(
     ctx: Context,
 ) -> None:
