@@ -23,9 +23,11 @@ from urllib.parse import urlsplit
 import orjson
 import urllib3
 from minio import Minio
-from minio.commonconfig import CopySource
+from minio.commonconfig import REPLACE, CopySource
+from minio.datatypes import Object as S3Object
 from minio.datatypes import PostPolicy
 from minio.error import S3Error
+from minio.helpers import DictType
 
 from bus.core.envelope import ObjectRef
 from bus.core.settings import S3Settings
@@ -33,6 +35,7 @@ from bus.core.settings import S3Settings
 T = TypeVar("T")
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
+USER_METADATA = "x-amz-meta-"  # the header prefix S3 sends user metadata under
 PART_SIZE = 8 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 CONNECT_TIMEOUT_S = 3.0
@@ -234,8 +237,16 @@ class ObjectStore:
         async with self._transfers:
             return await asyncio.get_running_loop().run_in_executor(self._upload_executor, fn)
 
-    async def put_file(self, key: str, fp: IO[bytes], size: int, content_type: str) -> ObjectRef:
-        """Upload ``size`` bytes of ``fp`` from its start (multipart past PART_SIZE)."""
+    async def put_file(
+        self,
+        key: str,
+        fp: IO[bytes],
+        size: int,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectRef:
+        """Upload ``size`` bytes of ``fp`` from its start (multipart past PART_SIZE), with
+        ``metadata`` as the object's user metadata (US-ASCII; read back by :meth:`metadata`)."""
 
         def put() -> Any:
             fp.seek(0)
@@ -245,6 +256,7 @@ class ObjectStore:
                 cast(BinaryIO, fp),
                 size,
                 content_type=content_type,
+                metadata=None if metadata is None else _headers(metadata),
                 part_size=PART_SIZE,
             )
 
@@ -275,16 +287,32 @@ class ObjectStore:
         return await self.run_transfer(download)
 
     async def copy_if_unchanged(
-        self, source: str, key: str, etag: str, size: int, content_type: str
+        self,
+        source: str,
+        key: str,
+        etag: str,
+        size: int,
+        content_type: str,
+        metadata: dict[str, str] | None = None,
     ) -> ObjectRef | None:
         """Server-side copy of ``source`` to ``key`` if ``source`` still has ``etag``;
         None if it changed or went meanwhile (so what was checked is exactly what is
-        copied, and nothing is copied otherwise)."""
+        copied, and nothing is copied otherwise). With ``metadata``, the copy's user
+        metadata is exactly that (and its content type ``content_type``), not the
+        source's."""
+        # REPLACE takes the content type from the request too, so it is sent again.
+        replaced = (
+            None if metadata is None else _headers({"Content-Type": content_type, **metadata})
+        )
 
         def copy() -> ObjectRef | None:
             try:
                 result = self._client.copy_object(
-                    self.bucket, key, CopySource(self.bucket, source, match_etag=etag)
+                    self.bucket,
+                    key,
+                    CopySource(self.bucket, source, match_etag=etag),
+                    metadata=replaced,
+                    metadata_directive=REPLACE if replaced is not None else None,
                 )
             except S3Error as exc:
                 if exc.code == "PreconditionFailed" or exc.code in _MISSING_CODES:
@@ -321,12 +349,9 @@ class ObjectStore:
     # --- reads -----------------------------------------------------------------------------
     async def stat(self, key: str) -> ObjectRef | None:
         def stat() -> ObjectRef | None:
-            try:
-                st = self._client.stat_object(self.bucket, key)
-            except S3Error as exc:
-                if exc.code in _MISSING_CODES:
-                    return None
-                raise
+            st = self._stat_object(key)
+            if st is None:
+                return None
             return ObjectRef(
                 self.bucket,
                 key,
@@ -337,6 +362,31 @@ class ObjectStore:
 
         result: ObjectRef | None = await self._run(stat)
         return result
+
+    async def metadata(self, key: str) -> dict[str, str] | None:
+        """The object's user metadata (names lower-cased, without ``x-amz-meta-``); None
+        if there is no such object."""
+
+        def metadata() -> dict[str, str] | None:
+            st = self._stat_object(key)
+            if st is None:
+                return None
+            return {
+                name.lower().removeprefix(USER_METADATA): str(value)
+                for name, value in (st.metadata or {}).items()
+                if name.lower().startswith(USER_METADATA)
+            }
+
+        found: dict[str, str] | None = await self._run(metadata)
+        return found
+
+    def _stat_object(self, key: str) -> S3Object | None:
+        try:
+            return self._client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                return None
+            raise
 
     async def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         def get() -> bytes:
@@ -401,6 +451,12 @@ class ObjectStore:
             if exc.code in _MISSING_CODES:
                 raise ObjectMissingError(self.bucket, key) from None
             raise
+
+
+def _headers(metadata: dict[str, str]) -> DictType:
+    """``metadata`` as the SDK takes it (it sends names that are not headers as
+    ``x-amz-meta-<name>``)."""
+    return dict(metadata)
 
 
 def _root_cause(exc: BaseException) -> str:

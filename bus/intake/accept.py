@@ -8,9 +8,10 @@ Every entry point (multipart, presigned POST + complete, webhook, CLI) ends here
 3. the SHA-256 is claimed in the digests KV bucket: identical bytes get the image id they
    were first accepted as, and are not stored twice;
 4. a *staged* marker (``staged.<id>`` in the same bucket) records the original about to be
-   stored under ``uploads/<id>/<safe-name>``; only then is it stored, and the ``uploaded``
-   event published. The upload is accepted once the event's PubAck is back; the claim then
-   reads "published" and the marker goes.
+   stored under ``uploads/<id>/<safe-name>``; only then is it stored (with its source, API
+   key and SHA-256 as user metadata, which a reindex reads once the event has aged out of
+   the stream), and the ``uploaded`` event published. The upload is accepted once the
+   event's PubAck is back; the claim then reads "published" and the marker goes.
 
 A rejected upload stores nothing. A failure after the claim takes back exactly what that
 call made, at once: its own pending claim, and the object it stored (a presigned upload
@@ -36,7 +37,7 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -72,6 +73,8 @@ MAX_TAKEOVERS = 5  # a stale claim changed under us this often: give up with a 5
 STAGED_PREFIX = "staged."  # digests-bucket keys of originals stored but not yet announced
 CLOCK_SKEW_S = 60.0  # looking for an event, start this much before the claim was made
 SCAN_IDLE_S = 5.0  # reading the stream, give up when no message comes for this long
+UPLOAD_FACTS = ("source", "key", "sha256")  # kept with the original as S3 user metadata
+FACT_PREFIX = "darkroom-"  # their metadata names: darkroom-source, darkroom-key, ...
 T = TypeVar("T")
 
 __all__ = [
@@ -87,6 +90,7 @@ __all__ = [
     "settle_claim",
     "staged_originals",
     "unstage",
+    "upload_facts",
 ]
 
 
@@ -143,7 +147,9 @@ async def accept_upload(
         try:
             await _stage(ctx, image_id, key, spool.sha256)
             ref = await attempt.write(
-                ctx.store.interactive.put_file(key, spool.file, spool.size, kind.mime)
+                ctx.store.interactive.put_file(
+                    key, spool.file, spool.size, kind.mime, metadata=upload.metadata()
+                )
             )
             await _announce(ctx, upload, image_id, ref, claim)
         except BaseException:
@@ -214,11 +220,15 @@ async def complete_presigned(
         try:
             await _stage(ctx, image_id, key, spool.sha256)
             stripped = await _apply_gps_policy(ctx, spool, checked)
+            upload = _Upload(checked, spool.sha256, name, source, {**(extra or {}), **stripped})
+            facts = upload.metadata()
             if stripped:  # the incoming original still has its location: store the stripped one
-                ref = await attempt.write(store.put_file(key, spool.file, spool.size, mime))
+                ref = await attempt.write(
+                    store.put_file(key, spool.file, spool.size, mime, metadata=facts)
+                )
             else:
                 copied = await attempt.write(
-                    store.copy_if_unchanged(source_key, key, etag, spool.size, mime)
+                    store.copy_if_unchanged(source_key, key, etag, spool.size, mime, facts)
                 )
                 if copied is None:
                     raise UploadRejectedError(
@@ -227,7 +237,6 @@ async def complete_presigned(
                         "complete again",
                     )
                 ref = copied
-            upload = _Upload(checked, spool.sha256, name, source, {**(extra or {}), **stripped})
             await _announce(ctx, upload, image_id, ref, claim)
         except BaseException:
             # Our copy goes; the client's incoming object stays, so completing again works.
@@ -378,6 +387,24 @@ class _Upload:
                 "frames": self.checked.frames,
             },
         )
+
+    def metadata(self) -> dict[str, str]:
+        """What the original keeps of this upload as its S3 user metadata, so a reindex
+        that finds the event gone still knows it (see :func:`upload_facts`)."""
+        facts = {"source": self.source, "key": self.extra.get("key"), "sha256": self.sha256}
+        return {
+            f"{FACT_PREFIX}{name}": value
+            for name, value in facts.items()
+            # S3 metadata is US-ASCII header text; a key id and a source always are.
+            if isinstance(value, str) and value and value.isascii() and value.isprintable()
+        }
+
+
+def upload_facts(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The ``uploaded`` event's data an original's user metadata keeps (``source``,
+    ``key``, ``sha256``), as the event carries them."""
+    found = {name: metadata.get(f"{FACT_PREFIX}{name}") for name in UPLOAD_FACTS}
+    return {name: value for name, value in found.items() if value}
 
 
 async def _announce(

@@ -5,8 +5,9 @@ The read model is a projection, so it can always be thrown away and made again:
 1. It is emptied.
 2. **The store** is read first, for images and jobs whose events have aged out of the
    stream (``stream.max_age_days``): each original under ``uploads/`` becomes an
-   ``uploaded`` event, each ``images/<id>/ingest.json`` an ``ingested`` one (and, for a
-   generated image, a ``generated`` one naming its original, lineage and job), each
+   ``uploaded`` event (with the source, API key and SHA-256 its user metadata keeps),
+   each ``images/<id>/ingest.json`` an ``ingested`` one (and, for a generated image, a
+   ``generated`` one naming its original, lineage and job), each
    ``caption.json`` a ``captioned`` one, each ``requests/<job>.json`` a ``requested`` one.
    They are projected with stream sequence 0, older than any real event.
 3. **The stream** is replayed from its first event, each one projected with its own
@@ -33,6 +34,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from bus.core import subjects
 from bus.core.envelope import EnvelopeError, Event, ObjectRef, decode
+from bus.intake.accept import upload_facts
 from bus.runtime.context import Context
 from bus.state.readmodel import ReadModel, ReadModelError, format_time
 
@@ -109,9 +111,11 @@ async def _from_store(ctx: Context, db: ReadModel, summary: ReindexSummary, show
 
         async def original(key: str, moment: datetime) -> None:
             image_id = subjects.image_id_from_key(key, subjects.UPLOADS_PREFIX)
-            ref = await ctx.store.stat(key)
+            ref, metadata = await asyncio.gather(ctx.store.stat(key), ctx.store.metadata(key))
             if image_id is not None and ref is not None:
-                data = {"name": key.rsplit("/", 1)[-1]}
+                # What the upload said (the policy holds by source and key; the rejection
+                # sweep releases the digest claim by the SHA-256), kept with the original.
+                data = {**upload_facts(metadata or {}), "name": key.rsplit("/", 1)[-1]}
                 await _project(db, _event(subjects.UPLOADED, image_id, moment, data, ref), 0)
             bar.update()
 
