@@ -260,6 +260,10 @@ async def test_a_wrong_method_on_an_api_path_is_405_with_a_true_allow(
         ("DELETE", "/api/images/abc/display", "GET,HEAD"),
         ("POST", "/metrics", "GET,HEAD"),
         ("OPTIONS", "/healthz", "GET,HEAD"),
+        # a fixed path beside a {image_id} route: its own methods, not that route's too
+        ("OPTIONS", "/api/images/counts", "GET,HEAD"),
+        ("OPTIONS", "/api/images/zip", "POST"),
+        ("PUT", "/api/images/abc", "DELETE,GET,HEAD"),
     ):
         for headers in ({}, auth(admin)):  # the same, with a key or without
             response = await client.request(method, path, headers=headers)

@@ -25,9 +25,9 @@ from PIL import Image
 from bus.core import subjects
 from bus.core.envelope import new_id
 from bus.core.settings import Settings
-from bus.gateway.app import FRONTEND_CSP, build_app, make_app_runner, route_table
+from bus.gateway.app import FRONTEND_CSP, build_app, frontend_csp, make_app_runner, route_table
 from bus.gateway.routes import PUBLIC
-from bus.gateway.state import KEYS
+from bus.gateway.state import CTX, KEYS
 from bus.runtime.context import Context, open_context
 from bus.state.keys import UNKNOWN_TTL_S, mint, store_key
 from tests.support.http import auth, form
@@ -135,10 +135,13 @@ async def test_a_stored_object_declared_as_html_is_not_served_as_html(
 async def test_the_frontend_gets_a_strict_content_security_policy(
     client: TestClient[Any, Any],
 ) -> None:
+    policy = frontend_csp(client.app[CTX].settings)
+    store = client.app[CTX].settings.s3.endpoint
+    assert policy == f"{FRONTEND_CSP}; connect-src 'self' {store}"  # presigned posts go there
     for path in ("/", "/gallery/anything"):
         page = await client.get(path)
         assert page.status == 200
-        assert page.headers["Content-Security-Policy"] == FRONTEND_CSP
+        assert page.headers["Content-Security-Policy"] == policy
         assert page.headers["X-Content-Type-Options"] == "nosniff"
     html = await (await client.get("/")).text()
     # The policy allows no inline code or style: the page must need none.

@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from bus.core.settings import Settings
 from bus.gateway import (
     access,
     approvals,
     captions,
     carousel,
     deadletters,
+    deletions,
+    downloads,
     events,
+    generate_limits,
     generations,
     hooks,
     images,
     keys_api,
+    lineage,
     live,
     models_api,
     openai_api,
@@ -27,6 +33,7 @@ from bus.gateway import (
     search,
     sessions,
     system,
+    timeline,
     uploads,
     webhooks_api,
 )
@@ -47,6 +54,7 @@ from bus.runtime.registry import enabled_names
 from bus.state.keys import KeyCache
 
 _SCOPE = web.AppKey("route_scopes", dict)
+_CSP = web.AppKey("frontend_csp", str)
 # Every path the frontend may serve: all but the APIs' (darkroom's, and the OpenAI-compatible
 # one under /v1) and the probes'.
 FRONTEND_PATHS = r"/{path:(?!(?:api|v1|healthz|readyz|metrics)(?:/|$)).*}"
@@ -58,6 +66,16 @@ FRONTEND_CSP = (
     "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
     "frame-ancestors 'none'; form-action 'self'"
 )
+
+
+def frontend_csp(settings: Settings) -> str:
+    """:data:`FRONTEND_CSP`, letting the pages post a big upload straight to the store
+    (the presigned form) at the address browsers reach it at."""
+    store = urlsplit(settings.s3.public_url or settings.s3.endpoint or "")
+    if not store.hostname:
+        return FRONTEND_CSP
+    origin = f"{store.scheme}://{store.netloc.rsplit('@', 1)[-1]}"
+    return f"{FRONTEND_CSP}; connect-src 'self' {origin}"
 
 
 def route_table() -> list[Route]:
@@ -358,6 +376,7 @@ def route_table() -> list[Route]:
         *captions.routes(),
         *models_api.routes(),
         *generations.routes(),
+        *generate_limits.routes(),
         *search.routes(),
         *openai_api.routes(),
         *openai_images.routes(),
@@ -365,7 +384,11 @@ def route_table() -> list[Route]:
         *sessions.routes(),
         *approvals.routes(),
         *carousel.routes(),
+        *deletions.routes(),
+        *lineage.routes(),
         *webhooks_api.routes(),
+        *timeline.routes(),
+        *downloads.routes(),
     ]
 
 
@@ -392,6 +415,16 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI])
 
 
+def _own_methods(request: web.Request, exc: web.HTTPException) -> web.HTTPException:
+    """A 405 whose Allow names the methods of the path's own routes: aiohttp adds those of
+    every route the path matches, and a fixed path (/api/images/counts) also matches the
+    {image_id} route beside it (DELETE /api/images/{image_id} is no method of /counts)."""
+    if not isinstance(exc, web.HTTPMethodNotAllowed):
+        return exc
+    own = {method for method, path in request.app[_SCOPE] if path == request.path}
+    return web.HTTPMethodNotAllowed(request.method, own) if own else exc
+
+
 def _unauthorized(detail: str, challenge: str) -> web.Response:
     response = problem_response(401, "Unauthorized", detail)
     response.headers["WWW-Authenticate"] = challenge
@@ -405,7 +438,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     (bus.gateway.sessions)."""
     match = request.match_info
     if match.http_exception is not None:  # no such path or method: nothing is served
-        raise match.http_exception
+        raise _own_methods(request, match.http_exception)
     resource = match.route.resource
     canonical = resource.canonical if resource is not None else ""
     scopes: dict[tuple[str, str], str] = request.app[_SCOPE]
@@ -497,7 +530,7 @@ async def static(request: web.Request) -> web.StreamResponse:
         )
     if target is None:
         return problem_response(404, "Not Found", f"no frontend file for {request.path}")
-    headers = {"Content-Security-Policy": FRONTEND_CSP}
+    headers = {"Content-Security-Policy": request.app[_CSP]}
     if rel.startswith(IMMUTABLE_ASSETS) and target.name != "index.html":
         headers["Cache-Control"] = "public, max-age=31536000, immutable"  # named by their hash
     return web.FileResponse(target, headers=headers)
@@ -527,6 +560,7 @@ def build_app(ctx: Context, static_dir: Path | None = None) -> web.Application:
     # Last, and never under /api/, /v1/ or on the probes: those answer 404 or 405 themselves.
     _add_route(app, scopes, "GET", FRONTEND_PATHS, static, PUBLIC)
     app[_SCOPE] = scopes
+    app[_CSP] = frontend_csp(ctx.settings)
     app[FUNCTIONS] = enabled_names(ctx.settings)
     app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(_read_side)

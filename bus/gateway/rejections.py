@@ -145,9 +145,9 @@ async def sweep_rejections(ctx: Context, now: float) -> RejectionSweep:
     for image in expired:
         if not await _still_rejected(ctx, image.image_id, now - keep_s):
             continue  # decided again since (the read model may not show it yet)
-        if await _release_claim(ctx, image):
+        if await release_image_claim(ctx, image):
             report.claims_released += 1
-        await _delete_objects(ctx, image)
+        await delete_image_objects(ctx, image)
         event = Event(
             id=f"{subjects.DELETED}-{image.image_id}",
             type=subjects.DELETED,
@@ -182,7 +182,7 @@ async def _still_rejected(ctx: Context, image_id: str, cutoff: float) -> bool:
     return decided.timestamp() < cutoff
 
 
-async def _release_claim(ctx: Context, image: Expired) -> bool:
+async def release_image_claim(ctx: Context, image: Expired) -> bool:
     """Drop the digest claim of the image's bytes if it still names this image."""
     if not image.sha256:
         return False
@@ -196,7 +196,7 @@ async def _release_claim(ctx: Context, image: Expired) -> bool:
     return await release_claim(ctx, image.sha256, entry.value or b"")
 
 
-async def _delete_objects(ctx: Context, image: Expired) -> None:
+async def delete_image_objects(ctx: Context, image: Expired) -> None:
     keys = set(await ctx.store.list_keys(subjects.image_key(image.image_id, "")))
     keys.update(await ctx.store.list_keys(f"{subjects.UPLOADS_PREFIX}{image.image_id}/"))
     if image.original:

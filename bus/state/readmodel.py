@@ -518,7 +518,7 @@ class ReadModel:
         return None if row is None else document(row)
 
     async def page(self, query: ImageQuery) -> Page:
-        sql, args = _page_sql(query)
+        sql, args = page_sql(query)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(sql, *args)
         items = [document(row) for row in rows]
@@ -852,7 +852,9 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _page_sql(q: ImageQuery) -> tuple[str, list[Any]]:
+def page_sql(q: ImageQuery) -> tuple[str, list[Any]]:
+    """The SQL and arguments of one page of ``q`` (filters, order, keyset); the timeline
+    (bus/state/timeline.py) counts over the same query."""
     args: list[Any] = []
 
     def arg(value: Any) -> str:
