@@ -13,7 +13,7 @@ export interface LiveEvent {
 	data: Record<string, unknown>;
 }
 
-const STAGES = ['ingest', 'caption', 'generate', 'notify', 'webhooks'];
+const STAGES = ['ingest', 'caption', 'generate', 'notify', 'webhooks', 's3events'];
 export const EVENT_TYPES = [
 	'uploaded',
 	'ingested',
@@ -24,6 +24,7 @@ export const EVENT_TYPES = [
 	'approved',
 	'rejected',
 	'deleted',
+	'webhook_disabled',
 	'progress',
 	...STAGES.map((stage) => `failed.${stage}`),
 	...STAGES.map((stage) => `cancelled.${stage}`)
