@@ -69,6 +69,7 @@ from bus.state.readmodel import (
     migrations,
 )
 from tests.bench.report import load_average, percentile, rounded, run_and_report
+from tests.bench.stack import Gateway, start_gateway
 
 SCHEMA = "bench"
 DIM = 384
@@ -385,67 +386,6 @@ async def vector_search(
 # --- the gateway process -----------------------------------------------------------------------
 
 
-class Gateway:
-    """A real ``darkroom gateway`` on the bench schema, for its resident memory."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bus.ops.cli",
-            "gateway",
-            "--port",
-            "0",
-            env=self.env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        assert self.proc.stderr is not None
-        while line := (await asyncio.wait_for(self.proc.stderr.readline(), 60)).decode():
-            if "gateway listening on " in line:
-                self.url = line.split("gateway listening on ", 1)[1].split()[0]
-                break
-        if not self.url:
-            raise RuntimeError("the gateway did not start")
-        asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while await self.proc.stderr.readline():
-            pass
-
-    def rss_mb(self) -> float:
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    async def browse(self, key: str, rows: int, requests: int) -> None:
-        import aiohttp
-
-        rng = random.Random(5)
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-            for _ in range(requests):
-                position = T0 + timedelta(seconds=rng.randrange(max(rows, 1)))
-                cursor = encode_cursor("created", "desc", position, "img9999999999")
-                async with http.get(
-                    f"{self.url}/api/images", params={"cursor": cursor, "limit": "100"}
-                ) as response:
-                    response.raise_for_status()
-                    await response.read()
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
-
-
 # --- drivers --------------------------------------------------------------------------------
 
 
@@ -537,8 +477,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 print(f"drivers: {summary['drivers']}", file=sys.stderr)
             pool = await open_pool(pg.url, SCHEMA, migrations(), size=10)
             db = ReadModel(pool)
-            gateway, key = await _start_gateway(root, pg, nats, weed)
-            await gateway.browse(key, 0, 200)
+            gateway, key = await start_gateway(root, pg, nats, weed, SCHEMA)
+            await browse(gateway, key, 0, 200)
             summary["gateway_rss_mb_empty"] = rounded(gateway.rss_mb(), 1)
             seeded, stored = 0, None
             for rows in sorted(opts.rows):
@@ -551,7 +491,7 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
                 # Only captioned images have embeddings: keep the rows that are in the table.
                 ready = vectors.np.array([_status(n) == "ready" for n in range(rows)])
                 run = await _measure(db, rows, stored, ready, vectors, opts)
-                await gateway.browse(key, rows, 200)
+                await browse(gateway, key, rows, 200)
                 run.update({"rows": rows, "hnsw_build_s": rounded(index_s, 1)})
                 run["gateway_rss_mb"] = rounded(gateway.rss_mb(), 1)
                 summary["runs"].append(run)
@@ -616,34 +556,20 @@ async def _measure(
     return out
 
 
-async def _start_gateway(
-    root: Path, pg: PostgresServer, nats: NatsServer, weed: SeaweedFS
-) -> tuple[Gateway, str]:
-    from bus.state.keys import create_key
+async def browse(gateway: Gateway, key: str, rows: int, requests: int) -> None:
+    """Page through the list at random places, as clients do (for the gateway's RSS)."""
+    import aiohttp
 
-    env = {
-        **os.environ,
-        "DARKROOM_NAMESPACE": SCHEMA,
-        "DARKROOM_DATA_DIR": str(root / "data"),
-        "DARKROOM_NATS__URL": nats.url,
-        "DARKROOM_S3__ENDPOINT": weed.url,
-        "DARKROOM_S3__ACCESS_KEY": weed.credentials.access_key,
-        "DARKROOM_S3__SECRET_KEY": weed.credentials.secret_key,
-        "DARKROOM_S3__BUCKET": "bench",
-        "DARKROOM_POSTGRES__URL": pg.url,
-        "DARKROOM_LOG_LEVEL": "info",
-    }
-    gateway = Gateway(env)
-    await gateway.start()
-    import nats as nats_py
-
-    nc = await nats_py.connect(nats.url)
-    try:
-        kv = await nc.jetstream().key_value(f"{SCHEMA}_keys")
-        key, _ = await create_key(kv, "bench", ("read",))
-    finally:
-        await nc.close()
-    return gateway, key
+    rng = random.Random(5)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        for _ in range(requests):
+            position = T0 + timedelta(seconds=rng.randrange(max(rows, 1)))
+            cursor = encode_cursor("created", "desc", position, "img9999999999")
+            async with http.get(
+                f"{gateway.url}/api/images", params={"cursor": cursor, "limit": "100"}
+            ) as response:
+                response.raise_for_status()
+                await response.read()
 
 
 def _print_run(run: dict[str, Any]) -> None:

@@ -35,11 +35,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from pydantic import SecretStr
 from standardwebhooks import Webhook
 
 from bus.core.envelope import Event, new_id, now_iso
-from bus.core.settings import NatsSettings, S3Settings, Settings, WebhookSettings
+from bus.core.settings import Settings, WebhookSettings
 from bus.intake.webhooks import FUNCTION, cloud_event
 from bus.ops.embedded import NatsServer, S3Credentials, SeaweedFS
 from bus.ops.pgserver import PostgresServer
@@ -47,6 +46,7 @@ from bus.runtime.context import Context, open_context
 from bus.runtime.runner import FunctionRunner
 from bus.state.webhooks import Webhooks, delivery, new_secret, webhook_id
 from tests.bench.report import rounded, run_and_report
+from tests.bench.stack import server_settings
 
 OUTAGE_SCHEDULE_S = (0.0, 0.5, 1.0, 2.0, *([2.0] * 46))
 VERIFY_EVERY = 50
@@ -204,18 +204,8 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
     weed = SeaweedFS(s3_dir, S3Credentials.load_or_create(s3_dir / "s3.json"), port=0)
     try:
         await asyncio.gather(pg.start(), nats.start(), weed.start())
-        settings = Settings(
-            data_dir=root / "darkroom",
-            log_level="warning",
-            nats=NatsSettings(url=nats.url),
-            s3=S3Settings(
-                endpoint=weed.url,
-                access_key=weed.credentials.access_key,
-                secret_key=SecretStr(weed.credentials.secret_key),
-                bucket=f"bench{uuid.uuid4().hex[:10]}",
-            ),
-            postgres={"url": SecretStr(pg.url)},
-        )
+        bucket = f"bench{uuid.uuid4().hex[:10]}"
+        settings = server_settings(root / "darkroom", pg, nats, weed, bucket)
         figures = await webhook_figures(
             settings, opts.deliveries, opts.backlog, opts.outage_s, opts.concurrency
         )
