@@ -55,13 +55,16 @@ export function onSignedOut(listener: () => void): () => void {
 	return () => signedOutListeners.delete(listener);
 }
 
+/** Tell the app the session is gone (the server answered 401). */
+export function signedOut(): void {
+	for (const listener of signedOutListeners) listener();
+}
+
 export async function request(path: string, init: RequestInit = {}): Promise<Response> {
 	const response = await fetch(path, { credentials: 'same-origin', ...init });
 	if (!response.ok) {
 		const error = await problemOf(response);
-		if (response.status === 401 && path !== '/api/session') {
-			for (const listener of signedOutListeners) listener();
-		}
+		if (response.status === 401 && path !== '/api/session') signedOut();
 		throw error;
 	}
 	return response;

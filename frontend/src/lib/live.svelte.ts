@@ -1,3 +1,5 @@
+import { signedOut } from './api';
+
 /**
  * The app's one live connection: a single EventSource on GET /api/events (the session
  * cookie authenticates it), shared by every page. The browser reconnects by itself and
@@ -32,11 +34,18 @@ export const EVENT_TYPES = [
 
 type Listener = (event: LiveEvent) => void;
 
+const RETRY_MS = [1000, 2000, 5000, 10000, 30000]; // after the stream was refused or lost
+
 class Live {
 	/** connecting, open, or closed (signed out / dropped) */
 	state = $state<'connecting' | 'open' | 'closed'>('closed');
 	private source: EventSource | null = null;
 	private listeners = new Set<Listener>();
+	/** the newest stored event's id: where a new stream resumes */
+	private lastId: string | null = null;
+	private retries = 0;
+	private timer: ReturnType<typeof setTimeout> | null = null;
+	private wanted = false;
 
 	/** Hear every event; returns the function that stops it. */
 	subscribe(listener: Listener): () => void {
@@ -45,33 +54,66 @@ class Live {
 	}
 
 	start(): void {
+		this.wanted = true;
 		if (this.source !== null || typeof EventSource === 'undefined') return;
-		const source = new EventSource('/api/events');
+		this.clearTimer();
+		// A new EventSource resumes where the last one stopped (the browser's own
+		// reconnects send Last-Event-ID by themselves).
+		const url = this.lastId ? `/api/events?last_event_id=${encodeURIComponent(this.lastId)}` : '/api/events';
+		const source = new EventSource(url);
 		this.source = source;
 		this.state = 'connecting';
-		source.onopen = () => (this.state = 'open');
+		source.onopen = () => {
+			this.state = 'open';
+			this.retries = 0;
+		};
 		source.onerror = () => {
-			// CLOSED: the server refused (signed out) or dropped us for good; otherwise the
-			// browser is already reconnecting with Last-Event-ID.
-			this.state = source.readyState === EventSource.CLOSED ? 'closed' : 'connecting';
-			if (source.readyState === EventSource.CLOSED) this.source = null;
+			if (source.readyState !== EventSource.CLOSED) {
+				this.state = 'connecting'; // the browser reconnects with Last-Event-ID
+				return;
+			}
+			// Refused (an error status: signed out, a proxy's 502, the gateway's 503): the
+			// browser gives up, so we try again while still signed in.
+			this.source = null;
+			this.state = 'closed';
+			this.retryLater();
 		};
 		for (const type of EVENT_TYPES) {
 			source.addEventListener(type, (message) => this.deliver(type, message as MessageEvent));
 		}
-		// The server's own "error" frame (a slow client dropped): start afresh from where we are.
-		source.addEventListener('error', (message) => {
-			if (message instanceof MessageEvent) {
-				this.stop();
-				setTimeout(() => this.start(), 1000);
-			}
-		});
 	}
 
 	stop(): void {
+		this.wanted = false;
+		this.retries = 0;
+		this.clearTimer();
 		this.source?.close();
 		this.source = null;
 		this.state = 'closed';
+	}
+
+	private retryLater(): void {
+		if (!this.wanted || this.timer !== null) return;
+		const wait = RETRY_MS[Math.min(this.retries, RETRY_MS.length - 1)];
+		this.retries += 1;
+		this.timer = setTimeout(() => {
+			this.timer = null;
+			// Still signed in? A 401 makes every page show the sign-in form instead.
+			fetch('/api/session', { credentials: 'same-origin' })
+				.then((response) => {
+					if (response.status === 401) {
+						signedOut();
+						return;
+					}
+					this.start();
+				})
+				.catch(() => this.retryLater());
+		}, wait);
+	}
+
+	private clearTimer(): void {
+		if (this.timer !== null) clearTimeout(this.timer);
+		this.timer = null;
 	}
 
 	private deliver(type: string, message: MessageEvent): void {
@@ -81,7 +123,10 @@ class Live {
 		} catch {
 			return;
 		}
-		const event: LiveEvent = { type, id: message.lastEventId || null, data };
+		// A progress event carries no id of its own (the browser repeats the last one).
+		const id = type === 'progress' ? null : message.lastEventId || null;
+		if (id !== null) this.lastId = id;
+		const event: LiveEvent = { type, id, data };
 		for (const listener of this.listeners) listener(event);
 	}
 }
