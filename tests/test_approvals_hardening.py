@@ -172,11 +172,6 @@ async def test_previews_of_generations_the_policy_holds_go_to_admin_keys_only(
     assert seen_by_viewer == {k: v for k, v in seen_by_admin.items() if k != "preview"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs bus/gateway/generations.py to ask bus.gateway.access.sees_previews "
-    "(another helper's file): see the report",
-)
 async def test_a_job_documents_preview_is_an_admin_keys_only_under_the_policy(
     ctx: Context, api: Api, admin: str, make_key: Any
 ) -> None:

@@ -103,10 +103,12 @@ class FakeJetStream:
 
 async def test_old_servers_are_refused_naming_the_version() -> None:
     with pytest.raises(
-        NatsUnavailableError, match=r"API level 0 \(server 2.10.22\).*nats-server 2.11"
+        NatsUnavailableError, match=r"API level 0 \(server 2.10.22\).*nats-server 2.12"
     ):
         await check_jetstream(FakeJetStream(None), ["nats://old:4222"])  # type: ignore[arg-type]
-    await check_jetstream(FakeJetStream(1), ["nats://new:4222"])  # type: ignore[arg-type]
+    with pytest.raises(NatsUnavailableError, match=r"API level 1 .*prioritized consumers"):
+        await check_jetstream(FakeJetStream(1), ["nats://2.11:4222"])  # type: ignore[arg-type]
+    await check_jetstream(FakeJetStream(2), ["nats://new:4222"])  # type: ignore[arg-type]
 
 
 async def test_notify_ignores_its_own_failures() -> None:

@@ -35,7 +35,7 @@ from bus.core.generation import (
     check_request,
 )
 from bus.core.settings import GENERATE_MODEL_NAME, GENERATE_MODES, SCHEDULERS
-from bus.gateway.access import sees_held
+from bus.gateway.access import sees_held, sees_previews
 from bus.gateway.contract import NOT_BLANK, SETTING_MAXIMUM, OneOf, Timestamp, is_json
 from bus.gateway.images import MAX_LIMIT, catalogue, query_db
 from bus.gateway.live import LIVE
@@ -44,6 +44,7 @@ from bus.gateway.routes import Link, Reply, Route
 from bus.gateway.state import CTX
 from bus.infra.store import StoreError
 from bus.runtime.context import Context
+from bus.runtime.streams import keyed_subject
 from bus.state.cancels import request_cancel
 from bus.state.generations import FINISHED, GENERATION_STATUSES
 from bus.state.readmodel import SHOWN as SHOWN_APPROVALS
@@ -315,7 +316,13 @@ async def _queue(ctx: Context, job: Job) -> None:
         job_id=job.id,
         data=doc,
     )
-    subject = ctx.names.subject(subjects.REQUESTED)
+    # A job naming a model goes on that model's subject, so that a worker holding the model
+    # wins it (model affinity, functions/generate); one naming none runs on any worker's
+    # default and goes on the plain subject.
+    if job.model is None:
+        subject = ctx.names.subject(subjects.REQUESTED)
+    else:
+        subject = keyed_subject(ctx.names, subjects.REQUESTED, job.model)
     try:
         await ctx.js.publish(subject, event.encode(), headers={"Nats-Msg-Id": event.id})
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
@@ -380,7 +387,8 @@ async def list_generations(request: web.Request, query: GenerationsQuery) -> web
 
 
 async def get_generation(request: web.Request, query: GenerationQuery) -> web.Response:
-    return json_response(await _job(request, query.preview))
+    preview = query.preview and await sees_previews(request)  # held outputs: admin keys only
+    return json_response(await _job(request, preview))
 
 
 async def cancel_generation(request: web.Request) -> web.Response:

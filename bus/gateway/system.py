@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import nats.js.errors
 from aiohttp import web
+from nats.js.api import ConsumerInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -18,8 +19,10 @@ from bus.gateway.state import CTX, FUNCTIONS
 from bus.gpu.leases import LedgerUnavailableError, read_devices
 from bus.models.progress import read_readiness
 from bus.runtime.context import Context
+from bus.runtime.streams import keyed_stage
 
 log = logging.getLogger("darkroom.gateway")
+CONSUMER_PAGE = 256  # consumers a JetStream listing gives per request
 
 
 class Health(BaseModel):
@@ -139,6 +142,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def consumer_stats(ctx: Context, functions: list[str]) -> list[dict[str, Any]]:
+    """Each function's backlog: its own consumer's, plus its keyed consumers' (one per
+    model, with model affinity: ``<durable>-<key>``, see bus/runtime/streams.py)."""
+    keyed = await _keyed_consumers(ctx, functions)
     out = []
     for name in functions:
         try:
@@ -146,7 +152,9 @@ async def consumer_stats(ctx: Context, functions: list[str]) -> list[dict[str, A
         except nats.js.errors.NotFoundError:
             out.append({"function": name, "deployed": False})
             continue
-        pending, ack_pending = info.num_pending or 0, info.num_ack_pending or 0
+        infos = [info, *keyed.get(name, [])]
+        pending = sum(i.num_pending or 0 for i in infos)
+        ack_pending = sum(i.num_ack_pending or 0 for i in infos)
         ctx.metrics.consumer_pending.labels(function=name).set(pending)
         ctx.metrics.consumer_ack_pending.labels(function=name).set(ack_pending)
         out.append(
@@ -155,11 +163,27 @@ async def consumer_stats(ctx: Context, functions: list[str]) -> list[dict[str, A
                 "deployed": True,
                 "pending": pending,
                 "ack_pending": ack_pending,
-                "redelivered": info.num_redelivered or 0,
-                "waiting_pulls": info.num_waiting or 0,
+                "redelivered": sum(i.num_redelivered or 0 for i in infos),
+                "waiting_pulls": sum(i.num_waiting or 0 for i in infos),
             }
         )
     return out
+
+
+async def _keyed_consumers(ctx: Context, functions: list[str]) -> dict[str, list[ConsumerInfo]]:
+    """The keyed consumers of ``functions`` on the events stream, by function."""
+    prefixes = {ctx.names.durable(keyed_stage(name, "")): name for name in functions}
+    found: dict[str, list[ConsumerInfo]] = {}
+    offset = 0
+    while True:
+        page = await ctx.js.consumers_info(ctx.names.stream, offset=offset)
+        for info in page:
+            for prefix, name in prefixes.items():
+                if info.name.startswith(prefix):
+                    found.setdefault(name, []).append(info)
+        offset += len(page)
+        if len(page) < CONSUMER_PAGE:
+            return found
 
 
 async def model_status(ctx: Context) -> list[TaskModels]:

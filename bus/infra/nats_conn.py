@@ -19,9 +19,10 @@ from bus.infra.nats_auth import Role, inbox_prefix
 
 log = logging.getLogger("darkroom.nats")
 
-# JetStream API level 1 arrived with nats-server 2.11, which brought per-message TTLs.
-MIN_API_LEVEL = 1
-MIN_VERSION = "2.11"
+# JetStream API level 2 arrived with nats-server 2.12: per-message TTLs (2.11), and pull
+# consumers with the "prioritized" priority policy that model affinity uses (2.12).
+MIN_API_LEVEL = 2
+MIN_VERSION = "2.12"
 
 
 class NatsUnavailableError(Exception):
@@ -169,5 +170,6 @@ async def check_jetstream(js: JetStreamContext, servers: list[str]) -> None:
         raise NatsUnavailableError(
             f"NATS at {where(servers)} reports JetStream API level {level or 0} "
             f"(server {js._nc.connected_server_version}); darkroom needs level "
-            f">= {MIN_API_LEVEL} (nats-server {MIN_VERSION} or newer) for per-message TTLs"
+            f">= {MIN_API_LEVEL} (nats-server {MIN_VERSION} or newer) for per-message TTLs "
+            "and prioritized consumers"
         )

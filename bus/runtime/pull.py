@@ -12,6 +12,12 @@ messages carry: a status (request expired, cut short, consumer gone) ends that r
 outright, whatever it says about the rest. Messages arrive under their own subjects, and
 the server serves a consumer's waiting requests oldest first, so each message fills a slot
 of the oldest open request.
+
+A consumer with a JetStream priority group (the ``prioritized`` policy, NATS 2.12+) names it
+in every request, with a priority (0-9, asked again for each request): the server serves
+the waiting requests of the lowest number first. When the priority changes
+(:meth:`PullConsumer.reconsider`), the open requests are dropped (a new inbox: the server
+forgets requests nobody listens to) and asked again at the new one.
 """
 
 from __future__ import annotations
@@ -55,7 +61,13 @@ class PullConsumer:
         expires: float = 30.0,
         heartbeat: float = 5.0,
         api_prefix: str = "$JS.API",
+        group: str | None = None,
+        priority: Callable[[], int] | None = None,
+        budget: Callable[[], int] | None = None,
     ) -> None:
+        """``group``: the consumer's priority group, and ``priority``: the priority of the
+        next request; ``budget``: room left in a limit shared with other consumers, which
+        caps what a request asks for."""
         self._nc = nc
         self._next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.capacity = capacity
@@ -72,10 +84,16 @@ class PullConsumer:
         self._pull_scheduled = False
         self._hold_until = 0.0  # no pulls before this (monotonic), after a refusal
         self._reconnects = reconnect_count(nc)
+        self._group = group
+        self._priority = priority
+        self._budget = budget
+        self._asked_at: int | None = None  # the priority of the open requests
+        self._renewing = False
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         self.paused = False  # a consumer stopped before (a failed start) starts afresh
+        self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
         self._watchdog = asyncio.create_task(self._watch(), name=f"pull:{self._next_subject}")
         self._maybe_pull()
@@ -109,6 +127,33 @@ class PullConsumer:
         self.in_flight = max(0, self.in_flight - count)
         self._maybe_pull()
 
+    def wake(self) -> None:
+        """Ask for work if there is room now (the shared budget grew)."""
+        self._maybe_pull()
+
+    def reconsider(self) -> None:
+        """The priority may have changed: if the open requests were made at another, drop
+        them and ask again at the new one."""
+        if self._priority is None or self._sub is None or self._renewing:
+            return
+        if not self._requests or self._priority() == self._asked_at:
+            return
+        self._renewing = True
+        task = asyncio.ensure_future(self._renew())
+        task.add_done_callback(lambda _: setattr(self, "_renewing", False))
+
+    async def _renew(self) -> None:
+        old = self._sub
+        self._inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
+        self._requests.clear()
+        if old is not None:
+            # A message already on its way to the old inbox is lost here and comes back
+            # after ack_wait; the server serves nothing more to requests nobody listens to.
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        self._maybe_pull()
+
     # --- pulling ---------------------------------------------------------------------------
     @property
     def requested(self) -> int:
@@ -116,7 +161,8 @@ class PullConsumer:
 
     @property
     def free(self) -> int:
-        return self.capacity - self.in_flight - self.requested
+        free = self.capacity - self.in_flight - self.requested
+        return free if self._budget is None else min(free, self._budget())
 
     def _maybe_pull(self) -> None:
         # Top up once half the capacity is free, so a request is always outstanding
@@ -138,13 +184,16 @@ class PullConsumer:
         self._counter += 1
         token = str(self._counter)
         self._requests[token] = _Request(batch, time.monotonic())
-        request = orjson.dumps(
-            {
-                "batch": batch,
-                "expires": int(self._expires * 1e9),
-                "idle_heartbeat": int(self._heartbeat * 1e9),
-            }
-        )
+        fields: dict[str, object] = {
+            "batch": batch,
+            "expires": int(self._expires * 1e9),
+            "idle_heartbeat": int(self._heartbeat * 1e9),
+        }
+        if self._group is not None:
+            fields["group"] = self._group
+            if self._priority is not None:
+                self._asked_at = fields["priority"] = self._priority()
+        request = orjson.dumps(fields)
         reply = f"{self._inbox}.{token}"
         task = asyncio.ensure_future(self._nc.publish(self._next_subject, request, reply=reply))
         task.add_done_callback(lambda done: self._pull_sent(done, token))

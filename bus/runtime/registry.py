@@ -66,6 +66,38 @@ state in; it answers through :mod:`bus.runtime.services`."""
 
 
 @dataclass(frozen=True, slots=True)
+class Affinity:
+    """Model affinity across workers, for a GPU function whose events each need one model.
+
+    Whoever publishes an event of ``topic`` that names a model publishes it on
+    ``<ns>.<topic>.<key>`` (:func:`bus.runtime.streams.keyed_subject`), one key per model;
+    an event naming none stays on ``<ns>.<topic>``, the function's own consumer, which every
+    worker serves at once. Each key has a durable consumer of its own with a JetStream
+    priority group (the ``prioritized`` policy), and every worker keeps a pull request open
+    on every key's while it has room, at a priority (the server serves the lowest first):
+
+    0. it holds the key's model (it has a lease for it);
+    1. it holds no model (it is idle: a load evicts nothing);
+    2. it holds (or is loading) another model, and nobody holds this one;
+    3. it holds another model, and another worker holds this one (the VRAM lease ledger,
+       read every few seconds, says).
+
+    So a holder wins its model's jobs while it has room for more; others take them once
+    the holders are full (a worker asks for at most a few batches ahead), and a dead
+    holder's jobs go to the others at once (its requests died with it). Nothing waits
+    while any worker has room. A worker renews its open requests when their priority
+    changes (:meth:`bus.runtime.pull.PullConsumer.reconsider`).
+
+    ``keys``: every key (model) there may be, from the settings; ``model``: the lease
+    model name of a key.
+    """
+
+    topic: str
+    keys: Callable[[Settings], Sequence[str]]
+    model: Callable[[str], str]
+
+
+@dataclass(frozen=True, slots=True)
 class Function:
     """A function: its Spec, exactly one of ``handle``/``handle_batch``, and optional hooks.
 
@@ -77,6 +109,7 @@ class Function:
     turns one into an :class:`Event`, or returns None for darkroom's own envelope.
     ``intake`` marks a function that accepts uploads (it announces ``uploaded`` and uses
     the digests), so it runs with the gateway's NATS role rather than a worker's.
+    ``affinity`` routes its events by the model they need (see :class:`Affinity`).
     """
 
     spec: Spec
@@ -89,6 +122,7 @@ class Function:
     services: Mapping[str, Service] = field(default_factory=dict)
     decode_event: Callable[[bytes], Event | None] | None = None
     intake: bool = False
+    affinity: Affinity | None = None
 
     def __post_init__(self) -> None:
         name = self.spec.name
@@ -98,8 +132,10 @@ class Function:
             raise TypeError(
                 f"function {name!r} has Spec.batch={self.spec.batch}: give it handle_batch"
             )
-        if self.models is not None and not self.spec.needs_gpu:
+        if (self.models is not None or self.affinity is not None) and not self.spec.needs_gpu:
             raise TypeError(f"function {name!r} declares models, so its Spec needs_gpu")
+        if self.affinity is not None and self.affinity.topic not in self.spec.listens:
+            raise TypeError(f"function {name!r}: affinity's topic is not one it listens to")
         for service in self.services:
             if not is_safe_id(service):
                 raise TypeError(f"function {name!r}: service name {service!r} is not a safe id")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,13 +43,19 @@ from nats.aio.subscription import Subscription
 from bus.core.contract import Cancelled, Emit, Model, Reject, Retry
 from bus.core.envelope import EnvelopeError, Event, decode, derive_id, now_iso
 from bus.core.subjects import CANCELLED, is_safe_id
+from bus.gpu.leases import read_devices
 from bus.runtime.call import Call, Progress
 from bus.runtime.context import Context
 from bus.runtime.publisher import Publisher
 from bus.runtime.pull import PullConsumer
 from bus.runtime.registry import Function, Service
 from bus.runtime.services import ServiceError, reply_error
-from bus.runtime.streams import listen_subjects
+from bus.runtime.streams import (
+    AFFINITY_GROUP,
+    declare_keyed_consumer,
+    keyed_stage,
+    listen_subjects,
+)
 from bus.state.cancels import CancelFlag, targets
 
 log = logging.getLogger("darkroom.runner")
@@ -56,11 +63,13 @@ log = logging.getLogger("darkroom.runner")
 PUBLISH_TIMEOUT_S = 10.0
 PREPARE_RETRY_S = (5.0, 30.0, 120.0, 300.0)  # waits between failed preparations (last repeats)
 MAX_DLQ_PAYLOAD = 64 * 1024
+HOLDERS_REFRESH_S = 2.0  # how often a worker reads who holds which model from the ledger
 
 
 @dataclass(slots=True)
 class _Work:
     msg: Msg
+    source: PullConsumer  # the consumer it came from, told when it is finished
     started: float  # when it arrived: heartbeats count from here, queued or running
     event: Event | None = None
     call: Call | None = None
@@ -84,13 +93,27 @@ class FunctionRunner:
         self._names = ctx.names
         self._durable = ctx.names.durable(self.stage)
         batch = self.spec.batch
-        self._consumer = PullConsumer(
-            ctx.nc,
-            ctx.names.stream,
-            self._durable,
-            capacity=self.concurrency if batch == 1 else (self.concurrency + 1) * batch,
-            on_message=self._accept,
-        )
+        self._capacity = self.concurrency if batch == 1 else (self.concurrency + 1) * batch
+        self._affinity = fn.affinity
+        shared = self._budget if fn.affinity is not None else None
+        self._consumer = self._events_consumer(self._durable, shared)
+        self._consumers = [self._consumer]
+        self._keys: list[str] = []
+        self._held_elsewhere: frozenset[str] = frozenset()  # lease model names others hold
+        self._holders_task: asyncio.Task[None] | None = None
+        if fn.affinity is not None:
+            affinity = fn.affinity
+            self._keys = list(affinity.keys(ctx.settings))
+            for key in self._keys:
+                durable = ctx.names.durable(keyed_stage(self.stage, key))
+                self._consumers.append(
+                    self._events_consumer(
+                        durable,
+                        shared,
+                        group=AFFINITY_GROUP,
+                        priority=functools.partial(self._priority, key),
+                    )
+                )
         self._queued: list[_Work] = []  # batch functions: events waiting to form a batch
         self._dispatch_scheduled = False
         self._linger: asyncio.TimerHandle | None = None
@@ -113,21 +136,101 @@ class FunctionRunner:
         self._service_subs: list[Subscription] = []
         self._service_tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._exhausted = PullConsumer(
-            ctx.nc,
-            ctx.names.advisory_stream,
-            ctx.names.exhausted_durable(self.stage),
-            capacity=1,
-            on_message=self._accept_exhausted,
-        )
+        self._advisories = [
+            self._advisory_consumer(ctx.names.exhausted_durable(stage))
+            for stage in [self.stage, *(keyed_stage(self.stage, key) for key in self._keys)]
+        ]
         metrics = ctx.metrics
         self._m_outcome = {
             outcome: metrics.handled.labels(function=self.stage, outcome=outcome)
             for outcome in ("ok", "retry", "cancelled", "dead_lettered")
         }
-        metrics.in_flight.labels(function=self.stage).set_function(lambda: self._consumer.in_flight)
+        metrics.in_flight.labels(function=self.stage).set_function(self._in_flight)
         self._m_seconds = metrics.handler_seconds.labels(function=self.stage)
         self.subjects = listen_subjects(ctx.names, self.spec, ctx.settings.function(self.stage))
+
+    def _events_consumer(
+        self,
+        durable: str,
+        budget: Callable[[], int] | None,
+        group: str | None = None,
+        priority: Callable[[], int] | None = None,
+    ) -> PullConsumer:
+        consumer: PullConsumer
+
+        def on_message(msg: Msg) -> None:
+            self._accept(msg, consumer)
+
+        consumer = PullConsumer(
+            self.ctx.nc,
+            self._names.stream,
+            durable,
+            capacity=self._capacity,
+            on_message=on_message,
+            group=group,
+            priority=priority,
+            budget=budget,
+        )
+        return consumer
+
+    def _advisory_consumer(self, durable: str) -> PullConsumer:
+        consumer: PullConsumer
+
+        def on_message(advisory: Msg) -> None:
+            self._accept_exhausted(advisory, consumer)
+
+        consumer = PullConsumer(
+            self.ctx.nc, self._names.advisory_stream, durable, capacity=1, on_message=on_message
+        )
+        return consumer
+
+    def _in_flight(self) -> int:
+        return sum(c.in_flight for c in self._consumers)
+
+    def _budget(self) -> int:
+        """Room left in the in-flight limit the keyed consumers share with the plain one."""
+        return self._capacity - self._in_flight()
+
+    def _priority(self, key: str) -> int:
+        """The priority of this worker's next pull request for ``key`` (see Affinity).
+
+        What it holds is what it has leases for: a lease is granted before the load, and
+        a worker making room for a load counts as holding another model.
+        """
+        assert self._affinity is not None
+        model = self._affinity.model(key)
+        gpu = self.ctx.gpu
+        mine = {lease.model for lease in gpu.ledger.held} if gpu is not None else set()
+        if model in mine:
+            return 0
+        if not mine and not (gpu is not None and gpu.waiting):
+            return 1  # idle: the load evicts nothing
+        # Who holds what is read every few seconds: it only orders busy workers.
+        return 3 if model in self._held_elsewhere else 2
+
+    def _reconsider(self) -> None:
+        """What this worker or others hold may have changed: renew stale keyed requests."""
+        for consumer in self._consumers[1:]:
+            consumer.reconsider()
+
+    async def _watch_holders(self) -> None:
+        """Keep :attr:`_held_elsewhere` current from the VRAM lease ledger."""
+        while True:
+            await asyncio.sleep(HOLDERS_REFRESH_S)
+            with contextlib.suppress(Exception):  # the ledger is back by the next look
+                await self._read_holders()
+            self._reconsider()
+
+    async def _read_holders(self) -> None:
+        gpu = self.ctx.gpu
+        mine = gpu.ledger.holder.instance if gpu is not None else ""
+        devices = await read_devices(self.ctx.js, self._names.leases_kv)
+        self._held_elsewhere = frozenset(
+            str(lease["model"])
+            for device in devices
+            for lease in device["leases"]
+            if lease["holder"]["instance"] != mine
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,10 +281,24 @@ class FunctionRunner:
 
     async def _fetch(self) -> None:
         """Start consuming events (and the advisories of exhausted ones) and serving."""
-        await self._consumer.start()
+        if self._affinity is not None:
+            for key in self._keys:
+                await declare_keyed_consumer(
+                    self.ctx.nc, self.ctx.js, self._names, self.spec, self._affinity.topic, key
+                )
+            try:
+                await self._read_holders()
+            except Exception as exc:  # until the next look, every model counts as unheld
+                log.warning("%s: cannot read who holds which model yet: %s", self.stage, exc)
+            self._holders_task = asyncio.create_task(
+                self._watch_holders(), name=f"holders:{self.stage}"
+            )
+        for consumer in self._consumers:
+            await consumer.start()
         # An event whose last delivery timed out (the worker crashed or hung every time)
         # is announced only by an advisory, kept in a stream until a worker records it.
-        await self._exhausted.start()
+        for consumer in self._advisories:
+            await consumer.start()
         for name, service in self.fn.services.items():
             sub = await self.ctx.nc.subscribe(
                 self._names.service(name),
@@ -251,10 +368,12 @@ class FunctionRunner:
 
     def _vram_pressure(self, waiting: bool) -> None:
         """While a model load waits for VRAM, ask for no more work (backpressure)."""
-        if waiting:
-            self._consumer.pause()
-        else:
-            self._consumer.resume()  # a stopped consumer stays stopped
+        for consumer in self._consumers:
+            if waiting:
+                consumer.pause()
+            else:
+                consumer.resume()  # a stopped consumer stays stopped
+        self._reconsider()  # what this worker holds is changing
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop fetching, finish in-flight work (acking it), then stop.
@@ -310,8 +429,13 @@ class FunctionRunner:
         await self._unfetch()
 
     async def _unfetch(self) -> None:
-        await self._consumer.stop()
-        await self._exhausted.stop()
+        if self._holders_task is not None:
+            self._holders_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._holders_task
+            self._holders_task = None
+        for consumer in [*self._consumers, *self._advisories]:
+            await consumer.stop()
         subs, self._service_subs = self._service_subs, []
         for sub in subs:
             with contextlib.suppress(Exception):
@@ -347,10 +471,10 @@ class FunctionRunner:
                 await self.fn.teardown(self.ctx, self.state)
 
     # --- intake ----------------------------------------------------------------------------
-    def _accept(self, msg: Msg) -> None:
+    def _accept(self, msg: Msg, source: PullConsumer) -> None:
         if self._stopping:
             return  # never tracked, never acked: redelivered elsewhere
-        work = _Work(msg, time.monotonic())
+        work = _Work(msg, source, time.monotonic())
         self._active[id(msg)] = work
         if self.spec.batch == 1:
             self._spawn([work])
@@ -389,7 +513,17 @@ class FunctionRunner:
         """Stop tracking ``works`` without settling them."""
         for work in works:
             self._active.pop(id(work.msg), None)
-        self._consumer.release(len(works))
+        self._release(works)
+
+    def _release(self, works: list[_Work]) -> None:
+        """``works`` are finished: their consumers may ask for more (any of them, when
+        they share a budget)."""
+        for work in works:
+            work.source.release()
+        if self._affinity is not None:
+            for consumer in self._consumers:
+                consumer.wake()
+            self._reconsider()
 
     async def _hand_back(self, works: list[_Work], backoff: bool = False) -> None:
         """Nak ``works`` so another worker gets them now instead of after ``ack_wait`` (with
@@ -578,7 +712,7 @@ class FunctionRunner:
                 finally:
                     for work in group:
                         self._active.pop(id(work.msg), None)
-                    self._consumer.release(len(group))
+                    self._release(group)
             self._settled.set()
 
     async def _settle_group(self, group: list[_Work]) -> None:
@@ -766,8 +900,10 @@ class FunctionRunner:
             orjson.dumps(record),
             headers={"Nats-Msg-Id": f"dlq-{self.stage}-{stream_seq}"},
         )
+        # The stream sequence is in the id: a retried event (the same event id, published
+        # again) that fails again is a new failure, not a duplicate of the first.
         failed = Event(
-            id=derive_id(event.id if event else f"seq-{stream_seq}", self.stage, "failed"),
+            id=derive_id(f"{event.id if event else ''}@{stream_seq}", self.stage, "failed"),
             type=f"failed.{self.stage}",
             source=f"darkroom/{self.stage}",
             time=now_iso(),
@@ -784,12 +920,12 @@ class FunctionRunner:
         if msg is not None:
             await msg.term()
 
-    def _accept_exhausted(self, advisory: Msg) -> None:
-        task = asyncio.create_task(self._on_exhausted(advisory))
+    def _accept_exhausted(self, advisory: Msg, source: PullConsumer) -> None:
+        task = asyncio.create_task(self._on_exhausted(advisory, source))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _on_exhausted(self, advisory: Msg) -> None:
+    async def _on_exhausted(self, advisory: Msg, source: PullConsumer) -> None:
         try:
             info = orjson.loads(advisory.data)
             seq = int(info["stream_seq"])
@@ -830,7 +966,7 @@ class FunctionRunner:
             with contextlib.suppress(Exception):
                 await advisory.nak(delay=5.0)
         finally:
-            self._exhausted.release()
+            source.release()
 
     # --- heartbeats ------------------------------------------------------------------------
     async def _heartbeats(self) -> None:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterable
 
 import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -129,35 +131,92 @@ async def declare_streams(
     )
 
 
-async def declare_consumer(
-    js: JetStreamContext, names: Names, spec: Spec, overrides: FunctionSettings
-) -> None:
-    durable = names.durable(spec.name)
-    config = ConsumerConfig(
+def _consumer_config(
+    durable: str, description: str, spec: Spec, filter_subjects: list[str]
+) -> ConsumerConfig:
+    return ConsumerConfig(
         name=durable,
         durable_name=durable,
-        description=f"darkroom function {spec.name}",
+        description=description,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=spec.ack_wait,
         max_deliver=spec.max_deliver,
-        filter_subjects=listen_subjects(names, spec, overrides),
+        filter_subjects=filter_subjects,
         max_ack_pending=MAX_ACK_PENDING,
         max_waiting=512,
     )
-    await js.add_consumer(names.stream, config)
-    exhausted = names.exhausted_durable(spec.name)
+
+
+async def declare_consumer(
+    js: JetStreamContext, names: Names, spec: Spec, overrides: FunctionSettings
+) -> None:
+    durable = names.durable(spec.name)
+    subjects = listen_subjects(names, spec, overrides)
+    await js.add_consumer(
+        names.stream, _consumer_config(durable, f"darkroom function {spec.name}", spec, subjects)
+    )
+    await _declare_exhausted(js, names, spec.name)
+
+
+# --- keyed consumers (model affinity) -------------------------------------------------------
+AFFINITY_GROUP = "affinity"  # the priority group of every keyed consumer
+
+
+def keyed_stage(stage: str, key: str) -> str:
+    """The name a function's consumer of one key goes by, e.g. ``generate-sd-turbo``: its
+    durable is ``<ns>_generate-sd-turbo``, its exhausted advisories those of that durable."""
+    return f"{stage}-{key}"
+
+
+def keyed_subject(names: Names, topic: str, key: str) -> str:
+    """Where an event of ``topic`` keyed ``key`` is published: ``<ns>.<topic>.<key>``."""
+    return names.subject(f"{topic}.{key}")
+
+
+async def declare_keyed_consumer(
+    nc: NATS, js: JetStreamContext, names: Names, spec: Spec, topic: str, key: str
+) -> None:
+    """The durable consumer of ``spec``'s events of ``topic`` keyed ``key``, with the
+    ``prioritized`` priority policy (NATS 2.12+): the server serves the waiting pull
+    requests of the highest priority first (see :mod:`bus.runtime.pull`); and its consumer
+    of exhausted advisories.
+
+    nats-py does not know the priority fields yet, so the request is sent as JSON.
+    """
+    stage = keyed_stage(spec.name, key)
+    durable = names.durable(stage)
+    config = _consumer_config(
+        durable,
+        f"darkroom function {spec.name}, {topic} keyed {key}",
+        spec,
+        [keyed_subject(names, topic, key)],
+    ).as_dict()
+    config["priority_groups"] = [AFFINITY_GROUP]
+    config["priority_policy"] = "prioritized"
+    request = orjson.dumps({"stream_name": names.stream, "config": config})
+    reply = await nc.request(
+        f"$JS.API.CONSUMER.CREATE.{names.stream}.{durable}", request, timeout=10.0
+    )
+    answer = orjson.loads(reply.data)
+    if "error" in answer:
+        nats.js.errors.APIError.from_error(answer["error"])  # raises it
+    await _declare_exhausted(js, names, stage)
+
+
+async def _declare_exhausted(js: JetStreamContext, names: Names, stage: str) -> None:
+    exhausted = names.exhausted_durable(stage)
     await js.add_consumer(
         names.advisory_stream,
         ConsumerConfig(
             name=exhausted,
             durable_name=exhausted,
-            description=f"darkroom function {spec.name}: events that used up their deliveries",
+            description=f"darkroom function {stage}: events that used up their deliveries",
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=30.0,
             max_deliver=50,
-            filter_subject=names.max_deliveries_advisory(spec.name),
+            filter_subject=names.max_deliveries_advisory(stage),
         ),
     )
 

@@ -14,6 +14,9 @@ treat it like an upload, with its lineage.
   while its model loads stops right after the load. One cancelled mid-run stops at the
   next step when it runs alone; batched with others, they go on and its images are
   dropped: a cancel never touches another job.
+- **Affinity.** A job naming a model comes on ``requested.<model>``, and a worker that holds
+  the model wins it while it has room; others take it when nobody holds the model, or once
+  the holders are full (:data:`AFFINITY`).
 - **Replays.** The outputs and ``generated/<job>/result.json`` are written before the
   events are fired: a redelivered job finds them and only announces them again.
 """
@@ -49,7 +52,8 @@ from bus.core.generation import MIN_SIDE, GenerationError, Job
 from bus.core.settings import GenerateSettings
 from bus.gpu.leases import LeaseTooLargeError
 from bus.models.catalogue import ModelUnavailableError
-from bus.models.switching import LOAD_SERVICE
+from bus.models.switching import LOAD_SERVICE, lease_model
+from bus.runtime.registry import Affinity
 from functions.generate.admin import serve_load
 from functions.generate.pipelines import Item, Pipelines, preview, run
 from functions.generate.prepare import prepare, teardown
@@ -414,6 +418,13 @@ def _epoch(moment: str) -> float:
         return time.time()
 
 
+AFFINITY = Affinity(
+    topic=subjects.REQUESTED,
+    keys=lambda settings: sorted(settings.generate.catalogue),
+    model=lease_model,
+)
+"""Jobs naming a model go to a worker holding it (see :class:`bus.runtime.registry.Affinity`)."""
+
 FUNCTION = Function(
     SPEC,
     handle_batch=handle_batch,
@@ -422,4 +433,5 @@ FUNCTION = Function(
     teardown=teardown,
     models=gpu_models,
     services={LOAD_SERVICE: serve_load},
+    affinity=AFFINITY,
 )

@@ -20,6 +20,7 @@ SPEC = Spec(
     listens=(
         subjects.UPLOADED,
         subjects.REQUESTED,
+        f"{subjects.REQUESTED}.>",  # a job naming a model (model affinity)
         subjects.GENERATED,
         subjects.INGESTED,
         subjects.CAPTIONED,

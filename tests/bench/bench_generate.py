@@ -1,8 +1,8 @@
 """Generation throughput: batched against unbatched, and what a model switch costs.
 
 Run with ``python -m tests.bench.bench_generate [--n 32] [--rounds 2] [--torch-threads 1]
-[--quick]`` anywhere, or with ``--gpu [--device cuda:0]`` on a machine with CUDA: the same
-runs on that device (the SDXL-architecture figures at 1024x1024 are
+[--affinity-rounds 16] [--quick]`` anywhere, or with ``--gpu [--device cuda:0]`` on a
+machine with CUDA: the same runs on that device (the SDXL-architecture figures at 1024x1024 are
 ``tests/gpu/smoke_generate.py``'s).
 
 What runs
@@ -48,15 +48,21 @@ variant's figure is its best run):
   fetch, not one per job.) ``switch_load_s`` is the mean time of a load, ``switch_cost_s``
   the wall time each extra load added (alternating against sorted: the unload, the lease
   round trips and the load).
-* **affinity** (two worker processes, two models, with and without model affinity:
-  ``affinity_loads`` and ``shared_loads``): model affinity across workers is not built
-  yet; both figures are null and ``affinity`` says so. They belong in this file as two more
-  variant functions, with a measure that starts worker processes.
+* **affinity** (two ``darkroom worker generate`` processes, two models, each worker's
+  device with room for one model: a ledger document of its own, by host id): ``--affinity-
+  rounds`` rounds (16), each announcing a job for ``a`` and one for ``b`` at once (in an
+  order drawn per round, seeded) and waiting for both. With affinity the jobs go on
+  ``requested.<model>`` as the gateway sends them (the keyed consumers, with priorities:
+  see ``bus.runtime.registry.Affinity``);
+  without, on the plain ``requested`` subject, which every worker pulls from alike (a plain
+  shared consumer). Each variant starts two fresh workers in a fresh namespace, and counts
+  the loads from the workers' own log lines (one per load): ``affinity_loads`` and
+  ``shared_loads``.
 
 The last line printed is one JSON object: ``unbatched_rps``, ``batched_rps``, ``speedup``,
 per batch size its requests/s, images per call and pipeline share, ``switch_load_s``,
 ``alternating_loads``, ``sorted_loads``, ``alternating_rps``, ``sorted_rps``,
-``switch_cost_s``, ``affinity_loads``/``shared_loads`` (null), ``gpu`` (null off CUDA), and
+``switch_cost_s``, ``affinity_loads``/``shared_loads``, ``gpu`` (null off CUDA), and
 the machine's CPU count, load average before and after, and torch's thread count.
 """
 
@@ -69,12 +75,16 @@ import dataclasses
 import logging
 import math
 import os
+import random
+import re
+import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +123,9 @@ STEPS = 4
 DEVICE_MB = 256  # the device's usable memory, and what each model's lease asks for first
 STOP_TIMEOUT_S = 30.0
 STAGE_PARALLEL = 16  # S3 writes in flight while staging the backlog
-AFFINITY_NOTE = "not built yet"
+AFFINITY_ROUNDS = 16
+WORKER_READY = "generate: prepared; fetching events"
+LOADED_RE = re.compile(r"loaded generate:(\S+) on ")
 GPU_NOTE = "SDXL-architecture figures at 1024x1024: python -m tests.gpu.smoke_generate"
 
 
@@ -227,11 +239,6 @@ def alternating(n: int) -> Variant:
 def sorted_by_model(n: int) -> Variant:
     models = tuple(sorted(MODELS[i % 2] for i in range(n)))
     return Variant("sorted", models, batch=1, cold=True)
-
-
-# To come with model affinity across workers: ``affinity(n)`` and ``shared(n)``, the
-# alternating backlog on two worker processes with and without affinity, measured by a
-# ``two_workers`` beside ``one_worker`` (their loads: ``affinity_loads``, ``shared_loads``).
 
 
 # --- the bus -----------------------------------------------------------------------------------
@@ -377,6 +384,123 @@ async def one_worker(servers: Servers, probes: Probes, variant: Variant, round_:
     return run
 
 
+# --- two worker processes: model affinity --------------------------------------------------------
+def worker_env(settings: Settings, config: Path, host: str) -> dict[str, str]:
+    """A ``darkroom worker``'s environment: the run's servers, the catalogue and device
+    in ``config``, and a host id of its own (a device, a ledger document, to itself)."""
+    assert settings.s3.secret_key is not None
+    return {
+        **os.environ,
+        "DARKROOM_CONFIG": str(config),
+        "DARKROOM_NAMESPACE": settings.namespace,
+        "DARKROOM_NATS__URL": settings.nats.url or "",
+        "DARKROOM_S3__ENDPOINT": settings.s3.endpoint or "",
+        "DARKROOM_S3__ACCESS_KEY": settings.s3.access_key or "",
+        "DARKROOM_S3__SECRET_KEY": settings.s3.secret_key.get_secret_value(),
+        "DARKROOM_S3__BUCKET": settings.s3.bucket,
+        "DARKROOM_DATA_DIR": str(settings.data_dir),
+        "DARKROOM_GPU__HOST_ID": host,
+        "DARKROOM_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def worker_config(servers: Servers, path: Path) -> Path:
+    """The catalogue and the device as a settings file for the worker processes."""
+    lines = ["[generate]", f'default_model = "{MODELS[0]}"', f'cpu_model = "{MODELS[0]}"']
+    for name, entry in servers.generate.models.items():
+        lines += [
+            f"[generate.models.{name}]",
+            f'source = "{entry.source}"',
+            f"width = {entry.width}",
+            f"height = {entry.height}",
+            f"steps = {entry.steps}",
+            f"guidance = {entry.guidance}",
+            f"vram_mb = {entry.vram_mb}",
+        ]
+    gpu = servers.gpu
+    lines += ["[gpu]", f'device = "{gpu.device}"', f"cpu_capacity_mb = {gpu.cpu_capacity_mb}"]
+    if gpu.reserve_mb is not None:
+        lines.append(f"reserve_mb = {gpu.reserve_mb}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def wait_for_line(proc: asyncio.subprocess.Process, lines: list[str], needle: str) -> None:
+    deadline = time.monotonic() + 300
+    while not any(needle in line for line in lines):
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"a worker never said {needle!r}:\n" + "\n".join(lines[-40:]))
+        await asyncio.sleep(0.1)
+
+
+async def two_workers(servers: Servers, keyed: bool, rounds: int) -> int:
+    """``rounds`` rounds of a job for each model at once on two worker processes; the
+    loads they made. ``keyed``: jobs on their model's subject (affinity), else plain."""
+    settings = servers.settings(f"bench{uuid.uuid4().hex[:10]}", servers.generate.batch)
+    config = worker_config(servers, servers.data_dir.parent / f"{settings.namespace}.toml")
+    async with open_context(settings, [SPEC], "bench-generate-affinity") as ctx:
+        procs: list[tuple[asyncio.subprocess.Process, list[str], asyncio.Task[None]]] = []
+        try:
+            for host in ("worker-a", "worker-b"):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "bus.ops.cli",
+                    "worker",
+                    "generate",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=worker_env(settings, config, host),
+                )
+                lines: list[str] = []
+
+                async def read(
+                    p: asyncio.subprocess.Process = proc, out: list[str] = lines
+                ) -> None:
+                    assert p.stdout is not None
+                    while line := await p.stdout.readline():
+                        out.append(line.decode(errors="replace").rstrip())
+
+                procs.append((proc, lines, asyncio.create_task(read())))
+            for proc, lines, _ in procs:
+                await wait_for_line(proc, lines, WORKER_READY)
+            for r in range(rounds):
+                # Which model comes first changes from round to round (seeded): with a
+                # shared consumer the order decides which worker gets which model.
+                events = await stage(ctx, random.Random(r).sample(MODELS, len(MODELS)))
+                observer = Observer({e.job_id or "" for e in events}, "job_id")
+                sub = await ctx.nc.subscribe(
+                    ctx.names.subject(subjects.GENERATED), cb=observer.on_result
+                )
+                try:
+                    for event in events:
+                        model = event.data["model"]
+                        topic = f"{subjects.REQUESTED}.{model}" if keyed else subjects.REQUESTED
+                        await publish(ctx, topic, [event])
+                    await asyncio.wait_for(observer.complete.wait(), 300)
+                finally:
+                    await sub.unsubscribe()
+        finally:
+            for proc, _, _ in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc, _, reader in procs:
+                await asyncio.wait_for(proc.wait(), 60)
+                await reader
+    per_worker = [
+        Counter(m.group(1) for line in lines if (m := LOADED_RE.search(line)))
+        for _, lines, _ in procs
+    ]
+    loads = sum(sum(found.values()) for found in per_worker)
+    print(
+        f"  {'affinity' if keyed else 'shared':<11} {rounds} rounds of ({', '.join(MODELS)}) "
+        f"on 2 workers: {loads} loads, by worker {[dict(w) for w in per_worker]}",
+        flush=True,
+    )
+    return loads
+
+
 Measure = Callable[[Variant, int], Awaitable[Run]]
 
 
@@ -394,6 +518,7 @@ class Options:
     torch_threads: int
     gpu: bool
     device: str
+    affinity_rounds: int = AFFINITY_ROUNDS
 
 
 def catalogue(root: Path) -> GenerateSettings:
@@ -463,7 +588,12 @@ async def run(opts: Options) -> dict[str, Any]:
                 )
             finally:
                 probes.restore()
+            affinity = {
+                "affinity_loads": await two_workers(bus, True, opts.affinity_rounds),
+                "shared_loads": await two_workers(bus, False, opts.affinity_rounds),
+            }
     summary = summarize(batching, switching, opts)
+    summary.update(affinity, affinity_rounds=opts.affinity_rounds)
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
     summary["machine"] = {
         "cpu_count": os.cpu_count(),
@@ -503,9 +633,6 @@ def summarize(batching: list[Run], switching: list[Run], opts: Options) -> dict[
         "alternating_rps": rounded(alt.rps),
         "sorted_rps": rounded(srt.rps),
         "switch_cost_s": rounded((alt.elapsed_s - srt.elapsed_s) / extra) if extra > 0 else None,
-        "affinity_loads": None,
-        "shared_loads": None,
-        "affinity": AFFINITY_NOTE,
         "gpu": gpu_fields(opts),
         "device": opts.device if opts.gpu else "cpu",
     }
@@ -567,7 +694,11 @@ def print_summary(summary: dict[str, Any], opts: Options) -> None:
         f"sorted {summary['sorted_loads']} loads, {shown(summary['sorted_rps'])} requests/s; "
         f"{shown(summary['switch_cost_s'], ' s')} of wall time per extra load"
     )
-    print(f"  affinity across workers: {AFFINITY_NOTE} (affinity_loads, shared_loads: null)")
+    print(
+        f"  two workers, {summary['affinity_rounds']} rounds of one job per model: "
+        f"{summary['affinity_loads']} loads with affinity, {summary['shared_loads']} from a "
+        "plain shared consumer"
+    )
     if opts.gpu:
         print(f"  {GPU_NOTE}")
 
@@ -583,6 +714,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     )
     parser.add_argument("--gpu", action="store_true", help="run on CUDA (tiny models still)")
     parser.add_argument("--device", default="cuda:0", help="with --gpu: the device")
+    parser.add_argument(
+        "--affinity-rounds", type=int, help=f"affinity rounds ({AFFINITY_ROUNDS}; --quick 4)"
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     args = parser.parse_args(argv)
     n, rounds = (8, 1) if args.quick else (args.n, args.rounds)
@@ -598,6 +732,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         torch_threads=threads,
         gpu=bool(args.gpu),
         device=args.device,
+        affinity_rounds=args.affinity_rounds or (4 if args.quick else AFFINITY_ROUNDS),
     )
 
 

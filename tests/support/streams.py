@@ -59,8 +59,21 @@ async def read_subject(
 async def events(
     ctx: Context, topic: str, *, at_least: int = 0, timeout: float = 10.0
 ) -> list[Event]:
-    msgs = await read_subject(ctx.js, ctx.names.subject(topic), at_least=at_least, timeout=timeout)
-    return [decode(m.data) for m in msgs]
+    """The events of ``topic``, and of its keyed subjects (a job naming a model is
+    ``requested.<model>``), in stream order."""
+    subject = ctx.names.subject(topic)
+    deadline = time.monotonic() + timeout
+    while True:
+        msgs = [
+            *await read_subject(ctx.js, subject),
+            *await read_subject(ctx.js, f"{subject}.>"),
+        ]
+        if len(msgs) >= at_least:
+            msgs.sort(key=lambda m: m.metadata.sequence.stream)
+            return [decode(m.data) for m in msgs]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(msgs)} of {at_least} message(s) on {subject}[.>]")
+        await asyncio.sleep(0.05)
 
 
 async def dead_letters(
