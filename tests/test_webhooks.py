@@ -55,6 +55,8 @@ class Hit:
     webhook_id: str
     event: Any  # the parsed CloudEvent
     signatures: list[str]
+    timestamp: str  # the webhook-timestamp header
+    status: int  # what the receiver answered
 
 
 @dataclass
@@ -64,7 +66,8 @@ class Receiver:
     port: int = 0
     secrets: dict[str, list[str]] = field(default_factory=dict)  # path -> all must verify
     answer: dict[str, int] = field(default_factory=dict)  # path -> status (default 204)
-    hits: dict[str, list[Hit]] = field(default_factory=lambda: defaultdict(list))
+    hits: dict[str, list[Hit]] = field(default_factory=lambda: defaultdict(list))  # 2xx ones
+    tries: dict[str, list[Hit]] = field(default_factory=lambda: defaultdict(list))  # all
     failures: list[str] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -100,11 +103,13 @@ class Receiver:
         except Exception as exc:
             self.failures.append(f"{path}: {type(exc).__name__}: {exc}")
             return web.Response(status=400)
-        if 200 <= status < 300:
-            hit = Hit(headers["webhook-id"], event, headers["webhook-signature"].split(" "))
-            async with self._changed:
+        signatures = headers["webhook-signature"].split(" ")
+        hit = Hit(headers["webhook-id"], event, signatures, headers["webhook-timestamp"], status)
+        async with self._changed:
+            self.tries[path].append(hit)
+            if 200 <= status < 300:
                 self.hits[path].append(hit)
-                self._changed.notify_all()
+            self._changed.notify_all()
         return web.Response(status=status)
 
     async def wait(self, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
@@ -284,7 +289,7 @@ async def test_410_gone_disables_the_endpoint_with_an_event(
     await receiver.wait(lambda: len(receiver.hits["live"]) == 1)
     assert receiver.hits["live"][0].event["id"] == later.id
     assert later.id not in {x["event_id"] for x in await attempts(api, gone["id"])}
-    assert len(receiver.hits["gone"]) == 0
+    assert len(receiver.tries["gone"]) == 1  # the one attempt, answered 410
     await sub.unsubscribe()
 
 
@@ -439,6 +444,12 @@ async def test_replay_all_failed_since(
     await eventually(given_up)
     wids = {x["webhook_id"] for x in await attempts(api, flaky["id"])}
     assert max(x["attempt"] for x in await attempts(api, flaky["id"])) == len(SCHEDULE)
+    # Every retry is signed anew when sent (a new webhook-timestamp), under the same id.
+    for wid in wids:
+        tries = [t for t in receiver.tries["flaky"] if t.webhook_id == wid]
+        assert len(tries) == len(SCHEDULE)
+        stamps = [int(t.timestamp) for t in tries]
+        assert stamps == sorted(stamps) and stamps[-1] > stamps[0]
     del receiver.answer["flaky"]
     resp = await api.post(
         f"/api/webhooks/{flaky['id']}/replay", params={"since": since.isoformat()}

@@ -10,13 +10,16 @@ shown once: in the answer that created or rotated it. A rotation keeps the old s
 signing too for ``webhooks.secret_grace_s``, so receivers can switch over without a gap.
 
 A replay queues a message again with its own webhook-id (receivers that saw it will know
-it); its attempts count on from the message's earlier ones in the log.
+it); its attempts count on from the message's earlier ones in the log, and it gets the whole
+retry schedule again. A message still being retried (pending) is not replayed: that would
+make two live copies of it.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -39,7 +42,7 @@ from bus.state.webhooks import (
     HookNames,
     WebhookError,
     Webhooks,
-    declare_queue,
+    declare_stream,
     delivery,
     enqueue,
     new_secret,
@@ -200,7 +203,7 @@ def _info(fields: dict[str, Any], secret: str | None = None) -> web.Response:
 
 
 async def _queue(ctx: Context) -> HookNames:
-    return await available(declare_queue(ctx.js, ctx.settings, consumer=False), "NATS")
+    return await available(declare_stream(ctx.js, ctx.settings), "NATS")
 
 
 def _check(error: WebhookError) -> Problem:
@@ -288,19 +291,36 @@ async def list_deliveries(request: web.Request, query: DeliveriesQuery) -> web.R
 
 
 async def _replay(ctx: Context, store: Webhooks, endpoint_id: str, rows: list[Any]) -> list[str]:
+    """Queue ``rows`` again, one at a time: each is marked pending just before it is queued
+    (the delivery, which may come at once, says what became of it), and back as it was if
+    it could not be. A row another replay took meanwhile is skipped. If NATS fails partway,
+    what was queued stays queued and the rest stays as it was, ready for another replay."""
     hooks = await _queue(ctx)
-    wids = [str(row["webhook_id"]) for row in rows]
-    # Pending before queued: the delivery, which may come at once, says what became of it.
-    await query_db(lambda: store.mark_pending(wids))
+    wids = []
     for row in rows:
-        item = delivery(
-            endpoint_id, row["webhook_id"], row["event_id"], row["event_type"], row["body"].encode()
-        )
+        wid, was = str(row["webhook_id"]), str(row["state"])
+        if not await query_db(partial(store.set_state, wid, was, "pending")):
+            continue
+        item = delivery(endpoint_id, wid, row["event_id"], row["event_type"], row["body"].encode())
         item["attempts_before"] = row["attempts"]
         # A Nats-Msg-Id of its own: the message's would be dropped as a duplicate.
-        msg_id = f"{row['webhook_id']}-replay-{new_id()}"
-        await available(enqueue(ctx.js, hooks, item, msg_id), "NATS")
+        msg_id = f"{wid}-replay-{new_id()}"
+        try:
+            await available(enqueue(ctx.js, hooks, item, msg_id), "NATS")
+        except Exception:
+            await query_db(partial(store.set_state, wid, "pending", was))
+            raise
+        wids.append(wid)
     return wids
+
+
+def _still_pending(endpoint_id: str, wid: str) -> Problem:
+    return Problem(
+        409,
+        "Conflict",
+        f"webhook {endpoint_id}'s delivery {wid} is still being retried (pending): it is "
+        "sent again on its schedule; replay it once it is delivered or given up",
+    )
 
 
 async def replay_delivery(request: web.Request) -> web.Response:
@@ -313,7 +333,11 @@ async def replay_delivery(request: web.Request) -> web.Response:
         row = await query_db(lambda: store.message(endpoint_id, given))
     if row is None:
         raise Problem(404, "Not Found", f"webhook {endpoint_id} has no delivery {given[:80]!r}")
+    if row["state"] == "pending":
+        raise _still_pending(endpoint_id, given)
     wids = await _replay(ctx, store, endpoint_id, [row])
+    if not wids:  # it became pending meanwhile: another replay queued it
+        raise _still_pending(endpoint_id, given)
     return json_response(Replayed(endpoint_id=endpoint_id, webhook_ids=wids, more=False), 202)
 
 
@@ -415,6 +439,7 @@ def routes() -> list[Route]:
             responses={
                 202: Reply("queued again", Replayed),
                 404: "no such webhook or delivery",
+                409: "the message is still being retried (pending)",
                 503: down,
             },
         ),

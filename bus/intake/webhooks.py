@@ -10,8 +10,10 @@ Two halves in one function:
   message as CloudEvents 1.0 structured JSON, signed per Standard Webhooks with the
   endpoint's secret (and, after a rotation, its older ones still in their grace period).
   An attempt that fails is nakked with the next delay of ``webhooks.schedule_s`` (with
-  jitter): the message's delivery count is its attempt number, so retries survive restarts
-  and nothing is held in memory. A ``410 Gone`` disables the endpoint at once; an endpoint
+  jitter). The attempt number is counted from the log (the message's latest logged
+  attempt), not from JetStream's delivery count: a delivery nakked because the database was
+  down is no attempt and uses up none of the schedule. So retries survive restarts and
+  nothing is held in memory. A ``410 Gone`` disables the endpoint at once; an endpoint
   that failed every attempt for ``webhooks.disable_after_days`` is disabled too. Either way a
   ``webhook_disabled`` event says so. Every attempt is logged in the read model.
 
@@ -49,12 +51,14 @@ from bus.infra.postgres import CONNECTION_ERRORS
 from bus.intake.fetch import FetchError, IPNetwork, address_refusal, resolve_vetted
 from bus.runtime.pull import PullConsumer
 from bus.state.webhooks import (
+    EVENT_TOPICS,
+    STAGED_TOPICS,
     Attempt,
     Endpoint,
     HookNames,
     Recorder,
     Webhooks,
-    declare_queue,
+    declare_consumer,
     delivery,
     enqueue,
     matches,
@@ -76,19 +80,7 @@ PRUNE_INTERVAL_S = 3600.0
 
 SPEC = Spec(
     name="webhooks",
-    listens=(
-        subjects.UPLOADED,
-        subjects.INGESTED,
-        subjects.CAPTIONED,
-        subjects.REQUESTED,
-        subjects.GENERATED,
-        subjects.APPROVED,
-        subjects.REJECTED,
-        subjects.DELETED,
-        f"{subjects.FAILED}.>",
-        f"{subjects.CANCELLED}.>",
-        subjects.WEBHOOK_DISABLED,
-    ),
+    listens=(*EVENT_TOPICS, *(f"{topic}.>" for topic in STAGED_TOPICS)),
     concurrency=32,
     ack_wait=10.0,
     max_deliver=10,
@@ -137,6 +129,8 @@ async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     except CONNECTION_ERRORS as exc:
         raise Retry(f"the database is unavailable: {type(exc).__name__}: {exc}") from None
     wanted = [e for e in endpoints if matches(e.event_types, event.type)]
+    if event.type == subjects.WEBHOOK_DISABLED:  # said before it is off: not to itself
+        wanted = [e for e in wanted if e.id != event.data.get("endpoint_id")]
     if not wanted:
         return []
     body = cloud_event(event)
@@ -192,7 +186,8 @@ def literal_refusal(url: str, allow_networks: tuple[IPNetwork, ...]) -> str | No
 
 
 def retry_delay(settings: WebhookSettings, attempt: int) -> float | None:
-    """The wait after failed attempt ``attempt`` (1-based), with jitter; None: give up."""
+    """The wait after failed attempt ``attempt`` (1-based, of this run of the schedule: a
+    replay starts it again), with jitter; None: give up."""
     if attempt >= len(settings.schedule_s):
         return None
     delay = float(settings.schedule_s[attempt])
@@ -326,10 +321,13 @@ class Deliverer:
             log.error("dropping an unreadable webhook delivery: %r", msg.data[:200])
             await msg.term()
             return
-        delivered = msg.metadata.num_delivered or 1
-        attempt = int(item.get("attempts_before", 0)) + delivered
+        before = int(item.get("attempts_before", 0))
         try:
             endpoint = await self._endpoint(endpoint_id)
+            # A first delivery of the fan-out's message has no attempt logged yet; any other
+            # (a retry, a replay, one that waited out a database outage) asks the log.
+            redelivered = (msg.metadata.num_delivered or 1) > 1 or "attempts_before" in item
+            progress = await self.store.progress(wid) if redelivered else None
         except CONNECTION_ERRORS as exc:
             log.warning("database unavailable (%s); webhook %s waits", exc, wid)
             await msg.nak(delay=DB_RETRY_S)
@@ -337,6 +335,12 @@ class Deliverer:
         if endpoint is None:
             await msg.ack()  # deleted: its messages went with it
             return
+        state, logged = progress or ("pending", before)
+        if state == "delivered":
+            await msg.ack()  # another copy delivered it (a redelivery after a lost ack)
+            return
+        attempt = logged + 1
+        run = attempt - before  # this attempt's place in the schedule
 
         def outcome(
             status: int | None, latency: float | None, error: str | None, final: bool
@@ -350,7 +354,8 @@ class Deliverer:
                 attempt=attempt,
                 status_code=status,
                 latency_ms=latency,
-                error=error if error is None else error[:MAX_ERROR_CHARS],
+                # (a text column holds no NUL, which a receiver's answer may put in an error)
+                error=error if error is None else error[:MAX_ERROR_CHARS].replace("\x00", "?"),
                 final=final,
             )
 
@@ -362,11 +367,14 @@ class Deliverer:
             await msg.ack()
             return
         status, latency, error = await self._post(endpoint, wid, body)
+        # The POST may have taken most of ack_wait: the log write gets a fresh one, so the
+        # message is not handed to another attempt meanwhile.
+        await msg.in_progress()
         if error is None:
             await self._recorder.record(outcome(status, latency, None, True))
             await msg.ack()
             return
-        delay = None if status == 410 else retry_delay(self.settings, delivered)
+        delay = None if status == 410 else retry_delay(self.settings, run)
         failing_since = await self._recorder.record(outcome(status, latency, error, delay is None))
         if status == 410:
             await self._disable(endpoint, "the endpoint answered 410 Gone")
@@ -415,13 +423,18 @@ class Deliverer:
         return status, took, f"answered {status}"
 
     async def _disable(self, endpoint: Endpoint, reason: str) -> None:
-        """Turn the endpoint off, and say so with an event (once: whoever turned it off)."""
+        """Turn the endpoint off, and say so with an event.
+
+        The event goes first, then the change: an event that cannot be published leaves the
+        endpoint on (its next failure decides again), so none is lost. Its id names the
+        endpoint's version, so deliveries that decide at once say it once."""
         self._endpoints.pop(endpoint.id, None)
-        if not await self.store.disable(endpoint.id, reason):
-            return
-        log.warning("webhook endpoint %s (%s) disabled: %s", endpoint.id, endpoint.url, reason)
+        current = await self.store.get(endpoint.id)
+        if current is None or not current.active:
+            return  # deleted or turned off meanwhile (by whoever said so)
+        stamp = int(current.updated.timestamp() * 1000)
         event = Event(
-            id=f"webhook-disabled-{endpoint.id}-{int(time.time())}",
+            id=f"webhook-disabled-{endpoint.id}-{stamp}",
             type=subjects.WEBHOOK_DISABLED,
             source="darkroom/webhooks",
             time=now_iso(),
@@ -429,24 +442,35 @@ class Deliverer:
             # Not the URL: this event reaches every key (a URL may carry a token).
             data={"endpoint_id": endpoint.id, "reason": reason},
         )
-        names = self.ctx.names
-        await self.ctx.js.publish(
-            names.subject(subjects.WEBHOOK_DISABLED),
-            event.encode(),
-            headers={"Nats-Msg-Id": event.id},
-        )
+        try:
+            await self.ctx.js.publish(
+                self.ctx.names.subject(subjects.WEBHOOK_DISABLED),
+                event.encode(),
+                headers={"Nats-Msg-Id": event.id},
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("webhook endpoint %s stays on for now: %s", endpoint.id, exc)
+            return
+        if await self.store.disable(endpoint.id, reason):
+            log.warning("webhook endpoint %s (%s) disabled: %s", endpoint.id, endpoint.url, reason)
 
 
 async def setup(ctx: Context) -> Deliverer:
     if ctx.db is None:
         raise RuntimeError("webhooks runs with the read model (its Spec needs_db)")
     try:
-        hooks = await declare_queue(ctx.js, ctx.settings)
+        hooks = await declare_consumer(ctx.js, ctx.settings)
+    except nats.js.errors.NotFoundError:
+        stream = HookNames(ctx.names).stream
+        raise RuntimeError(
+            f"no webhook queue {stream} on this NATS yet; start `darkroom up` or `darkroom "
+            "gateway` first (they declare the streams)"
+        ) from None
     except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
         stream = HookNames(ctx.names).stream
         raise RuntimeError(
-            f"cannot declare the webhook queue {stream} ({type(exc).__name__}: {exc}); this "
-            "process's NATS role must be allowed its stream and consumer"
+            f"cannot declare the webhook queue's consumer on {stream} ({type(exc).__name__}: "
+            f"{exc}); this process's NATS role must be allowed its consumer"
         ) from None
     deliverer = Deliverer(ctx, hooks, Webhooks(ctx.db.pool))
     await deliverer.start()

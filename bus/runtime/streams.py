@@ -30,6 +30,7 @@ from bus.core.contract import Spec
 from bus.core.settings import FunctionSettings, Settings
 from bus.core.subjects import Names
 from bus.models.progress import READINESS_TTL_S
+from bus.state.webhooks import declare_stream as declare_webhook_queue
 
 log = logging.getLogger("darkroom.streams")
 
@@ -294,6 +295,7 @@ async def declare(
         return names
     names = Names(settings.namespace)
     await declare_streams(js, names, settings, specs)
+    await declare_webhook_queue(js, settings)  # workers' webhooks only look it up
     for spec in specs:
         await declare_consumer(js, names, spec, settings.function(spec.name))
     await key_value(js, names.keys_kv, settings.stream.replicas)

@@ -14,8 +14,11 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
+import re
 import secrets
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,16 +29,36 @@ import orjson
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
+from bus.core import subjects
 from bus.core.settings import Settings, WebhookSettings
 from bus.core.subjects import Names
+from bus.infra.postgres import CONNECTION_ERRORS
+
+log = logging.getLogger("darkroom.webhooks")
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 24  # Standard Webhooks: 24-64 bytes, base64
 MAX_TYPES = 50
 DUPLICATE_WINDOW_S = 3600.0  # the fan-out's redeliveries of one event fall well within it
 STATES = ("pending", "delivered", "failed")
+QUEUE_WAIT_S = 60.0  # a worker waits this long for a gateway to declare the work queue
 ENDPOINT_ID_PATTERN = r"^wh_[0-9a-f]{16}$"
 MESSAGE_ID_PATTERN = r"^msg_[0-9a-f]{32}$"  # a webhook-id
+# The events an endpoint may ask for: these topics, and failed.<stage> or cancelled.<stage>
+# (``.*``: every stage). The webhooks function listens to exactly these.
+EVENT_TOPICS = (
+    subjects.UPLOADED,
+    subjects.INGESTED,
+    subjects.CAPTIONED,
+    subjects.REQUESTED,
+    subjects.GENERATED,
+    subjects.APPROVED,
+    subjects.REJECTED,
+    subjects.DELETED,
+    subjects.WEBHOOK_DISABLED,
+)
+STAGED_TOPICS = (subjects.FAILED, subjects.CANCELLED)
+_EVENT_TYPE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_-]+|\.\*)?$")
 
 
 class WebhookError(ValueError):
@@ -101,11 +124,13 @@ def check_types(types: Sequence[str] | None) -> list[str] | None:
     if not 1 <= len(types) <= MAX_TYPES:
         raise WebhookError(f"event_types lists 1-{MAX_TYPES} types (or is null for all)")
     for kind in types:
-        token = kind.removesuffix(".*")
-        if not token or not all(part.replace("_", "").isalnum() for part in token.split(".")):
+        topic, dot, _ = kind.partition(".")
+        known = STAGED_TOPICS if dot else EVENT_TOPICS
+        if not _EVENT_TYPE.match(kind) or topic not in known:
             raise WebhookError(
-                f"an event type is dotted words of a-z, 0-9 and _ (e.g. captioned, "
-                f"failed.caption, failed.*), got {kind[:80]!r}"
+                f"an event type is one of {', '.join(EVENT_TOPICS)}, or "
+                f"{' or '.join(f'{t}.<stage>' for t in STAGED_TOPICS)} (<stage> may be *: "
+                f"every stage), got {kind[:80]!r}"
             )
     return sorted(set(types))
 
@@ -287,7 +312,8 @@ class Webhooks:
     # --- messages and attempts -------------------------------------------------------------
     async def record_many(self, attempts: Sequence[Attempt]) -> dict[str, datetime | None]:
         """Log attempts, and what they say of their messages and endpoints, in one statement
-        (one commit). Returns, by endpoint, since when it has been failing (None: it is not:
+        (one commit). Attempts at an endpoint deleted meanwhile are left out (its messages
+        went with it). Returns, by endpoint, since when it has been failing (None: it is not:
         an attempt of the batch succeeded)."""
         rows = [
             (
@@ -307,6 +333,14 @@ class Webhooks:
         columns = list(zip(*rows, strict=True))
         found = await self.pool.fetch(_RECORD_SQL, *columns)
         return {r["endpoint_id"]: r["failing_since"] for r in found}
+
+    async def progress(self, wid: str) -> tuple[str, int] | None:
+        """A message's state and the number of its latest logged attempt; None: never
+        logged."""
+        row = await self.pool.fetchrow(
+            "SELECT state, attempts FROM webhook_messages WHERE webhook_id = $1", wid
+        )
+        return None if row is None else (row["state"], row["attempts"])
 
     async def message(self, endpoint_id: str, wid: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(
@@ -337,10 +371,16 @@ class Webhooks:
         )
         return int(status.rsplit(" ", 1)[-1])
 
-    async def mark_pending(self, wids: Iterable[str]) -> None:
-        await self.pool.execute(
-            "UPDATE webhook_messages SET state = 'pending' WHERE webhook_id = ANY($1)", list(wids)
+    async def set_state(self, wid: str, was: str, state: str) -> bool:
+        """Move a message from state ``was`` to ``state``; False when it was not in ``was``
+        (another request moved it first)."""
+        status = await self.pool.execute(
+            "UPDATE webhook_messages SET state = $3 WHERE webhook_id = $1 AND state = $2",
+            wid,
+            was,
+            state,
         )
+        return bool(status.endswith(" 1"))
 
     async def attempts(
         self, endpoint_id: str, before: int | None, limit: int, wid: str | None = None
@@ -381,7 +421,9 @@ def _state(attempt: Attempt) -> str:
 
 
 # One batch of attempts: the messages (the newest attempt of each), the log, and each
-# endpoint's failing_since: cleared by a success, set by a failure if unset. An endpoint row
+# endpoint's failing_since: cleared by a success, set by a failure if unset. Attempts at an
+# endpoint that is gone are skipped (a delete that commits during the statement still fails
+# it: the Recorder then writes the batch row by row). An endpoint row
 # is written only when that changes. (The final SELECT sees the rows as they were before the
 # statement, and the UPDATE's own RETURNING for those it changed.)
 _RECORD_SQL = """
@@ -390,6 +432,7 @@ WITH a AS (
         $6::text[], $7::int[], $8::int[], $9::float8[], $10::text[])
     AS t(webhook_id, endpoint_id, event_id, event_type, body, state, attempt, status_code,
          latency_ms, error)
+    WHERE EXISTS (SELECT 1 FROM webhook_endpoints e WHERE e.id = t.endpoint_id)
 ), message AS (
     INSERT INTO webhook_messages
         (webhook_id, endpoint_id, event_id, event_type, body, state, attempts)
@@ -422,7 +465,8 @@ LEFT JOIN webhook_endpoints e ON e.id = b.endpoint_id
 class Recorder:
     """Logs attempts in batches: those that arrive while a batch is being written form the
     next one, so under load a commit carries many attempts (no timer, no delay when idle).
-    Each caller waits for its own attempt to be written."""
+    Each caller waits for its own attempt to be written. A batch that fails other than for
+    want of a connection is written again row by row, so one bad row fails only itself."""
 
     def __init__(self, store: Webhooks, max_batch: int = 1000) -> None:
         self.store = store
@@ -444,14 +488,34 @@ class Recorder:
             del self._waiting[: self.max_batch]
             try:
                 failing = await self.store.record_many([a for a, _ in batch])
-            except Exception as exc:
+            except CONNECTION_ERRORS as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            except Exception:
+                if len(batch) == 1:
+                    await self._write_one(*batch[0])
+                else:
+                    log.exception("a batch of webhook attempts failed; writing them one by one")
+                    for attempt, future in batch:
+                        await self._write_one(attempt, future)
+                continue
             for attempt, future in batch:
                 if not future.done():
                     future.set_result(failing.get(attempt.endpoint_id))
+
+    async def _write_one(self, attempt: Attempt, future: asyncio.Future[datetime | None]) -> None:
+        try:
+            failing = await self.store.record_many([attempt])
+        except asyncpg.ForeignKeyViolationError:
+            failing = {}  # its endpoint was deleted while the statement ran: nothing to log
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(failing.get(attempt.endpoint_id))
 
 
 # --- the work queue -----------------------------------------------------------------------
@@ -468,11 +532,9 @@ def delivery(
     }
 
 
-async def declare_queue(
-    js: JetStreamContext, settings: Settings, consumer: bool = True
-) -> HookNames:
-    """The work-queue stream and (``consumer``) its one durable consumer, the delivery's
-    (idempotent; creating the stream takes the gateway role's NATS permissions)."""
+async def declare_stream(js: JetStreamContext, settings: Settings) -> HookNames:
+    """The work-queue stream (idempotent; it takes the gateway role's NATS permissions:
+    the gateway declares it with the deployment's other streams)."""
     hooks = HookNames(Names(settings.namespace))
     config = StreamConfig(
         name=hooks.stream,
@@ -488,23 +550,46 @@ async def declare_queue(
     except nats.js.errors.NotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):  # created concurrently
             await js.add_stream(config)
-    if consumer:
-        await js.add_consumer(hooks.stream, delivery_consumer(hooks, settings.webhooks))
+    return hooks
+
+
+async def declare_consumer(
+    js: JetStreamContext, settings: Settings, timeout: float = QUEUE_WAIT_S
+) -> HookNames:
+    """The delivery's one durable consumer, once a gateway has declared the work queue
+    (waiting up to ``timeout`` seconds for it: workers and the gateway start in any
+    order; a worker's NATS role may not create streams)."""
+    hooks = HookNames(Names(settings.namespace))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await js.stream_info(hooks.stream)
+            break
+        except nats.js.errors.NotFoundError:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(1.0)
+    await js.add_consumer(hooks.stream, delivery_consumer(hooks, settings.webhooks))
     return hooks
 
 
 def delivery_consumer(hooks: HookNames, settings: WebhookSettings) -> ConsumerConfig:
-    # An attempt holds its message for at most the timeout; an un-acked one (a killed
-    # worker) comes back after ack_wait. The attempt count is the delivery count, so a few
-    # deliveries more than the schedule leave room for such crashes.
+    """An attempt holds its message for at most the timeout, then says it is in progress
+    while it logs; an un-acked one (a killed worker) comes back after ack_wait.
+
+    No limits: a retry waits as a delayed nak, which counts as ack-pending, so any cap on
+    those would let one dead endpoint's waiting retries stop every endpoint's deliveries
+    (the deliverer's own concurrency bounds what it takes at once). And the schedule is
+    counted from the attempts logged, not from deliveries: a delivery nakked because the
+    database was down is no attempt, so no delivery count may end a message."""
     return ConsumerConfig(
         name=hooks.durable,
         durable_name=hooks.durable,
         description="darkroom webhook deliveries",
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.timeout_s + 15.0,
-        max_deliver=len(settings.schedule_s) + 5,
-        max_ack_pending=20_000,
+        max_deliver=-1,
+        max_ack_pending=-1,
         filter_subject=hooks.all_subjects,
     )
 
