@@ -72,3 +72,32 @@ async def test_unknown_ids_and_empty_lists_are_refused_before_anything_is_sent(
     assert "no image with id 'nope'" in (await missing.json())["detail"]
     empty = await client.post("/api/images/zip", json={"ids": []}, headers=auth(reader))
     assert empty.status == 422
+
+
+async def test_a_form_post_of_ids_streams_the_same_zip_as_json(
+    client: TestClient[Any, Any], ctx: Context, make_key: Callable[..., Awaitable[str]]
+) -> None:
+    """The gallery posts an HTML form, so the browser saves the zip as it streams."""
+    uploader, reader = await make_key("upload"), await make_key("read")
+    body = jpeg(color=(90, 90, 200))
+    image_id = await uploaded(client, ctx, uploader, body)
+
+    response = await client.post("/api/images/zip", data=[("ids", image_id)], headers=auth(reader))
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Disposition"] == 'attachment; filename="darkroom-1-images.zip"'
+    assert zipfile.ZipFile(io.BytesIO(await response.read())).read("photo.jpg") == body
+
+    # The form is checked as the JSON is: at most 500 ids, no other fields, nothing else.
+    many = [("ids", image_id)] * 501
+    too_many = await client.post("/api/images/zip", data=many, headers=auth(reader))
+    assert too_many.status == 422
+    assert "at most 500 items" in (await too_many.json())["detail"]
+    other = await client.post(
+        "/api/images/zip", data=[("ids", image_id), ("all", "1")], headers=auth(reader)
+    )
+    assert other.status == 422
+    assert "all is not a field" in (await other.json())["detail"]
+    text = await client.post(
+        "/api/images/zip", data=b"ids", headers={**auth(reader), "Content-Type": "text/plain"}
+    )
+    assert text.status == 415

@@ -5,6 +5,10 @@ the store a chunk at a time and its chunk goes out as soon as :mod:`zipfile` has
 so memory stays at a chunk whatever the number and size of the images. Entries are stored,
 not deflated (images are compressed already), and carry data descriptors, the way a zip
 written to a stream must; zip64 extensions let any entry pass 4 GiB.
+
+The ids come as JSON (``{"ids": [...]}``) or as an HTML form (``ids=a&ids=b``): a page posts
+the form and the browser saves the answer to disk as it streams, where a script's fetch
+would hold the whole zip in memory first.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bus.core import subjects
 from bus.gateway.access import check_visible
+from bus.gateway.contract import is_json, parse_json, validate
 from bus.gateway.images import catalogue, query_db
 from bus.gateway.problems import Problem
 from bus.gateway.routes import Reply, Route
@@ -28,6 +33,7 @@ from bus.infra.store import ObjectMissingError
 
 MAX_IMAGES = 500
 ImageId = Annotated[str, Field(pattern=subjects.SAFE_ID_PATTERN)]
+FORM = "application/x-www-form-urlencoded"
 _EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
 
 
@@ -37,6 +43,21 @@ class ZipBody(BaseModel):
     ids: list[ImageId] = Field(
         min_length=1, max_length=MAX_IMAGES, description="the images, in the zip's order"
     )
+
+
+_FORM_SCHEMA = {
+    "type": "object",
+    "required": ["ids"],
+    "additionalProperties": False,
+    "properties": {
+        "ids": {
+            "type": "array",
+            "items": {"type": "string", "pattern": subjects.SAFE_ID_PATTERN},
+            "minItems": 1,
+            "maxItems": MAX_IMAGES,
+        }
+    },
+}
 
 
 def routes() -> list[Route]:
@@ -49,12 +70,16 @@ def routes() -> list[Route]:
             f"The originals of up to {MAX_IMAGES} images as one zip, streamed as it is "
             "written (an original missing from the store becomes a note in its place)",
             "images",
+            body={"application/json": ZipBody, FORM: {"schema": _FORM_SCHEMA}},
             responses={
                 200: Reply(
                     "the zip",
                     content={"application/zip": {"schema": {"type": "string", "format": "binary"}}},
                 ),
+                400: "the body is not JSON",
                 404: "an image does not exist, or has no stored original",
+                413: "the body is too large",
+                415: f"the body is neither application/json nor {FORM}",
                 422: f"ids is not a list of 1-{MAX_IMAGES} image ids",
                 503: "the database is down",
             },
@@ -84,7 +109,28 @@ class _Sink:
         return data
 
 
-async def download_zip(request: web.Request, body: ZipBody) -> web.StreamResponse:
+async def _zip_body(request: web.Request) -> ZipBody:
+    """The ids, from a JSON body or a form (415 for anything else, 422 if they do not fit)."""
+    if request.content_type == FORM:
+        fields = await request.post()
+        extra = sorted(set(fields) - {"ids"})
+        if extra:
+            raise Problem(
+                422, "Invalid request body", f"{extra[0][:80]} is not a field of this form"
+            )
+        return validate(ZipBody, {"ids": fields.getall("ids", [])}, 422, "Invalid request body")
+    if not is_json(request.content_type):
+        given = request.content_type if request.headers.get("Content-Type") else "no content type"
+        raise Problem(
+            415,
+            "Unsupported Media Type",
+            f"send the ids as application/json or {FORM}, got {given}",
+        )
+    return await parse_json(request, ZipBody)
+
+
+async def download_zip(request: web.Request) -> web.StreamResponse:
+    body = await _zip_body(request)
     ids = list(dict.fromkeys(body.ids))  # once each
     db = catalogue(request)
     entries: list[tuple[str, str, dict[str, Any]]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import zipfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -96,6 +97,26 @@ async def test_a_new_upload_appears_live_with_its_thumbnail(
     await expect(tile.get_by_text("demo model")).to_be_visible(timeout=60_000)
     await expect(tile).to_have_attribute("aria-label", re.compile("demo model"))
 
+    # A zip is a form post the browser saves as it streams (the session cookie, same origin).
+    await tile.click(modifiers=["Control"])
+    async with page.expect_download() as started:
+        await page.get_by_role("button", name="Download zip").click()
+    download = await started.value
+    assert download.suggested_filename == "darkroom-1-images.zip"
+    assert download.url == f"{app_url}/api/images/zip"  # from the gateway, not a blob: in memory
+    with zipfile.ZipFile(await download.path()) as archive:
+        assert archive.namelist() == ["live.jpg"]
+    # An error comes back as words on the page, not as a page of its own.
+    async with aiohttp.ClientSession() as http:
+        gone = await http.delete(f"{app_url}/api/images/{image_id}", headers=auth(admin))
+        assert gone.status < 300, await gone.text()
+    await expect(tile).to_have_count(0)  # the live event took it away; it is still selected
+    await page.get_by_role("button", name="Download zip").click()
+    await expect(page.get_by_role("alert")).to_contain_text(
+        f"The zip could not be made: no image with id '{image_id}'"
+    )
+    await expect(page).to_have_url(f"{app_url}/")
+
 
 async def test_search_and_similar_images(
     page: Page, app_url: str, sign_in: SignIn, ctx: Any, admin: str
@@ -162,3 +183,24 @@ async def test_filters_live_in_the_url_and_the_keyboard_moves_between_tiles(
     await expect(page).to_have_url(
         f"{app_url}/images/{ids[2]}?from=2026-01-01&to=2026-01-01&order=asc"
     )
+
+
+async def test_the_keyboard_reaches_the_tile_in_view_after_the_focused_one_scrolls_away(
+    page: Page, app_url: str, sign_in: SignIn, ctx: Any, admin: str
+) -> None:
+    ids = await seed_images(ctx.db.pool, ctx.settings.db_schema, 2000)
+    await sign_in(page, admin)
+    first = page.locator(f'[data-id="{ids[-1]}"]')
+    await first.focus()
+    await expect(first).to_be_focused()
+
+    # Scrolled by the mouse, far past the focused tile: its element now shows another image.
+    await page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight / 2)")
+    await expect(first).to_have_count(0)
+    stop = page.locator(f'{TILES}[tabindex="0"]')
+    await expect(stop).to_have_count(1)  # Tab still reaches the grid...
+    await expect(stop).to_be_in_viewport()  # ...where the user is
+    await expect(stop).to_have_attribute("data-id", re.compile("."))
+    shown = await stop.get_attribute("data-id")
+    await stop.press("Enter")  # Enter opens the image the tile shows
+    await expect(page).to_have_url(f"{app_url}/images/{shown}")

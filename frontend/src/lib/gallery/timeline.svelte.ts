@@ -3,6 +3,11 @@
  * then only the pages in view (GET /api/images by each month's bounds and page cursors), a
  * bounded number of them kept. Live events update the images it holds and add new ones in
  * a "New" bucket on top, so that the months counted at load time never shift.
+ *
+ * Live events cost little however many arrive: an event about an image no loaded page
+ * holds is ignored (its page shows it fresh when it loads); the others are gathered for a
+ * moment, once per image, and fetched a few at a time. Only an upload or a generation adds
+ * to "New", which holds at most NEW_CAP; past that the page offers to reload instead.
  */
 import { ApiError, getJson, type Query } from '$lib/api';
 import type { ImageDoc, ImagePage } from '$lib/types';
@@ -39,14 +44,36 @@ interface PageEntry {
 	docs: ImageDoc[] | null;
 	controller: AbortController | null;
 	used: number;
-	failed?: boolean;
+	/** why the page did not load (the server's words) */
+	failed?: string;
+}
+
+/** A live event waiting for its image's document to be fetched. */
+interface Heard {
+	type: string;
+	time: string;
+	/** an upload or a generation: the image may go to "New" */
+	adds: boolean;
+	attempt: number;
 }
 
 export const PAGE_SIZE = 200;
 const KEEP_PAGES = 48; // 9,600 documents at most
 const LIVE_TOPICS = new Set(['uploaded', 'generated', 'ingested', 'captioned', 'approved', 'rejected']);
 const MAX_FETCHES = 4;
-const GONE_RETRIES = 6; // a live image the catalogue has not projected yet
+/** "New" shows this many images at most; more arrivals are counted and offered as a reload. */
+export const NEW_CAP = 100;
+/** Live events are gathered this long, then their images fetched once each... */
+export const LIVE_WINDOW_MS = 150;
+/** ...this many at a time. */
+export const LIVE_FETCHES = 4;
+const LIVE_RETRIES = 4; // an event ran ahead of the catalogue (notify projects it)
+
+/** Whether a live event of ``type`` may add its image to "New": only one that makes an image
+ * (any other event is about an image that existed already, perhaps in a month not loaded). */
+export function mayAdd(type: string): boolean {
+	return type === 'uploaded' || type === 'generated';
+}
 
 export class Gallery {
 	state = $state<'idle' | 'loading' | 'ready' | 'error'>('idle');
@@ -55,6 +82,8 @@ export class Gallery {
 	/** bumped whenever a page or an image changes, for the grid to redraw */
 	revision = $state(0);
 	total = $state(0);
+	/** new images that arrived after "New" filled up: shown by loading the list anew */
+	more = $state(0);
 
 	private filters: Filters | null = null;
 	private pages = new Map<string, PageEntry>();
@@ -62,7 +91,13 @@ export class Gallery {
 	private controller: AbortController | null = null;
 	private waiting: (() => void)[] = [];
 	private running = 0;
-	private refreshing = new Map<string, boolean>(); // id -> heard again meanwhile
+	private heard = new Map<string, Heard>(); // id -> the event to fetch it for
+	private gathering: ReturnType<typeof setTimeout> | null = null;
+	private liveRunning = 0;
+	private adding = new Set<string>(); // ids on their way to "New" (fetching)
+	private arrived = new Set<string>(); // ids past NEW_CAP
+	/** the list's bound at load: an image created before it is no new image */
+	private newSince = -Infinity;
 
 	get ready(): boolean {
 		return this.state === 'ready';
@@ -73,6 +108,11 @@ export class Gallery {
 		this.controller?.abort();
 		for (const entry of this.pages.values()) entry.controller?.abort();
 		this.pages.clear();
+		this.heard.clear();
+		this.adding.clear();
+		this.arrived.clear();
+		this.more = 0;
+		this.newSince = -Infinity;
 		const controller = new AbortController();
 		this.controller = controller;
 		this.filters = filters;
@@ -92,6 +132,9 @@ export class Gallery {
 					{ ...listQuery(filters), limit: PAGE_SIZE },
 					controller.signal
 				);
+				// Newest first by upload time, the first month ends just after the newest image.
+				const first = answer.buckets[0];
+				if (first && filters.sort === 'created' && filters.order === 'desc') this.newSince = Date.parse(first.until);
 				this.buckets = [
 					{ key: 'new', label: 'New', count: 0, items: [] },
 					...answer.buckets.map((month) => ({ key: month.month, label: monthLabel(month.month), count: month.count, month }))
@@ -148,6 +191,13 @@ export class Gallery {
 		return failed;
 	}
 
+	/** Why a page failed to load, in the server's words ('' when none did). */
+	get pageError(): string {
+		void this.revision;
+		for (const entry of this.pages.values()) if (entry.failed) return entry.failed;
+		return '';
+	}
+
 	retry(): void {
 		for (const [key, entry] of this.pages) if (entry.failed) this.pages.delete(key);
 		this.revision++;
@@ -161,10 +211,20 @@ export class Gallery {
 			this.drop(id);
 			return;
 		}
-		if (LIVE_TOPICS.has(type) || type.startsWith('failed.')) {
-			const time = typeof data.time === 'string' ? data.time : '';
-			void this.refresh(id, type === 'rejected', (doc) => reflects(doc, type, time));
+		if (!LIVE_TOPICS.has(type) && !type.startsWith('failed.')) return;
+		const adds = mayAdd(type) && this.takesNew();
+		const held = this.locate(id, () => {});
+		if (!held && !adds) return; // not on screen: its page shows it as it is when it loads
+		if (!held && !this.adding.has(id)) {
+			if (this.newFull()) {
+				this.arrived.add(id); // counted, not fetched: a reload shows it
+				this.more = this.arrived.size;
+				return;
+			}
+			this.adding.add(id);
 		}
+		const time = typeof data.time === 'string' ? data.time : '';
+		this.gather(id, { type, time, adds, attempt: 0 });
 	}
 
 	/** Put a changed document in place (or drop it). */
@@ -173,6 +233,9 @@ export class Gallery {
 	}
 
 	drop(id: string): void {
+		this.heard.delete(id);
+		this.adding.delete(id);
+		if (this.arrived.delete(id)) this.more = this.arrived.size;
 		const fresh = this.buckets[0];
 		if (fresh?.key === 'new' && fresh.items?.some((d) => d.id === id)) {
 			fresh.items = fresh.items.filter((d) => d.id !== id);
@@ -185,51 +248,86 @@ export class Gallery {
 		}
 	}
 
-	/** Fetch the image's document anew; an event heard meanwhile fetches it once more. */
-	private async refresh(
-		id: string,
-		mayVanish: boolean,
-		current: (doc: ImageDoc) => boolean = () => true
-	): Promise<void> {
-		if (this.refreshing.has(id)) {
-			this.refreshing.set(id, true);
-			return;
-		}
-		this.refreshing.set(id, false);
+	/** Whether new images go to "New" at all: only newest first by upload time. */
+	private takesNew(): boolean {
 		const filters = this.filters;
-		try {
-			for (let attempt = 0; attempt < GONE_RETRIES; attempt++) {
-				try {
-					const doc = await getJson<ImageDoc>(`/api/images/${encodeURIComponent(id)}`);
-					if (filters !== this.filters) return;
-					if (!this.locate(id, (docs, index) => (docs[index] = doc))) this.add(doc);
-					this.revision++;
-					if (current(doc)) return;
-				} catch (error) {
-					if (!(error instanceof ApiError) || error.status !== 404) return;
-					if (mayVanish) {
-						this.drop(id); // hidden from this key now
-						return;
-					}
-				}
-				// The event ran ahead of the catalogue (notify projects it): ask again soon.
-				await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** attempt));
-			}
-		} finally {
-			const again = this.refreshing.get(id);
-			this.refreshing.delete(id);
-			if (again) void this.refresh(id, false);
+		return this.buckets[0]?.key === 'new' && filters?.order === 'desc' && filters.sort === 'created';
+	}
+
+	/** Whether "New" is full, counting the images on their way there. */
+	private newFull(): boolean {
+		return (this.buckets[0]?.items?.length ?? 0) + this.adding.size >= NEW_CAP;
+	}
+
+	/** Fetch ``id`` soon, once however many events about it arrive meanwhile. */
+	private gather(id: string, heard: Heard): void {
+		const before = this.heard.get(id);
+		this.heard.set(id, before ? { ...heard, adds: heard.adds || before.adds, attempt: Math.min(heard.attempt, before.attempt) } : heard);
+		this.gathering ??= setTimeout(() => {
+			this.gathering = null;
+			this.fetchHeard();
+		}, LIVE_WINDOW_MS);
+	}
+
+	/** Fetch the gathered images, LIVE_FETCHES at a time. */
+	private fetchHeard(): void {
+		while (this.liveRunning < LIVE_FETCHES && this.heard.size > 0) {
+			const [id, heard] = this.heard.entries().next().value as [string, Heard];
+			this.heard.delete(id);
+			this.liveRunning++;
+			void this.refresh(id, heard).finally(() => {
+				this.liveRunning--;
+				this.fetchHeard();
+			});
 		}
 	}
 
-	private add(doc: ImageDoc): void {
+	/** The image's document anew, put in place (or in "New"); again later if it does not
+	 * show the event yet. */
+	private async refresh(id: string, heard: Heard): Promise<void> {
+		if (!(await this.fetchOnce(id, heard))) this.adding.delete(id);
+	}
+
+	/** One try of :meth:`refresh`; whether it will try again. */
+	private async fetchOnce(id: string, heard: Heard): Promise<boolean> {
+		const filters = this.filters;
+		try {
+			const doc = await getJson<ImageDoc>(`/api/images/${encodeURIComponent(id)}`);
+			if (filters !== this.filters) return false;
+			if (this.locate(id, (docs, index) => (docs[index] = doc))) this.revision++;
+			else if (!heard.adds || !this.add(doc)) return false;
+			if (reflects(doc, heard.type, heard.time)) return false;
+		} catch (error) {
+			if (filters !== this.filters || !(error instanceof ApiError) || error.status !== 404) return false;
+			if (heard.type === 'rejected') {
+				this.drop(id); // hidden from this key now
+				return false;
+			}
+		}
+		if (heard.attempt + 1 >= LIVE_RETRIES) return false;
+		// The event ran ahead of the catalogue: ask again soon.
+		await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** heard.attempt));
+		if (filters !== this.filters) return false;
+		this.gather(id, { ...heard, attempt: heard.attempt + 1 });
+		return true;
+	}
+
+	/** Put a new image in "New" (if the filters take it); whether it went there. */
+	private add(doc: ImageDoc): boolean {
 		const filters = this.filters;
 		const fresh = this.buckets[0];
-		if (!filters || fresh?.key !== 'new' || !fresh.items) return;
-		// New images sort first only newest-first by upload time.
-		if (filters.order !== 'desc' || filters.sort !== 'created' || !admits(filters, doc)) return;
+		if (!filters || fresh?.key !== 'new' || !fresh.items || !this.takesNew() || !admits(filters, doc)) return false;
+		// An older image (an event heard again after a reconnect) is counted in its month.
+		if (Date.parse(doc.created) < this.newSince) return false;
+		if (fresh.items.length >= NEW_CAP) {
+			this.arrived.add(doc.id);
+			this.more = this.arrived.size;
+			return false;
+		}
 		fresh.items = [doc, ...fresh.items];
+		this.adding.delete(doc.id);
 		this.recount(0, fresh.items.length);
+		return true;
 	}
 
 	private recount(b: number, count: number): void {
@@ -278,9 +376,9 @@ export class Gallery {
 			entry.docs = answer.items;
 			entry.controller = null;
 			this.revision++;
-		} catch {
+		} catch (error) {
 			if (controller.signal.aborted || this.pages.get(key) !== entry) return;
-			entry.failed = true;
+			entry.failed = error instanceof Error ? error.message : String(error);
 			entry.controller = null;
 			this.revision++;
 		} finally {
