@@ -65,8 +65,9 @@ async def test_the_queue_fills_live_and_is_decided_by_keyboard_and_in_bulk(
     await expect(page.get_by_text("Nothing waits for a decision.")).to_be_visible()
 
     ids = await generate(app_url, admin, 4)
-    queue = page.get_by_role("listbox", name="Pending images, oldest first")
-    items = queue.get_by_role("option")
+    # a plain list (no listbox: its items hold controls); each item's checkbox selects it
+    queue = page.get_by_role("list", name="Pending images, oldest first")
+    items = queue.locator(":scope > li")
     await expect(items).to_have_count(4, timeout=60_000)  # arrived without a reload
     await expect(items.first).to_contain_text("generated")  # the hold reason
 
@@ -76,22 +77,23 @@ async def test_the_queue_fills_live_and_is_decided_by_keyboard_and_in_bulk(
         http.post(f"{app_url}/api/images/{ids[3]}/approve", json={}, headers=auth(admin)) as r,
     ):
         assert r.status == 200
-    await expect(page.locator(f'[role=option][data-image="{ids[3]}"]')).to_have_count(0)
+    await expect(page.locator(f'li[data-image="{ids[3]}"]')).to_have_count(0)
     await expect(items).to_have_count(3)
 
     # the keyboard: j/k move, a approves the focused image
-    await items.first.focus()
+    await items.first.get_by_role("checkbox").focus()
     await page.keyboard.press("j")
+    await expect(items.nth(1).get_by_role("checkbox")).to_be_focused()
     await page.keyboard.press("k")
     first = await items.first.get_attribute("data-image")
-    await expect(items.first).to_be_focused()
+    await expect(items.first.get_by_role("checkbox")).to_be_focused()
     await page.keyboard.press("a")
-    await expect(page.locator(f'[role=option][data-image="{first}"]')).to_have_count(0)
+    await expect(page.locator(f'li[data-image="{first}"]')).to_have_count(0)
     assert first is not None
     await decided(app_url, admin, first, "approved")
 
     # r asks for a reason; Enter rejects with it
-    await expect(items.first).to_be_focused()  # the next one took the place
+    await expect(items.first.get_by_role("checkbox")).to_be_focused()  # the next took the place
     second = await items.first.get_attribute("data-image")
     assert second is not None
     await page.keyboard.press("r")
@@ -99,7 +101,7 @@ async def test_the_queue_fills_live_and_is_decided_by_keyboard_and_in_bulk(
     await expect(reason).to_be_focused()
     await reason.fill("out of focus")
     await reason.press("Enter")
-    await expect(page.locator(f'[role=option][data-image="{second}"]')).to_have_count(0)
+    await expect(page.locator(f'li[data-image="{second}"]')).to_have_count(0)
     doc = await decided(app_url, admin, second, "rejected")
     assert doc["decision"]["reason"] == "out of focus"
 

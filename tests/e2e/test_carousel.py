@@ -31,9 +31,10 @@ async def test_an_approved_image_appears_in_the_kiosk_carousel(
     ids = await generate(app_url, admin, 2)
     approvals = await page.context.new_page()
     await approvals.goto(f"{app_url}/approvals")
-    items = approvals.get_by_role("option")
+    queue = approvals.get_by_role("list", name="Pending images, oldest first")
+    items = queue.locator(":scope > li")
     await expect(items).to_have_count(2, timeout=60_000)
-    await items.first.focus()
+    await items.first.get_by_role("checkbox").focus()
     first = await items.first.get_attribute("data-image")
     assert first in ids
     await approvals.keyboard.press("a")
@@ -51,7 +52,9 @@ async def test_an_approved_image_appears_in_the_kiosk_carousel(
     await expect(items).to_have_count(0)
     await expect(page.locator(".count")).to_have_text("1 / 2", timeout=30_000)
     await page.keyboard.press(" ")
-    await expect(page.get_by_role("button", name="Play")).to_be_visible()
+    play = page.get_by_role("button", name="Play")
+    await expect(play).to_be_visible()
+    await expect(play).not_to_have_attribute("aria-pressed", re.compile(".*"))  # the label says it
     await page.keyboard.press("ArrowRight")
     await expect(page.locator(".count")).to_have_text("2 / 2")
     await page.keyboard.press("ArrowLeft")

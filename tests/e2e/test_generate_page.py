@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.nats, pytest.mark.s3]
 WATCH_STEPS = """() => {
   window.__steps = [];
   new MutationObserver(() => {
-    for (const el of document.querySelectorAll('article[data-job] [role=status]')) {
+    for (const el of document.querySelectorAll('article[data-job] .step')) {
       const m = /Step (\\d+) of (\\d+)/.exec(el.textContent || '');
       if (m) window.__steps.push([el.closest('article').dataset.job, +m[1], +m[2]]);
     }
@@ -58,6 +58,9 @@ async def test_a_generation_shows_its_progress_and_result_and_another_is_cancell
     result = card.locator(f'img[data-image="{job}-0"]')
     await expect(result).to_be_visible(timeout=60_000)  # once ingested: its thumbnail
     await expect(card.locator("[data-status]")).to_have_text("done")
+    # one announcement when it ended, none per step
+    await expect(page.locator("#job-news")).to_have_text("Job “a red fox in the snow” is done.")
+    await expect(page.locator("article[data-job] [role=status]")).to_have_count(0)
     assert await result.evaluate("img => img.complete && img.naturalWidth > 0")
     steps = await page.evaluate("window.__steps")
     assert any(j == job and total >= 1 for j, _, total in steps), steps

@@ -4,11 +4,12 @@ to the earlier image."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 import pytest
-from playwright.async_api import Locator, Page, expect
+from playwright.async_api import Dialog, FilePayload, Locator, Page, Route, expect
 
 from bus.runtime.context import Context
 from tests.e2e.conftest import SignIn
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.nats, pytest.mark.s3]
 REFUSED = "not a supported image (content sniffed from its bytes)"  # bus/images/check.py
 
 
-def payload(name: str, mime: str, body: bytes) -> dict[str, Any]:
+def payload(name: str, mime: str, body: bytes) -> FilePayload:
     return {"name": name, "mimeType": mime, "buffer": body}
 
 
@@ -82,3 +83,56 @@ async def test_uploads_show_errors_thumbnails_and_captions_live(
     )
     await shows_thumbnail(again)
     assert await page.evaluate("window.__sameDocument") is True
+
+
+DROP_OUTSIDE = """() => {
+    const data = new DataTransfer();
+    data.items.add(new File(['x'], 'stray.jpg', { type: 'image/jpeg' }));
+    const drop = new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true });
+    document.querySelector('h1').dispatchEvent(drop);
+    return drop.defaultPrevented;
+}"""
+
+
+async def test_leaving_mid_upload_asks_first_and_stray_drops_are_not_opened(
+    page: Page, sign_in: SignIn, make_key: Any
+) -> None:
+    await sign_in(page, await make_key("upload", "read"))
+    held: list[Route] = []
+
+    async def hold(route: Route) -> None:
+        held.append(route)  # never answered: the upload stays in flight
+
+    await page.route("**/api/uploads", hold)
+    main = page.get_by_role("navigation", name="Main")
+    await main.get_by_role("link", name="Upload").click()
+    await expect(page.get_by_role("heading", name="Upload")).to_be_visible()
+    # a file dropped beside the zone: the browser must not open it in place of the app
+    assert await page.evaluate(DROP_OUTSIDE) is True
+
+    # a big folder: the rows are listed a hundred at a time, all of them counted
+    body = jpeg(color=(1, 2, 3))
+    await page.get_by_label("Choose files").set_input_files(
+        [payload(f"slow-{i}.jpg", "image/jpeg", body) for i in range(101)]
+    )
+    cancel = row(page, "slow-0.jpg").get_by_role("button", name="Cancel slow-0.jpg")
+    await expect(cancel).to_be_visible()
+    await expect(page.get_by_role("list", name="Uploads").locator(":scope > li")).to_have_count(100)
+    await expect(page.get_by_role("region", name="All files")).to_contain_text("0 of 101 sent")
+    await page.get_by_role("button", name="Show 1 more").click()
+    await expect(row(page, "slow-100.jpg")).to_be_visible()
+    asked: asyncio.Queue[str] = asyncio.Queue()
+
+    async def answer(dialog: Dialog, leave: bool) -> None:
+        await (dialog.accept() if leave else dialog.dismiss())
+        await asked.put(dialog.message)
+
+    page.once("dialog", lambda dialog: answer(dialog, leave=False))
+    await main.get_by_role("link", name="Gallery").click()
+    assert "still being sent" in await asyncio.wait_for(asked.get(), 30)
+    await expect(cancel).to_be_visible()  # stayed, still sending
+    page.once("dialog", lambda dialog: answer(dialog, leave=True))
+    await main.get_by_role("link", name="Gallery").click()
+    assert "still being sent" in await asyncio.wait_for(asked.get(), 30)
+    await expect(page.get_by_role("heading", name="Upload")).to_have_count(0)
+    await page.unroute_all(behavior="ignoreErrors")

@@ -4,12 +4,13 @@ as manual, read back through the API) and deleting with a confirm."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Page, Route, expect
 
 from bus.runtime.context import Context
 from tests.e2e.conftest import SignIn
@@ -96,6 +97,17 @@ async def test_the_keyboard_walks_the_gallerys_list_and_closes_to_it(
 
     await page.keyboard.press("Escape")
     await expect(page).to_have_url(re.compile(r"/\?order=asc$"))
+
+    # a failed read of the neighbours says why (←/→ would do nothing, silently)
+    async def refuse(route: Route) -> None:
+        problem = {"title": "Service Unavailable", "status": 503, "detail": "the catalogue is busy"}
+        await route.fulfill(
+            status=503, content_type="application/problem+json", body=json.dumps(problem)
+        )
+
+    await page.route("**/neighbours*", refuse)
+    await page.goto(f"{app_url}/images/{second}")
+    await expect(bar.get_by_role("alert")).to_contain_text("the catalogue is busy")
 
 
 async def test_a_caption_edited_in_the_viewer_is_kept_and_marked_manual(

@@ -1,5 +1,5 @@
-import { describe, expect, it } from 'vitest';
-import { append, focusedId, initial, onKey, remove, selectAll } from './queue';
+import { describe, expect, it, vi } from 'vitest';
+import { append, chunks, focusedId, initial, onKey, Refresher, remove, selectAll } from './queue';
 
 describe('the approval keyboard', () => {
 	it('moves with j/k and the arrows, within the queue', () => {
@@ -49,5 +49,52 @@ describe('the approval keyboard', () => {
 		expect(remove(state, ['zz'])).toBe(state);
 		state = append(state, ['b', 'e']);
 		expect(state.ids).toEqual(['b', 'e']);
+	});
+});
+
+describe('bulk decisions', () => {
+	it('go to the server in parts of at most 500 ids', () => {
+		const ids = Array.from({ length: 1201 }, (_, i) => `i${i}`);
+		const parts = chunks(ids, 500);
+		expect(parts.map((p) => p.length)).toEqual([500, 500, 201]);
+		expect(parts.flat()).toEqual(ids);
+		expect(chunks([], 500)).toEqual([]);
+	});
+});
+
+/** A read the test answers when it likes. */
+function reads() {
+	const pending: { id: string; answer: (doc: string) => void }[] = [];
+	const read = (id: string) => new Promise<string>((answer) => pending.push({ id, answer }));
+	return { pending, read };
+}
+
+describe('single reads of queued images', () => {
+	it('never bring back an image decided while its read was under way', async () => {
+		const { pending, read } = reads();
+		const applied: string[] = [];
+		const refresher = new Refresher(read, (id) => applied.push(id));
+		const done = refresher.refresh('a'); // a captioned event
+		refresher.decided(['a']); // the admin pressed a; the POST succeeded
+		pending[0].answer('pending'); // the late read still says pending
+		await done;
+		expect(applied).toEqual([]);
+		await refresher.refresh('a'); // and later events for it are ignored
+		expect(pending).toHaveLength(1);
+	});
+
+	it('read once more when an event comes during a read', async () => {
+		const { pending, read } = reads();
+		const applied: string[] = [];
+		const refresher = new Refresher(read, (id, doc) => applied.push(`${id}:${doc}`));
+		const done = refresher.refresh('a');
+		void refresher.refresh('a'); // heard while reading: not dropped
+		void refresher.refresh('a'); // nor a third time (one more read covers both)
+		pending[0].answer('old');
+		await vi.waitFor(() => expect(pending).toHaveLength(2));
+		pending[1].answer('new');
+		await done;
+		expect(applied).toEqual(['a:old', 'a:new']);
+		expect(pending).toHaveLength(2);
 	});
 });

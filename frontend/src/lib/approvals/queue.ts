@@ -87,3 +87,62 @@ export function append(state: QueueState, added: string[]): QueueState {
 	const fresh = added.filter((id) => !known.has(id));
 	return fresh.length ? { ...state, ids: [...state.ids, ...fresh] } : state;
 }
+
+/** The most ids the server takes in one bulk decision (MAX_BULK in bus/gateway/approvals.py). */
+export const BULK_MAX = 500;
+
+/** ``items`` in consecutive parts of at most ``size``. */
+export function chunks<T>(items: readonly T[], size: number): T[][] {
+	const parts: T[][] = [];
+	for (let start = 0; start < items.length; start += size) parts.push(items.slice(start, start + size));
+	return parts;
+}
+
+/**
+ * Reads of single queued images, guarded. An image decided (here or elsewhere) is never
+ * brought back by a read that started before the decision; an event heard while its image
+ * is being read asks for one more read once that read ends, so its change is not missed.
+ */
+export class Refresher<T> {
+	private readonly decidedIds = new Set<string>();
+	/** Images being read → whether another read was asked for meanwhile. */
+	private readonly reading = new Map<string, boolean>();
+	private readonly read: (id: string) => Promise<T>;
+	private readonly apply: (id: string, doc: T) => void;
+
+	constructor(read: (id: string) => Promise<T>, apply: (id: string, doc: T) => void) {
+		this.read = read;
+		this.apply = apply;
+	}
+
+	/** Images that left the queue for good: later reads of them are dropped. */
+	decided(ids: Iterable<string>): void {
+		for (const id of ids) this.decidedIds.add(id);
+	}
+
+	isDecided(id: string): boolean {
+		return this.decidedIds.has(id);
+	}
+
+	async refresh(id: string): Promise<void> {
+		if (this.decidedIds.has(id)) return;
+		if (this.reading.has(id)) {
+			this.reading.set(id, true);
+			return;
+		}
+		try {
+			do {
+				this.reading.set(id, false);
+				let doc: T;
+				try {
+					doc = await this.read(id);
+				} catch {
+					continue; // gone meanwhile (deleted), or not readable: the next event says more
+				}
+				if (!this.decidedIds.has(id)) this.apply(id, doc);
+			} while (this.reading.get(id) && !this.decidedIds.has(id));
+		} finally {
+			this.reading.delete(id);
+		}
+	}
+}

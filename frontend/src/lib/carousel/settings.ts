@@ -38,7 +38,8 @@ export function parseSettings(params: URLSearchParams, drawSeed: () => number): 
 	const order = params.get('order');
 	const overlay = params.get('overlay');
 	return {
-		kiosk: params.has('kiosk') && flag(params.get('kiosk') || '1'),
+		// any ?kiosk (kiosk=0 too): the layout drops the header on the same rule
+		kiosk: params.has('kiosk'),
 		interval: whole(params.get('interval'), 1, MAX_INTERVAL) ?? 10,
 		shuffle,
 		seed: whole(params.get('seed'), 0, MAX_SEED) ?? (shuffle ? drawSeed() % (MAX_SEED + 1) : 0),

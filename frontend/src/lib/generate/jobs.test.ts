@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { LiveEvent } from '$lib/live.svelte';
-import { applyEvent, queued, reusable } from './jobs';
+import { announcement, applyEvent, queued, reusable, withLive } from './jobs';
 import { blankForm, fromSettings, toRequest } from './form';
 
 const event = (type: string, data: Record<string, unknown>): LiveEvent => ({ type, id: type === 'progress' ? null : '1', data });
@@ -68,5 +68,29 @@ describe('use these settings again', () => {
 		expect(plain.image).toBeUndefined();
 		expect(plain.strength).toBeUndefined();
 		expect(toRequest({ ...form, seed: '' }, ['img2img'], 100).seed).toBeUndefined();
+	});
+});
+
+describe('the jobs heard live', () => {
+	it('are kept to the newest few, newest first', () => {
+		let live = [queued('j1', {}, '2026-01-01T00:00:00Z')];
+		let dropped = 0;
+		for (let i = 2; i <= 4; i++) {
+			const added = withLive(live, queued(`j${i}`, {}, '2026-01-01T00:00:00Z'), 3);
+			live = added.live;
+			dropped += added.dropped;
+		}
+		expect(live.map((j) => j.id)).toEqual(['j4', 'j3', 'j2']);
+		expect(dropped).toBe(1);
+	});
+
+	it('are announced when they start and end, not at every step', () => {
+		const job = queued('j1', { prompt: 'a fox' }, '2026-01-01T00:00:00Z');
+		const step1 = applyEvent(job, event('progress', { job_id: 'j1', step: 1, total: 4 }))!;
+		const step2 = applyEvent(step1, event('progress', { job_id: 'j1', step: 2, total: 4 }))!;
+		const failed = applyEvent(step2, event('failed.generate', { job_id: 'j1', data: { reason: 'out of memory' } }))!;
+		expect(announcement(job, step1)).toBe('Job “a fox” started.');
+		expect(announcement(step1, step2)).toBeNull();
+		expect(announcement(step2, failed)).toBe('Job “a fox” failed: out of memory.');
 	});
 });

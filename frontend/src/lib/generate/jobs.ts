@@ -149,3 +149,24 @@ export function reusable(request: Record<string, unknown>): Record<string, unkno
 	if (init && typeof init.image_id === 'string') found.image = init.image_id;
 	return found;
 }
+
+/** Jobs heard live (any key's, as the history lists them) kept on top of the history pages. */
+export const LIVE_MAX = 20;
+
+/** ``job`` on top of the live jobs; past ``cap`` the oldest leave (the history has them). */
+export function withLive(live: JobView[], job: JobView, cap = LIVE_MAX): { live: JobView[]; dropped: number } {
+	const next = [job, ...live];
+	return { live: next.slice(0, cap), dropped: Math.max(0, next.length - cap) };
+}
+
+/** What a screen reader is told when a job changes: only that it started or ended. */
+export function announcement(before: JobView, after: JobView): string | null {
+	if (before.status === after.status) return null;
+	const prompt = typeof after.parameters.prompt === 'string' ? after.parameters.prompt : '';
+	const name = prompt ? `“${prompt.length > 40 ? `${prompt.slice(0, 40)}…` : prompt}”` : after.id;
+	if (after.status === 'running') return `Job ${name} started.`;
+	if (after.status === 'done') return `Job ${name} is done.`;
+	if (after.status === 'failed') return `Job ${name} failed: ${after.error ?? 'no reason given'}.`;
+	if (after.status === 'cancelled') return `Job ${name} was cancelled.`;
+	return null;
+}

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { ApiError } from '$lib/api';
 import type { ImageDoc } from '$lib/types';
-import { UploadQueue } from './queue.svelte';
+import { share, UploadQueue } from './queue.svelte';
 import type { Accepted, Progress } from './transport';
 
 interface Call {
@@ -147,5 +147,34 @@ describe('UploadQueue', () => {
 		expect(queue.items.map((i) => i.state)).toEqual(['cancelled', 'cancelled']);
 		expect(fake.calls).toHaveLength(1); // the queued one was never sent
 		expect(queue.total.files).toBe(0);
+	});
+});
+
+describe('the running totals', () => {
+	it('stay equal to a recount of the rows through every kind of change', async () => {
+		const fake = fakeTransport();
+		const queue = new UploadQueue(fake.transport, notFound, 2);
+		const recount = () => {
+			const sum = { loaded: 0, size: 0, files: 0, sent: 0, failed: 0, active: 0, done: 0 };
+			for (const item of queue.items) {
+				const part = share(item);
+				for (const key of Object.keys(sum) as (keyof typeof sum)[]) sum[key] += part[key];
+			}
+			return sum;
+		};
+		queue.add(files(5));
+		fake.calls[0].progress(30);
+		expect(queue.total).toEqual(recount());
+		queue.cancel(queue.items[4].key); // a queued one
+		fake.calls[0].resolve({ id: 'a', duplicate: false, status: 201, name: 'f0.jpg' });
+		fake.calls[1].reject(new ApiError(415, 'Unsupported', 'not an image', {}));
+		await settle();
+		expect(queue.total).toEqual(recount());
+		expect(queue.total).toMatchObject({ sent: 1, failed: 1, active: 2, files: 4 });
+		queue.hear({ type: 'captioned', id: '1', data: { image_id: 'a', data: { caption: 'a barn' } } });
+		expect(queue.total).toMatchObject({ done: 3 }); // captioned, failed, cancelled
+		queue.clearFinished();
+		expect(queue.total).toEqual(recount());
+		expect(queue.total).toMatchObject({ files: 2, active: 2, done: 0 });
 	});
 });

@@ -6,6 +6,7 @@
  */
 import { getJson, sendJson } from '$lib/api';
 import { Loadable } from '$lib/status/dashboard.svelte';
+import { appendOlder, mergeNewest } from './log';
 import type {
 	DeliveryAttempt,
 	DeliveryPage,
@@ -46,14 +47,14 @@ export class WebhookAdmin {
 	}
 
 	async change(id: string, body: WebhookChange): Promise<WebhookInfo> {
-		const changed = await sendJson<WebhookInfo | WebhookWithSecret>('PATCH', `/api/webhooks/${id}`, body);
+		const changed = await sendJson<WebhookInfo | WebhookWithSecret>('PATCH', `/api/webhooks/${encodeURIComponent(id)}`, body);
 		if ('secret' in changed) this.secret = { endpoint: changed, secret: changed.secret };
 		this.replace(changed);
 		return changed;
 	}
 
 	async remove(id: string): Promise<void> {
-		await sendJson('DELETE', `/api/webhooks/${id}`);
+		await sendJson('DELETE', `/api/webhooks/${encodeURIComponent(id)}`);
 		if (this.openId === id) this.close();
 		this.endpoints.value = this.endpoints.value?.filter((e) => e.id !== id) ?? null;
 	}
@@ -71,14 +72,17 @@ export class WebhookAdmin {
 		this.nextBefore = null;
 	}
 
-	/** The newest page of the open endpoint's log. */
+	/** The newest page of the open endpoint's log, on top of the older pages loaded. */
 	async readLog(): Promise<void> {
 		const id = this.openId;
 		if (id === null) return;
 		await this.deliveries.load(async () => {
-			const page = await getJson<DeliveryPage>(`/api/webhooks/${id}/deliveries`, { limit: PAGE });
-			if (this.openId === id) this.nextBefore = page.next_before;
-			return page.items;
+			const page = await getJson<DeliveryPage>(`/api/webhooks/${encodeURIComponent(id)}/deliveries`, { limit: PAGE });
+			if (this.openId !== id) return page.items; // another log opened meanwhile: its read wins
+			const loaded = this.deliveries.value;
+			const merged = mergeNewest(loaded ? { items: loaded, nextBefore: this.nextBefore } : null, page);
+			this.nextBefore = merged.nextBefore;
+			return merged.items;
 		});
 	}
 
@@ -86,20 +90,20 @@ export class WebhookAdmin {
 		const id = this.openId;
 		const before = this.nextBefore;
 		if (id === null || before === null) return;
-		const page = await getJson<DeliveryPage>(`/api/webhooks/${id}/deliveries`, { limit: PAGE, before });
+		const page = await getJson<DeliveryPage>(`/api/webhooks/${encodeURIComponent(id)}/deliveries`, { limit: PAGE, before });
 		if (this.openId !== id) return;
-		this.deliveries.value = [...(this.deliveries.value ?? []), ...page.items];
+		this.deliveries.value = appendOlder(this.deliveries.value ?? [], page.items);
 		this.nextBefore = page.next_before;
 	}
 
 	async replay(id: string, deliveryId: string): Promise<Replayed> {
-		const answer = await sendJson<Replayed>('POST', `/api/webhooks/${id}/deliveries/${deliveryId}/replay`);
+		const answer = await sendJson<Replayed>('POST', `/api/webhooks/${encodeURIComponent(id)}/deliveries/${encodeURIComponent(deliveryId)}/replay`);
 		await this.readLog();
 		return answer;
 	}
 
 	async replayFailed(id: string, since: Date): Promise<Replayed> {
-		const answer = await sendJson<Replayed>('POST', `/api/webhooks/${id}/replay`, undefined, {
+		const answer = await sendJson<Replayed>('POST', `/api/webhooks/${encodeURIComponent(id)}/replay`, undefined, {
 			since: since.toISOString()
 		});
 		await this.readLog();
