@@ -330,8 +330,12 @@ async def test_the_disabled_event_is_not_lost_when_its_publish_fails(
     await publish(ctx)  # its next 410 turns it off, and says so
     said = orjson.loads((await sub.next_msg(timeout=30)).data)
     assert said["data"]["endpoint_id"] == gone["id"] and "410" in said["data"]["reason"]
-    doc = await (await api.get(f"/api/webhooks/{gone['id']}")).json()
-    assert doc["active"] is False
+
+    async def turned_off() -> bool:  # the event goes out first, then the endpoint is off
+        doc = await (await api.get(f"/api/webhooks/{gone['id']}")).json()
+        return doc["active"] is False
+
+    await eventually(turned_off)
     await sub.unsubscribe()
 
 
