@@ -41,6 +41,11 @@ class FunctionLag(BaseModel):
     ack_pending: int | None = None
     redelivered: int | None = None
     waiting_pulls: int | None = None
+    acked: int | None = Field(
+        None,
+        description="deliveries acknowledged so far (its consumers' ack floors): a counter, "
+        "whose rate is the function's throughput",
+    )
 
 
 class StreamState(BaseModel):
@@ -165,6 +170,7 @@ async def consumer_stats(ctx: Context, functions: list[str]) -> list[dict[str, A
                 "ack_pending": ack_pending,
                 "redelivered": sum(i.num_redelivered or 0 for i in infos),
                 "waiting_pulls": sum(i.num_waiting or 0 for i in infos),
+                "acked": sum(i.ack_floor.consumer_seq or 0 for i in infos if i.ack_floor),
             }
         )
     return out
