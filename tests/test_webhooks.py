@@ -8,7 +8,6 @@ loopback is allow-listed so the receiver on 127.0.0.1 may be posted to.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from bus.gateway.app import build_app
 from bus.runtime.context import Context
 from bus.runtime.registry import load
 from bus.state.webhooks import HookNames, Webhooks
+from tests.support.streams import eventually as wait_for
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
@@ -178,10 +178,8 @@ async def publish(ctx: Context, topic: str = "captioned", event_id: str | None =
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.1)
+    """The suite's :func:`tests.support.streams.eventually`, with this module's patience."""
+    await wait_for(check, timeout=timeout)
 
 
 async def attempts(api: Any, endpoint_id: str, **query: Any) -> list[dict[str, Any]]:
