@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from bus.core import subjects
-from bus.core.envelope import Event, ObjectRef, decode, new_id, now_iso
+from bus.core.envelope import Event, decode, new_id, now_iso
 from bus.core.settings import ApprovalSettings, HoldPolicy, Settings
 from bus.gateway.app import build_app
 from bus.gateway.approvals import decide
@@ -30,6 +30,7 @@ from bus.state.readmodel import ReadModel, open_read_model
 from tests.support.http import auth
 from tests.support.images import png
 from tests.support.streams import eventually, read_subject
+from tests.test_approvals import publish
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
@@ -281,21 +282,6 @@ async def test_a_decision_whose_event_was_not_published_is_taken_back_from_the_s
 # --- 4. the carousel's ETag costs no scan ---------------------------------------------------
 
 
-async def announce(ctx: Context, topic: str, image_id: str, **data: Any) -> None:
-    """An image's event as its stage publishes it (an upload's with an original)."""
-    ref = ObjectRef(ctx.settings.s3.bucket, f"uploads/{image_id}/a.jpg", 3, "e", "image/jpeg")
-    event = Event(
-        id=f"{topic}-{new_id()}",
-        type=topic,
-        source="darkroom/test",
-        time=now_iso(),
-        image_id=image_id,
-        object=ref if topic in (subjects.UPLOADED, subjects.GENERATED) else None,
-        data=data,
-    )
-    await ctx.js.publish(ctx.names.subject(topic), event.encode())
-
-
 async def poll(api: Api, token: str, etag: str = "") -> tuple[int, str, int | None]:
     """The carousel's answer to a poll: status, ETag, and total (None for a 304)."""
     headers = auth(token) | ({"If-None-Match": etag} if etag else {})
@@ -310,17 +296,17 @@ async def test_the_carousel_etag_changes_with_an_approval_and_a_poll_scans_no_im
 ) -> None:
     viewer = await make_key("read")
     shown, held = new_id(), new_id()
-    await announce(ctx, subjects.UPLOADED, shown, name="a.jpg", source="gateway")
-    await announce(ctx, subjects.GENERATED, held, name="b.png", source="generate")
+    await publish(ctx, subjects.UPLOADED, shown, name="a.jpg", source="gateway")
+    await publish(ctx, subjects.GENERATED, held, name="b.png", source="generate")
     for image_id in (shown, held):
-        await announce(ctx, subjects.INGESTED, image_id, width=8, height=6)
+        await publish(ctx, subjects.INGESTED, image_id, width=8, height=6)
     await until(db, shown, "ingested", status="ingested", approval="none")
     await until(db, held, "ingested", status="ingested", approval="pending")
     status, etag, total = await poll(api, viewer)
     assert (status, total) == (200, 1)
 
     # What the carousel does not show changes: the held image's caption.
-    await announce(ctx, subjects.CAPTIONED, held, caption="a secret", nsfw=0.1)
+    await publish(ctx, subjects.CAPTIONED, held, caption="a secret", nsfw=0.1)
     await until(db, held, "captioned", status="ready")
     assert (await poll(api, viewer, etag))[:2] == (304, etag)
 

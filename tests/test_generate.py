@@ -26,6 +26,7 @@ from bus.core.generation import InitImage, Job, check_request
 from bus.core.settings import GenerateModel, GenerateSettings, Settings
 from bus.models.demo import build_tiny_sd, build_tiny_sdxl
 from bus.runtime.registry import load
+from bus.runtime.streams import keyed_subject
 from bus.state.cancels import request_cancel
 from functions.generate import handler as generate_handler
 from tests.support.streams import dead_letters, events, eventually, settled
@@ -77,9 +78,13 @@ async def submit(ctx: Context, init: InitImage | None = None, seed: int = 7, **v
         object=ref,
         data=job.to_doc(),
     )
-    await ctx.js.publish(
-        ctx.names.subject(event.type), event.encode(), headers={"Nats-Msg-Id": event.id}
+    # a job naming a model goes on that model's subject (model affinity), as the gateway's
+    subject = (
+        ctx.names.subject(event.type)
+        if job.model is None
+        else keyed_subject(ctx.names, subjects.REQUESTED, job.model)
     )
+    await ctx.js.publish(subject, event.encode(), headers={"Nats-Msg-Id": event.id})
     return job
 
 

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from bus import Context, Event
+from bus import Context
 from bus.core import subjects
-from bus.core.envelope import new_id, now_iso
-from bus.core.generation import Job, check_request
+from bus.core.generation import Job
 from bus.core.settings import GenerateModel, GenerateSettings, GpuSettings, Settings
 from bus.gateway.system import consumer_stats
 from bus.models.demo import build_tiny_sd
 from bus.runtime.registry import load
-from bus.runtime.streams import declare_consumer, declare_keyed_consumer, keyed_subject
+from bus.runtime.streams import declare_consumer, declare_keyed_consumer
 from tests.support import procs
 from tests.support.streams import events
+from tests.test_generate import submit as submit_job
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3, pytest.mark.slow]
 MODELS = ("m1", "m2")
@@ -95,27 +95,8 @@ def worker_env(
 
 
 async def submit(ctx: Context, model: str, seed: int) -> Job:
-    """Check, store and announce a job naming ``model``, the way the gateway does."""
-    job = check_request(
-        {"prompt": f"a fox, {model}", "model": model},
-        ctx.settings.generate,
-        job_id=new_id(),
-        created=now_iso(),
-        seed=seed,
-    )
-    ref = await ctx.store.put_json(subjects.request_key(job.id), job.to_doc())
-    event = Event(
-        id=f"requested-{job.id}",
-        type=subjects.REQUESTED,
-        source="test",
-        time=now_iso(),
-        job_id=job.id,
-        object=ref,
-        data=job.to_doc(),
-    )
-    subject = keyed_subject(ctx.names, subjects.REQUESTED, model)
-    await ctx.js.publish(subject, event.encode(), headers={"Nats-Msg-Id": event.id})
-    return job
+    """A job naming ``model``, stored and announced the way the gateway does."""
+    return await submit_job(ctx, seed=seed, prompt=f"a fox, {model}", model=model)
 
 
 async def generated_jobs(ctx: Context, count: int, *workers: procs.Proc) -> set[str]:

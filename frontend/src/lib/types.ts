@@ -31,3 +31,50 @@ export interface ImagePage {
 	items: ImageDoc[];
 	next_cursor: string | null;
 }
+
+/** GET /api/models: the generation catalogue (the generate form and the status page). */
+export interface ModelDefaults {
+	width: number;
+	height: number;
+	steps: number;
+	guidance: number;
+	scheduler: string | null;
+}
+
+/** A worker holding a model (its VRAM lease). */
+export interface ModelHolder {
+	host: string;
+	pid: number;
+	worker: string;
+	instance: string;
+	device: string;
+	mb: number;
+	since: string | null;
+}
+
+export interface CatalogueModel {
+	name: string;
+	source: string;
+	revision: string;
+	variant: string | null;
+	quantization: string;
+	vram_mb: number;
+	description: string;
+	licence: string;
+	added: boolean;
+	defaults: ModelDefaults;
+	default: boolean;
+	cpu_default: boolean;
+	/** true: a tiny random stand-in; null: not known yet */
+	demo: boolean | null;
+	holders: ModelHolder[];
+	workers: { worker: string; state: string; demo: boolean; progress: number | null }[];
+}
+
+export interface ModelCatalogue {
+	profile: string;
+	default_model: string;
+	cpu_model: string;
+	schedulers: string[];
+	models: CatalogueModel[];
+}

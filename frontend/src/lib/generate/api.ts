@@ -1,31 +1,6 @@
 /** The generation API's documents, as the generate page reads them. */
 
-export interface ModelDefaults {
-	width: number;
-	height: number;
-	steps: number;
-	guidance: number;
-	scheduler: string | null;
-}
-
-export interface CatalogueModel {
-	name: string;
-	description: string;
-	defaults: ModelDefaults;
-	default: boolean;
-	cpu_default: boolean;
-	/** true: a tiny random stand-in; null: not known yet */
-	demo: boolean | null;
-	holders: unknown[];
-}
-
-export interface ModelCatalogue {
-	profile: string;
-	default_model: string;
-	cpu_model: string;
-	schedulers: string[];
-	models: CatalogueModel[];
-}
+export type { CatalogueModel, ModelCatalogue, ModelDefaults } from '$lib/types';
 
 /** GET /api/generate/limits: what the gateway checks a request against. */
 export interface GenerateLimits {

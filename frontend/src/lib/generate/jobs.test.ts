@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { LiveEvent } from '$lib/live.svelte';
+import type { CatalogueModel } from '$lib/types';
 import { announcement, applyEvent, queued, reusable, withLive } from './jobs';
 import { blankForm, fromSettings, toRequest } from './form';
 
@@ -37,14 +38,22 @@ describe('a job followed by its live events', () => {
 
 describe('use these settings again', () => {
 	it('fills the form from a job as it ran, image included', () => {
-		const model = {
+		const model: CatalogueModel = {
 			name: 'tiny',
+			source: '/models/tiny',
+			revision: 'main',
+			variant: null,
+			quantization: 'none',
+			vram_mb: 64,
 			description: '',
+			licence: '',
+			added: true,
 			defaults: { width: 64, height: 64, steps: 4, guidance: 0, scheduler: null },
 			default: true,
 			cpu_default: true,
 			demo: true,
-			holders: []
+			holders: [],
+			workers: []
 		};
 		const settings = reusable({
 			prompt: 'a fox',

@@ -1,6 +1,8 @@
 /** The system documents the status dashboard reads (bus/gateway/system.py, deadletters.py,
  * models_api.py, search.py, openai_api.py), as the app reads them. */
 
+export type { CatalogueModel, ModelCatalogue, ModelHolder } from '$lib/types';
+
 export interface FunctionLag {
 	function: string;
 	/** false: no consumer yet (no worker has started) */
@@ -103,41 +105,6 @@ export interface BulkRetried {
 	retried: number;
 	skipped: { dlq_seq: number; reason: string }[];
 	remaining: number;
-}
-
-export interface ModelHolder {
-	host: string;
-	pid: number;
-	worker: string;
-	instance: string;
-	device: string;
-	mb: number;
-	since: string | null;
-}
-
-export interface CatalogueModel {
-	name: string;
-	source: string;
-	revision: string;
-	variant: string | null;
-	quantization: string;
-	vram_mb: number;
-	description: string;
-	licence: string;
-	added: boolean;
-	default: boolean;
-	cpu_default: boolean;
-	demo: boolean | null;
-	holders: ModelHolder[];
-	workers: { worker: string; state: string; demo: boolean; progress: number | null }[];
-}
-
-export interface ModelCatalogue {
-	profile: string;
-	default_model: string;
-	cpu_model: string;
-	schedulers: string[];
-	models: CatalogueModel[];
 }
 
 export interface OpenAIModelList {
