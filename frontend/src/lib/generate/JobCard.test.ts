@@ -20,6 +20,13 @@ describe('JobCard', () => {
 		expect(oncancel).toHaveBeenCalledWith('j1');
 	});
 
+	it('says what the worker does before the first step (a model loading)', () => {
+		const job: JobView = { ...running(), step: 0, total: 1, message: 'loading tiny-sd' };
+		render(JobCard, { job, oncancel: vi.fn(), onreuse: vi.fn() });
+		expect(screen.getByText('Loading tiny-sd…')).toBeTruthy();
+		expect(screen.queryByText(/Step 0 of/)).toBeNull();
+	});
+
 	it('offers no cancel once finished, and says why it ended', () => {
 		const job: JobView = { ...running(), status: 'cancelled', error: 'cancelled by request', step: null };
 		render(JobCard, { job, oncancel: vi.fn(), onreuse: vi.fn() });

@@ -28,6 +28,8 @@ export interface JobView {
 	outputs: OutputView[];
 	step: number | null;
 	total: number | null;
+	/** what the worker is doing before the steps ("loading <model>"); '' while stepping */
+	message: string;
 	preview: string | null;
 	error: string | null;
 	timings: Record<string, number> | null;
@@ -49,6 +51,7 @@ export function fromDoc(doc: GenerationDoc): JobView {
 			.sort((a, b) => a.index - b.index),
 		step: doc.progress?.step ?? null,
 		total: doc.progress?.total ?? null,
+		message: doc.progress?.message ?? '',
 		preview: doc.progress?.preview ?? null,
 		error: doc.error,
 		timings: doc.timings
@@ -94,7 +97,8 @@ export function applyEvent(job: JobView, event: LiveEvent): JobView | null {
 			if (FINISHED.has(job.status)) return null;
 			const step = typeof doc.step === 'number' ? doc.step : null;
 			const total = typeof doc.total === 'number' ? doc.total : null;
-			return { ...job, status: 'running', step, total, preview: text(doc.preview) ?? job.preview };
+			const message = text(doc.message) ?? '';
+			return { ...job, status: 'running', step, total, message, preview: text(doc.preview) ?? job.preview };
 		}
 		case 'generated': {
 			if (!imageId) return null;
