@@ -39,6 +39,15 @@ CHROMIUM_ARGS = [
 SIZE = 64  # the tiny generation model's images
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
+# A browser test runs the whole stack, and its teardown drains four functions and closes
+# live event streams: on 2 busy cores the suite's 120 s per test is too tight for both.
+E2E_TIMEOUT_S = 300
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/e2e/" in item.nodeid and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
 
 
 def chromium_path() -> str:
