@@ -5,6 +5,7 @@ to the earlier image."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from typing import Any
 
@@ -14,6 +15,7 @@ from playwright.async_api import Dialog, FilePayload, Locator, Page, Route, expe
 from bus.runtime.context import Context
 from tests.e2e.conftest import SignIn
 from tests.support.images import jpeg, png
+from tests.support.streams import eventually
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
@@ -33,6 +35,13 @@ async def shows_thumbnail(item: Locator) -> None:
     await expect(thumb).to_be_visible(timeout=30_000)
     await expect(thumb).to_have_js_property("complete", True)
     assert await thumb.evaluate("img => img.naturalWidth") > 0
+
+
+async def captioned(ctx: Context, image_id: str) -> dict[str, Any] | None:
+    """The catalogue's document for ``image_id`` once it has a caption."""
+    assert ctx.db is not None
+    doc = await ctx.db.get(image_id)
+    return doc if doc is not None and "caption" in doc else None
 
 
 async def test_uploads_show_errors_thumbnails_and_captions_live(
@@ -64,8 +73,15 @@ async def test_uploads_show_errors_thumbnails_and_captions_live(
         await expect(item).to_contain_text("Ready")
         href = await item.get_by_role("link", name="open").get_attribute("href")
         assert href is not None
-        doc = await ctx.db.get(href.rsplit("/", 1)[-1])
-        assert doc is not None and doc["name"] == name
+        # The page shows the captioned event as it is published; the catalogue has it once
+        # notify has projected it, which may be a moment later.
+        image_id = href.rsplit("/", 1)[-1]
+        doc = await eventually(
+            functools.partial(captioned, ctx, image_id),
+            timeout=30,
+            what=f"{name}'s caption in the catalogue",
+        )
+        assert doc["name"] == name
         assert doc["caption"]["caption"] in (await caption.inner_text())
     total = page.get_by_role("region", name="All files")
     await expect(total).to_contain_text("2 of 3 sent")
