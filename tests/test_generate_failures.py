@@ -5,6 +5,7 @@ pipelines)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import pytest
 from bus import Context
 from bus.core import subjects
 from bus.core.settings import GenerateModel, GenerateSettings, Settings
+from bus.gpu.resident import ResidentModels
 from bus.runtime.registry import load
 from functions.generate import handler as generate_handler
 from functions.generate import pipelines
@@ -89,10 +91,43 @@ async def test_a_group_whose_jobs_were_all_cancelled_loads_nothing(
 ) -> None:
     loaded = counting_loads(monkeypatch)
     reached, release = paused_at_first_step(monkeypatch)
-    await submit(ctx, model="tiny-sd", seed=1)
-    doomed = await submit(ctx, model="tiny-sdxl", seed=2)  # the same batch, its own group
-    await run_function(load("generate"))
+    jobs = {model: await submit(ctx, model=model, seed=1) for model in ("tiny-sd", "tiny-sdxl")}
+    # Each model's jobs come from its own consumer, in no set order; a batch of exactly two
+    # makes them one batch of two groups, whichever comes first.
+    function = load("generate")
+    spec = dataclasses.replace(function.spec, batch=2, batch_wait_s=600.0)
+    await run_function(dataclasses.replace(function, spec=spec))
     assert await asyncio.to_thread(reached.wait, 60)
+    [first] = loaded
+    [doomed] = [job for model, job in jobs.items() if model != first]
+    await cancelled_here(ctx, doomed.id)
+    release.set()
+    [event] = await events(ctx, f"{subjects.CANCELLED}.generate", at_least=1, timeout=60)
+    assert event.job_id == doomed.id
+    await settled(ctx, "generate")
+    assert loaded == [first]
+
+
+async def test_a_job_cancelled_while_its_load_waits_for_the_device_loads_nothing(
+    ctx: Context, run_function: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = counting_loads(monkeypatch)
+    reached, release = paused_at_first_step(monkeypatch)
+    entered: list[str] = []
+    real_use = ResidentModels.use
+
+    def use(self: ResidentModels, model: Any, *args: Any) -> Any:
+        entered.append(model.name)
+        return real_use(self, model, *args)
+
+    monkeypatch.setattr(ResidentModels, "use", use)
+    await submit(ctx, model="tiny-sd", seed=1)
+    await run_function(load("generate"))
+    assert await asyncio.to_thread(reached.wait, 60)  # the device's thread is busy now
+    doomed = await submit(ctx, model="tiny-sdxl", seed=2)
+    await eventually(
+        lambda: any("tiny-sdxl" in name for name in entered), what="tiny-sdxl's load to queue"
+    )
     await cancelled_here(ctx, doomed.id)
     release.set()
     [event] = await events(ctx, f"{subjects.CANCELLED}.generate", at_least=1, timeout=60)

@@ -26,7 +26,7 @@ from bus.core.contract import Model, Placement
 from bus.core.envelope import Event, now_iso
 from bus.core.settings import GpuSettings, Settings
 from bus.gpu.leases import Device, Holder, LeaseError, LeaseTimeoutError, Ledger, host_id
-from bus.gpu.resident import MB, ResidentModels
+from bus.gpu.resident import MB, LoadAbandonedError, ResidentModels
 from bus.ops.embedded import NatsServer
 from bus.runtime.context import open_context
 from bus.runtime.registry import load
@@ -317,6 +317,35 @@ async def test_a_cancelled_load_gives_its_lease_back(caches: Factory) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cache.loaded == [] and await leased(ledger) == {}
+
+
+async def test_a_load_nobody_wants_by_its_turn_on_the_device_loads_nothing(
+    caches: Factory,
+) -> None:
+    cache, ledger = caches()
+    busy, free = threading.Event(), threading.Event()
+
+    def inference() -> None:
+        busy.set()
+        assert free.wait(10), "never freed"
+
+    running = asyncio.create_task(cache.run(inference))
+    await asyncio.to_thread(busy.wait, 5)
+    wanted = [True]
+    calls: list[str] = []
+
+    async def use_b() -> None:
+        async with cache.use(model_of("b", 10, calls=calls), lambda: wanted[0]):
+            raise AssertionError("b was loaded though nobody wanted it")
+
+    loading = asyncio.create_task(use_b())
+    await eventually(lambda: leased(ledger), what="b's lease, its load queued behind inference")
+    wanted[0] = False  # the job that needed b was cancelled while the thread was busy
+    free.set()
+    await running
+    with pytest.raises(LoadAbandonedError, match="the load of b was abandoned"):
+        await loading
+    assert calls == [] and cache.loaded == [] and await leased(ledger) == {}
 
 
 @pytest.mark.s3

@@ -58,6 +58,20 @@ log = logging.getLogger("darkroom.resident")
 T = TypeVar("T")
 MB = 1024 * 1024
 Measure = Callable[[Any, int | None, str], int | None]
+Wanted = Callable[[], bool]
+"""Whether a load is still needed; called on the loop and on the device's thread."""
+
+
+def _always() -> bool:
+    return True
+
+
+class LoadAbandonedError(Exception):
+    """Nobody wanted the model any more by the time its load could start: nothing loaded."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the load of {name} was abandoned: no job needs it any more")
+        self.name = name
 
 
 def measure_mb(model: Any, cuda_before: int | None = None, device: str = "cpu") -> int | None:
@@ -175,12 +189,16 @@ class ResidentModels:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     @contextlib.asynccontextmanager
-    async def use(self, model: Model) -> AsyncIterator[Any]:
+    async def use(self, model: Model, wanted: Wanted = _always) -> AsyncIterator[Any]:
         """``model``, loaded on this device (under a lease) if it is not already.
 
-        Raises what :meth:`Ledger.acquire` raises when the memory cannot be had in time.
+        A load that has to wait (for the lock, the lease, or the device's thread, busy with
+        another job's inference) first asks ``wanted()``; when it says no (every job that
+        needed the model was cancelled meanwhile), nothing is loaded and
+        :class:`LoadAbandonedError` is raised. Raises what :meth:`Ledger.acquire` raises
+        when the memory cannot be had in time.
         """
-        resident = await self._get(model)
+        resident = await self._get(model, wanted)
         resident.users += 1
         try:
             yield resident.model
@@ -223,7 +241,7 @@ class ResidentModels:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
     # --- loading ---------------------------------------------------------------------------
-    async def _get(self, model: Model) -> _Resident:
+    async def _get(self, model: Model, wanted: Wanted = _always) -> _Resident:
         lock = self._loading.setdefault(model.name, asyncio.Lock())
         async with lock:  # one load per model; later callers find it loaded
             resident = self._models.get(model.name)
@@ -233,13 +251,15 @@ class ResidentModels:
                 await self.unload(model.name)
                 resident = None
             if resident is None:
-                resident = await self._load(model, model.estimate_mb)
+                if not wanted():
+                    raise LoadAbandonedError(model.name)
+                resident = await self._load(model, model.estimate_mb, wanted)
                 self._models[model.name] = resident
                 self._start_reaper()
             resident.last_used = time.monotonic()
             return resident
 
-    async def _load(self, model: Model, mb: int) -> _Resident:
+    async def _load(self, model: Model, mb: int, wanted: Wanted = _always) -> _Resident:
         name = model.name
         lease = await self._acquire(name, mb)
         loop = asyncio.get_running_loop()
@@ -247,6 +267,8 @@ class ResidentModels:
         box: list[tuple[Any, int | None]] = []  # the futures then hold None, never the model
 
         def load_and_measure() -> None:  # on the device's thread: nothing else runs there
+            if not wanted():  # asked when the thread is free, which may be minutes later
+                return
             before = _cuda_allocated(self.device)
             loaded = model.load(placement)
             box.append((loaded, self._measure(loaded, before, self.device)))
@@ -254,6 +276,8 @@ class ResidentModels:
         loading = loop.run_in_executor(self._thread, load_and_measure)
         try:
             await asyncio.shield(loading)
+            if not box:
+                raise LoadAbandonedError(name)
             loaded, measured = box.pop()
         except BaseException:
             # A thread cannot be stopped: let the load end, free what it took, then give the
@@ -273,7 +297,7 @@ class ResidentModels:
                 await asyncio.to_thread(_collect)
                 await self.ledger.release(lease)
                 log.warning("%s needs %d MB, not the %d MB estimated", name, measured, mb)
-                return await self._load(model, measured)
+                return await self._load(model, measured, wanted)
         log.info(
             "loaded %s on %s: %d MB (estimated %d MB)",
             name,

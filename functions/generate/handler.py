@@ -51,6 +51,7 @@ from bus.core.envelope import ObjectRef
 from bus.core.generation import MIN_SIDE, GenerationError, Job
 from bus.core.settings import GenerateSettings
 from bus.gpu.leases import LeaseTooLargeError
+from bus.gpu.resident import LoadAbandonedError
 from bus.models.catalogue import ModelUnavailableError
 from bus.models.switching import LOAD_SERVICE, lease_model
 from bus.runtime.registry import Affinity
@@ -236,7 +237,8 @@ async def _run_group(
     """One model load for the group, then one pipeline call per ``generate.batch`` images.
 
     A model not on this machine yet is downloaded first (its progress in /api/status; the
-    job says so). Nothing loads for a group whose jobs were all cancelled meanwhile.
+    job says so). Nothing loads for a group whose jobs were all cancelled meanwhile, even
+    while its load waited for the device's thread behind another group's inference.
     """
     job = group[0].job
     assert job.model is not None and ctx.gpu is not None
@@ -258,8 +260,12 @@ async def _run_group(
         work.model = identity
         _report(work, 0, 1, "starting" if resident else f"loading {job.model}")
     loading = time.monotonic()
+
+    def wanted() -> bool:
+        return not all(work.call.cancelled for work in group)
+
     try:
-        async with ctx.gpu.use(model) as loaded:
+        async with ctx.gpu.use(model, wanted) as loaded:
             pipes: Pipelines = loaded
             load_s = time.monotonic() - loading
             for work in group:
@@ -271,6 +277,8 @@ async def _run_group(
                     await _generate(ctx, state, pipes, chunk)
     except (GenerationError, ModelUnavailableError) as exc:  # a scheduler or setting misfit
         return [Reject(str(exc)) for _ in group]
+    except LoadAbandonedError:  # every job was cancelled while the load waited its turn
+        return [_cancelled(work) for work in group]
     outcomes: list[Sequence[Emit] | BaseException] = []
     for work in group:
         if work.call.cancelled:
