@@ -18,7 +18,7 @@ async def test_create_list_revoke(ctx: Context, subprocess_env: dict[str, str]) 
     assert await created.wait() == 0
     token = created.lines[0]
     assert token.startswith("drk_") and "only time it is shown" in created.output
-    [record] = await list_keys(ctx.api_keys)
+    [record] = await list_keys(ctx.js, ctx.api_keys)
     assert record.name == "ci bot" and record.scopes == ("read", "upload")
     assert token.split("_", 2)[2] not in record.encode().decode(), "the secret must not be stored"
 
@@ -30,7 +30,7 @@ async def test_create_list_revoke(ctx: Context, subprocess_env: dict[str, str]) 
 
     revoked = await procs.start(["keys", "revoke", record.id], subprocess_env)
     assert await revoked.wait() == 0
-    assert await list_keys(ctx.api_keys) == []
+    assert await list_keys(ctx.js, ctx.api_keys) == []
     again = await procs.start(["keys", "revoke", record.id], subprocess_env)
     assert await again.wait() == 1 and "no API key with id" in again.output
 

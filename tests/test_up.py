@@ -193,7 +193,7 @@ async def test_gateway_serves_the_api_without_functions_or_new_keys(
                 assert {
                     f["function"] for f in (await response.json())["functions"] if f["deployed"]
                 } == set()
-        assert [k.name for k in await list_keys(ctx.api_keys)] == ["ops"]
+        assert [k.name for k in await list_keys(ctx.js, ctx.api_keys)] == ["ops"]
     finally:
         proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=30) == 0

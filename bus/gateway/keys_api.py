@@ -38,7 +38,8 @@ class KeyList(BaseModel):
 
 
 async def list_api_keys(request: web.Request) -> web.Response:
-    records = await list_keys(request.app[CTX].api_keys)
+    ctx = request.app[CTX]
+    records = await list_keys(ctx.js, ctx.api_keys)
     return json_response(KeyList.model_validate({"items": [r.public() for r in records]}))
 
 

@@ -85,6 +85,7 @@ from nats.js.kv import KeyValue
 from bus.core.settings import Settings
 from bus.core.subjects import check_id
 from bus.infra.kv import CasConflictError, compare_and_set
+from bus.infra.kvkeys import stored_keys
 
 log = logging.getLogger("darkroom.leases")
 T = TypeVar("T")
@@ -700,7 +701,7 @@ async def read_devices(
     devices = []
     try:
         kv = await js.key_value(bucket)
-        keys = sorted(await kv.keys())
+        keys = await stored_keys(js, kv)
         for key in keys:
             try:
                 entry = await kv.get(key)
@@ -711,7 +712,7 @@ async def read_devices(
             now = time.time()
             state = Snapshot.decode(entry.value, entry.revision).live(now, grace_s)
             devices.append(describe_device(key, state, now))
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+    except nats.js.errors.BucketNotFoundError:
         return []
     except nats.errors.Error as exc:
         raise LedgerUnavailableError(

@@ -42,6 +42,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from bus.core.envelope import now_iso
+from bus.infra.kvkeys import stored_keys
 from bus.models.catalogue import PullError, ResolvedModel, cached_snapshot, download
 from bus.models.demo import ensure_demo, is_built
 
@@ -331,8 +332,8 @@ async def read_readiness(js: JetStreamContext, bucket: str) -> list[dict[str, An
     """Every live entry of ``bucket`` (none when it does not exist yet), by key."""
     try:
         kv = await js.key_value(bucket)
-        keys = sorted(await kv.keys())
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+        keys = await stored_keys(js, kv)
+    except nats.js.errors.BucketNotFoundError:
         return []
     found = []
     for key in keys:

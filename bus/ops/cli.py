@@ -357,7 +357,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
         elif args.keys_command == "list":
-            records = await keys.list_keys(ctx.api_keys)
+            records = await keys.list_keys(ctx.js, ctx.api_keys)
             print(f"{'ID':<14}{'NAME':<24}{'SCOPES':<28}CREATED")
             for r in records:
                 print(f"{r.id:<14}{r.name[:23]:<24}{','.join(r.scopes):<28}{r.created}")

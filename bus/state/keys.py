@@ -17,10 +17,12 @@ from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from bus.core.envelope import now_iso
+from bus.infra.kvkeys import stored_keys
 from bus.infra.kvmirror import KvMirror
 
 SCOPES = ("read", "upload", "generate", "admin")
@@ -108,14 +110,11 @@ async def create_key(kv: KeyValue, name: str, scopes: tuple[str, ...]) -> tuple[
     return token, record
 
 
-async def list_keys(kv: KeyValue) -> list[ApiKey]:
-    try:
-        ids = await kv.keys()
-    except NoKeysError:
-        return []
+async def list_keys(js: JetStreamContext, kv: KeyValue) -> list[ApiKey]:
+    """The live keys, oldest first (revoked ones are left out)."""
     records = []
-    for key_id in ids:
-        with contextlib.suppress(KeyNotFoundError):
+    for key_id in await stored_keys(js, kv):
+        with contextlib.suppress(KeyNotFoundError, KeyDeletedError):
             entry = await kv.get(key_id)
             if entry.value:
                 records.append(ApiKey.decode(entry.value))
