@@ -129,7 +129,7 @@ async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     except CONNECTION_ERRORS as exc:
         raise Retry(f"the database is unavailable: {type(exc).__name__}: {exc}") from None
     wanted = [e for e in endpoints if matches(e.event_types, event.type)]
-    if event.type == subjects.WEBHOOK_DISABLED:  # said before it is off: not to itself
+    if event.type == subjects.WEBHOOK_DISABLED:  # said just before it commits off: not to itself
         wanted = [e for e in wanted if e.id != event.data.get("endpoint_id")]
     if not wanted:
         return []
@@ -425,34 +425,34 @@ class Deliverer:
     async def _disable(self, endpoint: Endpoint, reason: str) -> None:
         """Turn the endpoint off, and say so with an event.
 
-        The event goes first, then the change: an event that cannot be published leaves the
-        endpoint on (its next failure decides again), so none is lost. Its id names the
-        endpoint's version, so deliveries that decide at once say it once."""
+        Both or neither: the change is made in a transaction that commits only once the
+        event is published, so an event that cannot be published leaves the endpoint on
+        (its next failure decides again). Its id names the endpoint's version, so deliveries
+        that decide at once say it once."""
         self._endpoints.pop(endpoint.id, None)
-        current = await self.store.get(endpoint.id)
-        if current is None or not current.active:
-            return  # deleted or turned off meanwhile (by whoever said so)
-        stamp = int(current.updated.timestamp() * 1000)
-        event = Event(
-            id=f"webhook-disabled-{endpoint.id}-{stamp}",
-            type=subjects.WEBHOOK_DISABLED,
-            source="darkroom/webhooks",
-            time=now_iso(),
-            subject=endpoint.id,
-            # Not the URL: this event reaches every key (a URL may carry a token).
-            data={"endpoint_id": endpoint.id, "reason": reason},
-        )
         try:
-            await self.ctx.js.publish(
-                self.ctx.names.subject(subjects.WEBHOOK_DISABLED),
-                event.encode(),
-                headers={"Nats-Msg-Id": event.id},
-            )
+            async with self.store.disabling(endpoint.id, reason) as last_changed:
+                if last_changed is None:
+                    return  # deleted or turned off meanwhile (by whoever said so)
+                stamp = int(last_changed.timestamp() * 1000)
+                event = Event(
+                    id=f"webhook-disabled-{endpoint.id}-{stamp}",
+                    type=subjects.WEBHOOK_DISABLED,
+                    source="darkroom/webhooks",
+                    time=now_iso(),
+                    subject=endpoint.id,
+                    # Not the URL: this event reaches every key (a URL may carry a token).
+                    data={"endpoint_id": endpoint.id, "reason": reason},
+                )
+                await self.ctx.js.publish(
+                    self.ctx.names.subject(subjects.WEBHOOK_DISABLED),
+                    event.encode(),
+                    headers={"Nats-Msg-Id": event.id},
+                )
         except (nats.errors.Error, TimeoutError) as exc:
             log.warning("webhook endpoint %s stays on for now: %s", endpoint.id, exc)
             return
-        if await self.store.disable(endpoint.id, reason):
-            log.warning("webhook endpoint %s (%s) disabled: %s", endpoint.id, endpoint.url, reason)
+        log.warning("webhook endpoint %s (%s) disabled: %s", endpoint.id, endpoint.url, reason)
 
 
 async def setup(ctx: Context) -> Deliverer:

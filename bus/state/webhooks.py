@@ -18,7 +18,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -299,15 +299,25 @@ class Webhooks:
         status = await self.pool.execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
         return bool(status.endswith(" 1"))
 
-    async def disable(self, endpoint_id: str, reason: str) -> bool:
-        """Turn an active endpoint off; False when it was off (or gone) already."""
-        status = await self.pool.execute(
-            "UPDATE webhook_endpoints SET active = false, disabled_reason = $2, updated = now() "
-            "WHERE id = $1 AND active",
-            endpoint_id,
-            reason,
-        )
-        return bool(status.endswith(" 1"))
+    @contextlib.asynccontextmanager
+    async def disabling(self, endpoint_id: str, reason: str) -> AsyncIterator[datetime | None]:
+        """Turn an active endpoint off, in a transaction held open for the body (which says
+        so to the world): the change commits when the body ends and is rolled back if it
+        raises. Yields when the endpoint was last changed before, or None (nothing done)
+        when it was off or gone already."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchval(
+                "SELECT updated FROM webhook_endpoints WHERE id = $1 AND active FOR UPDATE",
+                endpoint_id,
+            )
+            if before is not None:
+                await conn.execute(
+                    "UPDATE webhook_endpoints SET active = false, disabled_reason = $2, "
+                    "updated = now() WHERE id = $1",
+                    endpoint_id,
+                    reason,
+                )
+            yield before
 
     # --- messages and attempts -------------------------------------------------------------
     async def record_many(self, attempts: Sequence[Attempt]) -> dict[str, datetime | None]:
