@@ -49,6 +49,28 @@ async def api_get(app_url: str, key: str, path: str) -> tuple[int, Any]:
         return r.status, await r.json()
 
 
+async def key_taken(page: Page, key: str) -> bool:
+    """Whether the viewer takes ``key`` (it runs an action for it, so its default is
+    prevented): a positive answer, at once, where pressing it could only show nothing."""
+    return bool(
+        await page.evaluate(
+            """key => {
+                const event = new KeyboardEvent('keydown', {key, bubbles: true, cancelable: true});
+                window.dispatchEvent(event);
+                return event.defaultPrevented;
+            }""",
+            key,
+        )
+    )
+
+
+async def neighbours_known(page: Page) -> None:
+    """Wait until the viewer has shown its image and the neighbours are known."""
+    await expect(page.locator(".stage img")).to_be_visible()
+    bar = page.get_by_role("navigation", name="Image")
+    await expect(bar).not_to_have_attribute("aria-busy", "true")
+
+
 async def test_the_keyboard_walks_the_gallerys_list_and_closes_to_it(
     page: Page, app_url: str, sign_in: SignIn, admin: str, ctx: Context
 ) -> None:
@@ -74,11 +96,24 @@ async def test_the_keyboard_walks_the_gallerys_list_and_closes_to_it(
     await press("ArrowRight", "Next")
     await expect(page).to_have_url(re.compile(f"/images/{first}$"))
     await expect(info.get_by_role("heading", name="photo-0.jpg")).to_be_visible()
-    await expect(bar.get_by_role("link", name=re.compile("Next"))).to_have_count(0)  # the last
+    # the last: Next is not offered, and → is left alone; Previous keeps its place
+    await neighbours_known(page)
+    await expect(bar.get_by_role("link", name=re.compile("Next"))).to_have_count(0)
+    await expect(bar.get_by_text("Next")).to_be_hidden()
+    assert not await key_taken(page, "ArrowRight")
+    at_the_end = await bar.get_by_role("link", name=re.compile("Previous")).bounding_box()
     await press("ArrowLeft", "Previous")
     await expect(page).to_have_url(re.compile(f"/images/{second}$"))
+    await expect(bar.get_by_role("link", name=re.compile("Next"))).to_be_visible()
+    assert await bar.get_by_role("link", name=re.compile("Previous")).bounding_box() == at_the_end
     await press("ArrowLeft", "Previous")
     await expect(page).to_have_url(re.compile(f"/images/{third}$"))
+    # the first: Previous is not offered, and ← is left alone
+    await expect(info.get_by_role("heading", name="photo-2.jpg")).to_be_visible()
+    await neighbours_known(page)
+    await expect(bar.get_by_text("Previous")).to_be_hidden()
+    assert not await key_taken(page, "ArrowLeft")
+    await expect(bar.get_by_role("link", name=re.compile("Next"))).to_be_visible()
 
     # The gallery's query comes along: oldest first, → goes to the newer image.
     await page.goto(f"{app_url}/images/{first}?order=asc")
@@ -108,6 +143,21 @@ async def test_the_keyboard_walks_the_gallerys_list_and_closes_to_it(
     await page.route("**/neighbours*", refuse)
     await page.goto(f"{app_url}/images/{second}")
     await expect(bar.get_by_role("alert")).to_contain_text("the catalogue is busy")
+
+
+async def test_a_list_of_one_image_offers_neither_previous_nor_next(
+    page: Page, app_url: str, sign_in: SignIn, admin: str, ctx: Context
+) -> None:
+    (only,) = await upload_ready(app_url, ctx, admin, (40, 160, 40))
+    await sign_in(page, admin)
+    await page.goto(f"{app_url}/images/{only}")
+    await neighbours_known(page)
+    bar = page.get_by_role("navigation", name="Image")
+    await expect(bar.get_by_role("link", name="← Gallery")).to_be_visible()
+    for label, key in (("Previous", "ArrowLeft"), ("Next", "ArrowRight")):
+        await expect(bar.get_by_text(label)).to_be_hidden()
+        assert not await key_taken(page, key), key
+    await expect(page).to_have_url(re.compile(f"/images/{only}$"))
 
 
 async def test_a_caption_edited_in_the_viewer_is_kept_and_marked_manual(
