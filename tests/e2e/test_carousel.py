@@ -1,13 +1,14 @@
 """The carousel as a kiosk in the browser: settings from its URL, no header, and an image
 approved on the approvals page shows up in it without a reload; space pauses, the arrows
-move. The policy holds every generated image, so nothing shows until it is approved."""
+move. The policy holds every generated image, so nothing shows until it is approved. The
+controls sit beside the image, never over it."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import FloatRect, Locator, Page, expect
 
 from bus.core.settings import Settings
 from tests.e2e.conftest import SignIn
@@ -17,6 +18,27 @@ from tests.e2e.test_approvals_page import settings as held_settings
 pytestmark = [pytest.mark.nats, pytest.mark.s3]
 
 settings = held_settings
+
+
+def overlap(a: FloatRect, b: FloatRect) -> bool:
+    return (
+        a["x"] < b["x"] + b["width"]
+        and b["x"] < a["x"] + a["width"]
+        and a["y"] < b["y"] + b["height"]
+        and b["y"] < a["y"] + a["height"]
+    )
+
+
+async def assert_beside(page: Page, shown: Locator) -> None:
+    """The controls show, and none of them covers any of the image's box (its fit box: the
+    picture is drawn inside it)."""
+    controls = page.get_by_role("group", name="Slideshow controls")
+    await expect(controls).to_be_visible()
+    image = await shown.bounding_box()
+    assert image is not None and image["width"] > 0 and image["height"] > 0
+    bar = await controls.bounding_box()
+    assert bar is not None
+    assert not overlap(image, bar), f"the controls {bar} cover the image {image}"
 
 
 async def test_an_approved_image_appears_in_the_kiosk_carousel(
@@ -46,6 +68,10 @@ async def test_an_approved_image_appears_in_the_kiosk_carousel(
     await expect(shown).to_be_attached(timeout=30_000)
     await expect(shown).to_have_class(re.compile(r"\bshown\b"))  # loaded, faded in
     assert await shown.evaluate("img => img.naturalWidth > 0")
+    await assert_beside(page, shown)
+    await page.set_viewport_size({"width": 390, "height": 700})  # a phone, upright
+    await assert_beside(page, shown)
+    await page.set_viewport_size({"width": 1280, "height": 800})
 
     # the second approval joins the show; paused, the arrows move between the two
     await approvals.keyboard.press("a")
