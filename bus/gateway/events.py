@@ -11,7 +11,9 @@ and hears progress from the gateway's one progress subscription (:class:`bus.gat
 It hands each event to every client whose filter it passes, into that client's bounded queue;
 a client whose queue is full is dropped at once (a last ``event: error`` saying why, then
 the connection closes) instead of slowing the others. The hub keeps the newest
-:attr:`Options.buffer` events.
+:attr:`Options.buffer` events. An event notify projects goes out once notify has written it
+to the read model (:mod:`bus.gateway.projection`), so a page that fetches a document on
+hearing an event finds the event in it.
 
 **Resume.** A client that reconnects with ``Last-Event-ID: N`` (or, when it opens a new
 stream, ``?last_event_id=N``) gets every event after N exactly once: the ones the hub still
@@ -72,6 +74,7 @@ from bus.core.subjects import SAFE_ID_PATTERN
 from bus.gateway.access import sees_held
 from bus.gateway.live import LIVE
 from bus.gateway.problems import Problem
+from bus.gateway.projection import NOTIFY, ProjectionGate
 from bus.gateway.routes import Reply, Route
 from bus.gateway.state import CTX
 from bus.infra.postgres import CONNECTION_ERRORS
@@ -88,6 +91,7 @@ QUEUE = 1024  # frames a client may have waiting; one more and it is dropped
 BUFFER = 4096  # newest events the hub keeps, for resumes that need not read the stream
 IMAGES = 16384  # images whose approval the hub follows; the longest quiet one goes first
 LINGER_S = 0.02  # frames gather this long before the writers wake (see Options.linger_s)
+PROJECTION_WAIT_S = 2.0  # see Options.projection_wait_s
 LOOKUP_TIMEOUT_S = 5.0  # the longest the hub waits for the read model about an image
 DROP_GRACE_S = 10.0  # a closing stream's last frame has this long to leave, then it is cut
 CATCH_UP_WAIT_S = 10.0  # the longest wait for the next stored event while catching up
@@ -109,6 +113,9 @@ class Options:
     # waits in one send. Per event, 1,000 clients cost 1,000 sends and task wake-ups; the
     # linger bounds that by time instead (bench_notify), for this much added latency.
     linger_s: float = LINGER_S
+    # The longest an event notify listens to waits for notify's projection of it before it
+    # goes out anyway (see bus.gateway.projection); 0: never wait.
+    projection_wait_s: float = PROJECTION_WAIT_S
 
 
 OPTIONS = web.AppKey("event_options", Options)
@@ -333,6 +340,9 @@ class Hub:
         self._due: set[Client] = set()  # handed frames since the last wake-up
         self._flush: asyncio.TimerHandle | None = None
         self.dropped = 0  # clients dropped for falling behind, since start
+        self.projection = ProjectionGate(
+            ctx.js, ctx.names.stream, ctx.names.durable(NOTIFY), options.projection_wait_s
+        )
 
     @property
     def clients(self) -> int:
@@ -364,7 +374,10 @@ class Hub:
             self._drop(client, reason)
 
     async def _on_message(self, msg: Msg) -> None:
-        await self.receive(msg.metadata.sequence.stream, msg.data)
+        seq = msg.metadata.sequence.stream
+        # In stream order: the messages after this one wait in the subscription meanwhile.
+        await self.projection.wait(seq, msg.subject)
+        await self.receive(seq, msg.data)
 
     async def receive(self, seq: int, payload: bytes) -> None:
         """A stored message, in stream order: its image's approval brought up to date, then

@@ -1,0 +1,124 @@
+"""Whether notify has projected an event into the read model yet, for the live stream.
+
+A page that hears ``captioned`` over ``/api/events`` fetches the image's document; if the
+event reached the page before notify had written it, the page would show the old one. So
+the hub hands on an event notify listens to only once notify's durable consumer has
+acknowledged it (notify acknowledges after its write commits): its ack floor, read with one
+CONSUMER.INFO request per poll while an event waits.
+
+Waiting never stalls the stream for long: an event is let go after ``wait_s`` (notify may be
+down, or retrying a write), and while notify makes no progress the gate stops waiting
+altogether, until a poll shows its floor past the event that waited in vain. With no notify
+running (no consumer, or nobody pulling from it), nothing waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+
+log = logging.getLogger("darkroom.events")
+
+POLL_S = 0.01  # between two reads of the floor while an event waits
+IDLE_RECHECK_S = 1.0  # how often a gate that is not waiting (no notify, or stalled) looks again
+NOTIFY = "notify"
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+class ProjectionGate:
+    """Waits, per event, until notify's consumer has acknowledged it (see the module)."""
+
+    def __init__(self, js: JetStreamContext, stream: str, durable: str, wait_s: float) -> None:
+        self._js = js
+        self._stream = stream
+        self._durable = durable
+        self.wait_s = wait_s
+        self._filters: list[str] | None = None  # None: no notify consumer (as last read)
+        self._floor = 0  # every event notify listens to up to here is projected
+        self._stalled_at: int | None = None  # the event that waited in vain, while stalled
+        self._checked = -IDLE_RECHECK_S  # monotonic time of the last read
+        self.waiting_for: int | None = None  # the event waiting now (tests watch it)
+
+    @property
+    def stalled(self) -> bool:
+        """An event waited in vain, and notify has not got past it since."""
+        return self._stalled_at is not None
+
+    async def wait(self, seq: int, subject: str) -> None:
+        """Return once event ``seq`` (on ``subject``) is projected, or needs no waiting."""
+        if self.wait_s <= 0:
+            return
+        if self._filters is None or self._stalled_at is not None:
+            if time.monotonic() - self._checked < IDLE_RECHECK_S:
+                return
+            await self._read()
+            if self._filters is None or self._stalled_at is not None:
+                return
+        if seq <= self._floor or not any(subject_matches(f, subject) for f in self._filters):
+            return
+        deadline = time.monotonic() + self.wait_s
+        self.waiting_for = seq
+        try:
+            while True:
+                await self._read()
+                if self._filters is None or seq <= self._floor:
+                    return
+                if time.monotonic() >= deadline:
+                    self._stalled_at = seq
+                    log.warning(
+                        "notify has not projected event %d after %.1f s: live events go out "
+                        "without waiting for it until it catches up",
+                        seq,
+                        self.wait_s,
+                    )
+                    return
+                await asyncio.sleep(POLL_S)
+        finally:
+            self.waiting_for = None
+
+    async def _read(self) -> None:
+        self._checked = time.monotonic()
+        try:
+            info = await self._js.consumer_info(self._stream, self._durable, timeout=2.0)
+        except nats.js.errors.NotFoundError:
+            self._filters = None
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.debug("could not read notify's consumer: %s", exc)
+            return  # as it was; the deadline still bounds a wait
+        # Nobody pulling and nothing in hand: no notify is running (the consumer outlives it).
+        idle = not info.num_waiting and not info.num_ack_pending
+        self._filters = None if idle else _filters(info)
+        self._floor = max(self._floor, _floor(info))
+        if self._stalled_at is not None and self._floor >= self._stalled_at:
+            log.info("notify caught up: live events wait for its projection again")
+            self._stalled_at = None
+
+
+def _filters(info: ConsumerInfo) -> list[str]:
+    config = info.config
+    return list(config.filter_subjects or []) or [config.filter_subject or ">"]
+
+
+def _floor(info: ConsumerInfo) -> int:
+    """The newest stream sequence up to which notify has acknowledged every event."""
+    floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+    if not info.num_pending and not info.num_ack_pending and info.delivered is not None:
+        floor = max(floor, info.delivered.stream_seq)  # nothing outstanding at all
+    return floor
