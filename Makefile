@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-dev
 ML_STAMP := $(VENV)/.installed-ml
 TORCH ?= torch==2.13.0
 
-.PHONY: frontend run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel bench-caption bench-generate bench-notify bench-frontend chaos install install-ml clean
+.PHONY: frontend run test test-fast lint format bench bench-chain bench-ingest bench-leases bench-readmodel bench-caption bench-generate bench-notify bench-projection bench-frontend chaos install install-ml clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,10 @@ bench-generate: install-ml
 # 1,000 SSE subscribers on one gateway (and a 1-subscriber baseline), then the webhooks.
 bench-notify: install
 	$(BIN)/python -m tests.bench.bench_notify $(ARGS)
+
+# Read-your-event on /api/events: live events with and without waiting for notify's projection.
+bench-projection: install
+	$(BIN)/python -m tests.bench.bench_projection $(ARGS)
 
 # The browser app in headless Chromium over 100,000 images (needs the built app: make frontend).
 bench-frontend: install-ml frontend
