@@ -66,7 +66,7 @@ async def test_an_event_goes_out_once_notify_has_written_it(
 ) -> None:
     assert ctx.db is not None
     await run_function(load("notify"))
-    api = await make_api()
+    api = await make_api(projection_wait_s=600.0)  # it never gives up here
     await uploaded(ctx, api, admin, "slow")
     stream = await live_stream(api, **auth(admin))
     async with row_locked(ctx, "slow"):
@@ -78,22 +78,36 @@ async def test_an_event_goes_out_once_notify_has_written_it(
     assert doc is not None and doc["ingest"]["width"] == 640
 
 
-async def test_an_event_notify_cannot_write_goes_out_after_the_wait(
-    ctx: Context, make_api: MakeApi, admin: str, run_function: RunFunction
+async def test_an_event_notify_cannot_write_goes_out_after_the_wait_and_waiting_resumes(
+    ctx: Context,
+    make_api: MakeApi,
+    admin: str,
+    run_function: RunFunction,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     assert ctx.db is not None
     await run_function(load("notify"))
-    api = await make_api(projection_wait_s=0.5)
+    api = await make_api(projection_wait_s=600.0)
+    gate = hub(api).projection
     await uploaded(ctx, api, admin, "stuck")
     stream = await live_stream(api, **auth(admin))
+    assert not gate.stalled
+    gate.wait_s = 0.5
     async with row_locked(ctx, "stuck"):
         [seq] = await publish(ctx, event(subjects.INGESTED, image="stuck", width=640, height=480))
         assert await stream.ids(seq) == [seq]  # while notify still cannot write it
         doc = await ctx.db.get("stuck")
         assert doc is not None and "ingest" not in doc
-        # Until notify gets past it, the events after it do not wait.
-        assert hub(api).projection.stalled
+        assert f"notify has not projected event {seq} after 0.5 s" in caplog.text
+        assert gate.stalled  # the events after it do not wait, until notify gets past it
     await eventually(lambda: width_is(ctx, "stuck", 640), timeout=WAIT_S, what="the write")
+    await eventually(lambda: not gate.stalled, timeout=WAIT_S, what="the gate to wait again")
+    gate.wait_s = 600.0
+    async with row_locked(ctx, "stuck"):
+        [again] = await publish(ctx, event(subjects.INGESTED, image="stuck", width=800, height=600))
+        await eventually(lambda: gate.waiting_for == again, what="the hub to wait again")
+    assert await stream.ids(again) == [again]
+    assert await width_is(ctx, "stuck", 800)
 
 
 async def width_is(ctx: Context, image_id: str, width: int) -> bool:
@@ -113,3 +127,22 @@ async def test_without_notify_running_nothing_waits(
     [seq] = await publish(ctx, event(subjects.UPLOADED, image="alone", name="a.jpg"))
     assert await stream.ids(seq) == [seq]
     assert ctx.db is not None and await ctx.db.get("alone") is None  # nobody projected it
+
+
+async def test_a_notify_that_died_holding_an_event_is_not_waited_for(
+    ctx: Context, make_api: MakeApi, admin: str
+) -> None:
+    """Its event stays un-acknowledged (nobody pulls to take the redelivery), as after a
+    kill -9 mid-write: that alone does not make notify look alive."""
+    notify = load("notify")
+    await declare_consumer(ctx.js, ctx.names, notify.spec, ctx.settings.function("notify"))
+    await publish(ctx, event(subjects.UPLOADED, image="in-hand", name="a.jpg"))
+    dead = await ctx.js.pull_subscribe_bind(ctx.names.durable("notify"), ctx.names.stream)
+    [held] = await dead.fetch(1, timeout=WAIT_S)  # taken, never acknowledged
+    await dead.unsubscribe()
+    info = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable("notify"))
+    assert info.num_ack_pending == 1 and held.metadata.num_delivered == 1
+    api = await make_api(projection_wait_s=3600.0)
+    stream = await live_stream(api, **auth(admin))
+    [seq] = await publish(ctx, event(subjects.UPLOADED, image="after", name="b.jpg"))
+    assert await stream.ids(seq) == [seq]

@@ -350,6 +350,7 @@ class Hub:
 
     async def start(self) -> None:
         js, names = self._ctx.js, self._ctx.names
+        await self.projection.start()
         info = await js.stream_info(names.stream)
         first = info.state.last_seq + 1  # "deliver new", with the first sequence known
         self._floor, self._high = first, first - 1
@@ -364,6 +365,7 @@ class Hub:
         )
 
     async def stop(self) -> None:
+        await self.projection.stop()
         if self._sub is not None:
             with contextlib.suppress(Exception):  # the connection may be closing already
                 await self._sub.unsubscribe()
