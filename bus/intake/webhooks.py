@@ -77,6 +77,7 @@ DB_RETRY_S = 5.0  # the read model is unreachable: try the message again after t
 ENDPOINT_TTL_S = 1.0
 MAX_CACHED = 10_000
 PRUNE_INTERVAL_S = 3600.0
+ANNOUNCE_INTERVAL_S = 10.0  # how often turned-off endpoints not yet announced are looked for
 
 SPEC = Spec(
     name="webhooks",
@@ -129,7 +130,7 @@ async def handle(event: Event, ctx: Context, call: Call) -> list[Emit]:
     except CONNECTION_ERRORS as exc:
         raise Retry(f"the database is unavailable: {type(exc).__name__}: {exc}") from None
     wanted = [e for e in endpoints if matches(e.event_types, event.type)]
-    if event.type == subjects.WEBHOOK_DISABLED:  # said just before it commits off: not to itself
+    if event.type == subjects.WEBHOOK_DISABLED:  # it is off; a read from before may list it
         wanted = [e for e in wanted if e.id != event.data.get("endpoint_id")]
     if not wanted:
         return []
@@ -231,7 +232,7 @@ class Deliverer:
         self._endpoints: dict[str, tuple[float, Endpoint | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
-        self._pruner: asyncio.Task[None] | None = None
+        self._chores: list[asyncio.Task[None]] = []  # pruning the log, late announcements
         self._consumer = PullConsumer(
             ctx.nc,
             hooks.stream,
@@ -252,7 +253,10 @@ class Deliverer:
             trust_env=False,  # no proxy from the environment: the vetted address is the peer
         )
         await self._consumer.start()
-        self._pruner = asyncio.create_task(self._prune_forever(), name="webhooks-prune")
+        self._chores = [
+            asyncio.create_task(self._prune_forever(), name="webhooks-prune"),
+            asyncio.create_task(self._announce_forever(), name="webhooks-announce"),
+        ]
 
     async def _prune_forever(self) -> None:
         """Keep the delivery log to ``webhooks.log_keep_days`` (every process does it: a
@@ -267,14 +271,26 @@ class Deliverer:
                 log.warning("could not prune the webhook log: %s", exc)
             await asyncio.sleep(PRUNE_INTERVAL_S)
 
+    async def _announce_forever(self) -> None:
+        """Announce the endpoints turned off whose event could not be published then (or
+        whose deliverer died first): at start, then every ANNOUNCE_INTERVAL_S."""
+        while True:
+            try:
+                for endpoint_id, reason, turned_off in await self.store.unannounced():
+                    await self._announce(endpoint_id, reason, turned_off)
+            except CONNECTION_ERRORS as exc:
+                log.warning("could not look for unannounced disabled endpoints: %s", exc)
+            await asyncio.sleep(ANNOUNCE_INTERVAL_S)
+
     async def stop(self) -> None:
         """Stop taking deliveries; let the attempts under way finish (each is bounded by the
         timeout). Anything cut short comes back after the consumer's ack_wait."""
         await self._consumer.stop()
-        if self._pruner is not None:
-            self._pruner.cancel()
+        for chore in self._chores:
+            chore.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
+                await chore
+        self._chores = []
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.settings.timeout_s + 1)
         for task in list(self._tasks):
@@ -423,36 +439,44 @@ class Deliverer:
         return status, took, f"answered {status}"
 
     async def _disable(self, endpoint: Endpoint, reason: str) -> None:
-        """Turn the endpoint off, and say so with an event.
+        """Turn the endpoint off, then say so with an event.
 
-        Both or neither: the change is made in a transaction that commits only once the
-        event is published, so an event that cannot be published leaves the endpoint on
-        (its next failure decides again). Its id names the endpoint's version, so deliveries
-        that decide at once say it once."""
+        The change commits first, so whoever hears the event finds the endpoint off. It is
+        marked unannounced until the event is out: one that cannot be published now is
+        announced later, by this or another deliverer (:meth:`_announce_forever`)."""
         self._endpoints.pop(endpoint.id, None)
-        try:
-            async with self.store.disabling(endpoint.id, reason) as last_changed:
-                if last_changed is None:
-                    return  # deleted or turned off meanwhile (by whoever said so)
-                stamp = int(last_changed.timestamp() * 1000)
-                event = Event(
-                    id=f"webhook-disabled-{endpoint.id}-{stamp}",
-                    type=subjects.WEBHOOK_DISABLED,
-                    source="darkroom/webhooks",
-                    time=now_iso(),
-                    subject=endpoint.id,
-                    # Not the URL: this event reaches every key (a URL may carry a token).
-                    data={"endpoint_id": endpoint.id, "reason": reason},
-                )
-                await self.ctx.js.publish(
-                    self.ctx.names.subject(subjects.WEBHOOK_DISABLED),
-                    event.encode(),
-                    headers={"Nats-Msg-Id": event.id},
-                )
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("webhook endpoint %s stays on for now: %s", endpoint.id, exc)
-            return
+        turned_off = await self.store.disable(endpoint.id, reason)
+        if turned_off is None:
+            return  # deleted or turned off meanwhile (by whoever said so)
         log.warning("webhook endpoint %s (%s) disabled: %s", endpoint.id, endpoint.url, reason)
+        await self._announce(endpoint.id, reason, turned_off)
+
+    async def _announce(self, endpoint_id: str, reason: str, turned_off: datetime) -> None:
+        """Publish ``webhook_disabled``; its id names the moment the endpoint was turned
+        off, so announcing it again (two deliverers, a retry) says it once."""
+        stamp = int(turned_off.timestamp() * 1000)
+        event = Event(
+            id=f"webhook-disabled-{endpoint_id}-{stamp}",
+            type=subjects.WEBHOOK_DISABLED,
+            source="darkroom/webhooks",
+            time=now_iso(),
+            subject=endpoint_id,
+            # Not the URL: this event reaches every key (a URL may carry a token).
+            data={"endpoint_id": endpoint_id, "reason": reason},
+        )
+        try:
+            await self.ctx.js.publish(
+                self.ctx.names.subject(subjects.WEBHOOK_DISABLED),
+                event.encode(),
+                headers={"Nats-Msg-Id": event.id},
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("webhook endpoint %s's disabling is announced later: %s", endpoint_id, exc)
+            return
+        try:
+            await self.store.announced(endpoint_id, turned_off)
+        except CONNECTION_ERRORS as exc:  # said again later, under the same id
+            log.warning("could not note that %s's disabling was announced: %s", endpoint_id, exc)
 
 
 async def setup(ctx: Context) -> Deliverer:

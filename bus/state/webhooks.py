@@ -18,7 +18,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -282,6 +282,7 @@ class Webhooks:
                 "UPDATE webhook_endpoints SET url = $2, secret = $3, old_secrets = $4, "
                 "event_types = $5, description = $6, active = $7, "
                 "disabled_reason = CASE WHEN $7 THEN NULL ELSE disabled_reason END, "
+                "disabled_unannounced = CASE WHEN $7 THEN NULL ELSE disabled_unannounced END, "
                 "failing_since = CASE WHEN $8 THEN NULL ELSE failing_since END, "
                 "updated = now() WHERE id = $1 RETURNING *",
                 endpoint_id,
@@ -299,25 +300,34 @@ class Webhooks:
         status = await self.pool.execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
         return bool(status.endswith(" 1"))
 
-    @contextlib.asynccontextmanager
-    async def disabling(self, endpoint_id: str, reason: str) -> AsyncIterator[datetime | None]:
-        """Turn an active endpoint off, in a transaction held open for the body (which says
-        so to the world): the change commits when the body ends and is rolled back if it
-        raises. Yields when the endpoint was last changed before, or None (nothing done)
-        when it was off or gone already."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchval(
-                "SELECT updated FROM webhook_endpoints WHERE id = $1 AND active FOR UPDATE",
-                endpoint_id,
-            )
-            if before is not None:
-                await conn.execute(
-                    "UPDATE webhook_endpoints SET active = false, disabled_reason = $2, "
-                    "updated = now() WHERE id = $1",
-                    endpoint_id,
-                    reason,
-                )
-            yield before
+    async def disable(self, endpoint_id: str, reason: str) -> datetime | None:
+        """Turn an active endpoint off, to be announced (:meth:`unannounced`); the moment
+        it was turned off, or None when it was off (or gone) already."""
+        turned_off: datetime | None = await self.pool.fetchval(
+            "UPDATE webhook_endpoints SET active = false, disabled_reason = $2, "
+            "updated = now(), disabled_unannounced = now() WHERE id = $1 AND active "
+            "RETURNING disabled_unannounced",
+            endpoint_id,
+            reason,
+        )
+        return turned_off
+
+    async def unannounced(self) -> list[tuple[str, str, datetime]]:
+        """(endpoint id, reason, when) of each endpoint turned off whose webhook_disabled
+        event has not been published yet."""
+        rows = await self.pool.fetch(
+            "SELECT id, disabled_reason, disabled_unannounced FROM webhook_endpoints "
+            "WHERE disabled_unannounced IS NOT NULL AND NOT active"
+        )
+        return [(r["id"], r["disabled_reason"] or "", r["disabled_unannounced"]) for r in rows]
+
+    async def announced(self, endpoint_id: str, turned_off: datetime) -> None:
+        await self.pool.execute(
+            "UPDATE webhook_endpoints SET disabled_unannounced = NULL "
+            "WHERE id = $1 AND disabled_unannounced = $2",
+            endpoint_id,
+            turned_off,
+        )
 
     # --- messages and attempts -------------------------------------------------------------
     async def record_many(self, attempts: Sequence[Attempt]) -> dict[str, datetime | None]:
