@@ -348,6 +348,43 @@ async def test_a_load_nobody_wants_by_its_turn_on_the_device_loads_nothing(
     assert calls == [] and cache.loaded == [] and await leased(ledger) == {}
 
 
+async def test_a_load_nobody_wants_by_its_turn_to_make_room_evicts_nothing(
+    caches: Factory,
+) -> None:
+    cache, ledger = caches("w1")
+    other, _ = caches("w2")
+    await other.preload(model_of("big", 60))
+    using_a, done_with_a = asyncio.Event(), asyncio.Event()
+
+    async def keep_a() -> None:
+        async with cache.use(model_of("a", 30)):
+            using_a.set()
+            await done_with_a.wait()
+
+    holder = asyncio.create_task(keep_a())
+    await using_a.wait()
+    # c waits for big's memory, holding this worker's turn to make room.
+    loading_c = asyncio.create_task(cache.preload(model_of("c", 20)))
+    await eventually(lambda: queued(ledger, "c"), what="c queued behind big")
+    wanted, calls = [True], []
+
+    async def use_b() -> None:
+        async with cache.use(model_of("b", 60, calls=calls), lambda: wanted[0]):
+            raise AssertionError("b was loaded though nobody wanted it")
+
+    loading_b = asyncio.create_task(use_b())
+    await eventually(lambda: cache._waiting == 2, what="b waiting for its turn behind c")
+    wanted[0] = False  # b's jobs were cancelled while it waited
+    await other.unload("big")
+    await loading_c
+    with pytest.raises(LoadAbandonedError):  # not waiting for a's room, a's users gone
+        await loading_b
+    done_with_a.set()
+    await holder
+    assert calls == [] and sorted(cache.loaded) == ["a", "c"]
+    assert await leased(ledger) == {"a": 30, "c": 20}
+
+
 @pytest.mark.s3
 async def test_a_failed_start_tears_down_what_it_set_up(settings: Settings) -> None:
     gpu = {"cpu_capacity_mb": CAPACITY, "reserve_mb": 0, "mode": "high"}

@@ -261,7 +261,7 @@ class ResidentModels:
 
     async def _load(self, model: Model, mb: int, wanted: Wanted = _always) -> _Resident:
         name = model.name
-        lease = await self._acquire(name, mb)
+        lease = await self._acquire(name, mb, wanted)
         loop = asyncio.get_running_loop()
         placement = Placement(self.device, offload=self.residency.offload)
         box: list[tuple[Any, int | None]] = []  # the futures then hold None, never the model
@@ -318,19 +318,26 @@ class ResidentModels:
                 short -= resident.lease.mb
                 await self.unload(resident.name)
 
-    async def _acquire(self, name: str, mb: int) -> Lease:
+    async def _acquire(self, name: str, mb: int, wanted: Wanted = _always) -> Lease:
         """Make room and take the lease, with pressure listeners told for the whole time.
 
         Pressure starts before the first ledger round trip, so a worker fetches nothing
         more from the moment it knows it needs memory; a prompt grant ends it at once.
+        ``wanted()`` is asked again before evicting anything, and once the lease is had.
         """
         self._waiting += 1
         if self._waiting == 1:
             self._notify(True)
         try:
             async with self._room:
+                if not wanted():
+                    raise LoadAbandonedError(name)
                 await self._make_room(mb)
-                return await self.ledger.acquire(name, mb, self.acquire_timeout_s)
+                lease = await self.ledger.acquire(name, mb, self.acquire_timeout_s)
+            if not wanted():
+                await self.ledger.release(lease)
+                raise LoadAbandonedError(name)
+            return lease
         finally:
             self._waiting -= 1
             if self._waiting == 0:
