@@ -115,6 +115,12 @@ class ImageFilters(BaseModel):
     )
     since: Moment | None = Field(None, description="only images at or after this (sort key)")
     until: Moment | None = Field(None, description="only images before this (sort key)")
+    as_of: Moment | None = Field(
+        None,
+        description="only images created (uploaded or generated) at or before this, whatever "
+        "the sort: GET /api/images/timeline's as_of, so that images added since do not shift "
+        "the pages it counted",
+    )
     has_caption: bool | None = Field(None, description="only images with (true) or without")
     q: str | None = Field(
         None, description="words (or word prefixes, in any script) in name, caption or tags"
@@ -159,6 +165,7 @@ def image_query(query: ImagesQuery, shown: bool = False) -> ImageQuery:
             approval=query.approval,
             since=query.since,
             until=query.until,
+            as_of=query.as_of,
             has_caption=query.has_caption,
             text=query.q or None,
             sort=query.sort,

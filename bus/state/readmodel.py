@@ -126,6 +126,7 @@ class ImageQuery:
     approval: str | None = None
     since: datetime | None = None  # on the sort key, inclusive
     until: datetime | None = None  # on the sort key, exclusive
+    as_of: datetime | None = None  # on created (whatever the sort), inclusive
     has_caption: bool | None = None
     text: str | None = None
     sort: str = "created"  # or "taken" (falls back to created)
@@ -880,6 +881,8 @@ def page_sql(q: ImageQuery) -> tuple[str, list[Any]]:
         where.append(f"{sort_col} >= {arg(q.since)}")
     if q.until is not None:
         where.append(f"{sort_col} < {arg(q.until)}")
+    if q.as_of is not None:  # on the rows the sort reads (a tag's rows carry created too)
+        where.append(f"{'t' if q.tag is not None else 'i'}.created <= {arg(q.as_of)}")
     if q.has_caption is not None:
         where.append(f"i.captioned_at IS {'NOT ' if q.has_caption else ''}NULL")
     if q.text:

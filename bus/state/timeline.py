@@ -4,7 +4,10 @@ of the catalogue, so that a client can lay out the whole list before it loads a 
 Each month also carries the keyset cursors that start its pages (every ``page_size``-th
 image's key), so a client can load any page of a huge month directly, without reading the
 pages before it; and bounds (``since``/``until`` on the sort key) that hold exactly the
-images counted now, so that images added later do not shift the pages counted here.
+images counted now, so that images added later do not shift the pages counted here. A
+month's newest image bounds it only in the list's own order: sorted by the date taken, an
+image uploaded later can fall in any month, so the count is also bounded by the upload time
+(``as_of``, on ``created``), which a client passes to every page it loads of this timeline.
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ class Bucket:
     since: datetime  # inclusive, on the sort key
     until: datetime  # exclusive
     cursors: list[str]  # cursors[k] starts page k + 1 (page 0 starts at ``since``/``until``)
+
+
+async def read_time(db: ReadModel) -> datetime:
+    """The database's time, to the millisecond: the ``as_of`` of a timeline read now. Its
+    clock, not a client's, and as coarse as an event's time (the ``created`` it bounds), so
+    that a client that sees an image's ``created`` knows exactly whether it was counted."""
+    async with db.pool.acquire() as conn:
+        moment: datetime = await conn.fetchval("SELECT date_trunc('milliseconds', now())")
+    return moment
 
 
 async def timeline(db: ReadModel, query: ImageQuery, page_size: int) -> list[Bucket]:

@@ -77,12 +77,19 @@ export function listQuery(filters: Filters): Query {
 }
 
 /** Whether an image document passes the filters a client can check itself (a live image). */
-export function admits(filters: Filters, doc: { status: string; approval: string; tags: string[]; created: string }): boolean {
-	if (filters.q || filters.similar || filters.to) return false; // the server decides those
+export function admits(
+	filters: Filters,
+	doc: { status: string; approval: string; tags: string[]; created: string; taken: string | null }
+): boolean {
+	if (filters.q || filters.similar) return false; // the server decides those
 	if (filters.status && doc.status !== filters.status) return false;
 	if (filters.approval && doc.approval !== filters.approval) return false;
 	if (filters.tag && !doc.tags.includes(filters.tag)) return false;
-	if (filters.from && doc.created < `${filters.from}T00:00:00`) return false;
+	// The dates bound the sort key, as listQuery's since/until do: sorted by the date
+	// taken, a new upload may be an old photo.
+	const key = Date.parse(filters.sort === 'taken' ? (doc.taken ?? doc.created) : doc.created);
+	if (filters.from && key < Date.parse(`${filters.from}T00:00:00Z`)) return false;
+	if (filters.to && key >= Date.parse(nextDay(filters.to))) return false;
 	return true;
 }
 

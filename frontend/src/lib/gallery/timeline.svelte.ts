@@ -1,8 +1,11 @@
 /**
  * The gallery's data: the months of the list and their counts (GET /api/images/timeline),
- * then only the pages in view (GET /api/images by each month's bounds and page cursors), a
- * bounded number of them kept. Live events update the images it holds and add new ones in
- * a "New" bucket on top, so that the months counted at load time never shift.
+ * then only the pages in view (GET /api/images by each month's bounds and page cursors, and
+ * the timeline's as_of), a bounded number of them kept. Every page is bounded by the upload
+ * time the timeline counted up to (as_of): sorted by the date taken, an image uploaded since
+ * may belong to any month, and would shift its pages. Live events update the images it holds
+ * and add new ones (uploaded after as_of) in a "New" bucket on top, whatever the sort, so
+ * that the months counted at load time never shift.
  *
  * Live events cost little however many arrive: an event about an image no loaded page
  * holds is ignored (its page shows it fresh when it loads); the others are gathered for a
@@ -23,6 +26,8 @@ export interface MonthInfo {
 
 interface TimelineAnswer {
 	total: number;
+	/** the upload time it counted up to (the server's clock): every page is asked with it */
+	as_of: string;
 	limit: number;
 	buckets: MonthInfo[];
 }
@@ -96,8 +101,9 @@ export class Gallery {
 	private liveRunning = 0;
 	private adding = new Set<string>(); // ids on their way to "New" (fetching)
 	private arrived = new Set<string>(); // ids past NEW_CAP
-	/** the list's bound at load: an image created before it is no new image */
-	private newSince = -Infinity;
+	/** the timeline's as_of: the pages hold the images created at or before it, "New" the rest */
+	private asOf = '';
+	private newSince = Infinity;
 
 	get ready(): boolean {
 		return this.state === 'ready';
@@ -112,7 +118,8 @@ export class Gallery {
 		this.adding.clear();
 		this.arrived.clear();
 		this.more = 0;
-		this.newSince = -Infinity;
+		this.asOf = '';
+		this.newSince = Infinity;
 		const controller = new AbortController();
 		this.controller = controller;
 		this.filters = filters;
@@ -132,9 +139,8 @@ export class Gallery {
 					{ ...listQuery(filters), limit: PAGE_SIZE },
 					controller.signal
 				);
-				// Newest first by upload time, the first month ends just after the newest image.
-				const first = answer.buckets[0];
-				if (first && filters.sort === 'created' && filters.order === 'desc') this.newSince = Date.parse(first.until);
+				this.asOf = answer.as_of;
+				this.newSince = Date.parse(answer.as_of);
 				this.buckets = [
 					{ key: 'new', label: 'New', count: 0, items: [] },
 					...answer.buckets.map((month) => ({ key: month.month, label: monthLabel(month.month), count: month.count, month }))
@@ -248,10 +254,9 @@ export class Gallery {
 		}
 	}
 
-	/** Whether new images go to "New" at all: only newest first by upload time. */
+	/** Whether new images go to "New" at all: in the list, not among similar images. */
 	private takesNew(): boolean {
-		const filters = this.filters;
-		return this.buckets[0]?.key === 'new' && filters?.order === 'desc' && filters.sort === 'created';
+		return this.buckets[0]?.key === 'new';
 	}
 
 	/** Whether "New" is full, counting the images on their way there. */
@@ -317,8 +322,9 @@ export class Gallery {
 		const filters = this.filters;
 		const fresh = this.buckets[0];
 		if (!filters || fresh?.key !== 'new' || !fresh.items || !this.takesNew() || !admits(filters, doc)) return false;
-		// An older image (an event heard again after a reconnect) is counted in its month.
-		if (Date.parse(doc.created) < this.newSince) return false;
+		// Created at or before as_of (an event heard again after a reconnect, say): its
+		// month counted it.
+		if (Date.parse(doc.created) <= this.newSince) return false;
 		if (fresh.items.length >= NEW_CAP) {
 			this.arrived.add(doc.id);
 			this.more = this.arrived.size;
@@ -357,6 +363,7 @@ export class Gallery {
 
 	private async fetchPage(key: string, month: MonthInfo, page: number): Promise<void> {
 		const filters = this.filters;
+		const asOf = this.asOf;
 		if (!filters) return;
 		const controller = new AbortController();
 		const entry: PageEntry = { docs: null, controller, used: ++this.clock };
@@ -369,6 +376,7 @@ export class Gallery {
 				since: month.since,
 				until: month.until,
 				cursor: page > 0 ? month.cursors[page - 1] : undefined,
+				as_of: asOf || undefined,
 				limit: PAGE_SIZE
 			};
 			const answer = await getJson<ImagePage>('/api/images', query, controller.signal);

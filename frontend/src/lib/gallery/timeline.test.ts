@@ -4,7 +4,8 @@ import { readFilters } from './filters';
 import { Gallery, LIVE_FETCHES, LIVE_WINDOW_MS, NEW_CAP, PAGE_SIZE, mayAdd } from './timeline.svelte';
 
 // The timeline the gateway answers: November 2026 (3 images, its newest at 10:00) and a
-// huge January 2025, counted when the page loaded.
+// huge January 2025, counted when the page loaded (the images uploaded until AS_OF).
+const AS_OF = '2026-11-28T10:00:00.500000Z';
 const NOVEMBER = {
 	month: '2026-11',
 	count: 3,
@@ -60,7 +61,7 @@ class FakeGateway {
 		await Promise.resolve();
 		this.inFlight--;
 		if (url.pathname === '/api/images/timeline') {
-			return json({ total: 5003, limit: PAGE_SIZE, buckets: [NOVEMBER, JANUARY] });
+			return json({ total: 5003, as_of: AS_OF, limit: PAGE_SIZE, buckets: [NOVEMBER, JANUARY] });
 		}
 		if (url.pathname === '/api/images') {
 			if (this.pageStatus !== 200) {
@@ -92,9 +93,9 @@ afterEach(() => {
 	vi.useRealTimers();
 });
 
-async function loaded(): Promise<Gallery> {
+async function loaded(query = ''): Promise<Gallery> {
 	const gallery = new Gallery();
-	await gallery.load(readFilters(new URLSearchParams()));
+	await gallery.load(readFilters(new URLSearchParams(query)));
 	expect(gallery.state).toBe('ready');
 	return gallery;
 }
@@ -166,6 +167,25 @@ describe('live events in the gallery', () => {
 		expect(gallery.total).toBe(5003 + NEW_CAP);
 	});
 
+	it('sorted by the date taken, puts an image uploaded after as_of in "New", not in its month', async () => {
+		const gallery = await loaded('sort=taken');
+		const taken = '2025-01-10T12:00:00.000Z'; // January's, a month counted at load
+		gateway.docs.set('counted', doc('counted', '2026-11-28T10:00:00.500Z', { taken }));
+		gateway.docs.set('later', doc('later', '2026-11-28T10:00:00.501Z', { taken }));
+
+		gallery.hear('uploaded', { image_id: 'counted' }); // heard again: its month holds it
+		gallery.hear('uploaded', { image_id: 'later' });
+		await settle();
+
+		expect(gallery.buckets.map((b) => [b.key, b.count])).toEqual([
+			['new', 1],
+			['2026-11', 3],
+			['2025-01', 5000]
+		]);
+		expect(gallery.buckets[0].items?.map((d) => d.id)).toEqual(['later']);
+		expect(gallery.total).toBe(5004);
+	});
+
 	it('fetches a decided image once when its decision shows', async () => {
 		const gallery = await loaded();
 		gateway.docs.set('fresh', doc('fresh', '2026-11-28T10:05:00.000Z'));
@@ -195,6 +215,22 @@ describe('pages of a month', () => {
 			[JANUARY.until, null],
 			[JANUARY.until, 'cursor-3']
 		]);
+	});
+
+	it('asks every page, whatever the sort, for the images the timeline counted (its as_of)', async () => {
+		for (const query of ['', 'sort=taken', 'sort=taken&order=asc&tag=dog']) {
+			gateway.urls = [];
+			const gallery = await loaded(query);
+			gallery.want([
+				{ bucket: 1, page: 0 },
+				{ bucket: 2, page: 0 },
+				{ bucket: 2, page: 5 }
+			]);
+			await settle();
+			const pages = gateway.urls.filter((u) => u.startsWith('/api/images?')).map((u) => new URLSearchParams(u.split('?')[1]));
+			expect(pages.map((p) => p.get('as_of'))).toEqual([AS_OF, AS_OF, AS_OF]);
+			expect(pages[0].get('sort')).toBe(new URLSearchParams(query).get('sort'));
+		}
 	});
 
 	it('says why a page could not be loaded, in the server\'s words', async () => {
