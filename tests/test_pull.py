@@ -175,3 +175,32 @@ async def test_a_restarted_server_gets_new_requests_and_delivers_again(tmp_path:
             assert msg.data == b"after" and pc.in_flight == 0
     finally:
         await server.stop()
+
+
+@pytest.mark.nats
+async def test_a_renewal_under_way_when_the_consumer_stops_leaves_no_subscription(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A priority change renews the requests on a new inbox; a stop while that renewal
+    waits (a worker draining) must not find it subscribed again afterwards."""
+    stream = unique("S")
+    async with pulling(nats_server, stream) as (nc, pc, _):
+        await eventually(lambda: pc.requested > 0, what="a request open")
+        real_subscribe, renewing, go_on = nc.subscribe, asyncio.Event(), asyncio.Event()
+
+        async def slow_subscribe(*args: Any, **kwargs: Any) -> Any:
+            renewing.set()
+            await go_on.wait()
+            return await real_subscribe(*args, **kwargs)
+
+        monkeypatch.setattr(nc, "subscribe", slow_subscribe)
+        pc._priority = lambda: 3  # asked at another priority than now
+        pc.reconsider()
+        await renewing.wait()
+        await pc.stop()
+        go_on.set()
+        leftovers = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_renew"]
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        assert pc._sub is None
+        mine = [s.subject for s in nc._subs.values() if s.subject.startswith(pc._inbox)]
+        assert mine == [], mine

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -88,7 +89,7 @@ class PullConsumer:
         self._priority = priority
         self._budget = budget
         self._asked_at: int | None = None  # the priority of the open requests
-        self._renewing = False
+        self._renewal: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -103,10 +104,12 @@ class PullConsumer:
         so nothing more is delivered here; anything already on the wire is redelivered
         elsewhere after ack_wait."""
         self.paused = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        for task in (self._watchdog, self._renewal):
+            if task is not None:
+                task.cancel()  # a renewal must not subscribe anew once stopped
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._watchdog = self._renewal = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -134,18 +137,22 @@ class PullConsumer:
     def reconsider(self) -> None:
         """The priority may have changed: if the open requests were made at another, drop
         them and ask again at the new one."""
-        if self._priority is None or self._sub is None or self._renewing:
+        if self._priority is None or self._sub is None or self._renewal is not None:
             return
         if not self._requests or self._priority() == self._asked_at:
             return
-        self._renewing = True
-        task = asyncio.ensure_future(self._renew())
-        task.add_done_callback(lambda _: setattr(self, "_renewing", False))
+        self._renewal = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
-        old = self._sub
-        self._inbox = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
+        try:
+            old = self._sub
+            self._inbox = self._nc.new_inbox()
+            self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
+        except nats.errors.Error as exc:  # closing, or gone: the watchdog asks again
+            log.debug("could not renew the pulls on %s: %s", self._next_subject, exc)
+            return
+        finally:
+            self._renewal = None
         self._requests.clear()
         if old is not None:
             # A message already on its way to the old inbox is lost here and comes back
