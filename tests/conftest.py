@@ -3,6 +3,7 @@ and a fresh namespace and bucket for every test so tests never see each other's 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
@@ -165,5 +166,9 @@ async def run_function(ctx: Context) -> AsyncIterator[object]:
         return runner
 
     yield start
-    for runner in runners:
-        await runner.drain(timeout=5)
+    # Each is drained even if another's drain fails: one left running holds the database
+    # and NATS the context is about to close.
+    drained = await asyncio.gather(*(r.drain(timeout=5) for r in runners), return_exceptions=True)
+    for outcome in drained:
+        if isinstance(outcome, BaseException):
+            raise outcome

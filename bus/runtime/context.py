@@ -37,6 +37,8 @@ from bus.state.readmodel import ReadModel, open_read_model
 
 T = TypeVar("T")
 START_TIMEOUT_S = 6.0
+POOL_CLOSE_S = 10.0  # closing waits this long for database connections still lent out
+log = logging.getLogger("darkroom.context")
 
 
 @dataclass
@@ -164,7 +166,14 @@ async def open_context(
             if ctx.gpu is not None:
                 await ctx.gpu.close()
             if ctx.db is not None:
-                await ctx.db.pool.close()
+                try:  # it waits for every connection lent out to come back
+                    await asyncio.wait_for(ctx.db.pool.close(), POOL_CLOSE_S)
+                except TimeoutError:
+                    log.warning(
+                        "database connections still in use after %.0f s: closing them",
+                        POOL_CLOSE_S,
+                    )
+                    ctx.db.pool.terminate()
         # A connection whose server died can fail even to close (its transport is gone):
         # nothing is left to flush then, and the shutdown must go on.
         with contextlib.suppress(Exception):
@@ -172,9 +181,9 @@ async def open_context(
                 try:
                     await asyncio.wait_for(nc.drain(), 10.0)
                 except Exception:
-                    await nc.close()
+                    await asyncio.wait_for(nc.close(), 5.0)
             else:
-                await nc.close()
+                await asyncio.wait_for(nc.close(), 5.0)
         if store is not None:
             store.close()
         cpu.shutdown(wait=False, cancel_futures=True)
