@@ -4,7 +4,7 @@ page of a month directly, for the same filters and visibility as GET /api/images
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -196,7 +196,17 @@ async def _after(db: ReadModel, moment: datetime) -> bool:
     return await read_time(db) >= moment
 
 
-@pytest.mark.parametrize("as_of", ["yesterday", "1700000000", "2026-13-01T00:00:00Z", ""])
+@pytest.mark.parametrize(
+    "as_of",
+    [
+        "yesterday",
+        "1700000000",
+        "2026-13-01T00:00:00Z",
+        "",
+        quote("0001-01-01T00:00:00+01:00"),  # before year 1 in UTC
+        quote("9999-12-31T23:59:59-01:00"),  # after 9999 in UTC
+    ],
+)
 async def test_a_bad_as_of_is_refused_with_what_was_expected(
     gateway: TestClient[Any, Any], make_key: Callable[..., Awaitable[str]], as_of: str
 ) -> None:
@@ -207,3 +217,17 @@ async def test_a_bad_as_of_is_refused_with_what_was_expected(
         assert response.content_type == "application/problem+json"
         detail = (await response.json())["detail"]
         assert "as_of" in detail, detail
+
+
+async def test_an_as_of_still_to_come_counts_up_to_now(
+    gateway: TestClient[Any, Any], make_key: Callable[..., Awaitable[str]]
+) -> None:
+    """Later than the read, it would count images still to come (and keep them out of the
+    gallery's "New"): the timeline answers with its own time instead."""
+    reader = await make_key("read")
+    response = await gateway.get(
+        "/api/images/timeline?as_of=2999-01-01T00:00:00Z", headers=auth(reader)
+    )
+    assert response.status == 200, await response.text()
+    answered = datetime.fromisoformat((await response.json())["as_of"])
+    assert answered < datetime(2999, 1, 1, tzinfo=UTC)

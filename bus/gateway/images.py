@@ -60,9 +60,10 @@ def _iso(value: Any) -> Any:
         return value
     try:
         moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError("must be an ISO 8601 time") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        # In UTC, as stored: a time near year 1 or 9999 may not have a UTC equivalent.
+        return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValueError("must be an ISO 8601 time between the years 1 and 9999 (UTC)") from None
 
 
 Moment = Annotated[datetime, BeforeValidator(_iso)]

@@ -86,7 +86,9 @@ def routes() -> list[Route]:
 
 async def get_timeline(request: web.Request, query: TimelineQuery) -> web.Response:
     db = catalogue(request)
-    as_of = query.as_of if query.as_of is not None else await query_db(partial(read_time, db))
+    now = await query_db(partial(read_time, db))
+    # A later as_of would count images still to come, and leave them out of "New".
+    as_of = now if query.as_of is None else min(query.as_of, now)
     nothing = query.since and query.until and query.since >= query.until  # as GET /api/images
     if nothing or (query.q and not has_words(query.q)):
         return json_response(
