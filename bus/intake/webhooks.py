@@ -267,8 +267,8 @@ class Deliverer:
                 pruned = await self.store.prune(before)
                 if pruned:
                     log.info("forgot %d webhook messages settled before %s", pruned, before)
-            except CONNECTION_ERRORS as exc:
-                log.warning("could not prune the webhook log: %s", exc)
+            except Exception as exc:  # the database is back by the next round, or says why
+                log.warning("could not prune the webhook log: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(PRUNE_INTERVAL_S)
 
     async def _announce_forever(self) -> None:
@@ -278,8 +278,10 @@ class Deliverer:
             try:
                 for endpoint_id, reason, turned_off in await self.store.unannounced():
                     await self._announce(endpoint_id, reason, turned_off)
-            except CONNECTION_ERRORS as exc:
-                log.warning("could not look for unannounced disabled endpoints: %s", exc)
+            except Exception as exc:  # a loop that died would announce nothing again
+                log.warning(
+                    "could not announce disabled endpoints now: %s: %s", type(exc).__name__, exc
+                )
             await asyncio.sleep(ANNOUNCE_INTERVAL_S)
 
     async def stop(self) -> None:
@@ -288,7 +290,7 @@ class Deliverer:
         await self._consumer.stop()
         for chore in self._chores:
             chore.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await chore
         self._chores = []
         if self._tasks:
@@ -475,7 +477,7 @@ class Deliverer:
             return
         try:
             await self.store.announced(endpoint_id, turned_off)
-        except CONNECTION_ERRORS as exc:  # said again later, under the same id
+        except Exception as exc:  # said again later, under the same id
             log.warning("could not note that %s's disabling was announced: %s", endpoint_id, exc)
 
 

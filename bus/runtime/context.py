@@ -168,11 +168,8 @@ async def open_context(
             if ctx.db is not None:
                 try:  # it waits for every connection lent out to come back
                     await asyncio.wait_for(ctx.db.pool.close(), POOL_CLOSE_S)
-                except TimeoutError:
-                    log.warning(
-                        "database connections still in use after %.0f s: closing them",
-                        POOL_CLOSE_S,
-                    )
+                except Exception as exc:  # still lent out, or a server gone: the rest goes on
+                    log.warning("closing the database connections at once: %r", exc)
                     ctx.db.pool.terminate()
         # A connection whose server died can fail even to close (its transport is gone):
         # nothing is left to flush then, and the shutdown must go on.

@@ -145,9 +145,9 @@ class PullConsumer:
 
     async def _renew(self) -> None:
         try:
-            old = self._sub
-            self._inbox = self._nc.new_inbox()
-            self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._receive)
+            old, inbox = self._sub, self._nc.new_inbox()
+            new = await self._nc.subscribe(inbox + ".*", cb=self._receive)
+            self._inbox, self._sub = inbox, new
         except nats.errors.Error as exc:  # closing, or gone: the watchdog asks again
             log.debug("could not renew the pulls on %s: %s", self._next_subject, exc)
             return
