@@ -60,10 +60,13 @@ def _iso(value: Any) -> Any:
         return value
     try:
         moment = datetime.fromisoformat(value)
-        # In UTC, as stored: a time near year 1 or 9999 may not have a UTC equivalent.
-        return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise ValueError("must be an ISO 8601 time between the years 1 and 9999 (UTC)") from None
+    except ValueError:
+        raise ValueError("must be an ISO 8601 time") from None
+    zoned = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    try:  # in UTC, as stored: a time near year 1 or 9999 may have no UTC equivalent
+        return zoned.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
 
 
 Moment = Annotated[datetime, BeforeValidator(_iso)]
