@@ -27,13 +27,16 @@ def settings(settings: Settings) -> Settings:
 
 
 async def generate(app_url: str, key: str, n: int) -> list[str]:
-    """Ask for ``n`` images through the API; their image ids."""
+    """Ask for ``n`` images through the API (jobs of at most 4); their image ids."""
+    ids: list[str] = []
     async with aiohttp.ClientSession() as http:
-        body = {"prompt": "a lighthouse at dusk", "n": n, "seed": 3}
-        async with http.post(f"{app_url}/api/generations", json=body, headers=auth(key)) as r:
-            assert r.status == 202, await r.text()
-            job = (await r.json())["id"]
-    return [f"{job}-{i}" for i in range(n)]
+        for size in [4] * (n // 4) + ([n % 4] if n % 4 else []):
+            body = {"prompt": "a lighthouse at dusk", "n": size, "seed": 3}
+            async with http.post(f"{app_url}/api/generations", json=body, headers=auth(key)) as r:
+                assert r.status == 202, await r.text()
+                job = (await r.json())["id"]
+            ids += [f"{job}-{i}" for i in range(size)]
+    return ids
 
 
 async def image(app_url: str, key: str, image_id: str) -> dict[str, Any]:
@@ -64,11 +67,11 @@ async def test_the_queue_fills_live_and_is_decided_by_keyboard_and_in_bulk(
     await page.get_by_role("navigation", name="Main").get_by_role("link", name="Approvals").click()
     await expect(page.get_by_text("Nothing waits for a decision.")).to_be_visible()
 
-    ids = await generate(app_url, admin, 4)
+    ids = await generate(app_url, admin, 5)
     # a plain list (no listbox: its items hold controls); each item's checkbox selects it
     queue = page.get_by_role("list", name="Pending images, oldest first")
     items = queue.locator(":scope > li")
-    await expect(items).to_have_count(4, timeout=60_000)  # arrived without a reload
+    await expect(items).to_have_count(5, timeout=60_000)  # arrived without a reload
     await expect(items.first).to_contain_text("generated")  # the hold reason
 
     # decided elsewhere (here: the API): it leaves the queue live
@@ -78,7 +81,7 @@ async def test_the_queue_fills_live_and_is_decided_by_keyboard_and_in_bulk(
     ):
         assert r.status == 200
     await expect(page.locator(f'li[data-image="{ids[3]}"]')).to_have_count(0)
-    await expect(items).to_have_count(3)
+    await expect(items).to_have_count(4)
 
     # the keyboard: j/k move, a approves the focused image
     await items.first.get_by_role("checkbox").focus()
@@ -98,6 +101,16 @@ async def test_the_queue_fills_live_and_is_decided_by_keyboard_and_in_bulk(
     assert second is not None
     await page.keyboard.press("r")
     reason = page.get_by_label("Reason for rejecting")
+    await expect(reason).to_be_focused()
+    # another image decided elsewhere meanwhile: the typing keeps its place
+    other = await items.nth(1).get_attribute("data-image")
+    assert other is not None and other != second
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{app_url}/api/images/{other}/approve", json={}, headers=auth(admin)) as r,
+    ):
+        assert r.status == 200
+    await expect(page.locator(f'li[data-image="{other}"]')).to_have_count(0)
     await expect(reason).to_be_focused()
     await reason.fill("out of focus")
     await reason.press("Enter")
