@@ -336,8 +336,7 @@ async def test_an_endpoint_turned_off_by_a_deliverer_that_died_is_announced_by_t
 ) -> None:
     """As if a deliverer was killed between turning the endpoint off and saying so."""
     gone = await add_endpoint(api, receiver, "gone")
-    store = Webhooks(ctx.db.pool) if ctx.db is not None else None
-    assert store is not None
+    store = store_of(ctx)
     assert await store.disable(gone["id"], "the endpoint answered 410 Gone") is not None
     sub = await ctx.js.subscribe(
         ctx.names.subject(subjects.WEBHOOK_DISABLED), ordered_consumer=True

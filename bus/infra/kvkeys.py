@@ -3,7 +3,7 @@
 nats-py's ``KeyValue.keys()`` starts a watcher and reads until an end marker, which it puts
 first when the server's count of pending messages says zero before the client has counted
 the ones already on their way: under load it answers "no keys" for a bucket that has some.
-The stream's own subject list (one STREAM.INFO request) has no such race.
+The stream's own subject list (STREAM.INFO with a subjects filter) has no such race.
 """
 
 from __future__ import annotations
