@@ -351,7 +351,16 @@ async def test_a_worker_answers_service_requests_only_to_the_requester(
 
         await worker.subscribe(f"{ns}-rpc.count", queue=f"{ns}.caption", cb=answer)
         await worker.flush()
-        chunks = [c async for c in services.stream(gateway, f"{ns}-rpc.count", {}, 10, 10)]
+
+        async def counted() -> list[Any] | None:
+            # The worker's interest crosses into the gateway's account a moment after its
+            # own flush: until then a request finds no responder.
+            try:
+                return [c async for c in services.stream(gateway, f"{ns}-rpc.count", {}, 10, 10)]
+            except services.NoResponderError:
+                return None
+
+        chunks = await eventually(counted, what="the worker's service to be reachable")
         assert chunks == [0, 1, 2]
         await worker.publish("_INBOX_gateway.forged", b"{}")
         await refusals.wait_for("_INBOX_gateway.forged")
