@@ -26,7 +26,7 @@ from bus.models.demo import build_tiny_sd
 from bus.runtime.registry import load
 from bus.runtime.streams import declare_consumer, declare_keyed_consumer
 from tests.support import procs
-from tests.support.streams import events
+from tests.support.streams import events, eventually
 from tests.test_generate import submit as submit_job
 
 pytestmark = [pytest.mark.nats, pytest.mark.s3, pytest.mark.slow]
@@ -172,5 +172,12 @@ async def test_status_counts_the_backlog_of_every_model(ctx: Context) -> None:
     await submit(ctx, "m1", seed=1)
     await submit(ctx, "m2", seed=2)
     await submit(ctx, "m2", seed=3)
-    (stats,) = await consumer_stats(ctx, ["generate"])
-    assert stats["pending"] == 3 and stats["ack_pending"] == 0
+
+    async def counted() -> dict[str, int] | None:
+        # The server tells a consumer of a new message on a goroutine of its own, after the
+        # publish is acknowledged: a consumer's pending count may lag the stream briefly.
+        (stats,) = await consumer_stats(ctx, ["generate"])
+        return stats if stats["pending"] == 3 else None
+
+    stats = await eventually(counted, what="three requests pending")
+    assert stats["ack_pending"] == 0 and stats["waiting_pulls"] == 0
