@@ -30,6 +30,8 @@ from bus.state.keys import create_key
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="darkroom-test-hf-")
 
+pytest_plugins = ["tests.support.hangs"]
+
 
 @pytest.fixture(scope="session")
 async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:

@@ -7,11 +7,9 @@ A failed test leaves a screenshot of its page in ``test-results/screenshots/``.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -50,24 +48,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/e2e/" in item.nodeid and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
-
-
-@pytest.fixture(autouse=True)
-async def tasks_shown_before_the_timeout() -> AsyncIterator[None]:
-    """Should a test, its teardown included, run into the timeout, print every asyncio
-    task's stack just before: pytest-timeout shows threads only, and a stack that hangs
-    while it drains is waiting in some task. Set up first, so torn down last."""
-    handle = asyncio.get_running_loop().call_later(E2E_TIMEOUT_S - 15, _print_tasks)
-    yield
-    handle.cancel()
-
-
-def _print_tasks() -> None:
-    tasks = asyncio.all_tasks()
-    print(f"--- {len(tasks)} asyncio tasks, {E2E_TIMEOUT_S - 15} s in ---", file=sys.stderr)
-    for task in tasks:
-        print(task, file=sys.stderr)
-        task.print_stack(limit=12, file=sys.stderr)
 
 
 def chromium_path() -> str:
