@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from bus import Call, Cancelled, Context, Emit, Event, Function, Reject, Retry, Spec
 from bus.core.envelope import new_id, now_iso
+from bus.runtime import runner as runner_module
 from bus.runtime.call import Progress, ProgressUpdate
 from bus.state.cancels import request_cancel
 from tests.support.streams import dead_letters, events, eventually, settled
@@ -658,6 +659,35 @@ async def test_a_drain_timeout_starts_nothing_new_and_tears_down_last(
     await runner.drain(timeout=0.3)
     # The queued batch [2, 3] must not start once the running one was cut short.
     assert log == ["start [0, 1]", "end", "teardown"]
+
+
+async def test_a_handler_that_ignores_its_cancellation_does_not_hold_up_the_stop(
+    ctx: Context, run_function: Any, caplog: pytest.LogCaptureFixture, monkeypatch: Any
+) -> None:
+    """The stop goes on without it after CANCEL_WAIT_S, and the log says where it waits."""
+    monkeypatch.setattr(runner_module, "CANCEL_WAIT_S", 0.2)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(event: Event, _: Context, call: Call) -> list[Emit]:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await release.wait()  # wrong, on purpose: it goes on after its cancellation
+        return []
+
+    runner = await run_function(Function(Spec("deaf", listens=("a",)), handle=handle))
+    await publish(ctx, make_event("a"))
+    await asyncio.wait_for(started.wait(), 30)
+    try:
+        with caplog.at_level(logging.ERROR, logger="darkroom.runner"):
+            await runner.drain(timeout=0.1)
+        assert "still runs 0.2 s after it was cancelled" in caplog.text
+        assert "test_runner.py" in caplog.text and "in handle" in caplog.text
+        # Never acked: the event is still the consumer's, for another worker.
+        assert (await consumer(ctx, "deaf")).num_ack_pending == 1
+    finally:
+        release.set()
 
 
 async def test_a_cancelled_job_that_times_out_on_its_last_attempt_is_not_dead_lettered(

@@ -78,6 +78,7 @@ from bus.gateway.projection import NOTIFY, ProjectionGate
 from bus.gateway.routes import Reply, Route
 from bus.gateway.state import CTX
 from bus.infra.postgres import CONNECTION_ERRORS
+from bus.infra.tasks import cancel_and_wait
 from bus.runtime.context import Context
 from bus.state.approvals import DECISIONS, caption_hold, holds_generations, upload_hold
 from bus.state.readmodel import SHOWN, nsfw_score
@@ -708,11 +709,7 @@ async def stream_events(request: web.Request, query: EventsQuery) -> web.StreamR
             client.dropped = UNREADABLE
         finally:
             hub.detach(client)
-            for task in (pump, gone):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+            await cancel_and_wait(pump, gone)
         await _close(request, resp, client.dropped)
     return resp
 

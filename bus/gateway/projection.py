@@ -16,7 +16,6 @@ progress is never held, so a job's first step report may come before its ``reque
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -25,6 +24,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
+
+from bus.infra.tasks import cancel_and_wait
 
 log = logging.getLogger("darkroom.events")
 
@@ -79,11 +80,8 @@ class ProjectionGate:
         self._checker = asyncio.create_task(self._keep_checking(), name="projection-gate")
 
     async def stop(self) -> None:
-        if self._checker is not None:
-            self._checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checker
-            self._checker = None
+        await cancel_and_wait(self._checker)
+        self._checker = None
 
     async def wait(self, seq: int, subject: str) -> None:
         """Return once event ``seq`` (on ``subject``) is projected, or needs no waiting."""

@@ -24,7 +24,6 @@ them with the rest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from bus.gateway.problems import Problem
 from bus.gateway.state import CTX
 from bus.infra.kv import CasConflictError
 from bus.infra.store import ObjectMissingError, StoreError
+from bus.infra.tasks import cancel_and_wait
 from bus.intake.accept import release_claim
 from bus.runtime.context import Context
 from bus.state.approvals import Expired
@@ -225,6 +225,4 @@ async def sweeper(app: web.Application) -> AsyncIterator[None]:
     """The gateway's rejection sweeper, for the app's lifetime (``cleanup_ctx``)."""
     task = asyncio.create_task(run_rejection_sweeper(app[CTX]), name="rejection-sweeper")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)

@@ -86,6 +86,7 @@ from bus.core.settings import Settings
 from bus.core.subjects import check_id
 from bus.infra.kv import CasConflictError, compare_and_set
 from bus.infra.kvkeys import stored_keys
+from bus.infra.tasks import cancel_and_wait
 
 log = logging.getLogger("darkroom.leases")
 T = TypeVar("T")
@@ -403,11 +404,8 @@ class Ledger:
 
     async def close(self, release: bool = True) -> None:
         """Stop renewing; with ``release``, give back every lease still held (best effort)."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        await cancel_and_wait(self._heartbeat)
+        self._heartbeat = None
         if release and self._held:
             held = set(self._held)
             self._held.clear()

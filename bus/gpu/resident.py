@@ -53,6 +53,7 @@ from bus.gpu.leases import (
     discover_devices,
     host_id,
 )
+from bus.infra.tasks import cancel_and_wait
 
 log = logging.getLogger("darkroom.resident")
 T = TypeVar("T")
@@ -229,11 +230,8 @@ class ResidentModels:
         log.info("unloaded %s (%d MB)", name, lease.mb)
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+        await cancel_and_wait(self._reaper)
+        self._reaper = None
         for name in list(self._models):
             self._models[name].users = 0
             await self.unload(name)

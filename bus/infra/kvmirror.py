@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from bus.infra.nats_conn import reconnect_count
+from bus.infra.tasks import cancel_and_wait
 
 log = logging.getLogger("darkroom.kvmirror")
 T = TypeVar("T")
@@ -47,10 +48,8 @@ class KvMirror(Generic[T]):
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
@@ -60,9 +59,7 @@ class KvMirror(Generic[T]):
                 while not follower.done() and reconnect_count(self._nc) == seen:
                     await asyncio.wait({follower}, timeout=CHECK_INTERVAL_S)
             finally:
-                follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await follower
+                await cancel_and_wait(follower)
             if follower.done() and not follower.cancelled() and follower.exception() is not None:
                 log.warning("%s watch failed (%s); restarting", self.name, follower.exception())
             await asyncio.sleep(0.2)

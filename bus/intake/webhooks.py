@@ -48,6 +48,7 @@ from bus import Call, Context, Emit, Event, Function, Retry, Spec, subjects
 from bus.core.envelope import now_iso
 from bus.core.settings import WebhookSettings
 from bus.infra.postgres import CONNECTION_ERRORS
+from bus.infra.tasks import cancel_and_wait
 from bus.intake.fetch import FetchError, IPNetwork, address_refusal, resolve_vetted
 from bus.runtime.pull import PullConsumer
 from bus.state.webhooks import (
@@ -288,10 +289,7 @@ class Deliverer:
         """Stop taking deliveries; let the attempts under way finish (each is bounded by the
         timeout). Anything cut short comes back after the consumer's ack_wait."""
         await self._consumer.stop()
-        for chore in self._chores:
-            chore.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await chore
+        await cancel_and_wait(*self._chores)
         self._chores = []
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.settings.timeout_s + 1)

@@ -43,6 +43,7 @@ from nats.js.kv import KeyValue
 
 from bus.core.envelope import now_iso
 from bus.infra.kvkeys import stored_keys
+from bus.infra.tasks import cancel_and_wait
 from bus.models.catalogue import PullError, ResolvedModel, cached_snapshot, download
 from bus.models.demo import ensure_demo, is_built
 
@@ -211,11 +212,8 @@ class ModelReadiness:
     async def close(self) -> None:
         """Stop the heartbeat and delete this worker's entries (best effort: the bucket's
         TTL removes what cannot be deleted now)."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        await cancel_and_wait(self._heartbeat)
+        self._heartbeat = None
         if self._kv is not None and self.entries:
             deletes = [self._kv.delete(entry.key) for entry in self.entries.values()]
             with contextlib.suppress(Exception):  # a connection going away: the TTL will do

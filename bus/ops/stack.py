@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from bus.core.settings import Settings
 from bus.gateway.app import build_app, make_app_runner
 from bus.infra.nats_auth import Role
 from bus.infra.nats_conn import where
+from bus.infra.tasks import cancel_and_wait
 from bus.intake.sweep import run_sweeper
 from bus.ops.embedded import (
     Child,
@@ -261,7 +261,7 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
                 await stopper.event.wait()
             finally:
                 log.info("stopping: %s", stopper.reason or "shutting down")
-                await _cancel(sweeper)
+                await cancel_and_wait(sweeper)
                 await app_runner.cleanup()
                 log.debug("gateway stopped")
                 # A server that died for good cannot take acks: don't wait long for them.
@@ -279,12 +279,6 @@ async def _run_up_locked(settings: Settings, announce: Callable[[str], None]) ->
     if stopper.exit_code:
         log.error("darkroom stopped: %s", stopper.reason)
     return stopper.exit_code
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def _start_site(app_runner: web.AppRunner, host: str, port: int) -> str:
@@ -368,7 +362,7 @@ async def run_gateway(settings: Settings) -> int:
         try:
             await stopper.event.wait()
         finally:
-            await _cancel(sweeper)
+            await cancel_and_wait(sweeper)
             await app_runner.cleanup()
     return 0
 

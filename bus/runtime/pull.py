@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus.infra.nats_conn import reconnect_count
+from bus.infra.tasks import cancel_and_wait
 
 log = logging.getLogger("darkroom.pull")
 
@@ -104,11 +105,7 @@ class PullConsumer:
         so nothing more is delivered here; anything already on the wire is redelivered
         elsewhere after ack_wait."""
         self.paused = True
-        for task in (self._watchdog, self._renewal):
-            if task is not None:
-                task.cancel()  # a renewal must not subscribe anew once stopped
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(self._watchdog, self._renewal)  # a renewal must not subscribe anew
         self._watchdog = self._renewal = None
         if self._sub is not None:
             with contextlib.suppress(Exception):

@@ -44,6 +44,7 @@ from bus.core.contract import Cancelled, Emit, Model, Reject, Retry
 from bus.core.envelope import EnvelopeError, Event, decode, derive_id, now_iso
 from bus.core.subjects import CANCELLED, is_safe_id
 from bus.gpu.leases import read_devices
+from bus.infra.tasks import cancel_and_wait, where_waiting
 from bus.runtime.call import Call, Progress
 from bus.runtime.context import Context
 from bus.runtime.publisher import Publisher
@@ -61,6 +62,7 @@ from bus.state.cancels import CancelFlag, targets
 log = logging.getLogger("darkroom.runner")
 
 PUBLISH_TIMEOUT_S = 10.0
+CANCEL_WAIT_S = 10.0  # how long a stop waits for a cancelled handler to end
 PREPARE_RETRY_S = (5.0, 30.0, 120.0, 300.0)  # waits between failed preparations (last repeats)
 MAX_DLQ_PAYLOAD = 64 * 1024
 HOLDERS_REFRESH_S = 2.0  # how often a worker reads who holds which model from the ledger
@@ -415,25 +417,29 @@ class FunctionRunner:
             self._linger = None
         queued, self._queued = self._queued, []
         await self._hand_back(queued)
-        pending = set(self._tasks)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        self._left_running(await cancel_and_wait(*self._tasks, timeout=CANCEL_WAIT_S))
+
+    def _left_running(self, stuck: set[asyncio.Future[Any]]) -> None:
+        """Say where each task that ignored its cancellation waits: the stop goes on without
+        it (its event comes back after ack_wait), and the log names the culprit."""
+        for task in stuck:
+            log.error(
+                "%s: %r still runs %g s after it was cancelled; stopping without it. "
+                "It waits at:\n  %s",
+                self.stage,
+                task,
+                CANCEL_WAIT_S,
+                "\n  ".join(where_waiting(task)),
+            )
 
     async def _stop_fetching(self) -> None:
-        if self._preparing is not None:
-            self._preparing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._preparing
-            self._preparing = None
+        await cancel_and_wait(self._preparing)
+        self._preparing = None
         await self._unfetch()
 
     async def _unfetch(self) -> None:
-        if self._holders_task is not None:
-            self._holders_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._holders_task
-            self._holders_task = None
+        await cancel_and_wait(self._holders_task)
+        self._holders_task = None
         for consumer in [*self._consumers, *self._advisories]:
             await consumer.stop()
         subs, self._service_subs = self._service_subs, []
@@ -443,21 +449,14 @@ class FunctionRunner:
 
     async def _stop_services(self) -> None:
         """Requests being answered get a 503 rather than silence."""
-        tasks = set(self._service_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._left_running(await cancel_and_wait(*self._service_tasks, timeout=CANCEL_WAIT_S))
 
     async def stop(self) -> None:
         """Stop at once (see :meth:`drain` for the graceful way); teardown runs last."""
         await self._stop_fetching()
         await self._stop_services()
         await self._halt()
-        for task in (self._heartbeat_task, self._settler):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._heartbeat_task, self._settler)
         self._heartbeat_task = self._settler = None
         await self._publisher.stop()
         with contextlib.suppress(ValueError):

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from bus.infra.tasks import where_waiting
+
 LEAD_S = 15.0  # how long before the timeout the tasks are printed
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -62,38 +64,12 @@ def _print_tasks(after_s: float) -> None:
     print(f"--- {len(tasks)} asyncio tasks, {after_s:.0f} s into the test ---", file=sys.stderr)
     for task in tasks:
         print(f"{task.get_name()}: waiting on", file=sys.stderr)
-        for line in _awaiting(task.get_coro()):
+        for line in where_waiting(task):
             print(f"    {line}", file=sys.stderr)
     # An async generator (a fixture's teardown) awaited through ``__anext__`` hides its
     # frame from the chain above: print those suspended in an await on their own.
     for agen in gc.get_objects():
         if isinstance(agen, types.AsyncGeneratorType) and agen.ag_await is not None:
             print(f"async generator {agen.ag_code.co_name}: waiting on", file=sys.stderr)
-            for line in _awaiting(agen):
+            for line in where_waiting(agen):
                 print(f"    {line}", file=sys.stderr)
-
-
-def _awaiting(awaitable: object) -> list[str]:
-    """Where a suspended coroutine waits, outermost first: the whole chain of awaits
-    (``Task.print_stack`` shows a suspended task's outermost frame only)."""
-    lines = []
-    while awaitable is not None:
-        frame = None
-        for frame_attr, next_attr in (
-            ("cr_frame", "cr_await"),
-            ("ag_frame", "ag_await"),
-            ("gi_frame", "gi_yieldfrom"),
-        ):
-            if hasattr(awaitable, frame_attr):
-                frame = getattr(awaitable, frame_attr)
-                if frame is not None:
-                    code = frame.f_code
-                    lines.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
-                awaitable = getattr(awaitable, next_attr)
-                break
-        else:
-            lines.append(repr(awaitable)[:300])  # a future, or an awaitable object
-            break
-        if frame is None:
-            break
-    return lines
