@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
 from bus.core.settings import Settings
-from bus.gateway.app import build_app
+from bus.gateway.app import build_app, make_app_runner
 from bus.infra.nats_auth import Role
 from bus.ops.embedded import NatsCredentials, NatsServer, S3Credentials, SeaweedFS
 from bus.ops.pgserver import PostgresServer
@@ -174,3 +176,41 @@ async def run_function(ctx: Context) -> AsyncIterator[object]:
     for outcome in drained:
         if isinstance(outcome, BaseException):
             raise outcome
+
+
+class GatewayTestServer(TestServer):
+    """An app on a free port, run as ``darkroom gateway`` runs it (make_app_runner: its
+    shutdown timeout, handlers not cancelled when a client hangs up), not with aiohttp's
+    test settings (a 60 s shutdown timeout, handler cancellation)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return make_app_runner(self.app)
+
+
+@pytest.fixture
+async def aiohttp_server() -> AsyncIterator[Callable[[web.Application], Awaitable[TestServer]]]:
+    """Factory: serve an app on a free port (see :class:`GatewayTestServer`); closed after."""
+    servers: list[TestServer] = []
+
+    async def serve(app: web.Application) -> TestServer:
+        server = GatewayTestServer(app)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield serve
+    while servers:
+        await servers.pop().close()
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: Any) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
+    """pytest-aiohttp's client factory, an app given to it served by GatewayTestServer."""
+
+    async def connect(app_or_server: Any, **kwargs: Any) -> TestClient[Any, Any]:
+        if isinstance(app_or_server, web.Application):
+            app_or_server = GatewayTestServer(app_or_server)
+        client: TestClient[Any, Any] = await aiohttp_client(app_or_server, **kwargs)
+        return client
+
+    return connect

@@ -197,7 +197,9 @@ async def test_resume_from_before_the_buffer_reads_the_stream_and_meets_the_live
     """The hub holds 8 events; the client missed hundreds, some published while it
     resumes: it gets each exactly once, in order, across the seam from the stream to the
     live feed."""
-    api = await make_api(buffer=8, queue=64)
+    # A queue longer than all 400 events: however the reader is scheduled on a busy host,
+    # it is never dropped for being slow (another test covers that), so only the seam decides.
+    api = await make_api(buffer=8, queue=512)
     stream = await live_stream(api, **auth(reader))
     seen = await publish(ctx, event(subjects.UPLOADED, image="a"))
     assert await stream.ids(seen[-1]) == seen
@@ -211,8 +213,7 @@ async def test_resume_from_before_the_buffer_reads_the_stream_and_meets_the_live
 
     publisher = asyncio.create_task(keep_publishing())
     again = await open_stream(api, **auth(reader), **{"Last-Event-ID": str(seen[-1])})
-    # Read as a client does, while the events come: one that stops reading is dropped once
-    # its queue (64 here) is full.
+    # Read as a client does, while the events come.
     got = await again.count_ids(len(missed) + 200)
     await publisher
     assert got == missed + more
@@ -417,6 +418,14 @@ async def test_a_gateway_shutting_down_ends_each_stream_saying_why(
     with pytest.raises(EOFError):
         await stream.frame()
     assert hub(api).clients == 0 and hub(api).dropped == 0  # not counted as too slow
+    # A stream that comes in meanwhile (the server still finishing its handlers) ends at
+    # once, rather than running until the server's shutdown timeout cuts it.
+    late = await open_stream(api, **auth(reader))
+    frames = await late.until("error")
+    assert [f["event"] for f in frames] == ["error"]
+    assert "shutting down" in orjson.loads(frames[-1]["data"])["detail"]
+    with pytest.raises(EOFError):
+        await late.frame()
 
 
 # --- fan-out ------------------------------------------------------------------------------

@@ -666,7 +666,7 @@ async def test_a_stalled_store_answers_503_with_retry_after_and_keeps_nothing(
         assert await claim_state(ctx, sha) is None  # released at once: a retry can go ahead
         proxy.stalled = False
     finally:
-        store.close()
+        await store.close()
         await proxy.stop()
 
     # Nothing reached the store. Deleting what the put might have stored stalled too, so
@@ -756,7 +756,7 @@ async def test_an_original_a_slow_store_writes_after_the_upload_failed_is_swept(
         proxy.release()
         await proxy.landed.wait()
     finally:
-        store.close()
+        await store.close()
         await proxy.stop()
     assert await ctx.store.list_keys("uploads/") == [staged.key]  # landed after all
     report = await sweep_once(ctx, staged.at + ctx.settings.ingest.pending_claim_s + 1)

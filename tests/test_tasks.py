@@ -49,23 +49,58 @@ async def test_what_the_tasks_raise_stays_theirs_and_a_timeout_returns_the_strag
     release = asyncio.Event()
     slow = asyncio.create_task(_ends_slowly(release))
     await asyncio.sleep(0)
-    still = await cancel_and_wait(failing, None, slow, timeout=0.05)
-    assert still == {slow}
-    assert isinstance(failing.exception(), RuntimeError)
-    release.set()
-    assert await cancel_and_wait(slow) == set()
+    try:
+        still = await cancel_and_wait(failing, None, slow, timeout=0.05)
+        assert still == {slow}
+        assert isinstance(failing.exception(), RuntimeError)
+    finally:
+        release.set()
+        assert await cancel_and_wait(slow) == set()
+
+
+async def test_a_loop_that_lost_its_cancellation_is_cancelled_again() -> None:
+    """Python 3.11's wait_for returns a result that lands with the cancellation, and the
+    loop around it goes on: the stop cancels again until it ends."""
+    rounds = 0
+
+    async def loop() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if rounds == 1:
+                    continue  # lost, the way wait_for loses it
+                raise
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0)
+    try:
+        assert await cancel_and_wait(task, timeout=30) == set()
+        assert task.cancelled() and rounds == 2
+    finally:
+        task.cancel()
 
 
 async def test_where_waiting_names_every_frame_down_to_the_future() -> None:
     release = asyncio.Event()
 
     async def outer() -> None:
-        await _ends_slowly(release)
+        # Awaiting another task: the chain goes on into it.
+        await asyncio.create_task(_ends_slowly(release), name="inner-task")
 
-    task = asyncio.create_task(outer())
-    await asyncio.sleep(0)
-    chain = where_waiting(task)
-    assert [line.rsplit(" in ", 1)[-1] for line in chain[:3]] == ["outer", "_ends_slowly", "wait"]
-    assert "Future" in chain[-1]
-    release.set()
-    await cancel_and_wait(task)
+    task = asyncio.create_task(outer(), name="outer-task")
+    for _ in range(2):  # the outer task starts the inner one, which then starts
+        await asyncio.sleep(0)
+    try:
+        chain = where_waiting(task)
+        assert chain[0] == "task 'outer-task'"
+        assert chain[1].endswith(" in outer") and "test_tasks.py" in chain[1]
+        assert chain[2] == "task 'inner-task'"
+        assert [line.rsplit(" in ", 1)[-1] for line in chain[3:5]] == ["_ends_slowly", "wait"]
+        assert chain[5].startswith("<Future pending")
+    finally:
+        release.set()
+        await cancel_and_wait(task)
+        assert task.done()

@@ -30,6 +30,7 @@ from bus.gateway.problems import Problem, json_response
 from bus.gateway.routes import Link, Reply, Route
 from bus.gateway.search import EmbeddingCoverage, query_embedding_model
 from bus.gateway.state import CTX
+from bus.infra.tasks import cancel_and_wait
 from bus.runtime.context import Context
 from bus.state.readmodel import ReadModel
 
@@ -43,9 +44,7 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     tasks: set[asyncio.Task[None]] = set()
     app[_QUEUEING] = tasks
     yield
-    for task in list(tasks):
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_and_wait(*tasks)
 
 
 MAX_PROMPT_CHARS = 500

@@ -341,6 +341,7 @@ class Hub:
         self._due: set[Client] = set()  # handed frames since the last wake-up
         self._flush: asyncio.TimerHandle | None = None
         self.dropped = 0  # clients dropped for falling behind, since start
+        self._closed: str | None = None  # why every stream was ended (the gateway stops)
         self.projection = ProjectionGate(
             ctx.js, ctx.names.stream, ctx.names.durable(NOTIFY), options.projection_wait_s
         )
@@ -373,6 +374,8 @@ class Hub:
             self._sub = None
 
     def close_all(self, reason: str) -> None:
+        """End every stream, and those that attach from now on, saying ``reason``."""
+        self._closed = reason
         for client in list(self._clients):
             self._drop(client, reason)
 
@@ -509,7 +512,11 @@ class Hub:
         (:meth:`catch_up`) and tries again.
 
         Synchronous on purpose: no event can arrive between the backlog and the live feed.
+        A client that comes after :meth:`close_all` is dropped at once, with its reason.
         """
+        if self._closed is not None:
+            client.drop(self._closed)
+            return True
         if after is not None and after < self._high:
             if after + 1 < self._floor:
                 return False

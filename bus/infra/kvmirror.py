@@ -59,7 +59,8 @@ class KvMirror(Generic[T]):
                 while not follower.done() and reconnect_count(self._nc) == seen:
                     await asyncio.wait({follower}, timeout=CHECK_INTERVAL_S)
             finally:
-                await cancel_and_wait(follower)
+                if not follower.done():  # a failed watch is said below, once
+                    await cancel_and_wait(follower)
             if follower.done() and not follower.cancelled() and follower.exception() is not None:
                 log.warning("%s watch failed (%s); restarting", self.name, follower.exception())
             await asyncio.sleep(0.2)

@@ -164,11 +164,12 @@ class ObjectStore:
             public_url=s3.public_url,
         )
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Cancel the calls not started; wait (off the event loop) for those under way."""
         if self._view:
             return
         self._upload_executor.shutdown(wait=False, cancel_futures=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         for pool in self._pools:
             # Idle keep-alive connections would otherwise hold up the server's shutdown.
             pool.clear()

@@ -1,46 +1,91 @@
 """Stopping background tasks, and saying where one that will not stop is waiting.
 
-``task.cancel()`` then ``with suppress(CancelledError): await task`` has a trap: should
-the caller itself be cancelled during that await, its own cancellation is the one
-suppressed, and a stop that was meant to end goes on (a loop around it never ends).
-:func:`cancel_and_wait` waits with :func:`asyncio.wait` instead, which never raises what
-the tasks raised and always raises the caller's own cancellation.
+Two traps make a plain ``task.cancel(); await task`` hang a shutdown:
+
+- ``with suppress(CancelledError): await task`` suppresses the *caller's* cancellation
+  too, should the caller be cancelled during that await, and a stop meant to end goes on.
+- Python 3.11's ``asyncio.wait_for`` (under every nats-py request, flush and KV read)
+  returns the result instead of raising when a cancellation meets a reply landing: the
+  cancellation is lost, and a background loop goes round again as if never cancelled.
+
+:func:`cancel_and_wait` waits with :func:`asyncio.wait`, which raises the caller's own
+cancellation and never what the tasks raised, and cancels again every
+:data:`RECANCEL_S` until the tasks have ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import time
+import types
 from typing import Any
+
+log = logging.getLogger("darkroom.tasks")
+RECANCEL_S = 0.5  # how often a task that has not ended is cancelled again
+MAX_CHAIN = 64  # frames where_waiting follows at most
 
 
 async def cancel_and_wait(
-    *tasks: asyncio.Future[Any] | None, timeout: float | None = None
+    *tasks: asyncio.Future[Any] | None,
+    timeout: float | None = None,
+    recancel: bool = True,
 ) -> set[asyncio.Future[Any]]:
     """Cancel ``tasks`` (None entries are skipped) and wait until every one has ended, or
     ``timeout`` has passed; return those still running then (see :func:`where_waiting`).
 
-    What they end with (their cancellation, or an error on the way out) is theirs: it is
-    retrieved, so asyncio never reports it as unhandled, and not raised here.
+    With ``recancel`` (for loops), a task still running is cancelled again every
+    :data:`RECANCEL_S`; without it (for work that cleans up after its cancellation, such
+    as a handler waiting for its device), once only.
+
+    A task that ends with an error, rather than its cancellation, is logged; nothing the
+    tasks raise is raised here.
     """
-    running = {task for task in tasks if task is not None}
+    running = {task for task in tasks if task is not None and not task.done()}
+    _log_errors(task for task in tasks if task is not None and task.done())
+    deadline = None if timeout is None else time.monotonic() + timeout
     for task in running:
         task.cancel()
-    if not running:
-        return set()
-    done, still = await asyncio.wait(running, timeout=timeout)
-    for task in done:
-        if not task.cancelled():
-            task.exception()
-    return still
+    while running:
+        wait_s = RECANCEL_S if recancel else None
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            wait_s = left if wait_s is None else min(wait_s, left)
+        done, running = await asyncio.wait(running, timeout=wait_s)
+        _log_errors(done)
+        if recancel:
+            for task in running:
+                task.cancel()
+    return running
+
+
+def _log_errors(tasks: Any) -> None:
+    for task in tasks:
+        if task.cancelled():
+            continue
+        error = task.exception()  # retrieved: asyncio does not report it again
+        if error is not None:
+            name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+            log.error("%s had failed: %s", name, error, exc_info=error)
 
 
 def where_waiting(waiting: object) -> list[str]:
     """Where a suspended task (or coroutine, or async generator) waits, outermost first:
-    each frame of its chain of awaits (``Task.get_stack`` gives a suspended task's
-    outermost frame only)."""
+    each frame of its chain of awaits, into the tasks it awaits, down to the future at the
+    bottom (``Task.get_stack`` gives a suspended task's outermost frame only)."""
     lines: list[str] = []
-    awaitable: Any = waiting.get_coro() if isinstance(waiting, asyncio.Task) else waiting
-    while awaitable is not None:
+    awaitable: Any = waiting
+    while awaitable is not None and len(lines) < MAX_CHAIN:
+        if isinstance(awaitable, asyncio.Task):
+            lines.append(f"task {awaitable.get_name()!r}")
+            awaitable = awaitable.get_coro()
+            continue
+        if isinstance(awaitable, asyncio.Future):
+            lines.append(repr(awaitable)[:300])
+            return lines
         for frame_attr, next_attr in (
             ("cr_frame", "cr_await"),
             ("ag_frame", "ag_await"),
@@ -54,7 +99,19 @@ def where_waiting(waiting: object) -> list[str]:
                 lines.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
                 awaitable = getattr(awaitable, next_attr)
                 break
-        else:  # a future, or an awaitable object that is not a coroutine
-            lines.append(repr(awaitable)[:300])
-            return lines
+        else:
+            inner = _awaited_by(awaitable)
+            if inner is None:
+                lines.append(repr(awaitable)[:300])
+                return lines
+            awaitable = inner
     return lines
+
+
+def _awaited_by(wrapper: object) -> object | None:
+    """What an opaque await wrapper stands for: the future behind a future's iterator,
+    the async generator behind ``__anext__``/``asend``/``athrow``."""
+    for referent in gc.get_referents(wrapper):
+        if isinstance(referent, (asyncio.Future, types.AsyncGeneratorType)):
+            return referent
+    return None

@@ -79,6 +79,7 @@ ENDPOINT_TTL_S = 1.0
 MAX_CACHED = 10_000
 PRUNE_INTERVAL_S = 3600.0
 ANNOUNCE_INTERVAL_S = 10.0  # how often turned-off endpoints not yet announced are looked for
+STOP_WAIT_S = 10.0  # how long a stop waits for a cancelled attempt to end
 
 SPEC = Spec(
     name="webhooks",
@@ -293,10 +294,8 @@ class Deliverer:
         self._chores = []
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.settings.timeout_s + 1)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # An attempt cancelled here is not recorded: its message comes back after ack_wait.
+        await cancel_and_wait(*self._tasks, timeout=STOP_WAIT_S, recancel=False)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -36,6 +36,7 @@ from bus.infra.nats_auth import (
     public_key,
     render_config,
 )
+from bus.infra.tasks import cancel_and_wait
 from bus.ops.local import write_private
 
 log = logging.getLogger("darkroom.embedded")
@@ -476,8 +477,6 @@ class Supervisor:
                 return
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         for child in reversed(self.children):
             await child.stop()

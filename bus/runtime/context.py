@@ -182,6 +182,6 @@ async def open_context(
             else:
                 await asyncio.wait_for(nc.close(), 5.0)
         if store is not None:
-            store.close()
+            await store.close()
         cpu.shutdown(wait=False, cancel_futures=True)
         interactive.shutdown(wait=False, cancel_futures=True)

@@ -122,6 +122,8 @@ class FunctionRunner:
         self._running = 0  # invocations started and not finished
         self._draining = False  # partial batches go without lingering
         self._stopping = False  # nothing new starts
+        self._stopped = False  # stop() has run: drain() and stop() return at once
+        self._abandoned: set[asyncio.Future[Any]] = set()  # ignored their cancellation
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[int, _Work] = {}
         self._to_settle: list[_Work] = []
@@ -383,6 +385,8 @@ class FunctionRunner:
         Past ``timeout`` the handlers still running are cancelled, and their events and those
         not yet started are nakked: JetStream redelivers them to another worker at once.
         """
+        if self._stopped:
+            return
         await self._stop_fetching()
         self._draining = True
         self._dispatch()  # queued events go now, without lingering for more
@@ -417,12 +421,19 @@ class FunctionRunner:
             self._linger = None
         queued, self._queued = self._queued, []
         await self._hand_back(queued)
-        self._left_running(await cancel_and_wait(*self._tasks, timeout=CANCEL_WAIT_S))
+        await self._cancel(self._tasks)
 
-    def _left_running(self, stuck: set[asyncio.Future[Any]]) -> None:
-        """Say where each task that ignored its cancellation waits: the stop goes on without
-        it (its event comes back after ack_wait), and the log names the culprit."""
+    async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Cancel ``tasks`` once (a handler may clean up after its cancellation) and wait
+        :data:`CANCEL_WAIT_S` at most. One still running then is left behind, said where it
+        waits: the stop goes on without it, and what it finishes later goes back to the
+        stream (see :meth:`_process`)."""
+        stuck = await cancel_and_wait(
+            *(tasks - self._abandoned), timeout=CANCEL_WAIT_S, recancel=False
+        )
         for task in stuck:
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
             log.error(
                 "%s: %r still runs %g s after it was cancelled; stopping without it. "
                 "It waits at:\n  %s",
@@ -449,10 +460,13 @@ class FunctionRunner:
 
     async def _stop_services(self) -> None:
         """Requests being answered get a 503 rather than silence."""
-        self._left_running(await cancel_and_wait(*self._service_tasks, timeout=CANCEL_WAIT_S))
+        await self._cancel(self._service_tasks)
 
     async def stop(self) -> None:
         """Stop at once (see :meth:`drain` for the graceful way); teardown runs last."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self._stop_fetching()
         await self._stop_services()
         await self._halt()
@@ -549,10 +563,11 @@ class FunctionRunner:
         try:
             if decoded:
                 await self._invoke(decoded)
-                self._to_settle.extend(decoded)
-                handed_over = True
-                self._settled.clear()
-                self._settle_wanted.set()
+                if not self._stopped:  # else it outlived the stop: back to the stream
+                    self._to_settle.extend(decoded)
+                    handed_over = True
+                    self._settled.clear()
+                    self._settle_wanted.set()
             # After the batch, so a malformed neighbour never delays it.
             while malformed:
                 work, reason = malformed[0]

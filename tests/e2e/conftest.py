@@ -115,8 +115,10 @@ _FAILED = pytest.StashKey[bool]()
 
 @pytest.fixture
 async def browser_context(
-    browser: Browser, request: pytest.FixtureRequest
+    browser: Browser, app_url: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[BrowserContext]:
+    """A fresh browser profile. It needs the app, so that it closes first: a page's live
+    stream then ends with the browser, not with the server's shutdown."""
     context = await browser.new_context(viewport={"width": 1280, "height": 800})
     context.set_default_timeout(20_000)
     yield context
