@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -426,6 +428,24 @@ async def test_a_gateway_shutting_down_ends_each_stream_saying_why(
     assert "shutting down" in orjson.loads(frames[-1]["data"])["detail"]
     with pytest.raises(EOFError):
         await late.frame()
+
+
+async def test_a_client_that_hangs_up_while_events_flow_ends_quietly(
+    ctx: Context, make_api: MakeApi, reader: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A closed tab is routine: its stream ends without an error in the log."""
+    api = await make_api()
+    stream = await live_stream(api, **auth(reader))
+    stream.close()
+    # Events until the hub has let the client go: its writes failed, or the heartbeat saw it.
+    with caplog.at_level(logging.WARNING):
+        for n in itertools.count():
+            await publish(ctx, event(subjects.UPLOADED, image=f"gone{n}"))
+            if hub(api).clients == 0:
+                break
+            await asyncio.sleep(0.02)
+    assert hub(api).dropped == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --- fan-out ------------------------------------------------------------------------------

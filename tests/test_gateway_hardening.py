@@ -25,7 +25,7 @@ from PIL import Image
 from bus.core import subjects
 from bus.core.envelope import new_id
 from bus.core.settings import Settings
-from bus.gateway.app import FRONTEND_CSP, build_app, frontend_csp, make_app_runner, route_table
+from bus.gateway.app import FRONTEND_CSP, build_app, frontend_csp, route_table
 from bus.gateway.routes import PUBLIC
 from bus.gateway.state import CTX, KEYS
 from bus.runtime.context import Context, open_context
@@ -263,22 +263,15 @@ Serve = Callable[[web.Application], Awaitable[tuple[str, int]]]
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """Factory: serve an app on 127.0.0.1 through make_app_runner, as ``darkroom up`` does
-    (not aiohttp's test server, which cancels a handler when its client hangs up)."""
-    runners: list[web.AppRunner] = []
+def serve(aiohttp_server: Any) -> Serve:
+    """Factory: serve an app on 127.0.0.1 as ``darkroom up`` does (the conftest's
+    aiohttp_server); its host and port."""
 
     async def start(app: web.Application) -> tuple[str, int]:
-        runner = make_app_runner(app)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        return host, port
+        server = await aiohttp_server(app)
+        return server.host, server.port
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    return start
 
 
 async def exchange(address: tuple[str, int], raw: bytes) -> tuple[int, dict[str, str], bytes]:

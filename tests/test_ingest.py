@@ -311,7 +311,7 @@ async def test_a_store_that_fails_mid_upload_gets_a_503_and_keeps_no_claim(ctx: 
                 dataclasses.replace(ctx, store=refusing), _chunks(photo), "x.jpg", "test"
             )
     finally:
-        refusing.close()
+        await refusing.close()
     assert caught.value.status == 503 and "store is unavailable" in caught.value.reason
     with pytest.raises(nats.js.errors.KeyNotFoundError):
         await ctx.digests.get(hashlib.sha256(photo).hexdigest())

@@ -20,15 +20,14 @@ import aiohttp
 import nats.js.errors
 import openai
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from bus import Context, Event, subjects
 from bus.core.generation import Job
 from bus.core.settings import GenerateModel, GenerateSettings, Settings
 from bus.gateway import openai_images
-from bus.gateway.app import build_app, make_app_runner
+from bus.gateway.app import build_app
 from bus.gateway.live import Live
 from bus.gateway.problems import Problem
 from bus.models.demo import build_tiny_sd
@@ -348,28 +347,26 @@ async def test_a_cancelled_job_answers_why(
 
 
 @pytest.fixture
-async def serve(ctx: Context) -> AsyncIterator[Callable[[], Awaitable[str]]]:
-    """Factory: the gateway on a real port as ``darkroom up`` serves it (its handlers run
-    on when their client hangs up); its base URL."""
-    runners: list[web.AppRunner] = []
+async def cancelling(ctx: Context) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """Factory: the gateway on aiohttp's own test server, which cancels a handler when its
+    client hangs up (the conftest's factories serve it as ``darkroom up`` does); its URL."""
+    servers: list[TestServer] = []
 
     async def start() -> str:
-        runner = make_app_runner(build_app(ctx))
-        runners.append(runner)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        server = TestServer(build_app(ctx))
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for server in servers:
+        await server.close()
 
 
 @pytest.mark.parametrize("server", ["darkroom", "aiohttp-test"])
 async def test_a_client_that_hangs_up_cancels_its_job(
     server: str,
-    serve: Callable[[], Awaitable[str]],
+    cancelling: Callable[[], Awaitable[str]],
     gateway: Gateway,
     key: str,
     notify: FunctionRunner,
@@ -377,7 +374,10 @@ async def test_a_client_that_hangs_up_cancels_its_job(
 ) -> None:
     """Whether the server lets the handler run on (the gateway's) or cancels it (aiohttp's
     test server)."""
-    base = await serve() if server == "darkroom" else str((await gateway()).make_url(""))
+    if server == "darkroom":
+        base = str((await gateway()).make_url("")).rstrip("/")
+    else:
+        base = await cancelling()
     async with aiohttp.ClientSession() as http:
         asked = http.post(
             f"{base}/v1/images/generations", json={"prompt": "a lighthouse"}, headers=auth(key)

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
+from bus.infra import tasks
 from bus.infra.tasks import cancel_and_wait, where_waiting
+from tests.support.streams import eventually
 
 
 async def _ends_slowly(release: asyncio.Event) -> None:
@@ -104,3 +106,19 @@ async def test_where_waiting_names_every_frame_down_to_the_future() -> None:
         release.set()
         await cancel_and_wait(task)
         assert task.done()
+
+
+async def test_a_wait_without_a_timeout_says_where_a_stuck_task_waits(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tasks, "SAY_STUCK_S", 0.05)
+    release = asyncio.Event()
+    slow = asyncio.create_task(_ends_slowly(release))
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(cancel_and_wait(slow, recancel=False))
+    try:
+        await eventually(lambda: "has not ended" in caplog.text, what="the stuck task said")
+        assert "in _ends_slowly" in caplog.text
+    finally:
+        release.set()
+    assert await stopping == set()

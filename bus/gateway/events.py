@@ -318,7 +318,10 @@ class Client:
             await self._ready.wait()
             self._ready.clear()
             if self._pending and self.dropped is None:
-                await resp.write(b"".join(self.take()))
+                try:
+                    await resp.write(b"".join(self.take()))
+                except ConnectionError:
+                    return  # the client went away: nothing to say, nobody to say it to
 
 
 class Hub:

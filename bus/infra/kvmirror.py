@@ -42,19 +42,21 @@ class KvMirror(Generic[T]):
         self._on_change = on_change
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float = 30.0) -> None:
         self._task = asyncio.create_task(self._run(), name=f"kv-mirror:{self.name}")
         await asyncio.wait_for(self._ready.wait(), timeout)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        # The follower too: _run's own wait for it is cut short by the cancellations of _run.
+        await cancel_and_wait(self._task, self._follower)
+        self._task = self._follower = None
 
     async def _run(self) -> None:
         while True:
             seen = reconnect_count(self._nc)
-            follower = asyncio.create_task(self._follow())
+            follower = self._follower = asyncio.create_task(self._follow())
             try:
                 while not follower.done() and reconnect_count(self._nc) == seen:
                     await asyncio.wait({follower}, timeout=CHECK_INTERVAL_S)

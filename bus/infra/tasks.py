@@ -24,6 +24,7 @@ from typing import Any
 
 log = logging.getLogger("darkroom.tasks")
 RECANCEL_S = 0.5  # how often a task that has not ended is cancelled again
+SAY_STUCK_S = 10.0  # a wait without a timeout says where each task waits after this long
 MAX_CHAIN = 64  # frames where_waiting follows at most
 
 
@@ -37,29 +38,48 @@ async def cancel_and_wait(
 
     With ``recancel`` (for loops), a task still running is cancelled again every
     :data:`RECANCEL_S`; without it (for work that cleans up after its cancellation, such
-    as a handler waiting for its device), once only.
+    as a handler waiting for its device), once only: with ``recancel``, a clean-up that
+    awaits longer than that is cut short.
+
+    Without a timeout, tasks still running after :data:`SAY_STUCK_S` are logged, once,
+    with where they wait.
 
     A task that ends with an error, rather than its cancellation, is logged; nothing the
     tasks raise is raised here.
     """
     running = {task for task in tasks if task is not None and not task.done()}
     _log_errors(task for task in tasks if task is not None and task.done())
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    say_at = None if timeout is not None else started + SAY_STUCK_S
     for task in running:
         task.cancel()
     while running:
-        wait_s = RECANCEL_S if recancel else None
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            wait_s = left if wait_s is None else min(wait_s, left)
-        done, running = await asyncio.wait(running, timeout=wait_s)
+        now = time.monotonic()
+        if timeout is not None and now - started >= timeout:
+            break
+        if say_at is not None and now >= say_at:
+            say_at = None
+            _say_stuck(running)
+        waits = [RECANCEL_S if recancel else None]
+        waits.append(None if timeout is None else started + timeout - now)
+        waits.append(None if say_at is None else say_at - now)
+        bounds = [w for w in waits if w is not None]
+        done, running = await asyncio.wait(running, timeout=min(bounds) if bounds else None)
         _log_errors(done)
         if recancel:
             for task in running:
                 task.cancel()
     return running
+
+
+def _say_stuck(tasks: set[asyncio.Future[Any]]) -> None:
+    for task in tasks:
+        log.warning(
+            "%s has not ended %g s after it was cancelled; it waits at:\n  %s",
+            task.get_name() if isinstance(task, asyncio.Task) else repr(task),
+            SAY_STUCK_S,
+            "\n  ".join(where_waiting(task)),
+        )
 
 
 def _log_errors(tasks: Any) -> None:

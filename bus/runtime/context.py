@@ -181,7 +181,9 @@ async def open_context(
                     await asyncio.wait_for(nc.close(), 5.0)
             else:
                 await asyncio.wait_for(nc.close(), 5.0)
-        if store is not None:
-            await store.close()
-        cpu.shutdown(wait=False, cancel_futures=True)
-        interactive.shutdown(wait=False, cancel_futures=True)
+        try:
+            if store is not None:
+                await store.close()
+        finally:
+            cpu.shutdown(wait=False, cancel_futures=True)
+            interactive.shutdown(wait=False, cancel_futures=True)

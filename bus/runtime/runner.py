@@ -122,7 +122,8 @@ class FunctionRunner:
         self._running = 0  # invocations started and not finished
         self._draining = False  # partial batches go without lingering
         self._stopping = False  # nothing new starts
-        self._stopped = False  # stop() has run: drain() and stop() return at once
+        self._stopped = False  # stop() has begun: drain() and stop() wait for it
+        self._stop_task: asyncio.Future[None] | None = None
         self._abandoned: set[asyncio.Future[Any]] = set()  # ignored their cancellation
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[int, _Work] = {}
@@ -386,6 +387,7 @@ class FunctionRunner:
         not yet started are nakked: JetStream redelivers them to another worker at once.
         """
         if self._stopped:
+            await self.stop()  # a stop under way, or done
             return
         await self._stop_fetching()
         self._draining = True
@@ -463,15 +465,25 @@ class FunctionRunner:
         await self._cancel(self._service_tasks)
 
     async def stop(self) -> None:
-        """Stop at once (see :meth:`drain` for the graceful way); teardown runs last."""
-        if self._stopped:
-            return
+        """Stop at once (see :meth:`drain` for the graceful way); teardown runs last.
+
+        It runs once: a later or concurrent call waits for that stop, which goes on should
+        its caller be cancelled.
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self) -> None:
         self._stopped = True
         await self._stop_fetching()
         await self._stop_services()
         await self._halt()
         await cancel_and_wait(self._heartbeat_task, self._settler)
         self._heartbeat_task = self._settler = None
+        # What finished but was not settled yet goes back at once, for another worker.
+        unsettled, self._to_settle = self._to_settle, []
+        await self._hand_back(unsettled)
         await self._publisher.stop()
         with contextlib.suppress(ValueError):
             self.ctx.cancels.remove_listener(self._cancel_flagged)
