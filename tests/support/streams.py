@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.js.errors
 import orjson
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -86,9 +87,25 @@ async def dead_letters(
 
 
 async def is_settled(ctx: Context, function: str) -> bool:
-    """The function's consumer has nothing pending and nothing delivered but un-acked."""
-    info = await ctx.js.consumer_info(ctx.names.stream, ctx.names.durable(function))
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    """The function's consumer was handed the newest message on its subjects, and has
+    nothing pending and nothing delivered but un-acked.
+
+    The pending count alone is not enough: the server counts a new message into it a
+    moment after acknowledging the publish, so right after one it may still say 0.
+    """
+    stream = ctx.names.stream
+    info = await ctx.js.consumer_info(stream, ctx.names.durable(function))
+    if info.num_pending or info.num_ack_pending:
+        return False
+    filters = info.config.filter_subjects or [info.config.filter_subject or ">"]
+    newest = 0
+    for subject in filters:
+        try:
+            newest = max(newest, (await ctx.js.get_last_msg(stream, subject)).seq or 0)
+        except nats.js.errors.NotFoundError:
+            continue  # nothing on it yet
+    delivered = info.delivered.stream_seq if info.delivered else 0
+    return (delivered or 0) >= newest
 
 
 async def settled(ctx: Context, *functions: str, timeout: float = 20.0) -> None:
