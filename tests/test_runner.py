@@ -689,7 +689,7 @@ async def test_a_handler_that_ignores_its_cancellation_does_not_hold_up_the_stop
     await publish(ctx, make_event("a"))
     await asyncio.wait_for(started.wait(), 30)
     try:
-        with caplog.at_level(logging.ERROR, logger="darkroom.runner"):
+        with caplog.at_level(logging.ERROR):
             await runner.drain(timeout=0.1)
         assert "still runs 0.2 s after it was cancelled" in caplog.text
         assert "test_runner.py" in caplog.text and "in handle" in caplog.text

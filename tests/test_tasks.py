@@ -117,7 +117,10 @@ async def test_a_wait_without_a_timeout_says_where_a_stuck_task_waits(
     await asyncio.sleep(0)
     stopping = asyncio.create_task(cancel_and_wait(slow, recancel=False))
     try:
-        await eventually(lambda: "has not ended" in caplog.text, what="the stuck task said")
+        await eventually(
+            lambda: "still runs 0.05 s after it was cancelled" in caplog.text,
+            what="the stuck task said",
+        )
         assert "in _ends_slowly" in caplog.text
     finally:
         release.set()

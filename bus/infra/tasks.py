@@ -59,7 +59,7 @@ async def cancel_and_wait(
             break
         if say_at is not None and now >= say_at:
             say_at = None
-            _say_stuck(running)
+            say_still_running(running, SAY_STUCK_S, logging.WARNING)
         waits = [RECANCEL_S if recancel else None]
         waits.append(None if timeout is None else started + timeout - now)
         waits.append(None if say_at is None else say_at - now)
@@ -72,12 +72,18 @@ async def cancel_and_wait(
     return running
 
 
-def _say_stuck(tasks: set[asyncio.Future[Any]]) -> None:
+def say_still_running(
+    tasks: set[asyncio.Future[Any]], after_s: float, level: int = logging.ERROR, then: str = ""
+) -> None:
+    """Log, for each of ``tasks``, that it still runs ``after_s`` after its cancellation,
+    and where it waits (``then``: what the caller does about it)."""
     for task in tasks:
-        log.warning(
-            "%s has not ended %g s after it was cancelled; it waits at:\n  %s",
+        log.log(
+            level,
+            "%s still runs %g s after it was cancelled%s; it waits at:\n  %s",
             task.get_name() if isinstance(task, asyncio.Task) else repr(task),
-            SAY_STUCK_S,
+            after_s,
+            then,
             "\n  ".join(where_waiting(task)),
         )
 

@@ -48,7 +48,7 @@ from bus import Call, Context, Emit, Event, Function, Retry, Spec, subjects
 from bus.core.envelope import now_iso
 from bus.core.settings import WebhookSettings
 from bus.infra.postgres import CONNECTION_ERRORS
-from bus.infra.tasks import cancel_and_wait, where_waiting
+from bus.infra.tasks import cancel_and_wait, say_still_running
 from bus.intake.fetch import FetchError, IPNetwork, address_refusal, resolve_vetted
 from bus.runtime.pull import PullConsumer
 from bus.state.webhooks import (
@@ -295,13 +295,8 @@ class Deliverer:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.settings.timeout_s + 1)
         # An attempt cancelled here is not recorded: its message comes back after ack_wait.
-        for task in await cancel_and_wait(*self._tasks, timeout=STOP_WAIT_S, recancel=False):
-            log.error(
-                "a delivery attempt still runs %g s after it was cancelled; stopping without "
-                "it. It waits at:\n  %s",
-                STOP_WAIT_S,
-                "\n  ".join(where_waiting(task)),
-            )
+        stuck = await cancel_and_wait(*self._tasks, timeout=STOP_WAIT_S, recancel=False)
+        say_still_running(stuck, STOP_WAIT_S, then="; stopping without this delivery attempt")
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -44,7 +44,7 @@ from bus.core.contract import Cancelled, Emit, Model, Reject, Retry
 from bus.core.envelope import EnvelopeError, Event, decode, derive_id, now_iso
 from bus.core.subjects import CANCELLED, is_safe_id
 from bus.gpu.leases import read_devices
-from bus.infra.tasks import cancel_and_wait, where_waiting
+from bus.infra.tasks import cancel_and_wait, say_still_running
 from bus.runtime.call import Call, Progress
 from bus.runtime.context import Context
 from bus.runtime.publisher import Publisher
@@ -436,14 +436,7 @@ class FunctionRunner:
         for task in stuck:
             self._abandoned.add(task)
             task.add_done_callback(self._abandoned.discard)
-            log.error(
-                "%s: %r still runs %g s after it was cancelled; stopping without it. "
-                "It waits at:\n  %s",
-                self.stage,
-                task,
-                CANCEL_WAIT_S,
-                "\n  ".join(where_waiting(task)),
-            )
+        say_still_running(stuck, CANCEL_WAIT_S, then=f"; {self.stage} stops without it")
 
     async def _stop_fetching(self) -> None:
         await cancel_and_wait(self._preparing)
