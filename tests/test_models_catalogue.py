@@ -570,3 +570,36 @@ def test_no_cuda_says_why(tmp_path: Path) -> None:
     assert catalogue.no_cuda(settings(tmp_path, gpu={"device": "cpu"})) == "gpu.device is cpu"
     found = catalogue.no_cuda(settings(tmp_path))
     assert found is None if torch.cuda.is_available() else found == "torch finds no CUDA device"
+
+
+def test_demo_models_are_built_one_at_a_time_in_a_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads importing from transformers at once can fail (caption and generate
+    build theirs side by side): a build waits for the one under way."""
+    running: list[str] = []
+    overlapped = threading.Event()
+    first_started = threading.Event()
+
+    def builder(name: str) -> Any:
+        def build(path: Path) -> None:
+            running.append(name)
+            if len(running) > 1:
+                overlapped.set()
+            first_started.set()
+            overlapped.wait(0.5)  # long enough for the other thread to get in, if it can
+            running.remove(name)
+
+        return build
+
+    monkeypatch.setitem(demo._BUILDERS, "caption", builder("caption"))
+    monkeypatch.setitem(demo._BUILDERS, "generate", builder("generate"))
+    first = threading.Thread(target=ensure_demo, args=("caption", tmp_path / "caption"))
+    first.start()
+    assert first_started.wait(10)
+    second = threading.Thread(target=ensure_demo, args=("generate", tmp_path / "generate"))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert not overlapped.is_set()
+    assert is_built(tmp_path / "caption") and is_built(tmp_path / "generate")

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ from typing import Any
 from bus.models.catalogue import Task
 
 MARKER = "darkroom-demo.json"
+# transformers imports its classes lazily, and two threads importing at once can fail
+# ("cannot import name 'ViTConfig' from 'transformers'"): caption and generate build
+# their demo models side by side on `darkroom up`. The builds are small; one at a time.
+_ONE_BUILD_AT_A_TIME = threading.Lock()
 BUILDER_VERSION = 1  # bump when a config below changes: older builds are rebuilt
 EMBED_DIM = 32
 SEED = 0
@@ -78,7 +83,8 @@ def ensure_demo(task: Task, path: Path) -> Path:
             return path
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
-            _BUILDERS[task](staging)
+            with _ONE_BUILD_AT_A_TIME:
+                _BUILDERS[task](staging)
             meta = {"version": BUILDER_VERSION, "task": task, "demo": True, "seed": SEED}
             (staging / MARKER).write_text(json.dumps(meta))
             if path.exists():
