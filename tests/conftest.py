@@ -37,7 +37,7 @@ atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
 
 pytest_plugins = ["tests.support.hangs"]
 
-# Buckets one pytest worker may create: the suite makes about 400 per worker.
+# Buckets one pytest worker may write into: 50 to 115 per worker in a full run (2 workers).
 MAX_TEST_BUCKETS = 5000
 
 
@@ -57,7 +57,7 @@ async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
     """SeaweedFS ``weed mini`` with SigV4 credentials, every port free.
 
     Each test's bucket takes a volume of its own. Left to itself SeaweedFS allows free disk /
-    64 MiB volumes, so on a host with under ~25 GiB free the later tests' buckets had none left
+    64 MiB volumes, so on a host with under ~7 GB free the later tests' buckets had none left
     and every write answered 500. Volumes grow with their data, so room for many costs nothing.
     """
     data = tmp_path_factory.mktemp("s3")
