@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from bus.runtime.context import Context, open_context
 from bus.runtime.registry import Function, load
 from bus.runtime.runner import FunctionRunner
 from bus.state.keys import create_key
+from tests.support.disk import low_disk_warning
 
 # No hub downloads in tests, and no developer's cache either: profile auto resolves the
 # real models it can have offline (the packaged open_nsfw and MiniLM weights) and builds
@@ -56,11 +58,15 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SeaweedFS]:
     """SeaweedFS ``weed mini`` with SigV4 credentials, every port free.
 
-    Each test's bucket takes a volume of its own. Left to itself SeaweedFS allows free disk /
-    64 MiB volumes, so on a host with under ~7 GB free the later tests' buckets had none left
-    and every write answered 500. Volumes grow with their data, so room for many costs nothing.
+    Each test's bucket takes a volume of its own. Left to itself SeaweedFS allows one volume
+    per 64 MiB of free disk, counting each as full, so on a host with under ~7 GB free the
+    later tests' buckets had none left and every write answered 500. Volumes grow with their
+    data, so room for many costs nothing. Its other limit, no writes at all with under 1% of
+    the disk free, has no flag in ``weed mini``: a low disk is said up front instead.
     """
     data = tmp_path_factory.mktemp("s3")
+    if (low := low_disk_warning(data)) is not None:
+        warnings.warn(low, stacklevel=1)
     creds = S3Credentials.load_or_create(data / "s3.json")
     server = SeaweedFS(data, creds, port=0, max_volumes=MAX_TEST_BUCKETS)
     await server.start()

@@ -17,6 +17,7 @@ from bus.ops.stack import DRAIN_TIMEOUT_S
 from bus.runtime.context import START_TIMEOUT_S
 from tests.conftest import MAX_TEST_BUCKETS, gateway_seed
 from tests.support import procs
+from tests.support.disk import Usage, low_disk_warning
 from tests.support.images import jpeg
 from tests.support.streams import eventually
 
@@ -249,3 +250,14 @@ async def test_the_test_store_has_room_for_a_bucket_per_test(s3_server: SeaweedF
     ):
         status = await response.json(content_type=None)
     assert status["Topology"]["Max"] == MAX_TEST_BUCKETS
+
+
+def test_a_disk_too_full_for_a_run_is_named_up_front(tmp_path: Path) -> None:
+    gb = 10**9
+    roomy = Usage(total=252 * gb, used=200 * gb, free=52 * gb)
+    assert low_disk_warning(tmp_path, roomy) is None
+    # 1% of 252 GB is the store's floor; 3 GB free leaves under half a GB above it.
+    tight = Usage(total=252 * gb, used=249 * gb, free=3 * gb)
+    said = low_disk_warning(tmp_path, tight)
+    assert said is not None
+    assert "3.0 GB free" in said and "below 2.5 GB" in said

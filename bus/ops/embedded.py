@@ -357,8 +357,9 @@ class SeaweedFS(Child):
     """``weed mini``: master, volume server, filer and S3 gateway in one process.
 
     Every bucket is a collection with volumes of its own (64 MiB each at most). By default
-    SeaweedFS allows as many volumes as the free disk holds at start, which suits one bucket
-    growing; ``max_volumes`` raises that for many small buckets (a test suite's bucket per test).
+    SeaweedFS allows as many volumes as the free disk holds, reckoned again as the disk fills
+    and counting each volume as full; that suits one bucket growing. ``max_volumes`` raises it
+    for many small buckets (a test suite's bucket per test).
     """
 
     name = "seaweedfs"
